@@ -1,0 +1,204 @@
+"""Mixtral configuration: Hugging Face field names, plus the MoE-capacity knobs HF lacks."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Optional
+
+from mindformers.models.configuration_utils import PretrainedConfig
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+DROP_POLICIES = ("probs", "position")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Keys MindFormers' trainer or PretrainedConfig attach to every model config; accepted, not validated.
+_FRAMEWORK_KEYS = {
+    "type", "parallel_config", "moe_config", "checkpoint_name_or_path", "batch_size", "use_past",
+    "is_dynamic", "recompute_config", "architectures", "model_type", "name_or_path", "pretrained_model_dir",
+    "mindformers_version", "tokenizer_class", "is_encoder_decoder", "quantization_config", "pet_config",
+    "_commit_hash", "is_sample_acceleration", "quantization", "max_decode_length", "top_k", "top_p",
+    "do_sample", "repetition_penalty", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
+    "attention_dropout", "hidden_act", "initializer_range", "output_router_logits", "use_cache",
+    "rope_parameters", "rope_scaling", "auto_register",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a Mixtral model."""
+
+
+@MindFormerRegister.register(MindFormerModuleType.CONFIG)
+class MixtralConfig(PretrainedConfig):
+    """Mixtral hyper-parameters. Defaults are Mixtral-8x7B-v0.1's.
+
+    `capacity_factor` bounds expert load in training (`<= 0`: dropless); `inference_capacity_factor`
+    does the same in eval mode and defaults to dropless, since capacity only matters for training
+    throughput. `moe_token_groups` splits the tokens into groups that get capacity separately; the
+    parallel plan sets it to the data-parallel degree so capacity is per data-parallel shard.
+    """
+
+    model_type = "mixtral"
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 4096,
+        intermediate_size: int = 14336,
+        num_hidden_layers: int = 32,
+        num_attention_heads: int = 32,
+        num_key_value_heads: int = 8,
+        head_dim: Optional[int] = None,
+        max_position_embeddings: int = 32768,
+        rms_norm_eps: float = 1e-5,
+        rope_theta: float = 1e6,
+        sliding_window: Optional[int] = None,
+        num_local_experts: int = 8,
+        num_experts_per_tok: int = 2,
+        router_aux_loss_coef: float = 0.02,
+        router_z_loss_coef: float = 0.0,
+        router_jitter_noise: float = 0.0,
+        capacity_factor: float = 1.1,
+        inference_capacity_factor: float = 0.0,
+        drop_policy: str = "probs",
+        moe_token_groups: int = 1,
+        tie_word_embeddings: bool = False,
+        initializer_range: float = 0.02,
+        seq_length: int = 4096,
+        compute_dtype: str = "float32",
+        param_init_type: str = "float32",
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        pad_token_id: int = 0,
+        ignore_token_id: int = -100,
+        **kwargs: Any,
+    ) -> None:
+        unknown = sorted(k for k in kwargs if k not in _FRAMEWORK_KEYS)
+        if unknown:
+            raise ConfigError(f"MixtralConfig: unknown key(s) {unknown}; see mixtral_ms/configuration.py")
+        rope = kwargs.get("rope_parameters") or kwargs.get("rope_scaling")
+        if isinstance(rope, dict) and "rope_theta" in rope:
+            rope_theta = rope["rope_theta"]
+        for key in ("type", "rope_parameters", "rope_scaling", "transformers_version", "torch_dtype", "dtype",
+                    "attention_dropout", "hidden_act", "output_router_logits", "use_cache", "auto_register"):
+            kwargs.pop(key, None)
+        kwargs.setdefault("architectures", ["MixtralForCausalLM"])
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
+        self.head_dim = head_dim if head_dim is not None else hidden_size // max(num_attention_heads, 1)
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = float(rope_theta)
+        self.sliding_window = sliding_window
+        self.num_local_experts = num_local_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.router_z_loss_coef = router_z_loss_coef
+        self.router_jitter_noise = router_jitter_noise
+        self.capacity_factor = capacity_factor
+        self.inference_capacity_factor = inference_capacity_factor
+        self.drop_policy = drop_policy
+        self.moe_token_groups = moe_token_groups
+        self.tie_word_embeddings = tie_word_embeddings
+        self.initializer_range = initializer_range
+        self.seq_length = seq_length
+        self.compute_dtype = compute_dtype
+        self.param_init_type = param_init_type
+        self.ignore_token_id = ignore_token_id
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first inconsistent field."""
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok",
+                    "max_position_embeddings", "moe_token_groups", "seq_length")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"MixtralConfig: {name} must be a positive integer, got {value!r}")
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ConfigError(f"MixtralConfig: num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
+                              f"num_local_experts ({self.num_local_experts})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"MixtralConfig: num_attention_heads ({self.num_attention_heads}) is not divisible "
+                              f"by num_key_value_heads ({self.num_key_value_heads})")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ConfigError(f"MixtralConfig: sliding_window must be null or a positive integer, "
+                              f"got {self.sliding_window!r}")
+        if self.drop_policy not in DROP_POLICIES:
+            raise ConfigError(f"MixtralConfig: drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
+        for name in ("compute_dtype", "param_init_type"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"MixtralConfig: {name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        for name in ("capacity_factor", "inference_capacity_factor", "router_aux_loss_coef", "router_z_loss_coef",
+                     "router_jitter_noise", "rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ConfigError(f"MixtralConfig: {name} must be a number, got {value!r}")
+
+    def expert_capacity(self, num_tokens: int, training: bool = True) -> int:
+        """Slots per expert for a group of `num_tokens` tokens (see dispatch.expert_capacity)."""
+        from .dispatch import expert_capacity
+        factor = self.capacity_factor if training else self.inference_capacity_factor
+        return expert_capacity(num_tokens, self.num_experts_per_tok, self.num_local_experts, factor)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, **overrides: Any) -> "MixtralConfig":
+        """Build from a Hugging Face config.json dict (top-level `rope_theta` or transformers-5 `rope_parameters`)."""
+        model_type = hf.get("model_type")
+        if model_type != "mixtral":
+            raise ConfigError(f"not a Mixtral config: model_type is {model_type!r}, expected 'mixtral'")
+        fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "sliding_window",
+                  "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise",
+                  "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id")
+        kwargs = {k: hf[k] for k in fields if k in hf and hf[k] is not None}
+        rope = hf.get("rope_parameters") or {}
+        if "rope_theta" in hf:
+            kwargs["rope_theta"] = hf["rope_theta"]
+        elif "rope_theta" in rope:
+            kwargs["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default":
+            raise ConfigError(f"unsupported rope_type {rope['rope_type']!r}; only 'default' RoPE is implemented")
+        if "sliding_window" in hf:
+            kwargs["sliding_window"] = hf["sliding_window"]
+        if hf.get("pad_token_id") is not None:
+            kwargs["pad_token_id"] = hf["pad_token_id"]
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_hf_dir(cls, path: str, **overrides: Any) -> "MixtralConfig":
+        """Read `<path>/config.json` (a Hugging Face model folder)."""
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"no config.json in {path!r}")
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                hf = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{cfg_path}: malformed JSON ({err})") from None
+        return cls.from_hf_config(hf, **overrides)
+
+    def to_hf_config(self) -> dict:
+        """The Hugging Face config.json dict (top-level `rope_theta`, as the released checkpoints)."""
+        return {
+            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim, "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta, "sliding_window": self.sliding_window,
+            "num_local_experts": self.num_local_experts, "num_experts_per_tok": self.num_experts_per_tok,
+            "router_aux_loss_coef": self.router_aux_loss_coef, "router_jitter_noise": self.router_jitter_noise,
+            "output_router_logits": False, "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range, "hidden_act": "silu", "attention_dropout": 0.0,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+            "torch_dtype": {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[self.param_init_type],
+            "use_cache": True,
+        }

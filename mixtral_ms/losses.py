@@ -1,0 +1,31 @@
+"""Training losses. All in float32 whatever the compute dtype."""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Tensor, ops
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean next-token cross-entropy: position t predicts labels[t+1]; `ignore_index` labels don't count."""
+    logits = ops.cast(logits[:, :-1], ms.float32)
+    target = labels[:, 1:]
+    valid = ops.cast(target != ignore_index, ms.float32)
+    log_probs = ops.log_softmax(logits, axis=-1)
+    safe_target = ops.cast(ops.where(target == ignore_index, ops.zeros_like(target), target), ms.int32)
+    nll = -ops.gather_elements(log_probs, 2, safe_target.expand_dims(-1)).squeeze(-1)
+    return (nll * valid).sum() / ops.maximum(valid.sum(), 1.0)
+
+
+def load_balancing_loss(load: Tensor, prob_sum: Tensor, num_tokens: Tensor) -> Tensor:
+    """Hugging Face's `load_balancing_loss_func`, pooled over all layers.
+
+    load[e]: top-k assignments to expert e; prob_sum[e]: summed routing probability of e; both over
+    every layer's valid tokens, `num_tokens` of them in all. Equals k under uniform routing.
+    """
+    num_experts = load.shape[-1]
+    return num_experts * ((load / num_tokens) * (prob_sum / num_tokens)).sum()
+
+
+def router_z_loss(z_sum: Tensor, num_tokens: Tensor) -> Tensor:
+    """ST-MoE z-loss: mean over tokens (and layers) of logsumexp(router logits)^2."""
+    return z_sum / num_tokens

@@ -1,0 +1,258 @@
+"""Mixtral as MindSpore Cells. Parameter names match the Hugging Face checkpoint (docs/design.md);
+only the experts differ, stacked `[E, out, in]` per layer. No parallelism here: the parallel plan
+(mixtral_ms/parallel/plan.py) shards the primitives these cells hold as attributes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, mint, nn, ops
+from mindspore.common.initializer import Normal, initializer
+from mindformers.models.modeling_utils import PreTrainedModel
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from .configuration import MixtralConfig
+from .losses import causal_lm_loss, load_balancing_loss, router_z_loss
+from .moe import MixtralSparseMoeBlock
+
+_DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
+_MASK_MIN = -1e30
+
+
+class Linear(nn.Cell):
+    """y = x W^T with W stored [out, in] (the checkpoint's layout); no bias, as in Mixtral."""
+
+    def __init__(self, in_features: int, out_features: int, init_std: float, param_dtype: ms.dtype,
+                 compute_dtype: ms.dtype) -> None:
+        super().__init__()
+        self.weight = Parameter(initializer(Normal(init_std), (out_features, in_features), param_dtype), name="weight")
+        self.compute_dtype = compute_dtype
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        y = self.matmul(x.reshape(-1, x.shape[-1]), ops.cast(self.weight, self.compute_dtype))
+        return y.reshape(lead + (y.shape[-1],))
+
+
+class MixtralRMSNorm(nn.Cell):
+    """RMSNorm computed in float32, cast back before the weight (Hugging Face's order)."""
+
+    def __init__(self, hidden_size: int, eps: float, param_dtype: ms.dtype) -> None:
+        super().__init__()
+        self.weight = Parameter(initializer("ones", (hidden_size,), param_dtype), name="weight")
+        self.eps = eps
+
+    def construct(self, x: Tensor) -> Tensor:
+        h = ops.cast(x, ms.float32)
+        h = h * ops.rsqrt(ops.square(h).mean(axis=-1, keep_dims=True) + self.eps)
+        return ops.cast(self.weight, x.dtype) * ops.cast(h, x.dtype)
+
+
+def rope_tables(head_dim: int, theta: float, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin `[max_positions, head_dim]`, computed in float32 like Hugging Face's default RoPE."""
+    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2).astype(np.float32) / head_dim)))
+    freqs = np.outer(np.arange(max_positions, dtype=np.float32), inv_freq.astype(np.float32)).astype(np.float32)
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return ops.concat((-x[..., half:], x[..., :half]), axis=-1)
+
+
+class MixtralAttention(nn.Cell):
+    """Grouped-query attention; softmax in float32. `bias` carries the causal/padding/window mask."""
+
+    def __init__(self, config: MixtralConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype) -> None:
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = d
+        self.scale = d ** -0.5
+        std = config.initializer_range
+        self.q_proj = Linear(h, self.num_heads * d, std, param_dtype, compute_dtype)
+        self.k_proj = Linear(h, self.num_kv_heads * d, std, param_dtype, compute_dtype)
+        self.v_proj = Linear(h, self.num_kv_heads * d, std, param_dtype, compute_dtype)
+        self.o_proj = Linear(self.num_heads * d, h, std, param_dtype, compute_dtype)
+        self.bmm_qk = ops.BatchMatMul(transpose_b=True)
+        self.bmm_pv = ops.BatchMatMul()
+
+    def _repeat_kv(self, x: Tensor) -> Tensor:
+        b, kv, s, d = x.shape
+        rep = self.num_heads // kv
+        if rep == 1:
+            return x
+        return ops.broadcast_to(x.reshape(b, kv, 1, s, d), (b, kv, rep, s, d)).reshape(b, kv * rep, s, d)
+
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, past_k=None, past_v=None):
+        """x [B, S, H]; cos/sin [B, 1, S, D]; bias fp32 [B, 1, S, P+S]; past_k/v [B, KV, P, D] or None.
+
+        Returns the output and this call's rotated keys and values [B, KV, S, D] for the KV cache.
+        """
+        b, s, _ = x.shape
+        d = self.head_dim
+        q = self.q_proj(x).reshape(b, s, self.num_heads, d).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, d).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, d).transpose(0, 2, 1, 3)
+        cos, sin = ops.cast(cos, q.dtype), ops.cast(sin, q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        keys, values = k, v
+        if past_k is not None:
+            keys = ops.concat((past_k, k), axis=2)
+            values = ops.concat((past_v, v), axis=2)
+        scores = self.bmm_qk(q, self._repeat_kv(keys)) * self.scale
+        probs = ops.softmax(ops.cast(scores, ms.float32) + bias, axis=-1)
+        out = self.bmm_pv(ops.cast(probs, q.dtype), self._repeat_kv(values))
+        out = out.transpose(0, 2, 1, 3).reshape(b, s, self.num_heads * d)
+        return self.o_proj(out), k, v
+
+
+class MixtralDecoderLayer(nn.Cell):
+    """Pre-norm attention and pre-norm sparse MoE, each with a residual."""
+
+    def __init__(self, config: MixtralConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = MixtralRMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
+        self.self_attn = MixtralAttention(config, param_dtype, compute_dtype)
+        self.post_attention_layernorm = MixtralRMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
+        self.block_sparse_moe = MixtralSparseMoeBlock(config, param_dtype, compute_dtype)
+
+    def construct(self, x, cos, sin, bias, token_mask, past_k=None, past_v=None):
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, bias, past_k, past_v)
+        x = x + attn
+        moe, logits, load, dropped, prob_sum, z_sum = self.block_sparse_moe(self.post_attention_layernorm(x),
+                                                                            token_mask)
+        return x + moe, k, v, logits, load, dropped, prob_sum, z_sum
+
+
+class MixtralPreTrainedModel(PreTrainedModel):
+    """Registers the config class with MindFormers' PreTrainedModel machinery."""
+    config_class = MixtralConfig
+    base_model_prefix = "model"
+
+
+def attention_bias(q_cols: Tensor, k_cols: Tensor, k_valid: Tensor, sliding_window) -> Tensor:
+    """fp32 additive mask [B, 1, Sq, Sk]: key j visible to query i iff valid, k_col <= q_col and,
+    with a sliding window W, q_col - k_col < W. Columns are sequence slots, not position ids, as in
+    Hugging Face (left padding shifts position ids, not columns)."""
+    diff = q_cols.reshape(-1, 1) - k_cols.reshape(1, -1)
+    allowed = diff >= 0
+    if sliding_window is not None:
+        allowed = ops.logical_and(allowed, diff < sliding_window)
+    allowed = ops.logical_and(allowed.expand_dims(0), (k_valid > 0).expand_dims(1))
+    return ops.where(allowed, 0.0, _MASK_MIN).expand_dims(1).astype(ms.float32)
+
+
+@MindFormerRegister.register(MindFormerModuleType.MODELS)
+class MixtralModel(MixtralPreTrainedModel):
+    """Embedding, decoder stack and final norm."""
+
+    def __init__(self, config: MixtralConfig) -> None:
+        super().__init__(config)
+        param_dtype, compute_dtype = _DTYPES[config.param_init_type], _DTYPES[config.compute_dtype]
+        self.compute_dtype = compute_dtype
+        self.sliding_window = config.sliding_window
+        self.embed_tokens = nn.Cell()
+        self.embed_tokens.weight = Parameter(
+            initializer(Normal(config.initializer_range), (config.vocab_size, config.hidden_size), param_dtype),
+            name="weight")
+        self.gather = ops.Gather()
+        self.layers = nn.CellList([MixtralDecoderLayer(config, param_dtype, compute_dtype)
+                                   for _ in range(config.num_hidden_layers)])
+        self.norm = MixtralRMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
+        cos, sin = rope_tables(config.head_dim, config.rope_theta, config.max_position_embeddings)
+        self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)
+
+    def construct(self, input_ids, attention_mask=None, position_ids=None, cols=None,
+                  past_keys=None, past_values=None, past_cols=None, past_valid=None):
+        """input_ids int [B, S]; attention_mask [B, S] (1 = token, 0 = padding); position_ids [B, S]
+        (default 0..S-1); cols [S]: sequence slots of these tokens (default 0..S-1). With a KV cache:
+        past_keys/values [L, B, KV, P, D], past_cols int [P] (-1 for empty slots), past_valid [B, P].
+
+        Returns hidden [B, S, H], new keys and values [L, B, KV, S, D] and per-layer router outputs.
+        """
+        b, s = input_ids.shape
+        if attention_mask is None:
+            attention_mask = ops.ones((b, s), ms.float32)
+        token_mask = ops.cast(attention_mask, ms.float32)
+        if position_ids is None:
+            position_ids = ops.broadcast_to(mint.arange(0, s, dtype=ms.int32).reshape(1, s), (b, s))
+        if cols is None:
+            cols = mint.arange(0, s, dtype=ms.int32)
+        k_cols, k_valid = cols, token_mask
+        if past_keys is not None:
+            k_cols = ops.concat((past_cols, cols))
+            k_valid = ops.concat((ops.cast(past_valid, ms.float32), token_mask), axis=1)
+        bias = attention_bias(cols, k_cols, k_valid, self.sliding_window)
+        cos = ops.gather(self.rope_cos, position_ids, 0).expand_dims(1)
+        sin = ops.gather(self.rope_sin, position_ids, 0).expand_dims(1)
+
+        x = ops.cast(self.gather(self.embed_tokens.weight, input_ids, 0), self.compute_dtype)
+        keys, values, logits, loads, dropped, prob_sums, z_sums = (), (), (), (), (), (), ()
+        for i, layer in enumerate(self.layers):
+            pk = past_keys[i] if past_keys is not None else None
+            pv = past_values[i] if past_values is not None else None
+            x, k, v, lg, ld, dr, ps, zs = layer(x, cos, sin, bias, token_mask, pk, pv)
+            keys += (k,)
+            values += (v,)
+            logits += (lg,)
+            loads += (ld,)
+            dropped += (dr,)
+            prob_sums += (ps,)
+            z_sums += (zs,)
+        return (self.norm(x), ops.stack(keys), ops.stack(values), ops.stack(logits), ops.stack(loads),
+                ops.stack(dropped), ops.stack(prob_sums), ops.stack(z_sums), token_mask.sum())
+
+
+@MindFormerRegister.register(MindFormerModuleType.MODELS)
+class MixtralForCausalLM(MixtralPreTrainedModel):
+    """Mixtral with the LM head and the training loss (CE + aux * load balancing + z * router z-loss).
+
+    `model(input_ids, attention_mask=mask)` returns (logits [B, S, V], router_logits [L, B*S, E],
+    expert load [L, E], dropped assignments [L, E]). With labels (Hugging Face semantics: same
+    length as input_ids, shifted inside; -100 ignored), or in training mode where labels default to
+    input_ids (MindFormers' pre-training samples of seq_length + 1 tokens), it returns
+    (loss, ce_loss, aux_loss, z_loss, expert load [L, E], dropped [L, E]).
+    """
+
+    def __init__(self, config: MixtralConfig) -> None:
+        super().__init__(config)
+        param_dtype, compute_dtype = _DTYPES[config.param_init_type], _DTYPES[config.compute_dtype]
+        self.config = config
+        self.model = MixtralModel(config)
+        self.tie_word_embeddings = config.tie_word_embeddings
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, config.initializer_range, param_dtype,
+                                  compute_dtype)
+        self.head_matmul = ops.MatMul(transpose_b=True)
+        self.aux_coef = config.router_aux_loss_coef
+        self.z_coef = config.router_z_loss_coef
+        self.ignore_index = config.ignore_token_id
+
+    def lm_logits(self, hidden: Tensor) -> Tensor:
+        if self.tie_word_embeddings:
+            b, s, h = hidden.shape
+            weight = ops.cast(self.model.embed_tokens.weight, hidden.dtype)
+            return self.head_matmul(hidden.reshape(b * s, h), weight).reshape(b, s, -1)
+        return self.lm_head(hidden)
+
+    def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None):
+        hidden, _, _, router_logits, load, dropped, prob_sum, z_sum, valid = self.model(
+            input_ids, attention_mask, position_ids)
+        logits = self.lm_logits(hidden)
+        if labels is None and not self.training:
+            return logits, router_logits, load, dropped
+        if labels is None:
+            labels = input_ids
+        num_layers = router_logits.shape[0]
+        ce = causal_lm_loss(logits, labels, self.ignore_index)
+        pooled_tokens = valid * num_layers
+        aux = load_balancing_loss(load.sum(axis=0), prob_sum.sum(axis=0), pooled_tokens)
+        z = router_z_loss(z_sum.sum(), pooled_tokens)
+        loss = ce + self.aux_coef * aux + self.z_coef * z
+        return loss, ce, aux, z, load, dropped

@@ -1,0 +1,90 @@
+"""The sparse MoE block: router -> dispatch into `[E, C, H]` -> stacked SwiGLU experts -> combine."""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+from .configuration import MixtralConfig
+from .dispatch import dispatch, expert_capacity
+from .router import TopKRouter
+
+
+class MixtralExperts(nn.Cell):
+    """E SwiGLU experts stored stacked `[E, out, in]`: w2(silu(w1 x) * w3 x), one batched matmul each."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, init_std: float,
+                 param_dtype: ms.dtype, compute_dtype: ms.dtype) -> None:
+        super().__init__()
+        e, h, f = num_experts, hidden_size, intermediate_size
+        self.compute_dtype = compute_dtype
+        self.w1 = Parameter(initializer(Normal(init_std), (e, f, h), param_dtype), name="w1")
+        self.w3 = Parameter(initializer(Normal(init_std), (e, f, h), param_dtype), name="w3")
+        self.w2 = Parameter(initializer(Normal(init_std), (e, h, f), param_dtype), name="w2")
+        self.bmm_gate = ops.BatchMatMul(transpose_b=True)
+        self.bmm_up = ops.BatchMatMul(transpose_b=True)
+        self.bmm_down = ops.BatchMatMul(transpose_b=True)
+
+    def construct(self, x: Tensor) -> Tensor:
+        """x: [E, M, H] (M token slots per expert) -> [E, M, H]."""
+        dt = self.compute_dtype
+        gate = self.bmm_gate(x, ops.cast(self.w1, dt))
+        up = self.bmm_up(x, ops.cast(self.w3, dt))
+        return self.bmm_down(ops.silu(gate) * up, ops.cast(self.w2, dt))
+
+
+class MixtralSparseMoeBlock(nn.Cell):
+    """Top-k routed experts with a per-group capacity (see dispatch.py).
+
+    A token whose assignments are all dropped gets zero from this block, so the decoder layer's
+    residual carries it through unchanged. Returns the output and per-call router statistics:
+    router logits (fp32 [T, E]), routed load and dropped count per expert, the sum of routing
+    probabilities per expert and the sum of squared logsumexp over valid tokens (for the
+    load-balancing and z losses, which the model pools over layers as Hugging Face does).
+    """
+
+    def __init__(self, config: MixtralConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype) -> None:
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        self.top_k = config.num_experts_per_tok
+        self.groups = config.moe_token_groups
+        self.train_capacity_factor = config.capacity_factor
+        self.eval_capacity_factor = config.inference_capacity_factor
+        self.drop_policy = config.drop_policy
+        self.jitter = config.router_jitter_noise
+        self.compute_dtype = compute_dtype
+        self.gate = TopKRouter(config.hidden_size, self.num_experts, self.top_k, config.initializer_range,
+                               param_dtype, compute_dtype)
+        self.experts = MixtralExperts(self.num_experts, config.hidden_size, config.intermediate_size,
+                                      config.initializer_range, param_dtype, compute_dtype)
+
+    def construct(self, x: Tensor, token_mask: Tensor):
+        """x: [B, S, H]; token_mask: float32 [B, S], 0 for padding (padding takes no capacity)."""
+        b, s, h = x.shape
+        e, k = self.num_experts, self.top_k
+        g = self.groups
+        n = b * s // g
+        capacity = expert_capacity(n, k, e, self.train_capacity_factor if self.training else self.eval_capacity_factor)
+        flat = x.reshape(b * s, h)
+        if self.training and self.jitter > 0:
+            flat = flat * ops.uniform(flat.shape, Tensor(1.0 - self.jitter, self.compute_dtype),
+                                      Tensor(1.0 + self.jitter, self.compute_dtype), dtype=self.compute_dtype)
+        logits, probs, weights, index = self.gate(flat)
+        slot_token, assignment_slot, _, load, dropped = dispatch(index.reshape(g, n, k), weights.reshape(g, n, k), token_mask.reshape(g, n), e, capacity,
+                        self.drop_policy)
+
+        padded = ops.concat((flat.reshape(g, n, h), ops.zeros((g, 1, h), flat.dtype)), axis=1).reshape(-1, h)
+        expert_in = ops.gather(padded, slot_token, 0).reshape(g, e * capacity + 1, h)
+        expert_in = expert_in[:, :e * capacity].reshape(g, e, capacity, h).transpose(1, 0, 2, 3)
+        expert_out = self.experts(expert_in.reshape(e, g * capacity, h))
+        expert_out = expert_out.reshape(e, g, capacity, h).transpose(1, 0, 2, 3).reshape(g, e * capacity, h)
+        expert_out = ops.concat((expert_out, ops.zeros((g, 1, h), expert_out.dtype)), axis=1).reshape(-1, h)
+        picked = ops.gather(expert_out, assignment_slot, 0).reshape(b * s, k, h)
+        y = (picked * weights.reshape(b * s, k, 1)).sum(axis=1)
+
+        mask = token_mask.reshape(b * s, 1)
+        prob_sum = (probs * mask).sum(axis=0)
+        peak = logits.max(axis=-1, keepdims=True)
+        logsumexp = peak + ops.log(ops.exp(logits - peak).sum(axis=-1, keepdims=True))
+        z_sum = (ops.square(logsumexp) * mask).sum()
+        return y.reshape(b, s, h), logits, load, dropped, prob_sum, z_sum
