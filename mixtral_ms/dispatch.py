@@ -12,7 +12,12 @@ from __future__ import annotations
 import math
 
 import mindspore as ms
-from mindspore import Tensor, mint, ops
+from mindspore import Tensor, ops
+
+
+def arange(n: int) -> Tensor:
+    """int32 0..n-1 from kernels every backend has in both modes (CPU PyNative lacks `Arange`)."""
+    return ops.range(Tensor(0, ms.int32), Tensor(n, ms.int32), Tensor(1, ms.int32))
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -30,7 +35,7 @@ def priority_order(topk_index: Tensor, topk_weight: Tensor, policy: str) -> Tens
     """
     g, n, k = topk_index.shape
     if policy == "position":
-        served = mint.arange(0, n * k, dtype=ms.int32)
+        served = arange(n * k)
         return ops.broadcast_to((served % n) * k + served // n, (g, n * k))
     _, order = ops.sort(ops.cast(topk_weight, ms.float32).reshape(g, n * k), axis=-1, descending=True)
     return ops.cast(order, ms.int32)
@@ -62,16 +67,16 @@ def dispatch(topk_index: Tensor, topk_weight: Tensor, token_mask: Tensor, num_ex
     kept = ops.gather_elements(ops.cast(sorted_kept, ms.float32), 1, rank)        # back to (t, j) order
 
     slots_per_group = e * c + 1
-    group = mint.arange(0, g, dtype=ms.int32).reshape(g, 1)
+    group = arange(g).reshape(g, 1)
     local_slot = ops.where(sorted_kept, sorted_expert * c + ops.cast(position, ms.int32),
                            ops.full((g, n * k), e * c, dtype=ms.int32))
     flat_slot = local_slot + group * slots_per_group                                # [G, kN], sorted order
-    token = ops.gather_elements(ops.broadcast_to(mint.arange(0, n * k, dtype=ms.int32) // k, (g, n * k)), 1, order)
+    token = ops.gather_elements(ops.broadcast_to(arange(n * k) // k, (g, n * k)), 1, order)
     flat_token = token + group * (n + 1)
     empty = ops.broadcast_to(group * (n + 1) + n, (g, slots_per_group)).reshape(-1)  # each group's zero row
     slot_token = ops.tensor_scatter_elements(empty, flat_slot.reshape(-1), flat_token.reshape(-1), axis=0)
     # Dropped assignments all land on the trash slot; whichever wins there, reset it to the zero row.
-    trash = mint.arange(0, g, dtype=ms.int32) * slots_per_group + e * c
+    trash = arange(g) * slots_per_group + e * c
     slot_token = ops.tensor_scatter_elements(slot_token, trash, group.reshape(-1) * (n + 1) + n, axis=0)
     assignment_slot = ops.gather_elements(flat_slot, 1, rank).reshape(-1)
 

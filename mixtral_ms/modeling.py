@@ -7,12 +7,14 @@ from __future__ import annotations
 import numpy as np
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, mint, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from .configuration import MixtralConfig
+from .dispatch import arange
+from .generation import generate
 from .losses import causal_lm_loss, load_balancing_loss, router_z_loss
 from .moe import MixtralSparseMoeBlock
 
@@ -181,9 +183,9 @@ class MixtralModel(MixtralPreTrainedModel):
             attention_mask = ops.ones((b, s), ms.float32)
         token_mask = ops.cast(attention_mask, ms.float32)
         if position_ids is None:
-            position_ids = ops.broadcast_to(mint.arange(0, s, dtype=ms.int32).reshape(1, s), (b, s))
+            position_ids = ops.broadcast_to(arange(s).reshape(1, s), (b, s))
         if cols is None:
-            cols = mint.arange(0, s, dtype=ms.int32)
+            cols = arange(s)
         k_cols, k_valid = cols, token_mask
         if past_keys is not None:
             k_cols = ops.concat((past_cols, cols))
@@ -240,6 +242,10 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
             weight = ops.cast(self.model.embed_tokens.weight, hidden.dtype)
             return self.head_matmul(hidden.reshape(b * s, h), weight).reshape(b, s, -1)
         return self.lm_head(hidden)
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, **kwargs):
+        """Incremental decoding with a KV cache; see mixtral_ms.generation.generate."""
+        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
 
     def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None):
         hidden, _, _, router_logits, load, dropped, prob_sum, z_sum, valid = self.model(
