@@ -1,0 +1,16 @@
+# Source me: creates (once) and activates the project venv, kept outside the clone and keyed by
+# the hash of requirements.txt, so CI and later runs reuse it while the pins are unchanged.
+_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+_hash="$(sha256sum "$_root/requirements.txt" | cut -c1-12)"
+MIXTRAL_MS_VENV="${MIXTRAL_MS_VENV:-$HOME/.cache/mixtral-ms/venv-$_hash}"
+if [ ! -f "$MIXTRAL_MS_VENV/.complete" ]; then
+  echo "setting up $MIXTRAL_MS_VENV (mindspore + mindformers, ~3.5 GB, a few minutes)" >&2
+  rm -rf "$MIXTRAL_MS_VENV"
+  python3.11 -m venv "$MIXTRAL_MS_VENV" || python3 -m venv "$MIXTRAL_MS_VENV"
+  "$MIXTRAL_MS_VENV/bin/pip" install -q --disable-pip-version-check -r "$_root/requirements.txt"
+  touch "$MIXTRAL_MS_VENV/.complete"
+fi
+export PATH="$MIXTRAL_MS_VENV/bin:$PATH"  # msrun starts plain `python`
+export PYTHONPATH="$_root${PYTHONPATH:+:$PYTHONPATH}"
+export GLOG_v="${GLOG_v:-3}"  # MindSpore's C++ warnings off unless asked for
+unset _root _hash
