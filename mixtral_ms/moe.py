@@ -58,31 +58,45 @@ class MixtralSparseMoeBlock(nn.Cell):
         self.experts = MixtralExperts(self.num_experts, config.hidden_size, config.intermediate_size,
                                       config.initializer_range, param_dtype, compute_dtype)
 
-    def construct(self, x: Tensor, token_mask: Tensor):
-        """x: [B, S, H]; token_mask: float32 [B, S], 0 for padding (padding takes no capacity)."""
-        b, s, h = x.shape
-        e, k = self.num_experts, self.top_k
-        g = self.groups
-        n = b * s // g
-        capacity = expert_capacity(n, k, e, self.train_capacity_factor if self.training else self.eval_capacity_factor)
-        flat = x.reshape(b * s, h)
-        if self.training and self.jitter > 0:
-            flat = flat * ops.uniform(flat.shape, Tensor(1.0 - self.jitter, self.compute_dtype),
-                                      Tensor(1.0 + self.jitter, self.compute_dtype), dtype=self.compute_dtype)
-        logits, probs, weights, index = self.gate(flat)
-        slot_token, assignment_slot, _, load, dropped = dispatch(index.reshape(g, n, k), weights.reshape(g, n, k), token_mask.reshape(g, n), e, capacity,
-                        self.drop_policy)
-
+    def _experts_at_capacity(self, flat, weights, index, token_mask, capacity: int):
+        """Dispatch into `[E, G*C, H]`, run the experts, combine: returns y [T, H], load and dropped [E]."""
+        t, h = flat.shape
+        e, k, g = self.num_experts, self.top_k, self.groups
+        n = t // g
+        slot_token, assignment_slot, _, load, dropped = dispatch(
+            index.reshape(g, n, k), weights.reshape(g, n, k), token_mask.reshape(g, n), e, capacity, self.drop_policy)
         padded = ops.concat((flat.reshape(g, n, h), ops.zeros((g, 1, h), flat.dtype)), axis=1).reshape(-1, h)
         expert_in = ops.gather(padded, slot_token, 0).reshape(g, e * capacity + 1, h)
         expert_in = expert_in[:, :e * capacity].reshape(g, e, capacity, h).transpose(1, 0, 2, 3)
         expert_out = self.experts(expert_in.reshape(e, g * capacity, h))
         expert_out = expert_out.reshape(e, g, capacity, h).transpose(1, 0, 2, 3).reshape(g, e * capacity, h)
         expert_out = ops.concat((expert_out, ops.zeros((g, 1, h), expert_out.dtype)), axis=1).reshape(-1, h)
-        picked = ops.gather(expert_out, assignment_slot, 0).reshape(b * s, k, h)
-        y = (picked * weights.reshape(b * s, k, 1)).sum(axis=1)
+        picked = ops.gather(expert_out, assignment_slot, 0).reshape(t, k, h)
+        return (picked * weights.reshape(t, k, 1)).sum(axis=1), load, dropped
 
-        mask = token_mask.reshape(b * s, 1)
+    def construct(self, x: Tensor, token_mask: Tensor):
+        """x: [B, S, H]; token_mask: float32 [B, S], 0 for padding (padding takes no capacity)."""
+        b, s, h = x.shape
+        e, k = self.num_experts, self.top_k
+        n = b * s // self.groups
+        factor = self.train_capacity_factor if self.training else self.eval_capacity_factor
+        flat = x.reshape(b * s, h)
+        if self.training and self.jitter > 0:
+            flat = flat * ops.uniform(flat.shape, Tensor(1.0 - self.jitter, self.compute_dtype),
+                                      Tensor(1.0 + self.jitter, self.compute_dtype), dtype=self.compute_dtype)
+        logits, probs, weights, index = self.gate(flat)
+        mask = token_mask.reshape(b * s)
+        if factor > 0:
+            y, load, dropped = self._experts_at_capacity(flat, weights, index, mask, expert_capacity(n, k, e, factor))
+        else:
+            # Dropless without paying for E/k times the work: try twice the mean load per expert, and
+            # only if some expert overflowed redo the layer with room for every token.
+            fast = expert_capacity(n, k, e, 2.0)
+            y, load, dropped = self._experts_at_capacity(flat, weights, index, mask, fast)
+            if fast < n and dropped.sum() > 0:
+                y, load, dropped = self._experts_at_capacity(flat, weights, index, mask, n)
+
+        mask = mask.reshape(b * s, 1)
         prob_sum = (probs * mask).sum(axis=0)
         peak = logits.max(axis=-1, keepdims=True)
         logsumexp = peak + ops.log(ops.exp(logits - peak).sum(axis=-1, keepdims=True))

@@ -123,10 +123,10 @@ def numpy_moe(block, x, mask, groups, training):
     return out.reshape(b, s, h), dropped
 
 
-def _block(groups, capacity_factor, policy="probs"):
+def _block(groups, capacity_factor, policy="probs", experts=4):
     ms.set_seed(1)
     cfg = MixtralConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        num_attention_heads=2, num_key_value_heads=2, num_local_experts=experts, num_experts_per_tok=2,
                         capacity_factor=capacity_factor, drop_policy=policy, moe_token_groups=groups,
                         initializer_range=0.5, max_position_embeddings=64)
     return MixtralSparseMoeBlock(cfg, ms.float32, ms.float32)
@@ -195,3 +195,19 @@ def test_gradients_reach_router_and_every_used_expert():
             served = load[layer, e] - dropped[layer, e]
             got = np.abs(grads[prefix + "experts.w1"][e]).sum()
             assert (got > 0) == (served > 0), (layer, e, served, got)
+
+
+def test_dropless_is_exact_even_when_the_fast_path_overflows(mode):
+    """Eval mode is dropless: skewed routing overflows the 2x-mean first try, and nothing is dropped."""
+    block = _block(1, 1.1, experts=8)
+    block.set_train(False)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, 16, 16)).astype(np.float32)
+    x[:, :, :] += 3.0 * block.gate.weight.asnumpy()[0]  # push every token towards expert 0
+    mask = np.ones((2, 16), np.float32)
+    y, _, load, dropped, _, _ = block(Tensor(x), Tensor(mask))
+    assert load.asnumpy().max() > expert_capacity(32, 2, 8, 2.0), "fixture must overflow the fast path"
+    assert dropped.asnumpy().sum() == 0
+    ref, ref_dropped = numpy_moe(block, x, mask, 1, training=False)
+    assert ref_dropped.sum() == 0
+    np.testing.assert_allclose(y.asnumpy(), ref, rtol=1e-5, atol=1e-5)
