@@ -14,10 +14,7 @@ import math
 import mindspore as ms
 from mindspore import Tensor, ops
 
-
-def arange(n: int) -> Tensor:
-    """int32 0..n-1 from kernels every backend has in both modes (CPU PyNative lacks `Arange`)."""
-    return ops.range(Tensor(0, ms.int32), Tensor(n, ms.int32), Tensor(1, ms.int32))
+from .kernels import arange
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:

@@ -13,8 +13,8 @@ from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from .configuration import MixtralConfig
-from .dispatch import arange
 from .generation import generate
+from .kernels import arange, embedding, emulated_dtype, matmul, native_dtype
 from .losses import causal_lm_loss, load_balancing_loss, router_z_loss
 from .moe import MixtralSparseMoeBlock
 
@@ -29,12 +29,13 @@ class Linear(nn.Cell):
                  compute_dtype: ms.dtype) -> None:
         super().__init__()
         self.weight = Parameter(initializer(Normal(init_std), (out_features, in_features), param_dtype), name="weight")
-        self.compute_dtype = compute_dtype
+        self.compute_dtype = native_dtype(compute_dtype)
+        self.round_dtype = emulated_dtype(compute_dtype)
         self.matmul = ops.MatMul(transpose_b=True)
 
     def construct(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        y = self.matmul(x.reshape(-1, x.shape[-1]), ops.cast(self.weight, self.compute_dtype))
+        y = matmul(self.matmul, x.reshape(-1, x.shape[-1]), ops.cast(self.weight, self.compute_dtype), self.round_dtype)
         return y.reshape(lead + (y.shape[-1],))
 
 
@@ -80,6 +81,7 @@ class MixtralAttention(nn.Cell):
         self.k_proj = Linear(h, self.num_kv_heads * d, std, param_dtype, compute_dtype)
         self.v_proj = Linear(h, self.num_kv_heads * d, std, param_dtype, compute_dtype)
         self.o_proj = Linear(self.num_heads * d, h, std, param_dtype, compute_dtype)
+        self.round_dtype = emulated_dtype(compute_dtype)
         self.bmm_qk = ops.BatchMatMul(transpose_b=True)
         self.bmm_pv = ops.BatchMatMul()
 
@@ -107,9 +109,9 @@ class MixtralAttention(nn.Cell):
         if past_k is not None:
             keys = ops.concat((past_k, k), axis=2)
             values = ops.concat((past_v, v), axis=2)
-        scores = self.bmm_qk(q, self._repeat_kv(keys)) * self.scale
+        scores = matmul(self.bmm_qk, q, self._repeat_kv(keys), self.round_dtype) * self.scale
         probs = ops.softmax(ops.cast(scores, ms.float32) + bias, axis=-1)
-        out = self.bmm_pv(ops.cast(probs, q.dtype), self._repeat_kv(values))
+        out = matmul(self.bmm_pv, ops.cast(probs, q.dtype), self._repeat_kv(values), self.round_dtype)
         out = out.transpose(0, 2, 1, 3).reshape(b, s, self.num_heads * d)
         return self.o_proj(out), k, v
 
@@ -157,7 +159,7 @@ class MixtralModel(MixtralPreTrainedModel):
     def __init__(self, config: MixtralConfig) -> None:
         super().__init__(config)
         param_dtype, compute_dtype = _DTYPES[config.param_init_type], _DTYPES[config.compute_dtype]
-        self.compute_dtype = compute_dtype
+        self.compute_dtype = native_dtype(compute_dtype)
         self.sliding_window = config.sliding_window
         self.embed_tokens = nn.Cell()
         self.embed_tokens.weight = Parameter(
@@ -194,7 +196,7 @@ class MixtralModel(MixtralPreTrainedModel):
         cos = ops.gather(self.rope_cos, position_ids, 0).expand_dims(1)
         sin = ops.gather(self.rope_sin, position_ids, 0).expand_dims(1)
 
-        x = ops.cast(self.gather(self.embed_tokens.weight, input_ids, 0), self.compute_dtype)
+        x = embedding(self.gather, self.embed_tokens.weight, input_ids, self.compute_dtype)
         keys, values, logits, loads, dropped, prob_sums, z_sums = (), (), (), (), (), (), ()
         for i, layer in enumerate(self.layers):
             pk = past_keys[i] if past_keys is not None else None
@@ -232,6 +234,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
             self.lm_head = Linear(config.hidden_size, config.vocab_size, config.initializer_range, param_dtype,
                                   compute_dtype)
         self.head_matmul = ops.MatMul(transpose_b=True)
+        self.round_dtype = emulated_dtype(compute_dtype)
         self.aux_coef = config.router_aux_loss_coef
         self.z_coef = config.router_z_loss_coef
         self.ignore_index = config.ignore_token_id
@@ -240,7 +243,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         if self.tie_word_embeddings:
             b, s, h = hidden.shape
             weight = ops.cast(self.model.embed_tokens.weight, hidden.dtype)
-            return self.head_matmul(hidden.reshape(b * s, h), weight).reshape(b, s, -1)
+            return matmul(self.head_matmul, hidden.reshape(b * s, h), weight, self.round_dtype).reshape(b, s, -1)
         return self.lm_head(hidden)
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, **kwargs):

@@ -7,6 +7,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from .configuration import MixtralConfig
 from .dispatch import dispatch, expert_capacity
+from .kernels import emulated_dtype, matmul, native_dtype
 from .router import TopKRouter
 
 
@@ -17,10 +18,11 @@ class MixtralExperts(nn.Cell):
                  param_dtype: ms.dtype, compute_dtype: ms.dtype) -> None:
         super().__init__()
         e, h, f = num_experts, hidden_size, intermediate_size
-        self.compute_dtype = compute_dtype
+        self.compute_dtype = native_dtype(compute_dtype)
         self.w1 = Parameter(initializer(Normal(init_std), (e, f, h), param_dtype), name="w1")
         self.w3 = Parameter(initializer(Normal(init_std), (e, f, h), param_dtype), name="w3")
         self.w2 = Parameter(initializer(Normal(init_std), (e, h, f), param_dtype), name="w2")
+        self.round_dtype = emulated_dtype(compute_dtype)
         self.bmm_gate = ops.BatchMatMul(transpose_b=True)
         self.bmm_up = ops.BatchMatMul(transpose_b=True)
         self.bmm_down = ops.BatchMatMul(transpose_b=True)
@@ -28,9 +30,9 @@ class MixtralExperts(nn.Cell):
     def construct(self, x: Tensor) -> Tensor:
         """x: [E, M, H] (M token slots per expert) -> [E, M, H]."""
         dt = self.compute_dtype
-        gate = self.bmm_gate(x, ops.cast(self.w1, dt))
-        up = self.bmm_up(x, ops.cast(self.w3, dt))
-        return self.bmm_down(ops.silu(gate) * up, ops.cast(self.w2, dt))
+        gate = matmul(self.bmm_gate, x, ops.cast(self.w1, dt), self.round_dtype)
+        up = matmul(self.bmm_up, x, ops.cast(self.w3, dt), self.round_dtype)
+        return matmul(self.bmm_down, ops.silu(gate) * up, ops.cast(self.w2, dt), self.round_dtype)
 
 
 class MixtralSparseMoeBlock(nn.Cell):
@@ -52,7 +54,7 @@ class MixtralSparseMoeBlock(nn.Cell):
         self.eval_capacity_factor = config.inference_capacity_factor
         self.drop_policy = config.drop_policy
         self.jitter = config.router_jitter_noise
-        self.compute_dtype = compute_dtype
+        self.compute_dtype = native_dtype(compute_dtype)
         self.gate = TopKRouter(config.hidden_size, self.num_experts, self.top_k, config.initializer_range,
                                param_dtype, compute_dtype)
         self.experts = MixtralExperts(self.num_experts, config.hidden_size, config.intermediate_size,

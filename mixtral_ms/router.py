@@ -5,6 +5,8 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
+from .kernels import emulated_dtype, matmul, native_dtype
+
 
 class TopKRouter(nn.Cell):
     """`gate` of the sparse MoE block: logits = x W^T in the compute dtype, then softmax in float32,
@@ -18,12 +20,13 @@ class TopKRouter(nn.Cell):
                  param_dtype: ms.dtype = ms.float32, compute_dtype: ms.dtype = ms.float32) -> None:
         super().__init__()
         self.top_k = top_k
-        self.compute_dtype = compute_dtype
+        self.compute_dtype = native_dtype(compute_dtype)
         self.weight = Parameter(initializer(Normal(init_std), (num_experts, hidden_size), param_dtype), name="weight")
+        self.round_dtype = emulated_dtype(compute_dtype)
         self.matmul = ops.MatMul(transpose_b=True)
 
     def construct(self, x: ms.Tensor):
-        logits = self.matmul(x, ops.cast(self.weight, self.compute_dtype))
+        logits = matmul(self.matmul, x, ops.cast(self.weight, self.compute_dtype), self.round_dtype)
         logits = ops.cast(logits, ms.float32)
         probs = ops.softmax(logits, axis=-1)
         weights, index = ops.topk(probs, self.top_k)
