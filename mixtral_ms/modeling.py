@@ -4,8 +4,6 @@ only the experts differ, stacked `[E, out, in]` per layer. No parallelism here: 
 """
 from __future__ import annotations
 
-from typing import Dict
-
 import numpy as np
 
 import mindspore as ms
@@ -19,8 +17,6 @@ from .generation import generate
 from .kernels import arange, embedding, emulated_dtype, matmul, native_dtype
 from .losses import causal_lm_loss, load_balancing_loss, router_z_loss
 from .moe import MixtralSparseMoeBlock
-from .name_map import parameter_specs
-from .safetensors_io import CheckpointError, TensorInfo, open_checkpoint, to_numpy
 
 _DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
 _MASK_MIN = -1e30
@@ -217,30 +213,6 @@ class MixtralModel(MixtralPreTrainedModel):
                 ops.stack(dropped), ops.stack(prob_sums), ops.stack(z_sums), token_mask.sum())
 
 
-def load_hf_weights(model: "MixtralForCausalLM", tensors: Dict[str, TensorInfo]) -> None:
-    """Copy Hugging Face-named tensors into the model, stacking experts; every tensor must be present
-    with its expected shape, and no unexpected tensor may remain."""
-    specs = parameter_specs(model.config)
-    wanted = {src for spec in specs.values() for src in spec.sources}
-    unexpected = sorted(set(tensors) - wanted)
-    if unexpected:
-        raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in checkpoint ({len(unexpected)} in all)")
-    params = {p.name: p for p in model.get_parameters()}
-    for name, spec in specs.items():
-        parts = []
-        for src in spec.sources:
-            if src not in tensors:
-                raise CheckpointError(f"checkpoint is missing tensor {src!r}")
-            info = tensors[src]
-            want = spec.shape[1:] if len(spec.sources) > 1 else spec.shape
-            if tuple(info.shape) != tuple(want):
-                raise CheckpointError(f"tensor {src!r} has shape {list(info.shape)}, the config expects {list(want)}")
-            parts.append(to_numpy(info))
-        value = np.stack(parts) if len(parts) > 1 else parts[0]
-        param = params[name]
-        param.set_data(Tensor(value.astype(np.float32), dtype=param.dtype))
-
-
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class MixtralForCausalLM(MixtralPreTrainedModel):
     """Mixtral with the LM head and the training loss (CE + aux * load balancing + z * router z-loss).
@@ -276,10 +248,12 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, path: str, **config_overrides) -> "MixtralForCausalLM":
-        """Load a Hugging Face folder: config.json plus model.safetensors or index + shards."""
+        """Load a folder with config.json and weights in either layout: Hugging Face (model.safetensors or
+        index + shards) or mixtral-ms (hf2ms output)."""
         config = MixtralConfig.from_hf_dir(path, **config_overrides)
         model = cls(config)
-        load_hf_weights(model, open_checkpoint(path))
+        from .checkpoint import load_weights
+        load_weights(model, path)
         return model
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, **kwargs):
