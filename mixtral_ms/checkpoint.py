@@ -9,13 +9,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from .name_map import parameter_specs
+from .name_map import TRAINING_STATE_PREFIXES, parameter_specs
 from .safetensors_io import CheckpointError, open_checkpoint, to_numpy
 
-# Optimizer and training-loop state that a MindSpore training checkpoint carries beside the weights.
-TRAINING_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "global_step", "learning_rate",
-                           "scale_sense", "loss_scale", "epoch_num", "step_num", "current_iterator_step",
-                           "last_overflow_iterator_step", "accu_grads.", "beta1_power", "beta2_power")
 
 
 def _set(param, value: np.ndarray) -> None:

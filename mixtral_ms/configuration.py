@@ -1,13 +1,13 @@
 """Mixtral configuration: Hugging Face field names, plus the MoE-capacity knobs HF lacks."""
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Any, Optional
 
 from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from .hf_config import ConfigError, hf_fields, read_hf_config
 
 DROP_POLICIES = ("probs", "position")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -22,10 +22,6 @@ _FRAMEWORK_KEYS = {
     "attention_dropout", "hidden_act", "initializer_range", "output_router_logits", "use_cache",
     "rope_parameters", "rope_scaling", "auto_register",
 }
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe a Mixtral model."""
 
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
@@ -150,40 +146,12 @@ class MixtralConfig(PretrainedConfig):
     @classmethod
     def from_hf_config(cls, hf: dict, **overrides: Any) -> "MixtralConfig":
         """Build from a Hugging Face config.json dict (top-level `rope_theta` or transformers-5 `rope_parameters`)."""
-        model_type = hf.get("model_type")
-        if model_type != "mixtral":
-            raise ConfigError(f"not a Mixtral config: model_type is {model_type!r}, expected 'mixtral'")
-        fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "sliding_window",
-                  "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise",
-                  "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id")
-        kwargs = {k: hf[k] for k in fields if k in hf and hf[k] is not None}
-        rope = hf.get("rope_parameters") or {}
-        if "rope_theta" in hf:
-            kwargs["rope_theta"] = hf["rope_theta"]
-        elif "rope_theta" in rope:
-            kwargs["rope_theta"] = rope["rope_theta"]
-        if rope.get("rope_type", "default") != "default":
-            raise ConfigError(f"unsupported rope_type {rope['rope_type']!r}; only 'default' RoPE is implemented")
-        if "sliding_window" in hf:
-            kwargs["sliding_window"] = hf["sliding_window"]
-        if hf.get("pad_token_id") is not None:
-            kwargs["pad_token_id"] = hf["pad_token_id"]
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls(**{**hf_fields(hf), **overrides})
 
     @classmethod
     def from_hf_dir(cls, path: str, **overrides: Any) -> "MixtralConfig":
         """Read `<path>/config.json` (a Hugging Face model folder)."""
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"no config.json in {path!r}")
-        try:
-            with open(cfg_path, encoding="utf-8") as f:
-                hf = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{cfg_path}: malformed JSON ({err})") from None
-        return cls.from_hf_config(hf, **overrides)
+        return cls.from_hf_config(read_hf_config(path), **overrides)
 
     def to_hf_config(self) -> dict:
         """The Hugging Face config.json dict (top-level `rope_theta`, as the released checkpoints)."""

@@ -15,9 +15,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .checkpoint import TRAINING_STATE_PREFIXES
-from .configuration import MixtralConfig
-from .name_map import parameter_specs, count_parameters
+from .hf_config import read_hf_config, shape_config
+from .name_map import TRAINING_STATE_PREFIXES, count_parameters, parameter_specs
 from .safetensors_io import (DTYPE_BYTES, CheckpointError, TensorInfo, bf16_to_f32, f32_to_bf16, open_checkpoint,
                              write_safetensors)
 
@@ -106,19 +105,12 @@ def _finish(tmp: str, dst: str) -> None:
     os.replace(tmp, dst)
 
 
-def _read_hf_config(src: str) -> Tuple[dict, MixtralConfig]:
-    path = os.path.join(src, "config.json")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no config.json in {src}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: malformed JSON ({err})") from None
-    return hf, MixtralConfig.from_hf_config(hf)
+def _read_hf_config(src: str):
+    hf = read_hf_config(src)
+    return hf, shape_config(hf)
 
 
-def _gather_sources(tensors: Dict[str, TensorInfo], config: MixtralConfig) -> Dict[str, List[TensorInfo]]:
+def _gather_sources(tensors: Dict[str, TensorInfo], config) -> Dict[str, List[TensorInfo]]:
     """For each mixtral-ms parameter, its Hugging Face tensors, with every name and shape checked."""
     specs = parameter_specs(config)
     wanted = {src for spec in specs.values() for src in spec.sources}
@@ -174,15 +166,11 @@ def hf2ms(src: str, dst: str, dtype: Optional[str] = None, overwrite: bool = Fal
 
 def ms2hf(src: str, dst: str, dtype: Optional[str] = None, overwrite: bool = False,
           shard_size: int = 2 << 30, config_path: Optional[str] = None) -> Dict[str, object]:
-    """mixtral-ms checkpoint (folder from hf2ms, or a training .safetensors file plus `config_path`)
+    """mixtral-ms checkpoint (folder from hf2ms, or a training .safetensors file; `config_path`: a config.json
+    or its folder, default the source folder)
     -> Hugging Face folder that `transformers.MixtralForCausalLM.from_pretrained` loads."""
     cfg_src = config_path or (src if os.path.isdir(src) else os.path.dirname(src))
-    if os.path.isdir(cfg_src):
-        hf, config = _read_hf_config(cfg_src)
-    else:
-        with open(cfg_src, encoding="utf-8") as f:
-            hf = json.load(f)
-        config = MixtralConfig.from_hf_config(hf)
+    hf, config = _read_hf_config(cfg_src if os.path.isdir(cfg_src) else os.path.dirname(cfg_src))
     tensors = {k: v for k, v in open_checkpoint(src).items() if not k.startswith(TRAINING_STATE_PREFIXES)}
     specs = parameter_specs(config)
     unexpected = sorted(set(tensors) - set(specs))

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 from typing import Dict, List, NamedTuple, Tuple
 
-from .configuration import MixtralConfig
+
+
+# Optimizer and training-loop state that a MindSpore training checkpoint carries beside the weights.
+TRAINING_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "global_step", "learning_rate",
+                           "scale_sense", "loss_scale", "epoch_num", "step_num", "current_iterator_step",
+                           "last_overflow_iterator_step", "accu_grads.", "beta1_power", "beta2_power")
 
 
 class ParamSpec(NamedTuple):
@@ -15,8 +20,9 @@ class ParamSpec(NamedTuple):
     sources: List[str]  # Hugging Face names; several (stacked along a new axis 0) for experts
 
 
-def parameter_specs(config: MixtralConfig) -> Dict[str, ParamSpec]:
-    """Every mixtral-ms parameter, in checkpoint order, with its shape and Hugging Face source names."""
+def parameter_specs(config) -> Dict[str, ParamSpec]:
+    """Every mixtral-ms parameter, in checkpoint order, with its shape and Hugging Face source names.
+    `config`: a MixtralConfig or hf_config.shape_config(...) (anything with those fields)."""
     h, f, v, e = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_local_experts
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     specs: Dict[str, ParamSpec] = {"model.embed_tokens.weight": ParamSpec((v, h), ["model.embed_tokens.weight"])}
@@ -40,7 +46,7 @@ def parameter_specs(config: MixtralConfig) -> Dict[str, ParamSpec]:
     return specs
 
 
-def count_parameters(config: MixtralConfig) -> Tuple[int, int]:
+def count_parameters(config) -> Tuple[int, int]:
     """(total, active per token): active counts k of the E experts and every dense weight."""
     total = active = 0
     for name, spec in parameter_specs(config).items():

@@ -12,7 +12,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mixtral_ms.configuration import ConfigError  # noqa: E402
+from mixtral_ms.hf_config import ConfigError  # noqa: E402
 from mixtral_ms.convert import DTYPE_TAGS, hf2ms, ms2hf, parse_size, plan  # noqa: E402
 from mixtral_ms.safetensors_io import CheckpointError  # noqa: E402
 
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         p.add_argument("--shard-size", default="2GB", type=parse_size)
         p.add_argument("--overwrite", action="store_true")
         if name == "ms2hf":
-            p.add_argument("--config", help="HF config.json (default: the one in --src's folder)")
+            p.add_argument("--config", help="config.json or its folder (default: --src, or the folder of a --src file)")
     sub.add_parser("plan").add_argument("--src", required=True)
     args = parser.parse_args(argv)
     try:
