@@ -224,7 +224,9 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
     (loss, ce_loss, aux_loss, z_loss, expert load [L, E], dropped [L, E]).
     """
 
-    def __init__(self, config: MixtralConfig) -> None:
+    def __init__(self, config: MixtralConfig, **_framework_args) -> None:
+        """`_framework_args`: what MindFormers' trainer passes every model (parallel_config, moe_config,
+        dataset_config, ...); parallelism here comes from mixtral_ms.parallel, not from the model."""
         super().__init__(config)
         param_dtype, compute_dtype = _DTYPES[config.param_init_type], _DTYPES[config.compute_dtype]
         self.config = config

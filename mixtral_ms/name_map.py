@@ -12,7 +12,8 @@ from typing import Dict, List, NamedTuple, Tuple
 # Optimizer and training-loop state that a MindSpore training checkpoint carries beside the weights.
 TRAINING_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "global_step", "learning_rate",
                            "scale_sense", "loss_scale", "epoch_num", "step_num", "current_iterator_step",
-                           "last_overflow_iterator_step", "accu_grads.", "beta1_power", "beta2_power")
+                           "last_overflow_iterator_step", "accu_grads.", "beta1_power", "beta2_power",
+                           "router_stats.", "global_batch_size")
 
 
 class ParamSpec(NamedTuple):

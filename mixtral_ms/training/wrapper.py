@@ -1,0 +1,95 @@
+"""Train-one-step cell for every backend: MindFormers' MFTrainOneStepCell checks overflow with NPU-only
+status ops; this one uses IsFinite, so it runs on CPU, GPU and Ascend alike.
+
+One step: forward (loss scaled by the loss scale), backward, data-parallel gradient mean, unscale,
+overflow check, global-norm clipping, and the optimizer update unless a gradient overflowed. The
+router statistics of the step land in `router_stats.*` parameters for callbacks to read.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.context import ParallelMode
+from mindspore.parallel._utils import _get_device_num, _get_gradients_mean, _get_parallel_mode
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+
+class _ScaledLoss(nn.Cell):
+    """(loss * scale, unscaled outputs...): differentiating the first output gives scaled gradients."""
+
+    def __init__(self, network: nn.Cell) -> None:
+        super().__init__(auto_prefix=False)
+        self.network = network
+
+    def construct(self, scale, *inputs):
+        outputs = self.network(*inputs)
+        return outputs[0] * ops.cast(scale, outputs[0].dtype), outputs
+
+
+@MindFormerRegister.register(MindFormerModuleType.WRAPPER)
+class MixtralTrainOneStepCell(nn.Cell):
+    """Returns (loss, overflow, loss_scale, learning_rate, global_norm), the layout MindFormers' callbacks read.
+
+    `scale_sense`: a fixed loss scale (1.0 for fp32/bf16), or a dict / `nn.DynamicLossScaleUpdateCell`
+    for fp16 dynamic loss scaling (`loss_scale_value`, `scale_factor`, `scale_window`).
+    """
+
+    def __init__(self, network: nn.Cell, optimizer: nn.Optimizer,
+                 scale_sense: Union[float, dict, nn.Cell] = 1.0, max_grad_norm: Optional[float] = 1.0,
+                 use_clip_grad: bool = True, lr_scheduler=None, **_framework_args) -> None:
+        super().__init__(auto_prefix=False)
+        self.network = network
+        self.optimizer = optimizer
+        self.weights = optimizer.parameters
+        self.scaled = _ScaledLoss(network)
+        self.grad_fn = ms.value_and_grad(self.scaled, None, self.weights, has_aux=True)
+        if isinstance(scale_sense, dict):
+            scale_sense = nn.DynamicLossScaleUpdateCell(
+                loss_scale_value=scale_sense.get("loss_scale_value", 2.0 ** 16),
+                scale_factor=scale_sense.get("scale_factor", 2), scale_window=scale_sense.get("scale_window", 1000))
+        self.scale_manager = scale_sense if isinstance(scale_sense, nn.Cell) else None
+        value = scale_sense.get_loss_scale() if self.scale_manager is not None else float(scale_sense)
+        self.scale_sense = Parameter(Tensor(value, ms.float32), name="scale_sense", requires_grad=False)
+        self.clip = use_clip_grad and max_grad_norm is not None and max_grad_norm > 0
+        self.max_grad_norm = float(max_grad_norm or 0.0)
+        self.lr_scheduler = lr_scheduler
+        self.reducer_flag = _get_parallel_mode() in (ParallelMode.DATA_PARALLEL, ParallelMode.HYBRID_PARALLEL)
+        self.grad_reducer = ops.identity
+        if self.reducer_flag:
+            self.grad_reducer = nn.DistributedGradReducer(self.weights, _get_gradients_mean(), _get_device_num())
+        model = network
+        while not hasattr(model, "config") and hasattr(model, "network"):  # MindFormers' DataOrderWrapperCell
+            model = model.network
+        layers, experts = model.config.num_hidden_layers, model.config.num_local_experts
+        zeros = lambda *shape: Tensor(ops.zeros(shape, ms.float32))  # noqa: E731
+        self.stat_ce = Parameter(zeros(), name="router_stats.ce_loss", requires_grad=False)
+        self.stat_aux = Parameter(zeros(), name="router_stats.aux_loss", requires_grad=False)
+        self.stat_z = Parameter(zeros(), name="router_stats.z_loss", requires_grad=False)
+        self.stat_load = Parameter(zeros(layers, experts), name="router_stats.expert_load", requires_grad=False)
+        self.stat_dropped = Parameter(zeros(layers, experts), name="router_stats.dropped", requires_grad=False)
+
+    def construct(self, *inputs):
+        scale = self.scale_sense
+        (_, outputs), grads = self.grad_fn(scale, *inputs)
+        loss, ce, aux, z, load, dropped = outputs
+        grads = self.grad_reducer(grads)
+        grads = tuple(g / ops.cast(scale, g.dtype) for g in grads)
+        finite = ops.stack([ops.isfinite(g).all() for g in grads]).all()
+        overflow = ops.logical_not(finite)
+        if self.scale_manager is not None:
+            overflow = self.scale_manager(self.scale_sense, overflow)
+        global_norm = ops.sqrt(ops.stack([ops.square(ops.cast(g, ms.float32)).sum() for g in grads]).sum())
+        if self.clip:
+            factor = ops.minimum(self.max_grad_norm / (global_norm + 1e-6), 1.0)
+            grads = tuple(g * ops.cast(factor, g.dtype) for g in grads)
+        lr = self.lr_scheduler(self.optimizer.global_step) if self.lr_scheduler is not None else ops.zeros((), ms.float32)
+        if not overflow:
+            loss = ops.depend(loss, self.optimizer(grads))
+        loss = ops.depend(loss, ops.assign(self.stat_ce, ce))
+        loss = ops.depend(loss, ops.assign(self.stat_aux, aux))
+        loss = ops.depend(loss, ops.assign(self.stat_z, z))
+        loss = ops.depend(loss, ops.assign(self.stat_load, load))
+        loss = ops.depend(loss, ops.assign(self.stat_dropped, dropped))
+        return loss, overflow, scale, lr, global_norm

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The README's main job, from a fresh clone: set up the venv (once), tokenize the bundled corpus,
+# pre-train the tiny Mixtral on CPU through MindFormers' Trainer, plot router load, then generate.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+OUT="${OUT_DIR:-runs/tiny}"
+DATA=runs/data/train.mindrecord
+[ -f "$DATA" ] || python scripts/preprocess_data.py --input data/corpus --format text --seq_length 128 --output "$DATA"
+rm -rf "$OUT"
+python scripts/run_mixtral.py --config configs/mixtral_tiny_cpu.yaml --run_mode train --output_dir "$OUT" \
+  2>&1 | grep -v -e "- INFO -" -e "WARNING" -e "^\s*$"
+python scripts/plot_router.py --stats "$OUT/router_stats.jsonl" --output "$OUT/router_load.png"
+python scripts/run_mixtral.py --config configs/mixtral_tiny_cpu.yaml --run_mode predict \
+  --load_checkpoint "$OUT/checkpoint" --max_new_tokens 40 --do_sample --temperature 0.8 --top_k 40 \
+  --predict_data "In the beginning" "And Moses said unto" "And the LORD spake" 2>&1 | grep "^> "
