@@ -64,14 +64,37 @@ def greedy_with_margins(model, ids, mask, new_tokens, k):
     for score in out.scores:
         top = torch.topk(score.float(), 2, dim=-1).values
         margins.append(float((top[:, 0] - top[:, 1]).min()))
-    # Router decisiveness over the whole generated sequence, recomputed in one forward.
-    seq = out.sequences
-    full_mask = torch.cat([mask, torch.ones(seq.shape[0], new_tokens, dtype=mask.dtype)], dim=1)
-    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    return out.sequences[:, ids.shape[1]:].numpy(), min(margins)
+
+
+def generate_checked(model, ids, mask, new_tokens, k):
+    """greedy_with_margins, plus the smallest router gap seen by the gates during that very (KV-cached)
+    generate: the prefill (padding rows excluded) and every decode step."""
+    seen = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda mod, args, out: seen.append(out[0].detach()))
+             for layer in model.model.layers]
+    try:
+        tokens, margin = greedy_with_margins(model, ids, mask, new_tokens, k)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    prefill_rows = mask.numpy().reshape(-1)
+    gaps = [router_gap((r,), k, prefill_rows if r.shape[0] == prefill_rows.size else None) for r in seen]
+    return tokens, margin, min(gaps)
+
+
+def observed_sliding_window_rule(model, window: int | None) -> str:
+    """Read the rule off the eager attention probabilities (which keys get non-zero weight)."""
+    s = 12
     with torch.no_grad():
-        fwd = model(input_ids=seq, attention_mask=full_mask, position_ids=positions, output_router_logits=True)
-    gap = router_gap(fwd.router_logits, k, full_mask.numpy())
-    return seq[:, ids.shape[1]:].numpy(), min(margins), gap
+        probs = model(input_ids=torch.arange(3, 3 + s)[None], output_attentions=True).attentions[0][0, 0]
+    seen = (probs > 0).numpy()
+    i, j = np.indices((s, s))
+    if window is None:
+        assert (seen == (j <= i)).all(), "expected a plain causal mask"
+        return "no sliding window: key j visible to query i iff j <= i"
+    assert (seen == ((j <= i) & (i - j < window))).all(), "sliding-window rule changed"
+    return f"key j visible to query i iff j <= i and i - j < sliding_window ({window} keys incl. itself)"
 
 
 def build(name: str, spec: dict, seed: int):
@@ -96,15 +119,16 @@ def build(name: str, spec: dict, seed: int):
         ce = model(input_ids=ids, labels=ids).loss  # without router logits: CE only
     gap = min(router_gap(plain.router_logits, k), router_gap(masked.router_logits, k, mask.numpy()))
     aux_masked = load_balancing_loss_func(masked.router_logits, cfg.num_local_experts, k, mask)
+    assert torch.equal(aux_masked, masked.aux_loss)  # HF masks the aux loss itself when given a mask
 
     p, new = spec["prompt"], spec["new"]
     gen_ids = torch.tensor(rng.integers(3, v, (2, p)), dtype=torch.long)
     gen_mask = torch.ones(2, p, dtype=torch.long)
     gen_mask[1, :2] = 0
     gen_ids[1, :2] = 0
-    gen_tokens, margin_a, gap_a = greedy_with_margins(model, gen_ids, gen_mask, new, k)
+    gen_tokens, margin_a, gap_a = generate_checked(model, gen_ids, gen_mask, new, k)
     gen1_ids = torch.tensor(rng.integers(3, v, (1, p + 1)), dtype=torch.long)
-    gen1_tokens, margin_b, gap_b = greedy_with_margins(model, gen1_ids, torch.ones_like(gen1_ids), new, k)
+    gen1_tokens, margin_b, gap_b = generate_checked(model, gen1_ids, torch.ones_like(gen1_ids), new, k)
     golden = {
         "input_ids": ids.numpy(), "attention_mask": mask.numpy(),
         "logits": plain.logits.numpy(), "logits_masked": masked.logits.numpy(),
@@ -116,6 +140,9 @@ def build(name: str, spec: dict, seed: int):
         "gen1_prompt_ids": gen1_ids.numpy(), "gen1_tokens": gen1_tokens,
     }
     margins = {"router_gap": min(gap, gap_a, gap_b), "greedy_margin": min(margin_a, margin_b)}
+    tokens = np.concatenate([gen_tokens.reshape(-1), gen1_tokens.reshape(-1)])
+    if len(set(tokens.tolist())) < 3:  # a degenerate model repeating one token tests nothing
+        margins["greedy_margin"] = 0.0
     return model, golden, margins
 
 
@@ -129,9 +156,10 @@ def save(name: str, spec: dict, model, golden: dict, margins: dict, seed: int) -
         config = json.load(f)
     rope = config.pop("rope_parameters", None) or {"rope_theta": spec["config"]["rope_theta"], "rope_type": "default"}
     config.pop("rope_theta", None)
-    if spec["rope_layout"] == "top_level":
+    if spec["rope_layout"] == "top_level":  # as the released config.json: rope_theta, torch_dtype
         config["rope_theta"] = rope["rope_theta"]
-    else:
+        config["torch_dtype"] = config.pop("dtype", "float32")
+    else:  # as transformers 5 writes it: rope_parameters, dtype
         config["rope_parameters"] = rope
     config.pop("_attn_implementation", None)
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -139,8 +167,14 @@ def save(name: str, spec: dict, model, golden: dict, margins: dict, seed: int) -
     np.savez_compressed(os.path.join(folder, "golden.npz"), **golden)
     meta = {"transformers": transformers.__version__, "torch": torch.__version__, "seed": seed,
             "attn_implementation": "eager", "shards": files, **margins,
-            "sliding_window_rule": "key j visible to query i iff j <= i and i - j < sliding_window",
-            "generate_position_ids": "cumsum(attention_mask) - 1 (padding positions clamped)"}
+            "sliding_window_rule": observed_sliding_window_rule(model, spec["config"]["sliding_window"]),
+            "generate_position_ids": "prefill cumsum(attention_mask) - 1 with padding positions set to 0, "
+                                     "then last position + 1 per step",
+            "forward_position_ids": "arange(S) even with an attention_mask (logits_masked)",
+            "aux_loss_masked": "load_balancing_loss_func(router logits of the masked run, mask) == HF's aux_loss "
+                               "for model(ids, attention_mask=mask, output_router_logits=True)",
+            "router_gap_scope": "k-th minus (k+1)-th router logit, every layer, every non-padding token of the "
+                                "unmasked and masked runs and of both generate calls (prefill and each step)"}
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     print(f"{name}: seed {seed}, {margins}, shards {files}")
