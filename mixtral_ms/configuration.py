@@ -20,7 +20,8 @@ _FRAMEWORK_KEYS = {
     "_commit_hash", "is_sample_acceleration", "quantization", "max_decode_length", "top_k", "top_p",
     "do_sample", "repetition_penalty", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
     "attention_dropout", "hidden_act", "initializer_range", "output_router_logits", "use_cache",
-    "rope_parameters", "rope_scaling", "auto_register",
+    "rope_parameters", "rope_scaling", "auto_register", "calculate_per_token_loss", "dataset_config",
+    "disable_lazy_inline",
 }
 
 

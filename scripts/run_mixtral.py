@@ -83,6 +83,22 @@ def resolve_checkpoint(path: str) -> str:
     return max(files, key=os.path.getmtime)
 
 
+def resume_folder(path: str, output_dir: str) -> str:
+    """MindFormers resumes from a folder of `rank_<i>/` checkpoints (the newest one); a single file the
+    user names is linked into such a folder so exactly that step is resumed."""
+    if os.path.isdir(path):
+        return path
+    if not os.path.isfile(path):
+        raise RunError(f"no checkpoint at {path}")
+    folder = os.path.join(output_dir, "resume_from", "rank_0")
+    os.makedirs(folder, exist_ok=True)
+    link = os.path.join(folder, os.path.basename(path))
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(os.path.abspath(path), link)
+    return os.path.dirname(folder)
+
+
 def build_model(config, checkpoint: str | None):
     from mixtral_ms import MixtralForCausalLM
     from mixtral_ms.checkpoint import load_weights
@@ -98,10 +114,9 @@ def run_train(config, finetune: bool) -> None:
     dataset = config.train_dataset.data_loader.dataset_dir
     check_dataset(dataset, model_config(config).seq_length)
     resume = bool(config.resume_training)
-    if resume:  # MindFormers restores weights, optimizer state and the step from its own checkpoint
-        config.load_checkpoint = resolve_checkpoint(config.load_checkpoint)
-        trainer = Trainer(args=config)
-        trainer.train(resume_training=True, resume_from_checkpoint=config.load_checkpoint)
+    if resume:  # MindFormers restores weights, optimizer state, step and data position from its checkpoint
+        config.load_checkpoint = resume_folder(config.load_checkpoint, config.output_dir)
+        Trainer(args=config).train()
         return
     model = build_model(config, config.load_checkpoint or None)
     config.load_checkpoint = ""
@@ -171,6 +186,8 @@ def main(argv=None) -> int:
         from mindformers.core.context import build_context
         model_config(config)  # validate before anything is built
         build_context(config)
+        import mindspore as ms
+        ms.set_seed(int(config.seed or 0))  # before the model is built: initial weights follow the YAML's seed
         if config.run_mode in ("train", "finetune"):
             run_train(config, finetune=config.run_mode == "finetune")
         else:

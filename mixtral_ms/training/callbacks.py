@@ -20,12 +20,28 @@ def _wrapper(cb_params):
     return net
 
 
-def _step(cb_params) -> int:
-    return int(cb_params.cur_step_num)
+class _StepCounter(Callback):
+    """Steps counted from the start of training, also after a resume: the optimizer's restored
+    global_step at the start of this run plus the steps of this run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = 0
+
+    def on_train_begin(self, run_context):
+        optimizer = getattr(_wrapper(run_context.original_args()), "optimizer", None)
+        step = getattr(optimizer, "global_step", None)
+        self.offset = int(step.asnumpy().reshape(-1)[0]) if step is not None else 0
+
+    def step(self, cb_params) -> int:
+        return self.offset + int(cb_params.cur_step_num)
+
+    def total(self, cb_params) -> int:
+        return self.offset + int(cb_params.batch_num * cb_params.epoch_num)
 
 
 @MindFormerRegister.register(MindFormerModuleType.CALLBACK)
-class MixtralProgressMonitor(Callback):
+class MixtralProgressMonitor(_StepCounter):
     """Prints step, loss, CE, aux loss, z-loss, lr, grad norm, tokens/s and ETA every `log_interval` steps."""
 
     def __init__(self, log_interval: int = 10, **_framework_args) -> None:
@@ -39,24 +55,24 @@ class MixtralProgressMonitor(Callback):
     def on_train_step_begin(self, run_context):
         if self.start is None:
             self.start = self.last = time.time()
-            self.last_step = _step(run_context.original_args()) - 1
+            self.last_step = self.step(run_context.original_args()) - 1
 
     def on_train_step_end(self, run_context):
         cb = run_context.original_args()
-        step = _step(cb)
+        step = self.step(cb)
         loss, overflow, scale, lr, norm = (np.asarray(x.asnumpy() if hasattr(x, "asnumpy") else x)
                                            for x in cb.net_outputs)
         net = _wrapper(cb)
         ce, aux, z = (float(p.asnumpy()) for p in (net.stat_ce, net.stat_aux, net.stat_z))
         self.history.append({"step": step, "loss": float(loss), "ce_loss": ce, "aux_loss": aux, "z_loss": z})
-        if step % self.log_interval and step != cb.batch_num * cb.epoch_num:
+        if step % self.log_interval and step != self.total(cb):
             return
         now = time.time()
         dataset = cb.train_dataset
         tokens = dataset.get_batch_size() * int(np.prod(dataset.output_shapes()[0][1:]))
         steps = step - self.last_step
         rate = tokens * steps / max(now - self.last, 1e-9)
-        total = cb.batch_num * cb.epoch_num
+        total = self.total(cb)
         eta = (total - step) * (now - self.last) / max(steps, 1)
         print(f"step {step}/{total} | loss {float(loss):.4f} | ce {ce:.4f} | aux {aux:.4f} | z {z:.3f} | "
               f"lr {float(lr):.2e} | grad_norm {float(norm):.3f} | {rate:,.0f} tokens/s | "
@@ -65,7 +81,7 @@ class MixtralProgressMonitor(Callback):
 
 
 @MindFormerRegister.register(MindFormerModuleType.CALLBACK)
-class RouterStatsMonitor(Callback):
+class RouterStatsMonitor(_StepCounter):
     """Appends per-layer tokens per expert, dropped fraction, aux and z loss to `<output_dir>/router_stats.jsonl`
     every `log_interval` steps; `scripts/plot_router.py` turns the file into a heatmap."""
 
@@ -77,8 +93,8 @@ class RouterStatsMonitor(Callback):
 
     def on_train_step_end(self, run_context):
         cb = run_context.original_args()
-        step = _step(cb)
-        if step % self.log_interval and step != cb.batch_num * cb.epoch_num:
+        step = self.step(cb)
+        if step % self.log_interval and step != self.total(cb):
             return
         net = _wrapper(cb)
         load = net.stat_load.asnumpy()
