@@ -1,7 +1,16 @@
 """Text -> MindRecord for MindFormers' `MindDataset`: packed pre-training samples and masked SFT samples.
 
-Samples hold `seq_length + 1` tokens (MindFormers' convention); labels, when present, are aligned
-with input_ids (not shifted: the model shifts), with -100 on prompt and padding positions.
+Every sample holds `seq_length + 1` tokens (MindFormers' convention: the model shifts inputs and labels
+itself). Schemas:
+
+- pre-training (`text`, `jsonl`): `{"input_ids": int32 [-1]}`. Each document is tokenized Llama-style as
+  `<s> doc </s>`, the documents are concatenated and cut into samples; the remainder is dropped.
+- fine-tuning (`alpaca`, `chat`): `{"input_ids": int32 [-1], "labels": int32 [-1]}`, rendered in the
+  Mixtral-Instruct format `<s>[INST] u1 [/INST] a1</s>[INST] u2 [/INST] a2</s>`. Labels are aligned with
+  input_ids (not shifted) and hold -100 on `<s>`, on every `[INST] ... [/INST]` prompt and on padding;
+  samples are padded with id 0 to `seq_length + 1` or truncated to it.
+
+The reader side (`mindrecord_info`, `check_dataset`) lets a trainer check a dataset against its YAML.
 """
 from __future__ import annotations
 
@@ -14,31 +23,47 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 IGNORE = -100
+PAD_ID = 0
 FORMATS = ("text", "jsonl", "alpaca", "chat")
+TEXT_DOCS = ("line", "paragraph", "file")
+PRETRAIN_COLUMNS = {"input_ids": {"type": "int32", "shape": [-1]}}
+SFT_COLUMNS = {"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}}
 
 
 class DataError(ValueError):
-    """Input data that cannot be turned into samples."""
+    """Input data that cannot be turned into samples, or a dataset that does not fit the config."""
 
 
-def _files(paths: Sequence[str]) -> List[str]:
+# ----------------------------------------------------------------------------------------------- reading
+
+def input_files(paths: Sequence[str], fmt: str) -> List[str]:
+    """Files named, plus those under folders (`.txt` for text, `.jsonl`/`.json` otherwise), sorted per folder."""
+    suffixes = (".txt",) if fmt == "text" else (".jsonl", ".json")
     out = []
     for path in paths:
         if os.path.isdir(path):
-            out += sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
-                          if f.endswith((".txt", ".jsonl", ".json")))
+            found = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                           if name.endswith(suffixes))
+            if not found:
+                raise DataError(f"no {'/'.join(suffixes)} files under {path}")
+            out += found
         elif os.path.isfile(path):
             out.append(path)
         else:
             raise DataError(f"no such file or folder: {path}")
     if not out:
-        raise DataError(f"no input files under {list(paths)}")
+        raise DataError("no input given")
     return out
 
 
-def _jsonl(path: str) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+def read_jsonl(path: str) -> Iterator[Tuple[int, dict]]:
+    """(line number, record) for each non-blank line; a malformed line raises DataError naming it."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{number}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
@@ -46,89 +71,167 @@ def _jsonl(path: str) -> Iterator[dict]:
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{number}: malformed JSON ({err.msg})") from None
             if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object")
-            yield record
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            yield number, record
 
 
-def documents(paths: Sequence[str], fmt: str) -> Iterator[str]:
-    """Pre-training documents: one per non-empty line of text files, or each JSONL record's "text"."""
-    for path in _files(paths):
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+
+
+def documents(paths: Sequence[str], fmt: str, text_docs: str = "line") -> Iterator[str]:
+    """Pre-training documents.
+
+    `text`: one document per non-empty line (`text_docs="line"`, the bundled corpus holds a chapter a
+    line), per blank-line separated paragraph (`"paragraph"`, for hard-wrapped books), or per file.
+    `jsonl`: each record's string field "text".
+    """
+    if text_docs not in TEXT_DOCS:
+        raise DataError(f"unknown text_docs {text_docs!r}; choose one of {', '.join(TEXT_DOCS)}")
+    for path in input_files(paths, fmt):
         if fmt == "text":
-            with open(path, encoding="utf-8") as f:
-                yield from (line.strip() for line in f if line.strip())
+            text = _read_text(path)
+            if text_docs == "line":
+                parts = text.splitlines()
+            elif text_docs == "paragraph":
+                parts = [" ".join(p.split("\n")) for p in text.replace("\r\n", "\n").split("\n\n")]
+            else:
+                parts = [text]
+            yield from (p.strip() for p in parts if p.strip())
         else:
-            for record in _jsonl(path):
+            for number, record in read_jsonl(path):
                 if not isinstance(record.get("text"), str):
-                    raise DataError(f"{path}: a record has no string field 'text'")
-                yield record["text"]
+                    raise DataError(f"{path}:{number}: record has no string field 'text'")
+                if record["text"].strip():
+                    yield record["text"]
 
+
+def conversations(paths: Sequence[str], fmt: str) -> Iterator[List[Tuple[str, str]]]:
+    """(user, assistant) turns per example, from Alpaca records or chat `messages`.
+
+    Alpaca: the user turn is `instruction`, plus `"\\n\\n" + input` when input is non-empty.
+    Chat: user/assistant messages alternate, starting with user and ending with assistant; a leading
+    system message (Mixtral has no system role) is prepended to the first user turn with a blank line.
+    """
+    for path in input_files(paths, fmt):
+        for number, record in read_jsonl(path):
+            where = f"{path}:{number}"
+            if fmt == "alpaca":
+                for key in ("instruction", "output"):
+                    if not isinstance(record.get(key), str):
+                        raise DataError(f"{where}: alpaca record needs a string '{key}'")
+                if not isinstance(record.get("input", ""), (str, type(None))):
+                    raise DataError(f"{where}: alpaca 'input' must be a string")
+                prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+                yield [(prompt, record["output"])]
+            else:
+                yield _chat_turns(record.get("messages"), where)
+
+
+def _chat_turns(messages, where: str) -> List[Tuple[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: chat record needs a non-empty list 'messages'")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: each message needs string 'role' and 'content'")
+    system = None
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    roles = [m["role"] for m in messages]
+    if not messages or roles != ["user", "assistant"] * (len(messages) // 2) or len(messages) % 2:
+        raise DataError(f"{where}: messages must alternate user/assistant (an optional system first), "
+                        f"ending with assistant; got {', '.join(m['role'] for m in messages) or 'none'}")
+    turns = [(messages[i]["content"], messages[i + 1]["content"]) for i in range(0, len(messages), 2)]
+    if system:
+        turns[0] = (f"{system}\n\n{turns[0][0]}", turns[0][1])
+    return turns
+
+
+# ----------------------------------------------------------------------------------------------- samples
 
 def pack(token_docs: Iterable[List[int]], seq_length: int, bos: int, eos: int) -> Iterator[np.ndarray]:
     """Concatenate `<s> doc </s>` streams and cut them into samples of seq_length + 1 (remainder dropped)."""
     size = seq_length + 1
     buffer: List[int] = []
+    start = 0
     for ids in token_docs:
         buffer += [bos, *ids, eos]
-        while len(buffer) >= size:
-            yield np.asarray(buffer[:size], np.int32)
-            buffer = buffer[size:]
+        while len(buffer) - start >= size:
+            yield np.asarray(buffer[start:start + size], np.int32)
+            start += size
+        if start > 1 << 16:
+            buffer, start = buffer[start:], 0
 
 
-def conversations(paths: Sequence[str], fmt: str) -> Iterator[List[Tuple[str, str]]]:
-    """(user, assistant) turns per example, from Alpaca records or chat `messages`."""
-    for path in _files(paths):
-        for number, record in enumerate(_jsonl(path), 1):
-            if fmt == "alpaca":
-                if not isinstance(record.get("instruction"), str) or not isinstance(record.get("output"), str):
-                    raise DataError(f"{path}: record {number} needs string 'instruction' and 'output'")
-                prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-                yield [(prompt, record["output"])]
-            else:
-                messages = [m for m in record.get("messages", []) if m.get("role") != "system"]
-                roles = [m.get("role") for m in messages]
-                if not messages or roles != ["user", "assistant"] * (len(messages) // 2):
-                    raise DataError(f"{path}: record {number} must alternate user/assistant messages")
-                yield [(messages[i]["content"], messages[i + 1]["content"]) for i in range(0, len(messages), 2)]
+def render_instruct(turns: Sequence[Tuple[str, str]], encode, bos: int, eos: int) -> Tuple[List[int], List[int]]:
+    """Mixtral-Instruct: `<s>[INST] u1 [/INST] a1</s>[INST] u2 [/INST] a2</s>`; labels only on answers + `</s>`.
 
-
-def render_instruct(turns: List[Tuple[str, str]], encode, bos: int, eos: int) -> Tuple[List[int], List[int]]:
-    """Mixtral-Instruct: `<s>[INST] u1 [/INST] a1</s>[INST] u2 [/INST] a2</s>`; labels only on answers."""
+    Tokenized the way Llama/Mistral's SentencePiece tokenizer splits the joined string: each prompt gets
+    the tokenizer's prefix space (`▁[INST]`), each answer starts a word after `[/INST]` (`▁a1`).
+    """
     ids, labels = [bos], [IGNORE]
     for user, assistant in turns:
         prompt = encode(f"[INST] {user} [/INST]")
-        answer = encode(f" {assistant}") + [eos]
+        answer = encode(assistant.lstrip(" ")) + [eos]
         ids += prompt + answer
         labels += [IGNORE] * len(prompt) + answer
     return ids, labels
 
 
-def sft_samples(examples: Iterable[List[Tuple[str, str]]], encode, seq_length: int, bos: int, eos: int,
-                pad: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+def sft_samples(examples: Iterable[Sequence[Tuple[str, str]]], encode, seq_length: int, bos: int, eos: int,
+                pad: int = PAD_ID, stats: Optional[dict] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """Padded/truncated (input_ids, labels) pairs of seq_length + 1; examples whose answer starts past the
+    window are skipped (nothing to learn). `stats` (if given) counts "truncated" and "skipped"."""
     size = seq_length + 1
+    stats = stats if stats is not None else {}
+    stats.setdefault("truncated", 0)
+    stats.setdefault("skipped", 0)
     for turns in examples:
         ids, labels = render_instruct(turns, encode, bos, eos)
-        ids, labels = ids[:size], labels[:size]
+        if len(ids) > size:
+            stats["truncated"] += 1
+            ids, labels = ids[:size], labels[:size]
         if all(label == IGNORE for label in labels):
-            continue  # the prompt alone fills the window: nothing to learn from
+            stats["skipped"] += 1
+            continue
         fill = size - len(ids)
         yield (np.asarray(ids + [pad] * fill, np.int32), np.asarray(labels + [IGNORE] * fill, np.int32))
 
 
+# ----------------------------------------------------------------------------------------------- MindRecord
+
 def write_mindrecord(output: str, columns: Dict[str, dict], samples: Iterable[Dict[str, np.ndarray]],
                      overwrite: bool = False) -> int:
-    """Write samples to `output` (+ its `.db`) via a temp folder and rename; returns the sample count."""
+    """Write samples to `output` (+ its `.db` index) in a temp folder beside it, then rename both into place.
+
+    Refuses an existing output unless `overwrite`; an interrupted or failed run leaves nothing behind.
+    Returns the sample count; zero samples is a DataError.
+    """
     from mindspore.mindrecord import FileWriter
     targets = [output, output + ".db"]
+    if os.path.isdir(output):
+        raise DataError(f"{output} is a folder; name a .mindrecord file")
     if any(os.path.exists(t) for t in targets) and not overwrite:
         raise DataError(f"{output} exists; pass --overwrite to replace it")
-    parent = os.path.dirname(os.path.abspath(output)) or "."
+    parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".mindrecord-", dir=parent)
+    name = os.path.basename(output)
     try:
-        writer = FileWriter(os.path.join(tmp, os.path.basename(output)), shard_num=1, overwrite=True)
+        writer = FileWriter(os.path.join(tmp, name), shard_num=1, overwrite=True)
         writer.add_schema(columns, "mixtral_ms")
         count, batch = 0, []
         for sample in samples:
+            if count == 0 and not batch:
+                # MindRecord's defaults (16 MB header, 32 MB pages) make even a tiny dataset a 50 MB (sparse)
+                # file. 1 MB pages that fit a few samples, and a 1 MB header (page table for some GB of data).
+                need = 4 * sum(np.asarray(v).nbytes for v in sample.values())
+                writer.set_header_size(1 << 20)
+                writer.set_page_size(min(max(1 << 20, need), 1 << 28))
             batch.append(sample)
             if len(batch) == 1024:
                 writer.write_raw_data(batch)
@@ -137,7 +240,8 @@ def write_mindrecord(output: str, columns: Dict[str, dict], samples: Iterable[Di
             writer.write_raw_data(batch)
             count += len(batch)
         if count == 0:
-            raise DataError("the input gives zero samples (too short for one sequence?)")
+            raise DataError("the input gives zero samples (empty, or too short for one sequence of "
+                            "seq_length + 1 tokens?)")
         writer.commit()
         for target in targets:
             os.replace(os.path.join(tmp, os.path.basename(target)), target)
@@ -146,43 +250,88 @@ def write_mindrecord(output: str, columns: Dict[str, dict], samples: Iterable[Di
     return count
 
 
-def mindrecord_info(path: str) -> Tuple[List[str], int, int]:
-    """(column names, tokens per sample, number of samples) of a MindRecord written here."""
-    import mindspore.dataset as ds
+def mindrecord_info(path: str) -> Dict[str, object]:
+    """Columns, tokens per sample and sample count of a MindRecord file.
+
+    Returns {"columns": [...], "seq_length": tokens per sample (seq_length + 1 of the config that fits),
+    "num_samples": n}. Raises DataError for a missing or unreadable file, ragged or empty data.
+    """
     if not os.path.isfile(path):
         raise DataError(f"no dataset at {path}")
-    dataset = ds.MindDataset(path, shuffle=False)
-    row = next(dataset.create_dict_iterator(num_epochs=1, output_numpy=True))
-    return list(row), int(row["input_ids"].shape[-1]), dataset.get_dataset_size()
+    if not os.path.isfile(path + ".db"):
+        raise DataError(f"{path} has no index file {path}.db beside it; is it a MindRecord file?")
+    import mindspore.dataset as ds
+    try:
+        dataset = ds.MindDataset(path, shuffle=False)
+        rows = dataset.create_dict_iterator(num_epochs=1, output_numpy=True)
+        row = next(rows, None)
+        size = dataset.get_dataset_size()
+    except RuntimeError as err:
+        raise DataError(f"cannot read {path} as MindRecord: {str(err).strip().splitlines()[0]}") from None
+    if row is None:
+        raise DataError(f"{path} holds no samples")
+    if "input_ids" not in row:
+        raise DataError(f"{path} has no 'input_ids' column (columns: {', '.join(row)})")
+    lengths = {name: int(np.asarray(value).shape[-1]) for name, value in row.items()}
+    if len(set(lengths.values())) != 1:
+        raise DataError(f"{path}: columns differ in length: {lengths}")
+    return {"columns": list(row), "seq_length": lengths["input_ids"], "num_samples": int(size)}
 
 
-def check_dataset(path: str, seq_length: int) -> None:
-    """Raise DataError unless samples hold seq_length + 1 tokens (the YAML's model seq_length)."""
-    _, length, _ = mindrecord_info(path)
+def check_dataset(path: str, seq_length: int, columns: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    """Raise DataError unless samples hold seq_length + 1 tokens (the YAML's model seq_length) and carry
+    `columns` (e.g. the YAML's input_columns); returns mindrecord_info's dict."""
+    info = mindrecord_info(path)
+    length = info["seq_length"]
     if length != seq_length + 1:
-        raise DataError(f"{path} holds samples of {length} tokens, but seq_length {seq_length} needs "
-                        f"{seq_length + 1}; re-run preprocess_data.py with --seq_length {seq_length}")
+        raise DataError(f"{path} holds samples of {length} tokens (seq_length {length - 1}), but the config's "
+                        f"seq_length {seq_length} needs {seq_length + 1}; re-run scripts/preprocess_data.py "
+                        f"with --seq_length {seq_length} or set seq_length: {length - 1}")
+    missing = [c for c in columns or () if c not in info["columns"]]
+    if missing:
+        raise DataError(f"{path} lacks column(s) {', '.join(missing)} (it has {', '.join(info['columns'])}); "
+                        f"fine-tuning data needs --format alpaca or chat")
+    return info
 
+
+# ----------------------------------------------------------------------------------------------- pipeline
 
 def preprocess(inputs: Sequence[str], fmt: str, tokenizer_path: str, seq_length: int, output: str,
-               overwrite: bool = False) -> int:
-    """The whole pipeline; returns the number of samples written."""
-    import sentencepiece as spm
+               overwrite: bool = False, text_docs: str = "line", stats: Optional[dict] = None) -> int:
+    """The whole pipeline; returns the number of samples written (`stats` gets extra counts)."""
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if text_docs not in TEXT_DOCS:
+        raise DataError(f"unknown text_docs {text_docs!r}; choose one of {', '.join(TEXT_DOCS)}")
+    if seq_length < 1:
+        raise DataError(f"seq_length must be at least 1, got {seq_length}")
     if not os.path.isfile(tokenizer_path):
         raise DataError(f"no tokenizer at {tokenizer_path}")
-    if seq_length < 2:
-        raise DataError(f"seq_length must be at least 2, got {seq_length}")
-    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    files = input_files(inputs, fmt)  # fail on a missing input before anything is written
+    if os.path.exists(output) and not overwrite:
+        raise DataError(f"{output} exists; pass --overwrite to replace it")
+    import sentencepiece as spm
+    try:
+        sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    except (RuntimeError, OSError) as err:
+        raise DataError(f"cannot load tokenizer {tokenizer_path}: {str(err).strip().splitlines()[0]}") from None
     bos, eos = sp.bos_id(), sp.eos_id()
-    pad = max(sp.pad_id(), 0)
-    files = _files(inputs)  # fail early on a missing input, before anything is written
+    if bos < 0 or eos < 0:
+        raise DataError(f"tokenizer {tokenizer_path} lacks <s> or </s>")
+    stats = stats if stats is not None else {}
     if fmt in ("text", "jsonl"):
-        samples = ({"input_ids": s} for s in pack((sp.encode(d) for d in documents(files, fmt)), seq_length, bos, eos))
-        columns = {"input_ids": {"type": "int32", "shape": [-1]}}
+        def counted(docs):
+            for doc in docs:
+                stats["documents"] = stats.get("documents", 0) + 1
+                ids = sp.encode(doc)
+                stats["tokens"] = stats.get("tokens", 0) + len(ids) + 2
+                yield ids
+        samples = ({"input_ids": s} for s in pack(counted(documents(files, fmt, text_docs)), seq_length, bos, eos))
+        columns = PRETRAIN_COLUMNS
     else:
         samples = ({"input_ids": i, "labels": l} for i, l in
-                   sft_samples(conversations(files, fmt), sp.encode, seq_length, bos, eos, pad))
-        columns = {"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}}
-    return write_mindrecord(output, columns, samples, overwrite)
+                   sft_samples(conversations(files, fmt), sp.encode, seq_length, bos, eos, PAD_ID, stats))
+        columns = SFT_COLUMNS
+    count = write_mindrecord(output, columns, samples, overwrite)
+    stats["samples"] = count
+    return count

@@ -1,12 +1,20 @@
 #!/usr/bin/env python
-"""Tokenize text or instruction data into MindRecord samples of seq_length + 1 tokens.
+"""Tokenize text or instruction data into MindRecord samples of seq_length + 1 tokens for MindFormers.
 
-  python scripts/preprocess_data.py --input data/corpus --format text --seq_length 128 --output runs/data/train.mindrecord
-  python scripts/preprocess_data.py --input data/instruct/sample.jsonl --format alpaca --seq_length 128 --output runs/data/sft.mindrecord
+  python scripts/preprocess_data.py --input data/corpus --format text --seq_length 128 \\
+      --output runs/data/train.mindrecord
+  python scripts/preprocess_data.py --input data/instruct/sample.jsonl --format alpaca --seq_length 128 \\
+      --output runs/data/sft.mindrecord
 
-Formats: text (one document per line), jsonl ({"text": ...}), alpaca ({"instruction", "input", "output"}),
-chat ({"messages": [{"role", "content"}, ...]}); instruction formats use Mixtral-Instruct's [INST] template
-with the prompt masked out of the loss.
+Formats:
+  text    plain UTF-8 files or folders of .txt; one document per line (--text_docs paragraph: per
+          blank-line separated paragraph; file: per file). Packed as <s> doc </s> ... -> column input_ids.
+  jsonl   {"text": ...} per line, packed the same way.
+  alpaca  {"instruction", "input" (optional), "output"} per line.
+  chat    {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]} per line.
+The instruction formats render Mixtral-Instruct's `<s>[INST] prompt [/INST] answer</s>` template into
+columns input_ids and labels (labels aligned with input_ids, -100 on prompt and padding; pad id 0).
+Bad input prints one line `error: ...` and exits with status 2.
 """
 import argparse
 import os
@@ -15,24 +23,29 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mixtral_ms.data import FORMATS, DataError, preprocess  # noqa: E402
+from mixtral_ms.data import FORMATS, TEXT_DOCS, DataError, preprocess  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", action="append", required=True)
-    parser.add_argument("--format", default="text", help=f"one of {', '.join(FORMATS)}")
+    parser.add_argument("--input", action="append", required=True, help="file or folder (repeatable)")
+    parser.add_argument("--format", default="text", help=f"one of {', '.join(FORMATS)} (default text)")
+    parser.add_argument("--text_docs", default="line", help=f"for --format text: {', '.join(TEXT_DOCS)}")
     parser.add_argument("--tokenizer", default=os.path.join(ROOT, "data", "tokenizer", "tokenizer.model"))
-    parser.add_argument("--seq_length", type=int, required=True)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--seq_length", type=int, required=True,
+                        help="the model's seq_length; samples hold seq_length + 1 tokens")
+    parser.add_argument("--output", required=True, help="X.mindrecord (an X.mindrecord.db index goes beside it)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
+    stats = {}
     try:
-        count = preprocess(args.input, args.format, args.tokenizer, args.seq_length, args.output, args.overwrite)
-    except (DataError, OSError, UnicodeDecodeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        count = preprocess(args.input, args.format, args.tokenizer, args.seq_length, args.output,
+                           args.overwrite, text_docs=args.text_docs, stats=stats)
+    except (DataError, OSError) as err:
+        print(f"error: {err}".splitlines()[0], file=sys.stderr)
         return 2
-    print(f"wrote {count} samples of {args.seq_length + 1} tokens to {args.output}")
+    extra = ", ".join(f"{k} {v}" for k, v in stats.items() if k != "samples" and v)
+    print(f"wrote {count} samples of {args.seq_length + 1} tokens to {args.output}" + (f" ({extra})" if extra else ""))
     return 0
 
 

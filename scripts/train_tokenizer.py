@@ -1,38 +1,87 @@
 #!/usr/bin/env python
-"""Train the bundled Llama-style SentencePiece BPE tokenizer from the corpus (same pieces and scores every run).
+"""Train the bundled Llama-style SentencePiece BPE tokenizer from the corpus (the same bytes every run).
 
-    python scripts/train_tokenizer.py [--input data/corpus/kjv_genesis_to_ruth.txt] [--vocab_size 2000]
+    python scripts/train_tokenizer.py [--input data/corpus] [--vocab_size 2000] [--output data/tokenizer/tokenizer.model]
+
+Llama settings: BPE, byte fallback (any UTF-8 text encodes, no <unk> in practice), digits split, identity
+normalisation with whitespace kept (so "\\n\\n" in an instruction survives), a dummy prefix space,
+<unk>=0, <s>=1, </s>=2, no pad piece (pad id -1; the data pipeline pads with 0 and masks the labels).
+`[INST]` and `[/INST]` are single pieces (ids 3 and 4, as in Mistral's later tokenizers) so that the
+Mixtral-Instruct template costs two tokens, not fifteen. Single-threaded, unshuffled: deterministic.
 """
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 
-import sentencepiece as spm
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INSTRUCT_SYMBOLS = ("[INST]", "[/INST]")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--input", default=os.path.join(ROOT, "data", "corpus", "kjv_genesis_to_ruth.txt"))
-    parser.add_argument("--vocab_size", type=int, default=2000)
-    parser.add_argument("--output", default=os.path.join(ROOT, "data", "tokenizer", "tokenizer.model"))
-    args = parser.parse_args()
-    if not os.path.isfile(args.input):
-        print(f"error: no corpus at {args.input}", file=sys.stderr)
-        return 2
+def corpus_files(paths):
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            files += sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                            if name.endswith(".txt"))
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no corpus at {path}")
+    if not files:
+        raise FileNotFoundError(f"no .txt files under {', '.join(paths)}")
+    return sorted(files)
+
+
+def train(files, vocab_size: int, output: str) -> None:
+    import sentencepiece as spm
     with tempfile.TemporaryDirectory() as tmp:
         spm.SentencePieceTrainer.train(
-            input=args.input, model_prefix=os.path.join(tmp, "tok"), model_type="bpe", vocab_size=args.vocab_size,
-            byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-            split_digits=True, num_threads=1, input_sentence_size=0, shuffle_input_sentence=False,
+            input=",".join(files), model_prefix=os.path.join(tmp, "tok"), model_type="bpe",
+            vocab_size=vocab_size, byte_fallback=True, split_digits=True, character_coverage=1.0,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+            allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            unk_surface=" \u2047 ", user_defined_symbols=list(INSTRUCT_SYMBOLS),
+            num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, seed_sentencepiece_size=1000000,
             max_sentence_length=1 << 16, minloglevel=2)
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        shutil.move(os.path.join(tmp, "tok.model"), args.output + ".tmp")
-        os.replace(args.output + ".tmp", args.output)
-    print(f"wrote {args.output} (vocab {args.vocab_size})")
+        model = _portable(os.path.join(tmp, "tok.model"), files)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output + ".tmp", "wb") as f:
+        f.write(model)
+    os.replace(output + ".tmp", output)
+
+
+def _portable(path: str, files) -> bytes:
+    """The model's bytes with the trainer's temp and absolute paths replaced by repo-relative names."""
+    from sentencepiece import sentencepiece_model_pb2
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(path, "rb") as f:
+        proto.ParseFromString(f.read())
+    del proto.trainer_spec.input[:]
+    proto.trainer_spec.input.extend(os.path.relpath(f, ROOT) if os.path.abspath(f).startswith(ROOT + os.sep)
+                                    else os.path.basename(f) for f in files)
+    proto.trainer_spec.model_prefix = "tokenizer"
+    return proto.SerializeToString(deterministic=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", action="append", help="text file or folder of .txt files (repeatable; "
+                        "default data/corpus)")
+    parser.add_argument("--vocab_size", type=int, default=2000)
+    parser.add_argument("--output", default=os.path.join(ROOT, "data", "tokenizer", "tokenizer.model"))
+    args = parser.parse_args(argv)
+    minimum = 256 + 3 + len(INSTRUCT_SYMBOLS) + 1  # bytes, <unk> <s> </s>, [INST] [/INST], one merge
+    if args.vocab_size < minimum:
+        print(f"error: --vocab_size must be at least {minimum} (256 byte pieces plus specials)", file=sys.stderr)
+        return 2
+    try:
+        files = corpus_files(args.input or [os.path.join(ROOT, "data", "corpus")])
+        train(files, args.vocab_size, args.output)
+    except (OSError, RuntimeError) as err:
+        print(f"error: {err}".splitlines()[0], file=sys.stderr)
+        return 2
+    print(f"wrote {args.output} (vocab {args.vocab_size}, from {len(files)} file(s))")
     return 0
 
 
