@@ -1,7 +1,10 @@
-"""Checkpoint conversion: bit-exact round trips, loaders that accept the output, and every bad input."""
+"""Checkpoint conversion: safetensors reader/writer, bf16 rounding, bit-exact round trips, the loaders
+that accept the output (MindSpore, MindFormers), the plan, and every bad input (clear error, nothing left)."""
+import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -12,185 +15,466 @@ import mindspore as ms
 from mindspore import Tensor
 
 from conftest import FIXTURES, ROOT
-from mixtral_ms import MixtralConfig, MixtralForCausalLM
+from mixtral_ms import convert
 from mixtral_ms.convert import hf2ms, ms2hf, plan
-from mixtral_ms.name_map import count_parameters
-from mixtral_ms.safetensors_io import CheckpointError, open_checkpoint, write_safetensors
+from mixtral_ms.name_map import count_parameters, hf_to_ms, ms_to_hf, parameter_specs
+from mixtral_ms.safetensors_io import (CheckpointError, TensorInfo, bf16_to_f32, f32_to_bf16, open_checkpoint,
+                                       read_header, to_numpy, write_safetensors)
 from test_config import HF_8X7B
 
 TINY8 = os.path.join(FIXTURES, "tiny8")
+SCRIPT = os.path.join(ROOT, "scripts", "convert_weight.py")
+CFG = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "vocab_size": 40, "hidden_size": 16,
+       "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+       "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 64, "rope_theta": 1e6,
+       "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float32"}
 
 
-def same_tensors(a_dir, b_dir):
-    a, b = open_checkpoint(a_dir), open_checkpoint(b_dir)
-    assert set(a) == set(b)
-    for name in a:
-        assert (a[name].dtype, a[name].shape) == (b[name].dtype, b[name].shape), name
-        assert a[name].read() == b[name].read(), name
+# ------------------------------------------------------------------------------------------ helpers
 
+def make_hf(folder, dtype="F32", shards=3, seed=0, cfg=None):
+    """A random Hugging Face Mixtral checkpoint: config.json, `shards` shards + index, side files."""
+    cfg = dict(CFG if cfg is None else cfg, torch_dtype={"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[dtype])
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    for side in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        with open(os.path.join(folder, side), "w") as f:
+            json.dump({"file": side}, f)
+    rng = np.random.default_rng(seed)
+    items = []
+    for spec in parameter_specs(cfg).values():
+        for src in spec.sources:
+            shape = spec.shape[1:] if len(spec.sources) > 1 else spec.shape
+            values = rng.standard_normal(shape).astype(np.float32)
+            data = {"F32": values, "BF16": f32_to_bf16(values), "F16": values.astype(np.float16)}[dtype].tobytes()
+            items.append((src, dtype, shape, data))
+    per = -(-len(items) // shards)
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        write_safetensors(os.path.join(folder, name), items[i * per:(i + 1) * per], {"format": "pt"})
+        weight_map.update({item[0]: name for item in items[i * per:(i + 1) * per]})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(len(it[3]) for it in items)}, "weight_map": weight_map}, f)
+    return {name: data for name, _, _, data in items}
+
+
+def tensors_bytes(folder):
+    return {name: (info.dtype, info.shape, info.read()) for name, info in open_checkpoint(str(folder)).items()}
+
+
+def snapshot(folder):
+    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest() for f in sorted(os.listdir(folder))}
+
+
+def leftovers(parent):
+    return [p for p in os.listdir(parent) if ".tmp-" in p or ".old-" in p or p.endswith(".tmp")]
+
+
+def ms_load_folder(folder):
+    index = json.load(open(os.path.join(folder, "model.safetensors.index.json")))
+    params = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        params.update(ms.load_checkpoint(os.path.join(folder, shard), format="safetensors"))
+    return params
+
+
+# ------------------------------------------------------------------------------------------ name map, counts
 
 def test_parameter_counts_of_mixtral_8x7b():
-    total, active = count_parameters(MixtralConfig.from_hf_config(HF_8X7B))
+    total, active = count_parameters(HF_8X7B)  # the config.json dict itself
     assert total == 46_702_792_704
-    assert round(active / 1e9, 1) == 12.9
+    assert active == 12_879_925_248 and round(active / 1e9, 1) == 12.9
+    specs = parameter_specs(HF_8X7B)
+    assert specs["model.layers.31.block_sparse_moe.experts.w2"].shape == (8, 4096, 14336)
+    assert specs["model.layers.0.self_attn.k_proj.weight"].shape == (1024, 4096)
+    assert len(specs) == 2 + 32 * 10 + 1
 
+
+def test_name_map_both_ways():
+    assert hf_to_ms("model.layers.7.block_sparse_moe.experts.5.w2.weight") == ("model.layers.7.block_sparse_moe.experts.w2", 5)
+    assert hf_to_ms("model.layers.7.self_attn.q_proj.weight") == ("model.layers.7.self_attn.q_proj.weight", None)
+    assert ms_to_hf("model.layers.1.block_sparse_moe.experts.w3", 2) == [
+        "model.layers.1.block_sparse_moe.experts.0.w3.weight", "model.layers.1.block_sparse_moe.experts.1.w3.weight"]
+    tied = parameter_specs(dict(CFG, tie_word_embeddings=True, head_dim=8))
+    assert "lm_head.weight" not in tied and tied["model.layers.0.self_attn.q_proj.weight"].shape == (32, 16)
+
+
+# ------------------------------------------------------------------------------------------ bf16
+
+def test_bf16_round_trip_of_every_pattern_and_round_to_nearest_even():
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    wide = bf16_to_f32(bits)
+    keep = ~np.isnan(wide)
+    np.testing.assert_array_equal(f32_to_bf16(wide)[keep], bits[keep])  # widening is exact, narrowing inverts it
+    assert np.all(f32_to_bf16(wide[~keep]) == 0x7FC0)
+    one = np.float32(1.0)
+    cases = {one + np.float32(2 ** -8): 0x3F80,            # tie between 0x3F80 (even) and 0x3F81: down
+             one + np.float32(3 * 2 ** -8): 0x3F82,        # tie between 0x3F81 and 0x3F82 (even): up
+             one + np.float32(2 ** -8 + 2 ** -20): 0x3F81,  # just above the tie: up
+             np.float32(np.inf): 0x7F80, np.float32(-np.inf): 0xFF80,
+             np.float32(3.4028235e38): 0x7F80,             # overflows to inf, as torch does
+             np.float32(-0.0): 0x8000, np.float32(1e-40): 0x0001}  # subnormal 1e-40 = 0x000116C2 -> 0x0001
+    for value, expected in cases.items():
+        assert int(f32_to_bf16(np.array([value]))[0]) == expected, (value, hex(expected))
+    # against an independent reference: nearest of the two neighbours in float64, ties to even
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(20000) * 10.0 ** rng.integers(-30, 30, 20000)).astype(np.float32)
+    lo = (x.view(np.uint32) >> 16).astype(np.uint16)
+    hi = lo + np.uint16(1)
+    d_lo = np.abs(bf16_to_f32(lo).astype(np.float64) - x)
+    d_hi = np.abs(bf16_to_f32(hi).astype(np.float64) - x)
+    ref = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where(lo % 2 == 0, lo, hi)))
+    np.testing.assert_array_equal(f32_to_bf16(x), ref)
+
+
+# ------------------------------------------------------------------------------------------ safetensors io
+
+def test_reader_and_writer_interoperate_with_the_safetensors_library(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.arange(5, dtype=np.int64),
+              "c": np.ones((2, 2), np.float16)}
+    save_file(arrays, str(tmp_path / "theirs.safetensors"), metadata={"format": "pt"})
+    ours = open_checkpoint(str(tmp_path / "theirs.safetensors"))
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(to_numpy(ours[k]), v)
+    bf = f32_to_bf16(np.array([1.5, -2.0], np.float32))
+    size = write_safetensors(str(tmp_path / "ours.safetensors"),
+                             [("x", "F32", (2, 3), arrays["a"].tobytes()), ("e", "BF16", (2,), lambda: [bf[:1], bf[1:]]),
+                              ("y", "I64", (5,), ours["b"])])  # bytes, a function giving chunks, a file byte range
+    assert size == os.path.getsize(tmp_path / "ours.safetensors")
+    theirs = load_file(str(tmp_path / "ours.safetensors"))
+    np.testing.assert_array_equal(theirs["x"], arrays["a"])
+    np.testing.assert_array_equal(theirs["y"], arrays["b"])
+    assert read_header(str(tmp_path / "ours.safetensors"))[0]["e"].read() == bf.tobytes()
+
+
+def _raw_file(path, header, data_len, header_len=None):
+    blob = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob) if header_len is None else header_len) + blob + b"\0" * data_len)
+
+
+@pytest.mark.parametrize("header,data_len,header_len,message", [
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 8, 10 ** 9, "corrupt or truncated header"),
+    ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8, None, "'w' offsets [0, 8] do not hold F32[3]"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 4, None, "truncated: tensor 'w'"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12, None, "4 bytes beyond the last tensor"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "v": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, None, "'v' overlaps the previous tensor"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, None, "'w' leaves a gap"),
+    ({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 2]}}, 2, None, "'w' has unsupported dtype 'Q4'"),
+    ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8, None, "corrupt header entry for tensor 'w'"),
+    ([1, 2], 0, None, "not a JSON object"),
+])
+def test_reader_rejects_inconsistent_files(tmp_path, header, data_len, header_len, message):
+    path = str(tmp_path / "bad.safetensors")
+    _raw_file(path, header, data_len, header_len)
+    with pytest.raises(CheckpointError) as err:
+        read_header(path)
+    assert message in str(err.value) and path in str(err.value) and "\n" not in str(err.value)
+
+
+def test_tensor_reads_touch_only_their_bytes(tmp_path):
+    path = str(tmp_path / "t.safetensors")
+    write_safetensors(path, [("a", "F32", (4,), np.arange(4, dtype=np.float32).tobytes()),
+                             ("b", "F32", (2,), np.array([7, 8], np.float32).tobytes())])
+    info = open_checkpoint(path)["b"]
+    assert (info.start, info.end) == (os.path.getsize(path) - 8, os.path.getsize(path))
+    assert b"".join(info.iter_chunks(4)) == info.read() == np.array([7, 8], np.float32).tobytes()
+
+
+# ------------------------------------------------------------------------------------------ round trips
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])
+def test_round_trip_is_bit_exact(tmp_path, dtype):
+    src, ms_dir, back = tmp_path / "hf", tmp_path / "ms", tmp_path / "back"
+    original = make_hf(str(src), dtype)
+    result = hf2ms(str(src), str(ms_dir), shard_size=20_000)
+    assert result["tensors"] == len(parameter_specs(CFG))
+    ms_tensors = open_checkpoint(str(ms_dir))
+    w1 = ms_tensors["model.layers.1.block_sparse_moe.experts.w1"]
+    assert (w1.dtype, w1.shape) == (dtype, (4, 24, 16))
+    assert w1.read() == b"".join(original[f"model.layers.1.block_sparse_moe.experts.{e}.w1.weight"] for e in range(4))
+    assert open(ms_dir / "config.json", "rb").read() == open(src / "config.json", "rb").read()  # verbatim
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(os.listdir(ms_dir))
+    assert len([f for f in os.listdir(ms_dir) if f.endswith(".safetensors")]) > 1  # sharded
+    ms2hf(str(ms_dir), str(back), shard_size=10_000)
+    assert tensors_bytes(back) == tensors_bytes(src)
+    index = json.load(open(back / "model.safetensors.index.json"))
+    assert index["metadata"]["total_size"] == sum(len(b) for b in original.values())
+    assert set(index["weight_map"]) == set(original)
+    n = len(set(index["weight_map"].values()))
+    assert n > 1 and all(f"-of-{n:05d}.safetensors" in v for v in index["weight_map"].values())
+    assert leftovers(tmp_path) == []
+
+
+def test_dtype_conversion_rounds_to_nearest_even(tmp_path):
+    original = make_hf(str(tmp_path / "hf"), "F32")
+    hf2ms(str(tmp_path / "hf"), str(tmp_path / "ms16"), dtype="bf16")
+    assert json.load(open(tmp_path / "ms16" / "config.json"))["torch_dtype"] == "bfloat16"
+    name = "model.layers.0.block_sparse_moe.experts.w2"
+    got = open_checkpoint(str(tmp_path / "ms16"))[name]
+    want = np.stack([np.frombuffer(original[s], np.float32).reshape(16, 24) for s in ms_to_hf(name, 4)])
+    assert got.dtype == "BF16" and got.read() == f32_to_bf16(want).tobytes()
+    ms2hf(str(tmp_path / "ms16"), str(tmp_path / "hf32"), dtype="fp32")
+    back = open_checkpoint(str(tmp_path / "hf32"))["model.layers.0.block_sparse_moe.experts.3.w2.weight"]
+    np.testing.assert_array_equal(to_numpy(back), bf16_to_f32(f32_to_bf16(want[3])))
+    assert json.load(open(tmp_path / "hf32" / "config.json"))["torch_dtype"] == "float32"
+
+
+def test_single_file_source_and_training_file_with_optimizer_state(tmp_path):
+    from safetensors.numpy import save_file
+    make_hf(str(tmp_path / "sharded"))
+    src = tmp_path / "single"
+    os.makedirs(src)
+    shutil.copy(tmp_path / "sharded" / "config.json", src)
+    save_file({k: to_numpy(v) for k, v in open_checkpoint(str(tmp_path / "sharded")).items()},
+              str(src / "model.safetensors"), metadata={"format": "pt"})
+    hf2ms(str(src), str(tmp_path / "ms"))
+    # a MindSpore training checkpoint: one file, weights plus optimizer moments, config given separately
+    train = tmp_path / "train" / "step_10.safetensors"
+    os.makedirs(train.parent)
+    ms_tensors = open_checkpoint(str(tmp_path / "ms"))
+    write_safetensors(str(train), [(k, v.dtype, v.shape, v) for k, v in ms_tensors.items()] +
+                      [("adam_m.model.norm.weight", "F32", (16,), bytes(64)), ("global_step", "I32", (1,), bytes(4))])
+    ms2hf(str(train), str(tmp_path / "hf"), config_path=str(src / "config.json"))
+    assert tensors_bytes(tmp_path / "hf") == tensors_bytes(src)
+
+
+# ------------------------------------------------------------------------------------------ loaders
 
 @pytest.mark.parametrize("dtype", [None, "bf16"])
-def test_round_trip_is_bit_exact(tmp_path, dtype):
-    src = TINY8
-    if dtype:  # a bf16 Hugging Face checkpoint to start from
-        hf2ms(TINY8, str(tmp_path / "ms32"))
-        ms2hf(str(tmp_path / "ms32"), str(tmp_path / "hf16"), dtype=dtype)
-        src = str(tmp_path / "hf16")
-    hf2ms(src, str(tmp_path / "ms"), shard_size=300_000)
-    ms2hf(str(tmp_path / "ms"), str(tmp_path / "hf"), shard_size=200_000)
-    same_tensors(src, str(tmp_path / "hf"))
-    index = json.load(open(tmp_path / "hf" / "model.safetensors.index.json"))
-    assert index["metadata"]["total_size"] == sum(t.nbytes for t in open_checkpoint(src).values())
-    assert len({*index["weight_map"].values()}) > 1  # sharded
-    assert os.path.isfile(tmp_path / "ms" / "generation_config.json")  # side files travel
+def test_mindspore_load_checkpoint_accepts_the_output(tmp_path, dtype):
+    make_hf(str(tmp_path / "hf"))
+    hf2ms(str(tmp_path / "hf"), str(tmp_path / "ms"), dtype=dtype, shard_size=20_000)
+    params = ms_load_folder(str(tmp_path / "ms"))
+    specs = parameter_specs(CFG)
+    assert set(params) == set(specs)
+    want_dtype = ms.bfloat16 if dtype else ms.float32
+    ours = open_checkpoint(str(tmp_path / "ms"))
+    for name, spec in specs.items():
+        assert tuple(params[name].shape) == spec.shape and params[name].dtype == want_dtype, name
+        np.testing.assert_array_equal(params[name].astype(ms.float32).asnumpy(), to_numpy(ours[name]))
 
 
-def test_converted_checkpoint_loads_in_mindspore_and_matches_hf_logits(tmp_path):
-    hf2ms(TINY8, str(tmp_path / "ms"), shard_size=300_000)
-    index = json.load(open(tmp_path / "ms" / "model.safetensors.index.json"))
-    loaded = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        loaded.update(ms.load_checkpoint(str(tmp_path / "ms" / shard), format="safetensors"))
-    model = MixtralForCausalLM(MixtralConfig.from_hf_dir(TINY8))
+def test_converted_fixture_matches_hf_logits_through_mindspore_and_mindformers_loaders(tmp_path):
+    from mixtral_ms import MixtralConfig, MixtralForCausalLM
+    from mindformers.tools.register import MindFormerConfig
+    from mindformers.utils.load_checkpoint_utils import load_checkpoint_with_safetensors
+    dst = str(tmp_path / "ms")
+    hf2ms(TINY8, dst, shard_size=300_000)
+    golden = np.load(os.path.join(TINY8, "golden.npz"))
+    ids = Tensor(golden["input_ids"].astype(np.int32))
+    model = MixtralForCausalLM(MixtralConfig.from_hf_dir(dst))
+    model.set_train(False)
+    loaded = ms_load_folder(dst)  # 1) mindspore.load_checkpoint per shard + load_param_into_net
     assert set(loaded) == {p.name for p in model.get_parameters()}
     assert tuple(loaded["model.layers.1.block_sparse_moe.experts.w2"].shape) == (8, 64, 96)
     not_loaded, _ = ms.load_param_into_net(model, loaded, strict_load=True)
     assert not not_loaded
-    model.set_train(False)
-    golden = np.load(os.path.join(TINY8, "golden.npz"))
-    logits = model(Tensor(golden["input_ids"].astype(np.int32)))[0].asnumpy()
-    np.testing.assert_allclose(logits, golden["logits"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(model(ids)[0].asnumpy(), golden["logits"], atol=1e-4, rtol=0)
+    # 2) MindFormers: `load_checkpoint: <folder>` with `load_ckpt_format: safetensors`
+    fresh = MixtralForCausalLM(MixtralConfig.from_hf_dir(dst))
+    fresh.set_train(False)
+    cfg = MindFormerConfig(load_checkpoint=dst, load_ckpt_format="safetensors", use_parallel=False,
+                           auto_trans_ckpt=False, load_ckpt_async=False, resume_training=False,
+                           remove_redundancy=False, output_dir=str(tmp_path / "mf_out"),
+                           model={"model_config": {}}, parallel={"parallel_mode": 0}, checkpoint={"load_path": dst})
+    load_checkpoint_with_safetensors(cfg, None, fresh, None, do_predict=True)
+    np.testing.assert_allclose(fresh(ids)[0].asnumpy(), golden["logits"], atol=1e-4, rtol=0)
 
 
-def test_bf16_conversion_loads_as_bf16(tmp_path):
-    hf2ms(TINY8, str(tmp_path / "ms"), dtype="bf16")
-    params = {}
-    for f in os.listdir(tmp_path / "ms"):
-        if f.endswith(".safetensors"):
-            params.update(ms.load_checkpoint(str(tmp_path / "ms" / f), format="safetensors"))
-    assert all(p.dtype == ms.bfloat16 for p in params.values())
-    assert json.load(open(tmp_path / "ms" / "config.json"))["torch_dtype"] == "bfloat16"
+def test_fixture_round_trip_is_bit_exact(tmp_path):
+    hf2ms(TINY8, str(tmp_path / "ms"), shard_size=300_000)
+    ms2hf(str(tmp_path / "ms"), str(tmp_path / "hf"), shard_size=200_000)
+    assert tensors_bytes(tmp_path / "hf") == tensors_bytes(TINY8)
 
 
-def test_plan_reads_headers_only(tmp_path):
-    text = plan(TINY8)
-    assert "model.layers.0.block_sparse_moe.experts.w1" in text and "[8, 96, 64]" in text
-    assert "333,120 total" in text and "active per token" in text and "conversion memory" in text
+# ------------------------------------------------------------------------------------------ plan
+
+def test_plan_reads_headers_only(tmp_path, monkeypatch):
+    def no_data(*_):
+        raise AssertionError("plan read tensor data")
+    make_hf(str(tmp_path / "hf"), "BF16")
+    hf2ms(str(tmp_path / "hf"), str(tmp_path / "ms"))
+    monkeypatch.setattr(TensorInfo, "read", no_data)
+    monkeypatch.setattr(TensorInfo, "iter_chunks", no_data)
+    text = plan(str(tmp_path / "hf"))
+    total, active = count_parameters(CFG)
+    assert f"{total:,} total" in text and f"{active:,} active per token" in text
+    assert "model.layers.1.block_sparse_moe.experts.w3" in text and "[4, 24, 16]" in text
+    assert "model.layers.1.block_sparse_moe.experts.{0..3}.w3.weight" in text
+    nbytes = 2 * total
+    assert f"({nbytes:,} bytes) of BF16" in text and "conversion memory" in text and "largest output tensor" in text
+    assert "hf2ms" in text and "ms2hf" in plan(str(tmp_path / "ms"))
+    fixture = plan(TINY8)
+    assert "333,120 total" in fixture
 
 
-def _copy(tmp_path, name="src"):
-    dst = tmp_path / name
-    shutil.copytree(TINY8, dst)
-    return dst
-
+# ------------------------------------------------------------------------------------------ bad input
 
 def _shard_with(folder, tensor):
-    index = json.load(open(folder / "model.safetensors.index.json"))
-    return folder / index["weight_map"][tensor]
+    return folder / json.load(open(folder / "model.safetensors.index.json"))["weight_map"][tensor]
 
 
 def _rewrite_shard(path, mutate):
-    """Rewrite one shard with `mutate(dict of name -> (dtype, shape, bytes))` applied."""
     items = {k: (v.dtype, v.shape, v.read()) for k, v in open_checkpoint(str(path)).items()}
     mutate(items)
     write_safetensors(str(path), [(k, d, s, b) for k, (d, s, b) in items.items()])
 
 
-def _break_missing_shard(folder):
-    os.remove(_shard_with(folder, "lm_head.weight"))
-
-
-def _break_index(folder):
+def _edit_index(folder, mutate):
     index = json.load(open(folder / "model.safetensors.index.json"))
-    index["weight_map"]["lm_head.weight"] = "model-00099-of-00099.safetensors"
+    mutate(index["weight_map"])
     json.dump(index, open(folder / "model.safetensors.index.json", "w"))
 
 
-def _break_truncate(folder):
-    path = _shard_with(folder, "model.norm.weight")
+def _edit_config(folder, **changes):
+    cfg = json.load(open(folder / "config.json"))
+    cfg.update(changes)
+    json.dump(cfg, open(folder / "config.json", "w"))
+
+
+def _truncate(path):
     with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
+        f.truncate(os.path.getsize(path) - 10)
 
 
-def _break_header(folder):
-    path = _shard_with(folder, "model.norm.weight")
+def _corrupt_header(path):
     data = bytearray(open(path, "rb").read())
     data[8:20] = b"not json!!!!"
     open(path, "wb").write(bytes(data))
 
 
-def _break_missing_tensor(folder):
-    name = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
-    _rewrite_shard(_shard_with(folder, name), lambda items: items.pop(name))
-
-
-def _break_unexpected(folder):
-    name = "model.norm.weight"
-    _rewrite_shard(_shard_with(folder, name), lambda items: items.__setitem__("model.extra.bias", items[name]))
-    index = json.load(open(folder / "model.safetensors.index.json"))
-    index["weight_map"]["model.extra.bias"] = index["weight_map"][name]
-    json.dump(index, open(folder / "model.safetensors.index.json", "w"))
-
-
-def _break_shape(folder):
-    cfg = json.load(open(folder / "config.json"))
-    cfg["intermediate_size"] = 80
-    json.dump(cfg, open(folder / "config.json", "w"))
-
-
-BAD = {
-    "missing shard": (_break_missing_shard, "which is missing"),
-    "index names absent file": (_break_index, "model-00099-of-00099.safetensors, which is missing"),
-    "truncated": (_break_truncate, "truncated"),
-    "corrupt header": (_break_header, "corrupt"),
-    "missing tensor": (_break_missing_tensor, "experts.3.w2.weight"),
-    "unexpected tensor": (_break_unexpected, "unexpected tensor 'model.extra.bias'"),
-    "shape mismatch": (_break_shape, "config.json implies [80, 64]"),
+NORM, W2 = "model.norm.weight", "model.layers.1.block_sparse_moe.experts.3.w2.weight"
+BAD_HF = {
+    "missing shard": (lambda d: os.remove(_shard_with(d, "lm_head.weight")), "which is missing"),
+    "index names absent file": (lambda d: _edit_index(d, lambda m: m.__setitem__("lm_head.weight", "model-00099.safetensors")),
+                                "names shard model-00099.safetensors, which is missing"),
+    "index names absent tensor": (lambda d: _edit_index(d, lambda m: m.__setitem__("model.extra", m[NORM])),
+                                  "puts tensor 'model.extra' in"),
+    "truncated": (lambda d: _truncate(_shard_with(d, NORM)), "truncated"),
+    "corrupt header": (lambda d: _corrupt_header(_shard_with(d, NORM)), "corrupt header (not JSON)"),
+    "missing tensor": (lambda d: (_rewrite_shard(_shard_with(d, W2), lambda it: it.pop(W2)),
+                                  _edit_index(d, lambda m: m.pop(W2))), f"missing tensor '{W2}'"),
+    "unexpected tensor": (lambda d: (_rewrite_shard(_shard_with(d, NORM), lambda it: it.__setitem__("model.extra.bias", it[NORM])),
+                                     _edit_index(d, lambda m: m.__setitem__("model.extra.bias", m[NORM]))),
+                          "unexpected tensor 'model.extra.bias'"),
+    "shape mismatch": (lambda d: _edit_config(d, intermediate_size=20),
+                       "'model.layers.0.block_sparse_moe.experts.0.w1.weight' has shape [24, 16], config.json implies [20, 16]"),
+    "mixed expert dtypes": (lambda d: _rewrite_shard(_shard_with(d, W2), lambda it: it.__setitem__(
+        W2, ("F16", it[W2][1], np.frombuffer(it[W2][2], np.float32).astype(np.float16).tobytes()))), "mixed dtypes"),
+    "not a mixtral config": (lambda d: _edit_config(d, model_type="llama"), "not a Mixtral config"),
 }
 
 
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_inputs_fail_cleanly(tmp_path, case):
-    breaker, message = BAD[case]
-    src = _copy(tmp_path)
+@pytest.mark.parametrize("case", list(BAD_HF))
+def test_bad_hf_input_fails_cleanly_and_keeps_existing_output(tmp_path, case):
+    breaker, message = BAD_HF[case]
+    src = tmp_path / "src"
+    make_hf(str(src))
+    hf2ms(str(src), str(tmp_path / "kept"))
+    before = snapshot(tmp_path / "kept")
     breaker(src)
-    dst = tmp_path / "out"
+    with pytest.raises((CheckpointError, ValueError)) as err:
+        hf2ms(str(src), str(tmp_path / "new"))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises((CheckpointError, ValueError)):
+        hf2ms(str(src), str(tmp_path / "kept"), overwrite=True)
+    assert snapshot(tmp_path / "kept") == before
+    assert leftovers(tmp_path) == []
+
+
+BAD_MS = {
+    "missing tensor": (lambda d: (_rewrite_shard(_shard_with(d, NORM), lambda it: it.pop(NORM)),
+                                  _edit_index(d, lambda m: m.pop(NORM))), "missing tensor 'model.norm.weight'"),
+    "shape mismatch": (lambda d: _edit_config(d, num_local_experts=3, num_experts_per_tok=2),
+                       "has shape [4, 16], config.json implies [3, 16]"),
+    "per-expert layout": (lambda d: (shutil.rmtree(d), shutil.copytree(TINY8, d)), "use hf2ms"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MS))
+def test_bad_ms_input_fails_cleanly(tmp_path, case):
+    breaker, message = BAD_MS[case]
+    make_hf(str(tmp_path / "hf"))
+    hf2ms(str(tmp_path / "hf"), str(tmp_path / "ms"))
+    breaker(tmp_path / "ms")
     with pytest.raises(CheckpointError) as err:
-        hf2ms(str(src), str(dst))
+        ms2hf(str(tmp_path / "ms"), str(tmp_path / "out"))
     assert message in str(err.value)
-    assert not dst.exists()
-    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # no half-written output left behind
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
-def test_existing_destination_is_refused_and_untouched(tmp_path):
+def test_destination_rules(tmp_path):
+    make_hf(str(tmp_path / "hf"))
     dst = tmp_path / "out"
-    hf2ms(TINY8, str(dst))
-    before = {f: os.path.getmtime(dst / f) for f in os.listdir(dst)}
-    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
-        hf2ms(TINY8, str(dst))
-    _copy(tmp_path, "broken")
-    _break_truncate(tmp_path / "broken")
+    hf2ms(str(tmp_path / "hf"), str(dst))
+    before = snapshot(dst)
+    with pytest.raises(CheckpointError, match="already holds a checkpoint; pass --overwrite"):
+        hf2ms(str(tmp_path / "hf"), str(dst))
+    assert snapshot(dst) == before
+    hf2ms(str(tmp_path / "hf"), str(dst), overwrite=True, dtype="bf16")
+    assert snapshot(dst) != before and leftovers(tmp_path) == []
+    with pytest.raises(CheckpointError, match="is .or contains. the source"):
+        hf2ms(str(tmp_path / "hf"), str(tmp_path / "hf"), overwrite=True)
+    os.makedirs(tmp_path / "notes")
+    open(tmp_path / "notes" / "todo.txt", "w").write("keep me")
+    with pytest.raises(CheckpointError, match="non-empty folder without a checkpoint"):
+        hf2ms(str(tmp_path / "hf"), str(tmp_path / "notes"), overwrite=True)
+    os.makedirs(tmp_path / "empty")
+    hf2ms(str(tmp_path / "hf"), str(tmp_path / "empty"))  # an empty folder is fine
+    hf2ms(str(tmp_path / "hf"), str(tmp_path / "new" / "sub" / "dir"))  # missing parents are made
+    assert os.path.isfile(tmp_path / "new" / "sub" / "dir" / "config.json")
+    _truncate(_shard_with(tmp_path / "hf", NORM))
     with pytest.raises(CheckpointError):
-        hf2ms(str(tmp_path / "broken"), str(dst), overwrite=True)  # a failing overwrite keeps the old output
-    assert {f: os.path.getmtime(dst / f) for f in os.listdir(dst)} == before
-    hf2ms(TINY8, str(dst), overwrite=True)
+        hf2ms(str(tmp_path / "hf"), str(tmp_path / "made" / "for" / "nothing"))
+    assert not (tmp_path / "made").exists()  # ... and removed again when the conversion fails
 
 
-def test_cli_reports_one_line_errors(tmp_path):
-    script = os.path.join(ROOT, "scripts", "convert_weight.py")
-    env = dict(os.environ, GLOG_v="3")
-    bad = subprocess.run([sys.executable, script, "hf2ms", "--src", str(tmp_path / "nope"), "--dst",
-                          str(tmp_path / "out")], capture_output=True, text=True, env=env)
-    assert bad.returncode == 2
-    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: no config.json in {tmp_path / 'nope'}"]
-    assert "Traceback" not in bad.stderr
-    ok = subprocess.run([sys.executable, script, "hf2ms", "--src", TINY8, "--dst", str(tmp_path / "out")],
-                        capture_output=True, text=True, env=env)
-    assert ok.returncode == 0 and "23 tensors" in ok.stdout
+def test_failure_while_writing_removes_the_temp_folder(tmp_path, monkeypatch):
+    make_hf(str(tmp_path / "hf"))
+    hf2ms(str(tmp_path / "hf"), str(tmp_path / "out"))
+    before = snapshot(tmp_path / "out")
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return write_safetensors(*args, **kwargs)
+    monkeypatch.setattr(convert, "write_safetensors", failing)
+    with pytest.raises(OSError):
+        hf2ms(str(tmp_path / "hf"), str(tmp_path / "out"), overwrite=True, shard_size=20_000)
+    assert snapshot(tmp_path / "out") == before and leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def _cli(*args):
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True,
+                          env=dict(os.environ, GLOG_v="3"))
+
+
+def test_cli_exit_codes_and_one_line_errors(tmp_path):
+    make_hf(str(tmp_path / "hf"))
+    ok = _cli("hf2ms", "--src", tmp_path / "hf", "--dst", tmp_path / "ms", "--shard-size", "20KB", "--quiet")
+    assert ok.returncode == 0 and f"{len(parameter_specs(CFG))} tensors" in ok.stdout, ok.stderr
+    again = _cli("hf2ms", "--src", tmp_path / "hf", "--dst", tmp_path / "ms")
+    assert again.returncode == 2
+    assert again.stderr.splitlines() == [f"error: destination {tmp_path / 'ms'} already holds a checkpoint; "
+                                         "pass --overwrite to replace it"]
+    _truncate(_shard_with(tmp_path / "hf", NORM))
+    bad = _cli("hf2ms", "--src", tmp_path / "hf", "--dst", tmp_path / "new", "--dtype", "bf16")
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1
+    assert bad.stderr.startswith("error: ") and "truncated" in bad.stderr and "Traceback" not in bad.stderr
+    missing = _cli("ms2hf", "--src", tmp_path / "nope", "--dst", tmp_path / "x")
+    assert missing.returncode == 2 and missing.stderr.splitlines() == [f"error: no such file or folder {tmp_path / 'nope'}"]
+    size = _cli("ms2hf", "--src", tmp_path / "ms", "--dst", tmp_path / "x", "--shard-size", "lots")
+    assert size.returncode == 2 and size.stderr.splitlines() == ["error: not a size: 'lots' (use e.g. 2GB, 500MB or a byte count)"]
+    planned = _cli("plan", "--src", tmp_path / "ms")
+    assert planned.returncode == 0 and "active per token" in planned.stdout
+    assert not (tmp_path / "new").exists() and not (tmp_path / "x").exists() and leftovers(tmp_path) == []
