@@ -2,14 +2,21 @@
 """Train, fine-tune or generate with Mixtral from a MindFormers YAML: the project's run_mindformer.py.
 
   python scripts/run_mixtral.py --config configs/mixtral_tiny_cpu.yaml --run_mode train
-  python scripts/run_mixtral.py --config configs/mixtral_tiny_finetune_cpu.yaml --run_mode finetune \
-      --load_checkpoint runs/tiny/checkpoint
-  python scripts/run_mixtral.py --config configs/mixtral_tiny_cpu.yaml --run_mode predict \
+  python scripts/run_mixtral.py --config configs/mixtral_tiny_cpu.yaml --run_mode train \\
+      --load_checkpoint runs/tiny/checkpoint/rank_0/mixtral_tiny_rank_0-1_200.ckpt --resume_training
+  python scripts/run_mixtral.py --config configs/mixtral_tiny_finetune_cpu.yaml --run_mode finetune
+  python scripts/run_mixtral.py --config configs/mixtral_tiny_cpu.yaml --run_mode predict \\
       --load_checkpoint runs/tiny/checkpoint --predict_data "In the beginning" --max_new_tokens 40
 
-`load_checkpoint` may be a MindSpore .ckpt or .safetensors file, a folder of them (the newest file is
-taken), a mixtral-ms folder from `convert_weight.py hf2ms`, or a Hugging Face folder. Training state
-(optimizer moments, step) is restored only with --resume_training.
+Training runs through `mindformers.Trainer` (train / finetune) with the YAML's wrapper, optimizer,
+schedule and callbacks. `load_checkpoint` (YAML or flag) may be a MindSpore .ckpt or .safetensors file,
+a folder of them (the newest file is taken), a mixtral-ms folder written by `convert_weight.py hf2ms`,
+or a Hugging Face folder; every parameter must be present with the config's shape. With
+`resume_training` the optimizer state, step, loss scale and data position come back too, and the run
+continues exactly where the checkpoint left off. Predict tokenizes with the SentencePiece model (the
+YAML's `tokenizer`), left-pads the prompts and calls `model.generate` (KV cache).
+
+Bad input (YAML, dataset, checkpoint) prints one line `error: ...` and exits with status 2.
 """
 from __future__ import annotations
 
@@ -19,16 +26,10 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
-# Top-level YAML keys this entry point and MindFormers' trainer understand; anything else is a typo.
-KNOWN_KEYS = {
-    "seed", "output_dir", "run_mode", "use_parallel", "load_checkpoint", "load_ckpt_format", "auto_trans_ckpt",
-    "resume_training", "src_strategy_path_or_dir", "only_save_strategy", "context", "parallel", "parallel_config",
-    "trainer", "runner_config", "runner_wrapper", "optimizer", "lr_schedule", "train_dataset",
-    "train_dataset_task", "model", "moe_config", "recompute_config", "callbacks", "tokenizer", "generation",
-    "micro_batch_interleave_num", "monitor_config", "swap_config", "metric", "profile",
-}
+GENERATION_KEYS = {"max_new_tokens": int, "do_sample": bool, "temperature": float, "top_k": int, "top_p": float}
 
 
 class RunError(Exception):
@@ -36,8 +37,10 @@ class RunError(Exception):
 
 
 def load_config(path: str, overrides: dict):
+    """The YAML as a MindFormerConfig, checked (top-level keys, registered types, arguments, model_config)."""
     import yaml
     from mindformers import MindFormerConfig
+    from mixtral_ms.training import check_config
     if not os.path.isfile(path):
         raise RunError(f"no config file {path}")
     try:
@@ -49,9 +52,7 @@ def load_config(path: str, overrides: dict):
         raise RunError(f"{path}: malformed YAML{where}") from None
     if not isinstance(raw, dict):
         raise RunError(f"{path}: the YAML must be a mapping of sections")
-    unknown = sorted(set(raw) - KNOWN_KEYS)
-    if unknown:
-        raise RunError(f"{path}: unknown top-level key(s) {unknown}")
+    check_config(raw)
     config = MindFormerConfig(path)
     for key, value in overrides.items():
         if value is not None:
@@ -62,10 +63,7 @@ def load_config(path: str, overrides: dict):
 def model_config(config):
     """The MixtralConfig the YAML describes (unknown keys and bad values raise ConfigError)."""
     from mixtral_ms.configuration import MixtralConfig
-    fields = {k: v for k, v in config.model.model_config.items() if k != "type"}
-    if config.model.model_config.get("type") != "MixtralConfig" or config.model.arch.get("type") != "MixtralForCausalLM":
-        raise RunError("model.model_config.type must be MixtralConfig and model.arch.type MixtralForCausalLM")
-    return MixtralConfig(**fields)
+    return MixtralConfig(**{k: v for k, v in config.model.model_config.items() if k != "type"})
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -80,26 +78,11 @@ def resolve_checkpoint(path: str) -> str:
         glob.glob(os.path.join(path, "**", "*.safetensors"), recursive=True)
     if not files:
         raise RunError(f"no .ckpt or .safetensors checkpoint under {path}")
-    return max(files, key=os.path.getmtime)
-
-
-def resume_folder(path: str, output_dir: str) -> str:
-    """MindFormers resumes from a folder of `rank_<i>/` checkpoints (the newest one); a single file the
-    user names is linked into such a folder so exactly that step is resumed."""
-    if os.path.isdir(path):
-        return path
-    if not os.path.isfile(path):
-        raise RunError(f"no checkpoint at {path}")
-    folder = os.path.join(output_dir, "resume_from", "rank_0")
-    os.makedirs(folder, exist_ok=True)
-    link = os.path.join(folder, os.path.basename(path))
-    if os.path.lexists(link):
-        os.remove(link)
-    os.symlink(os.path.abspath(path), link)
-    return os.path.dirname(folder)
+    return max(files, key=lambda f: (os.path.getmtime(f), f))
 
 
 def build_model(config, checkpoint: str | None):
+    """The model of the YAML, filled from `checkpoint` with a strict name and shape check."""
     from mixtral_ms import MixtralForCausalLM
     from mixtral_ms.checkpoint import load_weights
     model = MixtralForCausalLM(model_config(config))
@@ -108,33 +91,81 @@ def build_model(config, checkpoint: str | None):
     return model
 
 
+def prepare_resume(config, model) -> int:
+    """Point MindFormers' resume at exactly one checkpoint file and return its step.
+
+    MindFormers resumes from a folder of `rank_<i>/` checkpoints and picks the newest; the file the user
+    names (or the newest under the folder) is linked alone into `<output_dir>/resume_from/rank_0/` so the
+    step resumed is the one asked for. The weights are first loaded with our strict check, so a
+    checkpoint from another config fails with a clear message before MindFormers tries."""
+    import mindspore as ms
+    from mixtral_ms.checkpoint import load_weights
+    if not config.load_checkpoint:
+        raise RunError("resume_training needs load_checkpoint (a training checkpoint file or folder)")
+    path = resolve_checkpoint(config.load_checkpoint)
+    if not path.endswith(".ckpt"):
+        raise RunError(f"resume_training needs a MindSpore training checkpoint (.ckpt with optimizer state), "
+                       f"got {path}")
+    load_weights(model, path)
+    state = ms.load_checkpoint(path, choice_func=lambda name: name in ("step_num", "epoch_num"))
+    if "step_num" not in state:
+        raise RunError(f"{path} holds no training state (step_num); it cannot be resumed, only fine-tuned from")
+    folder = os.path.join(config.output_dir, "resume_from", "rank_0")
+    os.makedirs(folder, exist_ok=True)
+    for old in os.listdir(folder):
+        os.remove(os.path.join(folder, old))
+    os.symlink(os.path.abspath(path), os.path.join(folder, os.path.basename(path)))
+    config.load_checkpoint = os.path.dirname(folder)
+    config.resume_training = True
+    return int(state["step_num"].asnumpy().reshape(-1)[0])
+
+
 def run_train(config, finetune: bool) -> None:
     from mindformers import Trainer
     from mixtral_ms.data import check_dataset
-    dataset = config.train_dataset.data_loader.dataset_dir
-    check_dataset(dataset, model_config(config).seq_length)
-    resume = bool(config.resume_training)
-    if resume:  # MindFormers restores weights, optimizer state, step and data position from its checkpoint
-        config.load_checkpoint = resume_folder(config.load_checkpoint, config.output_dir)
-        Trainer(args=config).train()
+    columns = list(config.train_dataset.get("input_columns") or ["input_ids"])
+    check_dataset(config.train_dataset.data_loader.dataset_dir, model_config(config).seq_length, columns)
+    if config.resume_training:
+        model = build_model(config, None)
+        step = prepare_resume(config, model)
+        for callback in config.callbacks or []:
+            if callback.get("type") in ("MixtralProgressMonitor", "RouterStatsMonitor"):
+                callback["initial_step"] = step
+        print(f"resuming from step {step}", flush=True)
+        Trainer(args=config, model=model).train()  # MindFormers restores weights, optimizer, step, data position
         return
     model = build_model(config, config.load_checkpoint or None)
-    config.load_checkpoint = ""
+    config.load_checkpoint = ""  # loaded above, strictly; MindFormers must not load it again
     trainer = Trainer(args=config, model=model)
     (trainer.finetune if finetune else trainer.train)()
 
 
-def run_predict(config, prompts, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
-                top_p: float) -> None:
+def generation_settings(config, args) -> dict:
+    settings = {"max_new_tokens": 40, "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    section = config.get("generation") or {}
+    unknown = sorted(set(section) - set(GENERATION_KEYS))
+    if unknown:
+        raise RunError(f"unknown key(s) {unknown} in generation (known: {sorted(GENERATION_KEYS)})")
+    settings.update({k: GENERATION_KEYS[k](v) for k, v in section.items()})
+    settings.update({k: getattr(args, k) for k in GENERATION_KEYS if getattr(args, k) is not None})
+    return settings
+
+
+def run_predict(config, prompts, settings: dict) -> None:
     import numpy as np
     import sentencepiece as spm
     tokenizer_path = config.get("tokenizer") or os.path.join(ROOT, "data", "tokenizer", "tokenizer.model")
+    if not os.path.isabs(tokenizer_path) and not os.path.isfile(tokenizer_path):
+        tokenizer_path = os.path.join(ROOT, tokenizer_path)
     if not os.path.isfile(tokenizer_path):
         raise RunError(f"no tokenizer at {tokenizer_path}")
     sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
     if not config.load_checkpoint:
         raise RunError("predict needs --load_checkpoint (or load_checkpoint in the YAML)")
     model = build_model(config, config.load_checkpoint)
+    if sp.get_piece_size() > model.config.vocab_size:
+        raise RunError(f"the tokenizer {tokenizer_path} has {sp.get_piece_size()} pieces but the model's "
+                       f"vocab_size is {model.config.vocab_size}")
     encoded = [[sp.bos_id()] + sp.encode(p) for p in prompts]
     width = max(map(len, encoded))
     ids = np.zeros((len(encoded), width), np.int32)
@@ -142,9 +173,8 @@ def run_predict(config, prompts, max_new_tokens: int, do_sample: bool, temperatu
     for row, tokens in enumerate(encoded):  # left padding
         ids[row, width - len(tokens):] = tokens
         mask[row, width - len(tokens):] = 1
-    out = model.generate(ids, mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                         top_k=top_k, top_p=top_p, eos_token_id=sp.eos_id(), pad_token_id=0,
-                         seed=int(config.seed or 0))
+    out = model.generate(ids, mask, eos_token_id=sp.eos_id(), pad_token_id=max(sp.pad_id(), 0),
+                         seed=int(config.seed or 0), **settings)
     for tokens, row in zip(encoded, out):
         new = [int(t) for t in row[width:]]
         if sp.eos_id() in new:
@@ -156,17 +186,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--run_mode", choices=["train", "finetune", "predict"])
-    parser.add_argument("--load_checkpoint")
-    parser.add_argument("--resume_training", action="store_true", default=None)
+    parser.add_argument("--load_checkpoint", help="checkpoint file or folder (overrides the YAML)")
+    parser.add_argument("--resume_training", action="store_true", default=None,
+                        help="also restore optimizer state, step and data position from load_checkpoint")
     parser.add_argument("--train_dataset", help="MindRecord file (overrides train_dataset.data_loader.dataset_dir)")
     parser.add_argument("--output_dir")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--predict_data", nargs="+", default=["In the beginning"])
-    parser.add_argument("--max_new_tokens", type=int, default=40)
-    parser.add_argument("--do_sample", action="store_true")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=0)
-    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--max_new_tokens", type=int)
+    parser.add_argument("--do_sample", action="store_true", default=None)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top_k", type=int)
+    parser.add_argument("--top_p", type=float)
     args = parser.parse_args(argv)
 
     from mixtral_ms.configuration import ConfigError
@@ -180,19 +211,21 @@ def main(argv=None) -> int:
         if args.epochs:
             config.runner_config.epochs = args.epochs
         for callback in config.callbacks or []:
-            if callback.get("type") == "RouterStatsMonitor":
+            if callback.get("type") == "RouterStatsMonitor" and (args.output_dir or "output_dir" not in callback):
                 callback["output_dir"] = config.output_dir
-        import mixtral_ms.training  # noqa: F401  (registers model, wrapper and callbacks with MindFormers)
-        from mindformers.core.context import build_context
-        model_config(config)  # validate before anything is built
-        build_context(config)
+        settings = generation_settings(config, args)
         import mindspore as ms
+        from mindformers.core.context import build_context
+        build_context(config)
+        if (config.get("context") or {}).get("mode") is not None:  # MindFormers' context is built once per
+            ms.set_context(mode=int(config.context.mode))           # process; a later run keeps its own mode
         ms.set_seed(int(config.seed or 0))  # before the model is built: initial weights follow the YAML's seed
         if config.run_mode in ("train", "finetune"):
             run_train(config, finetune=config.run_mode == "finetune")
+        elif config.run_mode == "predict":
+            run_predict(config, args.predict_data, settings)
         else:
-            run_predict(config, args.predict_data, args.max_new_tokens, args.do_sample, args.temperature,
-                        args.top_k, args.top_p)
+            raise RunError(f"run_mode must be train, finetune or predict, got {config.run_mode!r}")
     except (RunError, ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,10 +1,11 @@
 """Training pieces registered with MindFormers: the train-one-step wrapper and callbacks.
 
-Importing this package also imports the model, so a YAML naming MixtralConfig / MixtralForCausalLM,
-MixtralTrainOneStepCell, MixtralProgressMonitor or RouterStatsMonitor builds through MindFormers.
+Importing this package runs mixtral_ms.training.register, which registers MixtralConfig,
+MixtralModel, MixtralForCausalLM, MixtralTrainOneStepCell, MixtralProgressMonitor and
+RouterStatsMonitor, so a YAML naming them builds through `mindformers.Trainer`.
 """
-from .. import modeling  # noqa: F401  (registers MixtralConfig, MixtralModel, MixtralForCausalLM)
 from .callbacks import MixtralProgressMonitor, RouterStatsMonitor
+from .register import REGISTERED, check_config
 from .wrapper import MixtralTrainOneStepCell
 
-__all__ = ["MixtralProgressMonitor", "MixtralTrainOneStepCell", "RouterStatsMonitor"]
+__all__ = ["MixtralProgressMonitor", "MixtralTrainOneStepCell", "REGISTERED", "RouterStatsMonitor", "check_config"]

@@ -1,8 +1,19 @@
-"""Training callbacks: progress (loss, aux losses, tokens/s, ETA) and router statistics to JSONL."""
+"""Training callbacks: progress (loss, aux losses, tokens/s, ETA) and router statistics to JSONL.
+
+Both read what MixtralTrainOneStepCell leaves behind: its outputs (loss, overflow, loss scale, lr,
+global norm) and its `router_stats.*` parameters (CE, aux and z loss, tokens per expert and dropped
+assignments per layer of the last step).
+
+Steps are numbered from the start of training, also in a resumed run: MindFormers restarts the
+callbacks' step count at 1 after a resume, so the run's first step is offset by `initial_step`
+(run_mixtral.py passes the resumed checkpoint's step_num), or else by the optimizer's restored
+global_step (equal unless fp16 overflow skipped updates).
+"""
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Optional
 
@@ -17,93 +28,150 @@ def _wrapper(cb_params):
     net = cb_params.train_network
     while not hasattr(net, "stat_load") and hasattr(net, "network"):
         net = net.network
+    if not hasattr(net, "stat_load"):
+        raise TypeError("MixtralProgressMonitor / RouterStatsMonitor need runner_wrapper: "
+                        "{type: MixtralTrainOneStepCell}")
     return net
 
 
-class _StepCounter(Callback):
-    """Steps counted from the start of training, also after a resume: the optimizer's restored
-    global_step at the start of this run plus the steps of this run."""
+def _scalar(value) -> float:
+    value = value.asnumpy() if hasattr(value, "asnumpy") else value
+    return float(np.asarray(value).reshape(-1)[0])
 
-    def __init__(self) -> None:
+
+class _StepCounter(Callback):
+    """Global step numbers (see the module docstring) and the run's total."""
+
+    def __init__(self, initial_step: Optional[int] = None) -> None:
         super().__init__()
+        self.initial_step = initial_step
         self.offset = 0
 
     def on_train_begin(self, run_context):
-        optimizer = getattr(_wrapper(run_context.original_args()), "optimizer", None)
-        step = getattr(optimizer, "global_step", None)
-        self.offset = int(step.asnumpy().reshape(-1)[0]) if step is not None else 0
+        cb = run_context.original_args()
+        if self.initial_step is not None:
+            self.offset = int(self.initial_step)
+        elif cb.get("initial_step", None):
+            self.offset = int(cb.initial_step)
+        else:
+            step = getattr(getattr(_wrapper(cb), "optimizer", None), "global_step", None)
+            self.offset = int(_scalar(step)) if step is not None else 0
 
-    def step(self, cb_params) -> int:
-        return self.offset + int(cb_params.cur_step_num)
+    def step(self, cb) -> int:
+        return self.offset + int(cb.cur_step_num)
 
-    def total(self, cb_params) -> int:
-        return self.offset + int(cb_params.batch_num * cb_params.epoch_num)
+    def total(self, cb) -> int:
+        """All steps of training: this run's epochs plus the ones a resume skipped."""
+        batches = int(cb.batch_num)
+        return batches * (int(cb.epoch_num) + self.offset // max(batches, 1))
+
+    def is_log_step(self, cb, interval: int) -> bool:
+        step = self.step(cb)
+        return step % interval == 0 or step == self.total(cb) or step == self.offset + 1
 
 
 @MindFormerRegister.register(MindFormerModuleType.CALLBACK)
 class MixtralProgressMonitor(_StepCounter):
-    """Prints step, loss, CE, aux loss, z-loss, lr, grad norm, tokens/s and ETA every `log_interval` steps."""
+    """Every `log_interval` steps (and at the first and last): step, loss, CE, aux loss, z-loss, lr,
+    gradient norm, tokens/s and ETA, one line on stdout. The first step of a run includes graph
+    compilation, so it reports that time instead of a rate; rates and ETA come from later steps."""
 
-    def __init__(self, log_interval: int = 10, **_framework_args) -> None:
-        super().__init__()
+    def __init__(self, log_interval: int = 10, initial_step: Optional[int] = None) -> None:
+        super().__init__(initial_step)
         self.log_interval = max(1, int(log_interval))
-        self.start: Optional[float] = None
+        self.begin: Optional[float] = None
         self.last: Optional[float] = None
         self.last_step = 0
         self.history = []
 
-    def on_train_step_begin(self, run_context):
-        if self.start is None:
-            self.start = self.last = time.time()
-            self.last_step = self.step(run_context.original_args()) - 1
+    def on_train_begin(self, run_context):
+        super().on_train_begin(run_context)
+        self.begin = time.time()
 
     def on_train_step_end(self, run_context):
         cb = run_context.original_args()
         step = self.step(cb)
-        loss, overflow, scale, lr, norm = (np.asarray(x.asnumpy() if hasattr(x, "asnumpy") else x)
-                                           for x in cb.net_outputs)
+        loss, overflow, scale, lr, norm = (_scalar(x) for x in cb.net_outputs)
         net = _wrapper(cb)
-        ce, aux, z = (float(p.asnumpy()) for p in (net.stat_ce, net.stat_aux, net.stat_z))
-        self.history.append({"step": step, "loss": float(loss), "ce_loss": ce, "aux_loss": aux, "z_loss": z})
-        if step % self.log_interval and step != self.total(cb):
+        ce, aux, z = (_scalar(p) for p in (net.stat_ce, net.stat_aux, net.stat_z))
+        self.history.append({"step": step, "loss": loss, "ce_loss": ce, "aux_loss": aux, "z_loss": z,
+                             "overflow": bool(overflow), "loss_scale": scale})
+        if not self.is_log_step(cb, self.log_interval):
             return
         now = time.time()
-        dataset = cb.train_dataset
-        tokens = dataset.get_batch_size() * int(np.prod(dataset.output_shapes()[0][1:]))
-        steps = step - self.last_step
-        rate = tokens * steps / max(now - self.last, 1e-9)
         total = self.total(cb)
-        eta = (total - step) * (now - self.last) / max(steps, 1)
-        print(f"step {step}/{total} | loss {float(loss):.4f} | ce {ce:.4f} | aux {aux:.4f} | z {z:.3f} | "
-              f"lr {float(lr):.2e} | grad_norm {float(norm):.3f} | {rate:,.0f} tokens/s | "
-              f"ETA {eta:.0f} s{' | overflow: step skipped' if bool(overflow) else ''}", flush=True)
+        if self.last is None:  # the run's first step: compile + one step
+            speed = f"first step {now - self.begin:.1f} s (graph compile)"
+        else:
+            dataset = cb.train_dataset
+            tokens = dataset.get_batch_size() * int(np.prod(dataset.output_shapes()[0][1:]))
+            steps = max(step - self.last_step, 1)
+            per_step = (now - self.last) / steps
+            speed = f"{tokens / max(per_step, 1e-9):,.0f} tokens/s | ETA {_duration((total - step) * per_step)}"
+        flags = f" | overflow: step skipped, loss scale {scale:g}" if overflow else ""
+        print(f"step {step}/{total} | loss {loss:.4f} | ce {ce:.4f} | aux {aux:.4f} | z {z:.3f} | "
+              f"lr {lr:.2e} | grad_norm {norm:.3f} | {speed}{flags}", flush=True)
         self.last, self.last_step = now, step
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 @MindFormerRegister.register(MindFormerModuleType.CALLBACK)
 class RouterStatsMonitor(_StepCounter):
-    """Appends per-layer tokens per expert, dropped fraction, aux and z loss to `<output_dir>/router_stats.jsonl`
-    every `log_interval` steps; `scripts/plot_router.py` turns the file into a heatmap."""
+    """Every `log_interval` steps (and at the first and last), per layer: tokens routed to each expert,
+    the fraction of assignments dropped for lack of capacity, plus the aux and z loss of that step.
 
-    def __init__(self, output_dir: str = "./output", log_interval: int = 10, **_framework_args) -> None:
-        super().__init__()
+    Appends one JSON object per logged step to `<output_dir>/router_stats.jsonl`:
+      {"step", "tokens_per_expert": [L][E], "dropped_per_expert": [L][E], "dropped_fraction": [L],
+       "aux_loss", "z_loss", "loss", "ce_loss", "overflow", "loss_scale"}
+    (a fresh run starts the file anew; a resumed run drops the records after its starting step), and
+    prints a line per layer when `verbose`. `scripts/plot_router.py` turns the file into a heatmap.
+    """
+
+    def __init__(self, output_dir: str = "./output", log_interval: int = 10, verbose: bool = True,
+                 initial_step: Optional[int] = None) -> None:
+        super().__init__(initial_step)
         self.path = os.path.join(output_dir, "router_stats.jsonl")
         self.log_interval = max(1, int(log_interval))
-        os.makedirs(output_dir, exist_ok=True)
+        self.verbose = bool(verbose)
+
+    def on_train_begin(self, run_context):
+        super().on_train_begin(run_context)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        kept = []
+        if self.offset and os.path.isfile(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.offset]
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
 
     def on_train_step_end(self, run_context):
         cb = run_context.original_args()
-        step = self.step(cb)
-        if step % self.log_interval and step != self.total(cb):
+        if not self.is_log_step(cb, self.log_interval):
             return
+        step = self.step(cb)
         net = _wrapper(cb)
         load = net.stat_load.asnumpy()
         dropped = net.stat_dropped.asnumpy()
+        fraction = dropped.sum(-1) / np.maximum(load.sum(-1), 1)
         record = {
             "step": step,
-            "tokens_per_expert": load.astype(int).tolist(),
-            "dropped_fraction": (dropped.sum(-1) / np.maximum(load.sum(-1), 1)).round(6).tolist(),
-            "aux_loss": float(net.stat_aux.asnumpy()), "z_loss": float(net.stat_z.asnumpy()),
+            "tokens_per_expert": load.round().astype(int).tolist(),
+            "dropped_per_expert": dropped.round().astype(int).tolist(),
+            "dropped_fraction": fraction.round(6).tolist(),
+            "aux_loss": _scalar(net.stat_aux), "z_loss": _scalar(net.stat_z),
+            "loss": _scalar(cb.net_outputs[0]), "ce_loss": _scalar(net.stat_ce),
+            "overflow": bool(_scalar(cb.net_outputs[1])), "loss_scale": _scalar(cb.net_outputs[2]),
         }
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.verbose:
+            width = len(str(int(load.max()))) if load.size else 1
+            lines = [f"  router step {step} | aux {record['aux_loss']:.4f} | z {record['z_loss']:.3f}"]
+            for layer, (row, frac) in enumerate(zip(load.astype(int), fraction)):
+                counts = " ".join(f"{int(c):>{width}d}" for c in row)
+                lines.append(f"    layer {layer}: tokens/expert [{counts}] | dropped {100 * frac:.1f}%")
+            print("\n".join(lines), file=sys.stdout, flush=True)

@@ -15,6 +15,10 @@ from mindspore.context import ParallelMode
 from mindspore.parallel._utils import _get_device_num, _get_gradients_mean, _get_parallel_mode
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+from ..hf_config import ConfigError
+
+_DYNAMIC_SCALE_DEFAULTS = {"loss_scale_value": 2.0 ** 16, "scale_factor": 2, "scale_window": 1000}
+
 
 class _ScaledLoss(nn.Cell):
     """(loss * scale, unscaled outputs...): differentiating the first output gives scaled gradients."""
@@ -30,15 +34,26 @@ class _ScaledLoss(nn.Cell):
 
 @MindFormerRegister.register(MindFormerModuleType.WRAPPER)
 class MixtralTrainOneStepCell(nn.Cell):
-    """Returns (loss, overflow, loss_scale, learning_rate, global_norm), the layout MindFormers' callbacks read.
+    """Returns (loss, overflow, loss_scale, learning_rate, global_norm), the layout MindFormers' callbacks
+    (MFLossMonitor, CheckpointMonitor) read: loss is the unscaled training loss, overflow True when the
+    update was skipped, loss_scale the scale the next step uses (saved in checkpoints for a resume),
+    global_norm the gradient norm before clipping. The step's CE, aux and z loss, tokens per expert and
+    dropped assignments per layer are left in the `router_stats.*` parameters (stat_ce, stat_aux, stat_z,
+    stat_load, stat_dropped) for MixtralProgressMonitor and RouterStatsMonitor.
 
     `scale_sense`: a fixed loss scale (1.0 for fp32/bf16), or a dict / `nn.DynamicLossScaleUpdateCell`
-    for fp16 dynamic loss scaling (`loss_scale_value`, `scale_factor`, `scale_window`).
+    for fp16 dynamic loss scaling (`loss_scale_value`, `scale_factor`, `scale_window`): on overflow the
+    scale is divided by scale_factor (not below 1) and the update skipped; after scale_window finite
+    steps it is multiplied by scale_factor. `max_grad_norm` (with `use_clip_grad`): clip by global norm.
+    In DATA_PARALLEL / HYBRID_PARALLEL mode gradients are all-reduced (mean when `gradients_mean`) before
+    the overflow check, so every rank skips the same steps.
     """
 
     def __init__(self, network: nn.Cell, optimizer: nn.Optimizer,
-                 scale_sense: Union[float, dict, nn.Cell] = 1.0, max_grad_norm: Optional[float] = 1.0,
+                 scale_sense: Union[float, dict, nn.Cell, Tensor] = 1.0, max_grad_norm: Optional[float] = 1.0,
                  use_clip_grad: bool = True, lr_scheduler=None, **_framework_args) -> None:
+        """`_framework_args`: what MindFormers' trainer passes every wrapper (calculate_per_token_loss,
+        print_separate_loss, grouped_lr_scheduler, ...); YAML keys are checked by register.check_config."""
         super().__init__(auto_prefix=False)
         self.network = network
         self.optimizer = optimizer
@@ -46,9 +61,11 @@ class MixtralTrainOneStepCell(nn.Cell):
         self.scaled = _ScaledLoss(network)
         self.grad_fn = ms.value_and_grad(self.scaled, None, self.weights, has_aux=True)
         if isinstance(scale_sense, dict):
-            scale_sense = nn.DynamicLossScaleUpdateCell(
-                loss_scale_value=scale_sense.get("loss_scale_value", 2.0 ** 16),
-                scale_factor=scale_sense.get("scale_factor", 2), scale_window=scale_sense.get("scale_window", 1000))
+            unknown = sorted(set(scale_sense) - set(_DYNAMIC_SCALE_DEFAULTS))
+            if unknown:
+                raise ConfigError(f"runner_wrapper.scale_sense: unknown key(s) {unknown}; dynamic loss scaling "
+                                  f"takes {sorted(_DYNAMIC_SCALE_DEFAULTS)}")
+            scale_sense = nn.DynamicLossScaleUpdateCell(**{**_DYNAMIC_SCALE_DEFAULTS, **scale_sense})
         self.scale_manager = scale_sense if isinstance(scale_sense, nn.Cell) else None
         value = scale_sense.get_loss_scale() if self.scale_manager is not None else float(scale_sense)
         self.scale_sense = Parameter(Tensor(value, ms.float32), name="scale_sense", requires_grad=False)
@@ -84,7 +101,7 @@ class MixtralTrainOneStepCell(nn.Cell):
         if self.clip:
             factor = ops.minimum(self.max_grad_norm / (global_norm + 1e-6), 1.0)
             grads = tuple(g * ops.cast(factor, g.dtype) for g in grads)
-        lr = self.lr_scheduler(self.optimizer.global_step) if self.lr_scheduler is not None else ops.zeros((), ms.float32)
+        lr = self._learning_rate()
         if not overflow:
             loss = ops.depend(loss, self.optimizer(grads))
         loss = ops.depend(loss, ops.assign(self.stat_ce, ce))
@@ -92,4 +109,18 @@ class MixtralTrainOneStepCell(nn.Cell):
         loss = ops.depend(loss, ops.assign(self.stat_z, z))
         loss = ops.depend(loss, ops.assign(self.stat_load, load))
         loss = ops.depend(loss, ops.assign(self.stat_dropped, dropped))
-        return loss, overflow, scale, lr, global_norm
+        # The scale the next step will use: what CheckpointMonitor saves as loss_scale for a resume.
+        next_scale = ops.depend(ops.identity(self.scale_sense), overflow)
+        return loss, overflow, next_scale, lr, global_norm
+
+    def _learning_rate(self):
+        """The learning rate of this step (read before the optimizer advances its global_step)."""
+        if self.lr_scheduler is not None:
+            return self.lr_scheduler(self.optimizer.global_step).reshape(())
+        rate = self.optimizer.learning_rate
+        if self.optimizer.dynamic_lr:
+            rate = rate[0] if self.optimizer.is_group_lr else rate
+            return rate(self.optimizer.global_step).reshape(())
+        if self.optimizer.is_group_lr:
+            rate = rate[0]
+        return ops.cast(rate, ms.float32).reshape(())
