@@ -259,7 +259,11 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         return model
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, **kwargs):
-        """Incremental decoding with a KV cache; see mixtral_ms.generation.generate."""
+        """Incremental decoding with a KV cache; see mixtral_ms.generation.generate. MindFormers'
+        text-generation pipeline (Trainer.predict) calls with its own keywords: see training/pipeline.py."""
+        if "return_dict_in_generate" in kwargs or "max_length" in kwargs:
+            from .training.pipeline import pipeline_generate
+            return pipeline_generate(self, input_ids, attention_mask, **kwargs)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
 
     def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None):
