@@ -59,6 +59,9 @@ class MixtralSparseMoeBlock(nn.Cell):
                                param_dtype, compute_dtype)
         self.experts = MixtralExperts(self.num_experts, config.hidden_size, config.intermediate_size,
                                       config.initializer_range, param_dtype, compute_dtype)
+        # [G, E, C, H] <-> [E, G, C, H]: the expert-parallel AllToAll happens here (mixtral_ms/parallel/plan.py).
+        self.to_experts = ops.Transpose()
+        self.from_experts = ops.Transpose()
 
     def _experts_at_capacity(self, flat, weights, index, token_mask, capacity: int):
         """Dispatch into `[E, G*C, H]`, run the experts, combine: returns y [T, H], load and dropped [E]."""
@@ -69,9 +72,9 @@ class MixtralSparseMoeBlock(nn.Cell):
             index.reshape(g, n, k), weights.reshape(g, n, k), token_mask.reshape(g, n), e, capacity, self.drop_policy)
         padded = ops.concat((flat.reshape(g, n, h), ops.zeros((g, 1, h), flat.dtype)), axis=1).reshape(-1, h)
         expert_in = ops.gather(padded, slot_token, 0).reshape(g, e * capacity + 1, h)
-        expert_in = expert_in[:, :e * capacity].reshape(g, e, capacity, h).transpose(1, 0, 2, 3)
+        expert_in = self.to_experts(expert_in[:, :e * capacity].reshape(g, e, capacity, h), (1, 0, 2, 3))
         expert_out = self.experts(expert_in.reshape(e, g * capacity, h))
-        expert_out = expert_out.reshape(e, g, capacity, h).transpose(1, 0, 2, 3).reshape(g, e * capacity, h)
+        expert_out = self.from_experts(expert_out.reshape(e, g, capacity, h), (1, 0, 2, 3)).reshape(g, e * capacity, h)
         expert_out = ops.concat((expert_out, ops.zeros((g, 1, h), expert_out.dtype)), axis=1).reshape(-1, h)
         picked = ops.gather(expert_out, assignment_slot, 0).reshape(t, k, h)
         return (picked * weights.reshape(t, k, 1)).sum(axis=1), load, dropped

@@ -1,0 +1,324 @@
+"""The sharding plan for MindSpore semi-auto parallel, applied from outside the model.
+
+The model holds its matmuls, batched matmuls, the embedding gather and the two MoE transposes as
+primitive attributes; `apply_plan` calls `.shard()` on each, assigns pipeline stages to cells, sets the
+MoE token groups to the data-parallel degree and returns a table (name -> Entry) of every sharded
+primitive and every parameter with its shape, strategy and stage. `plan_spec` builds the same table
+from the config alone (no weights), so the shipped 8x7B configs can be checked without materialising
+them; `check_table` verifies every strategy against its shapes.
+
+Strategies (dp, mp, ep, pp from parallel_config; per stage, dp*mp devices; t*f = dp*mp/ep, see
+ParallelLayout.expert_token_split / expert_ffn_split; G = dp token groups, C = capacity per group):
+
+| primitive | inputs | strategy |
+|---|---|---|
+| q/k/v_proj.matmul (column parallel) | x [T, H], W [heads*D, H] | ((dp, 1), (mp, 1)) |
+| o_proj.matmul (row parallel) | x [T, nH*D], W [H, nH*D] | ((dp, mp), (1, mp)); out ((dp*mp, 1),) if seq-par |
+| self_attn.bmm_qk / bmm_pv | [B, nH, S, *] | ((dp, mp, 1, 1), (dp, mp, 1, 1)) |
+| block_sparse_moe.gate.matmul (router) | x [T, H], W [E, H] | ((dp, 1), (1, 1)) |
+| block_sparse_moe.to_experts (Transpose) | [G, E, C, H] | ((t, ep, a, 1),): dp-sharded groups -> AllToAll over ep |
+| experts.bmm_gate / bmm_up | [E, G*C, H], W [E, F, H] | ((ep, t, 1), (ep, f, 1)) |
+| experts.bmm_down | [E, G*C, F], W [E, H, F] | ((ep, t, f), (ep, 1, f)) |
+| block_sparse_moe.from_experts | [E, G, C, H] | ((ep, t, a, 1),): AllToAll back to dp-sharded groups |
+| model.gather (embedding) | W [V, H], ids [B, S] | ((1, 1), (dp, 1)); ((mp, 1), (dp, 1)) unless vocab_emb_dp |
+| lm_head.matmul, head_matmul | x [T, H], W [V, H] | ((dp, 1), (1, 1)); ((dp, 1), (mp, 1)) unless vocab_emb_dp |
+
+`a` is f with moe_config.group_wise_a2a (each model-parallel rank sends 1/f of the capacity through the
+AllToAll and the slices are all-gathered inside the model-parallel group afterwards, MindFormers'
+group-wise AllToAll), else 1. RMSNorm weights are replicated. Layers go to stage layer // (L/pp), the
+embedding to stage 0, the final norm and the LM head to the last stage.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .config import ModelDims, ParallelConfigError, ParallelLayout, model_dims
+
+Strategy = Tuple[Tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the plan: a primitive (`kind == "op"`: input shapes and in_strategy, optional
+    out_strategy) or a parameter (`kind == "param"`: its shape and the layout of its slices)."""
+    kind: str
+    shapes: Tuple[Tuple[int, ...], ...]
+    strategy: Strategy
+    stage: int
+    out_strategy: Optional[Strategy] = None
+    note: str = ""
+
+    def slice_shape(self, index: int = 0) -> Tuple[int, ...]:
+        return tuple(d // s for d, s in zip(self.shapes[index], self.strategy[index]))
+
+
+def _capacity(tokens: int, top_k: int, experts: int, factor: float) -> int:
+    """mixtral_ms.dispatch.expert_capacity (duplicated to stay MindSpore-free; a test compares them)."""
+    if factor <= 0:
+        return tokens
+    return max(1, min(tokens, int(math.ceil(top_k * tokens * factor / experts))))
+
+
+def sequence_tokens(dims: ModelDims, run_mode: str = "train") -> int:
+    """Tokens per row the network runs on: training samples hold seq_length + 1 tokens and the model
+    shifts inside (mixtral_ms.losses.causal_lm_loss), so training runs seq_length + 1."""
+    return dims.seq_length + (1 if run_mode in ("train", "finetune") else 0)
+
+
+def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train",
+              capacity_factor: Optional[float] = None) -> Dict[str, Entry]:
+    """The plan from shapes alone: every sharded primitive and every parameter of MixtralForCausalLM.
+
+    `model`: MixtralConfig or model_config mapping. Shapes are global (semi-auto parallel graphs are
+    written for the whole batch): rows B = batch_size * dp per micro-batch, T = B * tokens per row.
+    Capacity uses the training capacity factor (training) or the dropless fast path (2x mean load).
+    """
+    d = model_dims(model)
+    dp, mp, ep, pp = layout.data_parallel, layout.model_parallel, layout.expert_parallel, layout.pipeline_stage
+    t, f = layout.expert_token_split, layout.expert_ffn_split
+    a = f if layout.group_wise_a2a else 1
+    if d.num_hidden_layers != layout.num_layers:
+        raise ParallelConfigError(f"the layout was validated for {layout.num_layers} layers, the model has "
+                                  f"{d.num_hidden_layers}")
+    b = layout.micro_batch_rows()
+    s = sequence_tokens(d, run_mode)
+    tok = b * s
+    h, v, e, ff = d.hidden_size, d.vocab_size, d.num_local_experts, d.intermediate_size
+    nh, nkv, hd = d.num_attention_heads, d.num_key_value_heads, d.head_dim
+    g = layout.moe_token_groups
+    if tok % g:
+        raise ParallelConfigError(f"{tok} tokens per micro-batch do not split into {g} MoE token groups")
+    factor = d.capacity_factor if capacity_factor is None else capacity_factor
+    c = _capacity(tok // g, d.num_experts_per_tok, e, factor if factor > 0 else 2.0)
+    if c % a:
+        raise ParallelConfigError(f"moe_config.group_wise_a2a splits the expert capacity over {a} model-parallel "
+                                  f"ranks, but the capacity is {c} ({tok // g} tokens per group, capacity_factor "
+                                  f"{factor}); change batch_size, seq_length or capacity_factor, or turn it off")
+    last = pp - 1
+    vocab_split = 1 if layout.effective_vocab_emb_dp else mp
+    table: Dict[str, Entry] = {}
+
+    def op(name, shapes, strategy, stage, out=None, note=""):
+        table[name] = Entry("op", tuple(map(tuple, shapes)), tuple(map(tuple, strategy)), stage,
+                            tuple(map(tuple, out)) if out else None, note)
+
+    def param(name, shape, strategy, stage, note=""):
+        table[name] = Entry("param", (tuple(shape),), (tuple(strategy),), stage, None, note)
+
+    param("model.embed_tokens.weight", (v, h), (vocab_split, 1), 0, "model.gather table")
+    op("model.gather", [(v, h), (b, s)], [(vocab_split, 1), (dp, 1)], 0, note="embedding lookup")
+    for i in range(d.num_hidden_layers):
+        st = layout.stage_of_layer(i)
+        p = f"model.layers.{i}."
+        param(p + "input_layernorm.weight", (h,), (1,), st, "replicated")
+        for proj, rows in (("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)):
+            op(p + f"self_attn.{proj}.matmul", [(tok, h), (rows, h)], [(dp, 1), (mp, 1)], st, note="column parallel")
+            param(p + f"self_attn.{proj}.weight", (rows, h), (mp, 1), st)
+        op(p + "self_attn.o_proj.matmul", [(tok, nh * hd), (h, nh * hd)], [(dp, mp), (1, mp)], st,
+           out=[(dp * mp, 1)] if layout.use_seq_parallel else None,
+           note="row parallel: AllReduce" + (" -> ReduceScatter (use_seq_parallel)" if layout.use_seq_parallel else ""))
+        param(p + "self_attn.o_proj.weight", (h, nh * hd), (1, mp), st)
+        op(p + "self_attn.bmm_qk", [(b, nh, s, hd), (b, nh, s, hd)], [(dp, mp, 1, 1), (dp, mp, 1, 1)], st,
+           note="heads over mp")
+        op(p + "self_attn.bmm_pv", [(b, nh, s, s), (b, nh, s, hd)], [(dp, mp, 1, 1), (dp, mp, 1, 1)], st,
+           note="heads over mp")
+        param(p + "post_attention_layernorm.weight", (h,), (1,), st, "replicated")
+        m = p + "block_sparse_moe."
+        op(m + "gate.matmul", [(tok, h), (e, h)], [(dp, 1), (1, 1)], st, note="router, tokens over dp")
+        param(m + "gate.weight", (e, h), (1, 1), st, "replicated")
+        op(m + "to_experts", [(g, e, c, h)], [(t, ep, a, 1)], st,
+           note="AllToAll: dp token groups -> ep expert shards" + (" (group-wise)" if a > 1 else ""))
+        op(m + "experts.bmm_gate", [(e, g * c, h), (e, ff, h)], [(ep, t, 1), (ep, f, 1)], st, note="experts over ep")
+        op(m + "experts.bmm_up", [(e, g * c, h), (e, ff, h)], [(ep, t, 1), (ep, f, 1)], st, note="experts over ep")
+        op(m + "experts.bmm_down", [(e, g * c, ff), (e, h, ff)], [(ep, t, f), (ep, 1, f)], st,
+           note="experts over ep" + (", AllReduce over f" if f > 1 else ""))
+        op(m + "from_experts", [(e, g, c, h)], [(ep, t, a, 1)], st, note="AllToAll back to dp token groups")
+        param(m + "experts.w1", (e, ff, h), (ep, f, 1), st)
+        param(m + "experts.w3", (e, ff, h), (ep, f, 1), st)
+        param(m + "experts.w2", (e, h, ff), (ep, 1, f), st)
+    param("model.norm.weight", (h,), (1,), last, "replicated")
+    head = [(dp, 1), (vocab_split, 1)]
+    op("lm_head.matmul", [(tok, h), (v, h)], head, last,
+       note="LM head" + (", vocab over mp" if vocab_split > 1 else ""))
+    op("head_matmul", [(tok, h), (v, h)], head, last, note="tied-embedding LM head (used when tie_word_embeddings)")
+    if not d.tie_word_embeddings:
+        param("lm_head.weight", (v, h), (vocab_split, 1), last)
+    else:
+        del table["lm_head.matmul"]
+    return table
+
+
+def check_table(table: Dict[str, Entry], layout: ParallelLayout) -> List[str]:
+    """Every strategy has one entry per dimension, divides its dimension, and uses at most the devices
+    of a stage; stages are in range. Returns the problems (empty when consistent)."""
+    problems = []
+    for name, entry in table.items():
+        strategies = list(entry.strategy) + list(entry.out_strategy or ())
+        if entry.out_strategy and len(entry.out_strategy[0]) != len(entry.shapes[0]):
+            problems.append(f"{name}: out_strategy rank")
+        if not 0 <= entry.stage < layout.pipeline_stage:
+            problems.append(f"{name}: stage {entry.stage} outside 0..{layout.pipeline_stage - 1}")
+        for shape, strategy in zip(entry.shapes, entry.strategy):
+            if len(shape) != len(strategy):
+                problems.append(f"{name}: strategy {strategy} does not match shape {shape}")
+                continue
+            for dim, split in zip(shape, strategy):
+                if split < 1 or dim % split:
+                    problems.append(f"{name}: dimension {dim} of {shape} not divisible by {split} ({strategy})")
+        for strategy in strategies:
+            if math.prod(strategy) > layout.stage_devices or layout.stage_devices % math.prod(strategy):
+                problems.append(f"{name}: strategy {strategy} does not fit {layout.stage_devices} devices per stage")
+    return problems
+
+
+def replication(entry: Entry, layout: ParallelLayout) -> int:
+    """How many devices of a stage hold the same slice of a parameter (the optimizer-shard group)."""
+    return layout.stage_devices // math.prod(entry.strategy[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Applying the plan to a model
+
+
+# Primitives MindFormers' base classes attach to the top-level model for their own text generator
+# (mindformers/generation/text_generator.py `self.gather`); never in mixtral-ms's training graph.
+FRAMEWORK_PRIMITIVES = frozenset({"gather"})
+
+
+def _primitives(model) -> Dict[str, Any]:
+    """name -> primitive for every primitive a cell of `model` holds as an attribute."""
+    found = {}
+    for cell_name, cell in model.cells_and_names():
+        for attr, prim in getattr(cell, "_primitives", {}).items():
+            name = f"{cell_name}.{attr}" if cell_name else attr
+            if prim is not None and name not in FRAMEWORK_PRIMITIVES:
+                found[name] = prim
+    return found
+
+
+def apply_plan(model, layout: ParallelLayout, run_mode: str = "train") -> Dict[str, Entry]:
+    """Shard every primitive of a MixtralForCausalLM, assign pipeline stages, group MoE tokens per dp
+    shard, and mark decoder layers for recomputation (recompute_config.recompute). Returns the table.
+
+    Raises ParallelConfigError if the model holds a primitive or a parameter the plan does not cover,
+    or if a strategy does not divide its shape.
+    """
+    from ..moe import MixtralSparseMoeBlock
+
+    config = model.config
+    table = plan_spec(config, layout, run_mode)
+    problems = check_table(table, layout)
+    if problems:
+        raise ParallelConfigError(f"sharding plan inconsistent with the model: {problems[0]} "
+                                  f"(+{len(problems) - 1} more)")
+    prims = _primitives(model)
+    ops = {k for k, e in table.items() if e.kind == "op"}
+    missing = sorted(set(prims) - ops)
+    if missing:
+        raise ParallelConfigError(f"no sharding strategy for primitive(s) {missing[:4]}; "
+                                  f"update mixtral_ms/parallel/plan.py")
+    unused = sorted(ops - set(prims))
+    if unused:
+        raise ParallelConfigError(f"the model lacks primitive(s) {unused[:4]} the plan shards (moe.py hooks?)")
+    params = {p.name: p for p in model.get_parameters()}
+    planned = {k for k, e in table.items() if e.kind == "param"}
+    if set(params) != planned:
+        extra, absent = sorted(set(params) - planned), sorted(planned - set(params))
+        raise ParallelConfigError(f"parameters not in the plan: {extra[:4]}; planned but absent: {absent[:4]}")
+    for name, prim in prims.items():
+        entry = table[name]
+        prim.shard(entry.strategy, entry.out_strategy) if entry.out_strategy else prim.shard(entry.strategy)
+
+    config.moe_token_groups = layout.moe_token_groups
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, MixtralSparseMoeBlock):
+            cell.groups = layout.moe_token_groups
+    if layout.pipeline_stage > 1:
+        inner = model.model
+        inner.embed_tokens.pipeline_stage = 0
+        for i, layer in enumerate(inner.layers):
+            layer.pipeline_stage = layout.stage_of_layer(i)
+        inner.norm.pipeline_stage = layout.pipeline_stage - 1
+        if not config.tie_word_embeddings:
+            model.lm_head.pipeline_stage = layout.pipeline_stage - 1
+    if layout.recompute:
+        for layer in model.model.layers:
+            layer.recompute()
+    return table
+
+
+def format_table(table: Dict[str, Entry], layout: ParallelLayout, layers: Sequence[int] = (0,)) -> str:
+    """Markdown table of the plan (the given decoder layers plus the embedding and head)."""
+    rows = ["| name | kind | shapes | strategy | stage | note |", "|---|---|---|---|---|---|"]
+    keep = tuple(f"model.layers.{i}." for i in layers)
+    for name, e in table.items():
+        if name.startswith("model.layers.") and not name.startswith(keep):
+            continue
+        shapes = " x ".join(str(list(s)) for s in e.shapes)
+        strat = str(tuple(e.strategy)) + (f" out {e.out_strategy}" if e.out_strategy else "")
+        rows.append(f"| `{name}` | {e.kind} | {shapes} | {strat} | {e.stage} | {e.note} |")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parallel context
+
+
+def context_kwargs(layout: ParallelLayout, strategy_file: Optional[str] = None) -> Dict[str, Any]:
+    """Arguments for mindspore.set_auto_parallel_context for this layout: parallel_mode, device_num,
+    gradients_mean, full_batch, and in semi-auto mode enable_alltoall, pipeline_stages,
+    enable_parallel_optimizer (+ parallel_optimizer_config), pipeline_config and the strategy file;
+    other keys of the YAML's `parallel:` section pass through."""
+    kwargs: Dict[str, Any] = dict(layout.context)
+    kwargs.update(parallel_mode=layout.parallel_mode, device_num=layout.devices,
+                  gradients_mean=layout.gradients_mean)
+    if "dataset_strategy" not in kwargs:
+        kwargs["full_batch"] = layout.full_batch
+    if layout.parallel_mode == "semi_auto_parallel":
+        kwargs.update(enable_alltoall=layout.enable_alltoall, pipeline_stages=layout.pipeline_stage,
+                      enable_parallel_optimizer=layout.optimizer_shard)
+        if layout.optimizer_shard and layout.parallel_optimizer_config:
+            kwargs["parallel_optimizer_config"] = dict(layout.parallel_optimizer_config)
+        if layout.pipeline_stage > 1 and layout.pipeline_config:
+            kwargs["pipeline_config"] = dict(layout.pipeline_config)
+        if strategy_file and "strategy_ckpt_config" not in kwargs:
+            kwargs["strategy_ckpt_save_file"] = strategy_file
+    return kwargs
+
+
+def setup_context(layout: ParallelLayout, strategy_file: Optional[str] = None) -> Dict[str, Any]:
+    """Apply context_kwargs on top of what MindFormers' build_context set, plus MindFormers'
+    semi-auto algorithm settings (element-wise ops follow their producer's strategy)."""
+    import mindspore as ms
+    from mindspore.parallel import set_algo_parameters
+    kwargs = context_kwargs(layout, strategy_file)
+    ms.set_auto_parallel_context(**kwargs)
+    if layout.parallel_mode == "semi_auto_parallel":
+        set_algo_parameters(elementwise_op_strategy_follow=True, fully_use_devices=True)
+    return kwargs
+
+
+def prepare_parallel(config, devices: Optional[int] = None, rank: Optional[int] = None) -> ParallelLayout:
+    """For scripts/run_mixtral.py with `use_parallel: True`, after MindFormers' build_context(config)
+    has initialised communication and before the model is built: validate the layout against the
+    world size, set the auto-parallel context (strategy file `<output_dir>/strategy/
+    ckpt_strategy_rank_<rank>.ckpt`, MindFormers' naming), and write `moe_token_groups = dp` into
+    `config.model.model_config` so the model is built with per-data-parallel-shard capacity.
+    Then build the model and call `apply_plan(model, layout, config.run_mode)`.
+    """
+    import os
+    from .config import from_run_config
+    if devices is None or rank is None:
+        from mindspore.communication import get_group_size, get_rank
+        devices = get_group_size() if devices is None else devices
+        rank = get_rank() if rank is None else rank
+    layout = from_run_config(config, devices)
+    name = os.path.basename(str((config.get("parallel") or {}).get("strategy_ckpt_save_file") or "ckpt_strategy.ckpt"))
+    strategy_file = os.path.join(str(config.get("output_dir") or "./output"), "strategy",
+                                 name.replace(".ckpt", f"_rank_{rank}.ckpt"))
+    os.makedirs(os.path.dirname(strategy_file), exist_ok=True)
+    setup_context(layout, strategy_file)
+    config.model.model_config.moe_token_groups = layout.moe_token_groups
+    return layout
