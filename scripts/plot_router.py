@@ -3,8 +3,10 @@
 
     python scripts/plot_router.py --stats runs/tiny/router_stats.jsonl --output runs/tiny/router_load.png
 
-One panel per layer: experts on the y axis, logged steps on the x axis, colour = share of the layer's
-routed assignments (1/E is perfect balance); the dropped fraction is drawn under each panel.
+Per layer: a heatmap with experts on the y axis and training steps on the x axis, colour = the expert's
+share of the layer's routed assignments (1/E is perfect balance; one colour scale for all layers), and
+under it the fraction of assignments dropped for lack of capacity. A last panel draws the
+load-balancing (aux) loss and the router z-loss. Bad input prints one line `error: ...`, exit 2.
 """
 import argparse
 import json
@@ -14,46 +16,94 @@ import sys
 import numpy as np
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stats", required=True)
-    parser.add_argument("--output", required=True)
-    args = parser.parse_args(argv)
-    if not os.path.isfile(args.stats):
-        print(f"error: no stats file {args.stats}", file=sys.stderr)
-        return 2
-    with open(args.stats, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    if not records:
-        print(f"error: {args.stats} is empty", file=sys.stderr)
-        return 2
+def read_stats(path):
+    """Records sorted by step (a later record for the same step, e.g. after a resume, wins)."""
+    records = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                records[int(record["step"])] = record
+                np.asarray(record["tokens_per_expert"], float).reshape(len(record["tokens_per_expert"]), -1)
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{number}: not a router-stats record ({err})") from None
+    return [records[s] for s in sorted(records)]
+
+
+def edges(steps):
+    """Cell edges around each logged step, so uneven logging intervals keep their true width."""
+    steps = np.asarray(steps, float)
+    if len(steps) == 1:
+        return np.array([steps[0] - 0.5, steps[0] + 0.5])
+    mid = (steps[1:] + steps[:-1]) / 2
+    return np.concatenate([[steps[0] - (mid[0] - steps[0])], mid, [steps[-1] + (steps[-1] - mid[-1])]])
+
+
+def plot(records, output):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     steps = [r["step"] for r in records]
     load = np.array([r["tokens_per_expert"] for r in records], float)  # [T, L, E]
     share = load / np.maximum(load.sum(-1, keepdims=True), 1)
-    dropped = np.array([r["dropped_fraction"] for r in records])        # [T, L]
+    dropped = np.array([r["dropped_fraction"] for r in records], float)  # [T, L]
     layers, experts = share.shape[1], share.shape[2]
-    fig, axes = plt.subplots(2 * layers, 1, figsize=(10, 2.6 * layers + 1), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 1] * layers})
+    x = edges(steps)
+    ratios = [3, 1] * layers + [1.3]
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(11, 2.3 * layers + 2.2), sharex=True,
+                             gridspec_kw={"height_ratios": ratios})
+    vmax = max(2.5 / experts, float(np.percentile(share, 99)))
+    mesh = None
     for layer in range(layers):
-        ax, ax_drop = axes[2 * layer, 0], axes[2 * layer + 1, 0]
-        im = ax.imshow(share[:, layer].T, aspect="auto", cmap="viridis", vmin=0, vmax=min(1.0, 3.0 / experts),
-                       extent=[steps[0], steps[-1], experts - 0.5, -0.5], interpolation="nearest")
-        ax.set_ylabel(f"layer {layer}\nexpert")
+        ax, ax_drop = axes[2 * layer], axes[2 * layer + 1]
+        mesh = ax.pcolormesh(x, np.arange(experts + 1) - 0.5, share[:, layer].T, cmap="viridis", vmin=0,
+                             vmax=vmax, shading="flat")
+        ax.set_ylim(experts - 0.5, -0.5)
         ax.set_yticks(range(experts))
-        fig.colorbar(im, ax=ax, label="share of assignments")
-        ax_drop.plot(steps, dropped[:, layer], color="crimson")
-        ax_drop.set_ylabel("dropped")
-        ax_drop.set_ylim(0, max(0.05, float(dropped.max()) * 1.1))
-        ax_drop.set_xlim(steps[0], steps[-1])
-    axes[-1, 0].set_xlabel("step")
-    fig.suptitle(f"Expert load over training (balanced = {1 / experts:.3f} per expert)")
-    fig.tight_layout()
-    tmp = args.output + ".tmp.png"
+        ax.set_ylabel(f"layer {layer}\nexpert")
+        ax_drop.fill_between(steps, 100 * dropped[:, layer], color="crimson", alpha=0.3, step="mid")
+        ax_drop.plot(steps, 100 * dropped[:, layer], color="crimson", drawstyle="steps-mid")
+        ax_drop.set_ylim(0, max(5.0, 110 * float(dropped.max())))
+        ax_drop.set_ylabel("dropped %")
+        ax_drop.grid(alpha=0.3)
+    ax_loss = axes[-1]
+    ax_loss.plot(steps, [r["aux_loss"] for r in records], color="tab:blue", label="aux (load-balancing) loss")
+    ax_loss.plot(steps, [r["z_loss"] for r in records], color="tab:orange", label="router z-loss")
+    ax_loss.legend(loc="upper right", fontsize=8, ncol=2)
+    ax_loss.set_ylabel("router\nlosses")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.set_xlabel("training step")
+    ax_loss.set_xlim(x[0], x[-1])
+    fig.colorbar(mesh, ax=list(axes), label="share of the layer's assignments", fraction=0.03, pad=0.02)
+    fig.suptitle(f"Expert load over training: {layers} layers x {experts} experts "
+                 f"(balanced = {1 / experts:.3f} per expert)")
+    tmp = output + ".tmp.png"
     fig.savefig(tmp, dpi=110)
-    os.replace(tmp, args.output)
+    plt.close(fig)
+    os.replace(tmp, output)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stats", required=True, help="router_stats.jsonl written by RouterStatsMonitor")
+    parser.add_argument("--output", required=True, help="PNG to write")
+    args = parser.parse_args(argv)
+    try:
+        if not os.path.isfile(args.stats):
+            raise ValueError(f"no stats file {args.stats}")
+        records = read_stats(args.stats)
+        if not records:
+            raise ValueError(f"{args.stats} is empty")
+        plot(records, args.output)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    last = records[-1]
+    print(f"router at step {last['step']}: aux loss {last['aux_loss']:.4f}, z-loss {last['z_loss']:.3f}")
+    for layer, (row, frac) in enumerate(zip(last["tokens_per_expert"], last["dropped_fraction"])):
+        print(f"  layer {layer}: tokens/expert {row} | dropped {100 * frac:.1f}%")
     print(f"wrote {args.output}")
     return 0
 

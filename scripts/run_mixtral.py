@@ -5,6 +5,8 @@
   python scripts/run_mixtral.py --config configs/mixtral_tiny_cpu.yaml --run_mode train \\
       --load_checkpoint runs/tiny/checkpoint/rank_0/mixtral_tiny_rank_0-1_200.ckpt --resume_training
   python scripts/run_mixtral.py --config configs/mixtral_tiny_finetune_cpu.yaml --run_mode finetune
+  python scripts/run_mixtral.py --config configs/mixtral_tiny_finetune_cpu.yaml --run_mode predict \
+      --load_checkpoint runs/tiny_sft/checkpoint --instruct --predict_data "Continue the passage ..."
   python scripts/run_mixtral.py --config configs/mixtral_tiny_cpu.yaml --run_mode predict \\
       --load_checkpoint runs/tiny/checkpoint --predict_data "In the beginning" --max_new_tokens 40
 
@@ -151,7 +153,7 @@ def generation_settings(config, args) -> dict:
     return settings
 
 
-def run_predict(config, prompts, settings: dict) -> None:
+def run_predict(config, prompts, settings: dict, instruct: bool = False) -> None:
     import numpy as np
     import sentencepiece as spm
     tokenizer_path = config.get("tokenizer") or os.path.join(ROOT, "data", "tokenizer", "tokenizer.model")
@@ -166,6 +168,8 @@ def run_predict(config, prompts, settings: dict) -> None:
     if sp.get_piece_size() > model.config.vocab_size:
         raise RunError(f"the tokenizer {tokenizer_path} has {sp.get_piece_size()} pieces but the model's "
                        f"vocab_size is {model.config.vocab_size}")
+    if instruct:  # the Mixtral-Instruct template the fine-tuning data was rendered with (mixtral_ms/data.py)
+        prompts = [f"[INST] {p} [/INST]" for p in prompts]
     encoded = [[sp.bos_id()] + sp.encode(p) for p in prompts]
     width = max(map(len, encoded))
     ids = np.zeros((len(encoded), width), np.int32)
@@ -193,6 +197,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output_dir")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--predict_data", nargs="+", default=["In the beginning"])
+    parser.add_argument("--instruct", action="store_true",
+                        help="wrap each prompt in Mixtral-Instruct's [INST] ... [/INST] (fine-tuned models)")
     parser.add_argument("--max_new_tokens", type=int)
     parser.add_argument("--do_sample", action="store_true", default=None)
     parser.add_argument("--temperature", type=float)
@@ -223,7 +229,7 @@ def main(argv=None) -> int:
         if config.run_mode in ("train", "finetune"):
             run_train(config, finetune=config.run_mode == "finetune")
         elif config.run_mode == "predict":
-            run_predict(config, args.predict_data, settings)
+            run_predict(config, args.predict_data, settings, args.instruct)
         else:
             raise RunError(f"run_mode must be train, finetune or predict, got {config.run_mode!r}")
     except (RunError, ConfigError, DataError, CheckpointError) as err:

@@ -46,7 +46,8 @@ class MixtralTrainOneStepCell(nn.Cell):
     scale is divided by scale_factor (not below 1) and the update skipped; after scale_window finite
     steps it is multiplied by scale_factor. `max_grad_norm` (with `use_clip_grad`): clip by global norm.
     In DATA_PARALLEL / HYBRID_PARALLEL mode gradients are all-reduced (mean when `gradients_mean`) before
-    the overflow check, so every rank skips the same steps.
+    the overflow check, so every rank skips the same steps, and the router statistics are summed (load,
+    dropped) or averaged (CE, aux, z) over ranks; the returned loss stays the rank's own, as in MindFormers.
     """
 
     def __init__(self, network: nn.Cell, optimizer: nn.Optimizer,
@@ -76,6 +77,8 @@ class MixtralTrainOneStepCell(nn.Cell):
         self.grad_reducer = ops.identity
         if self.reducer_flag:
             self.grad_reducer = nn.DistributedGradReducer(self.weights, _get_gradients_mean(), _get_device_num())
+            self.stats_sum = ops.AllReduce()  # router statistics of the global batch, not one rank's
+            self.device_num = float(_get_device_num())
         model = network
         while not hasattr(model, "config") and hasattr(model, "network"):  # MindFormers' DataOrderWrapperCell
             model = model.network
@@ -92,7 +95,7 @@ class MixtralTrainOneStepCell(nn.Cell):
         (_, outputs), grads = self.grad_fn(scale, *inputs)
         loss, ce, aux, z, load, dropped = outputs
         grads = self.grad_reducer(grads)
-        grads = tuple(g / ops.cast(scale, g.dtype) for g in grads)
+        grads = tuple(ops.cast(ops.cast(g, ms.float32) / scale, g.dtype) for g in grads)  # unscale in fp32
         finite = ops.stack([ops.isfinite(g).all() for g in grads]).all()
         overflow = ops.logical_not(finite)
         if self.scale_manager is not None:
@@ -104,6 +107,9 @@ class MixtralTrainOneStepCell(nn.Cell):
         lr = self._learning_rate()
         if not overflow:
             loss = ops.depend(loss, self.optimizer(grads))
+        if self.reducer_flag:
+            ce, aux, z = (self.stats_sum(v) / self.device_num for v in (ce, aux, z))
+            load, dropped = self.stats_sum(load), self.stats_sum(dropped)
         loss = ops.depend(loss, ops.assign(self.stat_ce, ce))
         loss = ops.depend(loss, ops.assign(self.stat_aux, aux))
         loss = ops.depend(loss, ops.assign(self.stat_z, z))
