@@ -8,6 +8,7 @@ the same Cell, so graph mode compiles two graphs per prompt length, and no prefi
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -42,6 +43,11 @@ class CachedStep(nn.Cell):
         past_valid = ops.tensor_scatter_elements(past_valid, valid_index, ops.cast(attention_mask, ms.float32),
                                                  axis=1)
         return logits, past_keys, past_values, past_cols, past_valid
+
+
+# One CachedStep per model, so graph mode compiles prefill and decode once, not on every generate call.
+# Weak keys: holding the model in a Cell attribute would make a Cell cycle and re-prefix its parameters.
+_STEPS: "weakref.WeakKeyDictionary[nn.Cell, CachedStep]" = weakref.WeakKeyDictionary()
 
 
 def _filter_logits(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
@@ -93,7 +99,9 @@ def generate(model, input_ids: Union[np.ndarray, Sequence[Sequence[int]], Tensor
     past_values = ops.zeros((layers, b, kv, slots, d), dtype)
     past_cols = Tensor(np.full((slots,), -1, np.int32))
     past_valid = Tensor(np.zeros((b, slots), np.float32))
-    step = CachedStep(model)
+    step = _STEPS.get(model)
+    if step is None:
+        step = _STEPS[model] = CachedStep(model)
     was_training = model.training
     model.set_train(False)
     rng = np.random.default_rng(seed)
