@@ -83,13 +83,17 @@ def resolve_checkpoint(path: str) -> str:
     return max(files, key=lambda f: (os.path.getmtime(f), f))
 
 
-def build_model(config, checkpoint: str | None):
-    """The model of the YAML, filled from `checkpoint` with a strict name and shape check."""
+def build_model(config, checkpoint: str | None, layout=None):
+    """The model of the YAML, filled from `checkpoint` with a strict name and shape check; with
+    `use_parallel`, sharded by the plan for the layout prepare_parallel() validated (mixtral_ms/parallel)."""
     from mixtral_ms import MixtralForCausalLM
     from mixtral_ms.checkpoint import load_weights
     model = MixtralForCausalLM(model_config(config))
     if checkpoint:
         load_weights(model, resolve_checkpoint(checkpoint))
+    if layout is not None:
+        from mixtral_ms.parallel.plan import apply_plan
+        apply_plan(model, layout, config.run_mode)
     return model
 
 
@@ -122,13 +126,13 @@ def prepare_resume(config, model) -> int:
     return int(state["step_num"].asnumpy().reshape(-1)[0])
 
 
-def run_train(config, finetune: bool) -> None:
+def run_train(config, finetune: bool, layout=None) -> None:
     from mindformers import Trainer
     from mixtral_ms.data import check_dataset
     columns = list(config.train_dataset.get("input_columns") or ["input_ids"])
     check_dataset(config.train_dataset.data_loader.dataset_dir, model_config(config).seq_length, columns)
     if config.resume_training:
-        model = build_model(config, None)
+        model = build_model(config, None, layout)
         step = prepare_resume(config, model)
         for callback in config.callbacks or []:
             if callback.get("type") in ("MixtralProgressMonitor", "RouterStatsMonitor"):
@@ -136,7 +140,7 @@ def run_train(config, finetune: bool) -> None:
         print(f"resuming from step {step}", flush=True)
         Trainer(args=config, model=model).train()  # MindFormers restores weights, optimizer, step, data position
         return
-    model = build_model(config, config.load_checkpoint or None)
+    model = build_model(config, config.load_checkpoint or None, layout)
     config.load_checkpoint = ""  # loaded above, strictly; MindFormers must not load it again
     trainer = Trainer(args=config, model=model)
     (trainer.finetune if finetune else trainer.train)()
@@ -153,7 +157,7 @@ def generation_settings(config, args) -> dict:
     return settings
 
 
-def run_predict(config, prompts, settings: dict, instruct: bool = False) -> None:
+def run_predict(config, prompts, settings: dict, instruct: bool = False, layout=None) -> None:
     import numpy as np
     import sentencepiece as spm
     tokenizer_path = config.get("tokenizer") or os.path.join(ROOT, "data", "tokenizer", "tokenizer.model")
@@ -164,7 +168,7 @@ def run_predict(config, prompts, settings: dict, instruct: bool = False) -> None
     sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
     if not config.load_checkpoint:
         raise RunError("predict needs --load_checkpoint (or load_checkpoint in the YAML)")
-    model = build_model(config, config.load_checkpoint)
+    model = build_model(config, config.load_checkpoint, layout)
     if sp.get_piece_size() > model.config.vocab_size:
         raise RunError(f"the tokenizer {tokenizer_path} has {sp.get_piece_size()} pieces but the model's "
                        f"vocab_size is {model.config.vocab_size}")
@@ -208,6 +212,7 @@ def main(argv=None) -> int:
 
     from mixtral_ms.configuration import ConfigError
     from mixtral_ms.data import DataError
+    from mixtral_ms.parallel.config import ParallelConfigError
     from mixtral_ms.safetensors_io import CheckpointError
     try:
         config = load_config(args.config, {"run_mode": args.run_mode, "load_checkpoint": args.load_checkpoint,
@@ -226,13 +231,17 @@ def main(argv=None) -> int:
         if (config.get("context") or {}).get("mode") is not None:  # MindFormers' context is built once per
             ms.set_context(mode=int(config.context.mode))           # process; a later run keeps its own mode
         ms.set_seed(int(config.seed or 0))  # before the model is built: initial weights follow the YAML's seed
+        layout = None
+        if config.use_parallel:  # validate the layout against the world size, set the auto-parallel context
+            from mixtral_ms.parallel.plan import prepare_parallel
+            layout = prepare_parallel(config)
         if config.run_mode in ("train", "finetune"):
-            run_train(config, finetune=config.run_mode == "finetune")
+            run_train(config, config.run_mode == "finetune", layout)
         elif config.run_mode == "predict":
-            run_predict(config, args.predict_data, settings, args.instruct)
+            run_predict(config, args.predict_data, settings, args.instruct, layout)
         else:
             raise RunError(f"run_mode must be train, finetune or predict, got {config.run_mode!r}")
-    except (RunError, ConfigError, DataError, CheckpointError) as err:
+    except (RunError, ConfigError, DataError, CheckpointError, ParallelConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
