@@ -353,6 +353,7 @@ def test_bad_runs_fail_with_one_line(trained, tmp_path):
         ({"callbacks": [{"type": "RouterStatsMonitor", "log_intervall": 5}]}, "did you mean 'log_interval'"),
         ({"model.model_config.seq_length": 64}, "holds samples of 17 tokens"),
         ({"model.arch.type": "LlamaForCausalLM"}, "model.arch.type must be MixtralForCausalLM"),
+        ({"runner_config.gradient_accumulation_steps": 2}, "gradient_accumulation_steps 2 is not supported"),
     ]
     for i, (changes, message) in enumerate(cases):
         cfg = write_yaml(tmp_path, data, name=f"bad{i}.yaml", **changes)

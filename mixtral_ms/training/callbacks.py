@@ -19,19 +19,30 @@ from typing import Optional
 
 import numpy as np
 
+import mindspore as ms
 from mindspore.train.callback import Callback
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 
 def _wrapper(cb_params):
-    """Our train-one-step cell (it holds the router_stats parameters)."""
+    """Our train-one-step cell (it holds the router_stats parameters), or None under another wrapper
+    (e.g. MindFormers' pipeline cell when pipeline_stage > 1)."""
     net = cb_params.train_network
-    while not hasattr(net, "stat_load") and hasattr(net, "network"):
+    while net is not None and not hasattr(net, "stat_load") and hasattr(net, "network"):
         net = net.network
-    if not hasattr(net, "stat_load"):
-        raise TypeError("MixtralProgressMonitor / RouterStatsMonitor need runner_wrapper: "
-                        "{type: MixtralTrainOneStepCell}")
-    return net
+    return net if hasattr(net, "stat_load") else None
+
+
+def _outputs(cb_params):
+    """(loss, overflow, loss scale, lr, global norm) from the train network's outputs, as MFLossMonitor
+    reads them; fields a wrapper does not return are NaN / False."""
+    outputs = cb_params.net_outputs
+    if not isinstance(outputs, (tuple, list)):
+        outputs = (outputs,)
+    values = [_scalar(x) if x is not None else float("nan") for x in outputs[:5]]
+    values += [float("nan")] * (5 - len(values))
+    loss, overflow, scale, lr, norm = values
+    return loss, overflow == overflow and bool(overflow), scale, lr, norm
 
 
 def _scalar(value) -> float:
@@ -54,7 +65,8 @@ class _StepCounter(Callback):
         elif cb.get("initial_step", None):
             self.offset = int(cb.initial_step)
         else:
-            step = getattr(getattr(_wrapper(cb), "optimizer", None), "global_step", None)
+            optimizer = cb.get("optimizer", None) or getattr(cb.get("train_network", None), "optimizer", None)
+            step = getattr(optimizer, "global_step", None)
             self.offset = int(_scalar(step)) if step is not None else 0
 
     def step(self, cb) -> int:
@@ -91,9 +103,10 @@ class MixtralProgressMonitor(_StepCounter):
     def on_train_step_end(self, run_context):
         cb = run_context.original_args()
         step = self.step(cb)
-        loss, overflow, scale, lr, norm = (_scalar(x) for x in cb.net_outputs)
+        loss, overflow, scale, lr, norm = _outputs(cb)
         net = _wrapper(cb)
-        ce, aux, z = (_scalar(p) for p in (net.stat_ce, net.stat_aux, net.stat_z))
+        nan = float("nan")
+        ce, aux, z = (_scalar(p) for p in (net.stat_ce, net.stat_aux, net.stat_z)) if net else (nan, nan, nan)
         self.history.append({"step": step, "loss": loss, "ce_loss": ce, "aux_loss": aux, "z_loss": z,
                              "overflow": bool(overflow), "loss_scale": scale})
         if not self.is_log_step(cb, self.log_interval):
@@ -101,7 +114,8 @@ class MixtralProgressMonitor(_StepCounter):
         now = time.time()
         total = self.total(cb)
         if self.last is None:  # the run's first step: compile + one step
-            speed = f"first step {now - self.begin:.1f} s (graph compile)"
+            compiled = " (graph compile)" if ms.get_context("mode") == ms.GRAPH_MODE else ""
+            speed = f"first step {now - self.begin:.1f} s{compiled}"
         else:
             dataset = cb.train_dataset
             tokens = dataset.get_batch_size() * int(np.prod(dataset.output_shapes()[0][1:]))
@@ -137,9 +151,15 @@ class RouterStatsMonitor(_StepCounter):
         self.path = os.path.join(output_dir, "router_stats.jsonl")
         self.log_interval = max(1, int(log_interval))
         self.verbose = bool(verbose)
+        self.active = True
 
     def on_train_begin(self, run_context):
         super().on_train_begin(run_context)
+        self.active = _wrapper(run_context.original_args()) is not None
+        if not self.active:
+            print("RouterStatsMonitor: the train network is not MixtralTrainOneStepCell; no router statistics",
+                  file=sys.stderr, flush=True)
+            return
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         kept = []
         if self.offset and os.path.isfile(self.path):
@@ -150,10 +170,11 @@ class RouterStatsMonitor(_StepCounter):
 
     def on_train_step_end(self, run_context):
         cb = run_context.original_args()
-        if not self.is_log_step(cb, self.log_interval):
+        if not self.active or not self.is_log_step(cb, self.log_interval):
             return
         step = self.step(cb)
         net = _wrapper(cb)
+        loss, overflow, scale, _, _ = _outputs(cb)
         load = net.stat_load.asnumpy()
         dropped = net.stat_dropped.asnumpy()
         fraction = dropped.sum(-1) / np.maximum(load.sum(-1), 1)
@@ -163,8 +184,7 @@ class RouterStatsMonitor(_StepCounter):
             "dropped_per_expert": dropped.round().astype(int).tolist(),
             "dropped_fraction": fraction.round(6).tolist(),
             "aux_loss": _scalar(net.stat_aux), "z_loss": _scalar(net.stat_z),
-            "loss": _scalar(cb.net_outputs[0]), "ce_loss": _scalar(net.stat_ce),
-            "overflow": bool(_scalar(cb.net_outputs[1])), "loss_scale": _scalar(cb.net_outputs[2]),
+            "loss": loss, "ce_loss": _scalar(net.stat_ce), "overflow": overflow, "loss_scale": scale,
         }
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")

@@ -134,6 +134,18 @@ def check_config(config: Any) -> MixtralConfig:
     mixtral = MixtralConfig(**{k: v for k, v in model["model_config"].items() if k != "type"})
 
     wrapper = config.get("runner_wrapper") or {}
+    if wrapper.get("type") == "MixtralTrainOneStepCell":
+        # MindFormers would wrap the model in GradAccumulationCell / MicroBatchInterleaved, which sum a
+        # single loss output; MixtralForCausalLM returns (loss, ce, aux, z, load, dropped).
+        accumulation = (config.get("runner_config") or {}).get("gradient_accumulation_steps") or 1
+        if accumulation != 1:
+            raise ConfigError(f"runner_config.gradient_accumulation_steps {accumulation} is not supported with "
+                              "MixtralTrainOneStepCell; raise batch_size or data_parallel instead")
+        interleave = config.get("micro_batch_interleave_num") or 1
+        pipeline = (config.get("parallel_config") or {}).get("pipeline_stage") or 1
+        if interleave != 1 and pipeline == 1:
+            raise ConfigError(f"micro_batch_interleave_num {interleave} is not supported with "
+                              "MixtralTrainOneStepCell (set it to 1)")
     scale = wrapper.get("scale_sense")
     if wrapper.get("type") == "MixtralTrainOneStepCell" and isinstance(scale, dict) and "type" not in scale:
         unknown = sorted(set(scale) - {"loss_scale_value", "scale_factor", "scale_window"})
