@@ -87,7 +87,7 @@ def _source(infos: List[TensorInfo], src_tag: str, tag: str):
 
 # ----------------------------------------------------------------------------------- validation
 
-def _hf_sources(tensors: Dict[str, TensorInfo], config) -> Dict[str, List[TensorInfo]]:
+def hf_sources(tensors: Dict[str, TensorInfo], config) -> Dict[str, List[TensorInfo]]:
     """For each mixtral-ms parameter, its Hugging Face tensors, with every name and shape checked."""
     specs = parameter_specs(config)
     wanted = hf_shapes(config)
@@ -108,7 +108,7 @@ def _hf_sources(tensors: Dict[str, TensorInfo], config) -> Dict[str, List[Tensor
     return out
 
 
-def _ms_tensors(tensors: Dict[str, TensorInfo], config) -> Dict[str, TensorInfo]:
+def ms_tensors(tensors: Dict[str, TensorInfo], config) -> Dict[str, TensorInfo]:
     """The mixtral-ms parameters of a MindSpore checkpoint (training state dropped), names and shapes checked."""
     tensors = {k: v for k, v in tensors.items() if not k.startswith(TRAINING_STATE_PREFIXES)}
     specs = parameter_specs(config)
@@ -125,7 +125,7 @@ def _ms_tensors(tensors: Dict[str, TensorInfo], config) -> Dict[str, TensorInfo]
     return {name: tensors[name] for name in specs}
 
 
-def _is_ms_layout(tensors: Dict[str, TensorInfo]) -> bool:
+def is_ms_layout(tensors: Dict[str, TensorInfo]) -> bool:
     return any(n.endswith((".experts.w1", ".experts.w2", ".experts.w3")) for n in tensors)
 
 
@@ -288,11 +288,11 @@ def hf2ms(src: str, dst: str, dtype: Optional[str] = None, overwrite: bool = Fal
         raise CheckpointError(f"source {src} is not a folder (expected config.json and safetensors)")
     config_path, config = _config_of(src)
     tensors = open_checkpoint(src)
-    if _is_ms_layout(tensors):
+    if is_ms_layout(tensors):
         raise CheckpointError(f"{src} already holds stacked experts (a mixtral-ms checkpoint); use ms2hf")
     specs = parameter_specs(config)
     items: List[Item] = []
-    for name, infos in _hf_sources(tensors, config).items():
+    for name, infos in hf_sources(tensors, config).items():
         src_tag = _source_dtype(infos)
         items.append((name, tag or src_tag, specs[name].shape, _source(infos, src_tag, tag or src_tag)))
     return _convert(src, dst, items, config_path, src, tag, overwrite, shard_size, MS_METADATA, progress)
@@ -308,11 +308,11 @@ def ms2hf(src: str, dst: str, dtype: Optional[str] = None, overwrite: bool = Fal
     tag = _dtype_tag(dtype)
     cfg_path, config = _config_of(config_path or src)
     tensors = open_checkpoint(src)
-    if not _is_ms_layout(tensors) and any(".experts.0." in n for n in tensors):
+    if not is_ms_layout(tensors) and any(".experts.0." in n for n in tensors):
         raise CheckpointError(f"{src} holds per-expert tensors (a Hugging Face checkpoint); use hf2ms")
     specs = parameter_specs(config)
     items: List[Item] = []
-    for name, info in _ms_tensors(tensors, config).items():
+    for name, info in ms_tensors(tensors, config).items():
         src_tag = _source_dtype([info])
         out_tag = tag or src_tag
         sources = specs[name].sources
@@ -344,12 +344,12 @@ def plan(src: str, dtype: Optional[str] = None) -> str:
     _, config = _config_of(src)
     tensors = open_checkpoint(src)
     specs = parameter_specs(config)
-    if _is_ms_layout(tensors):
+    if is_ms_layout(tensors):
         direction = "ms2hf (mixtral-ms -> Hugging Face)"
-        groups = {name: [info] for name, info in _ms_tensors(tensors, config).items()}
+        groups = {name: [info] for name, info in ms_tensors(tensors, config).items()}
     else:
         direction = "hf2ms (Hugging Face -> mixtral-ms)"
-        groups = _hf_sources(tensors, config)
+        groups = hf_sources(tensors, config)
     width = max(len(n) for n in specs) + 1
     lines = [f"source: {src}", f"direction: {direction}",
              f"{'mixtral-ms parameter':{width}} {'shape':>20} {'dtype':>5}  <-> Hugging Face"]
