@@ -4,6 +4,7 @@ loss trains the router, fp16 overflow skips the step, fine-tuning starts from a 
 checkpoint named in the YAML, Trainer.predict and run_mixtral.py predict generate, and bad runs fail
 with one clear line."""
 import contextlib
+import glob
 import importlib.util
 import io
 import json
@@ -332,9 +333,12 @@ def test_yaml_builds_through_the_mindformers_registry():
     from mindformers import MindFormerConfig
     from mindformers.models import build_network
     from mindformers.tools.register import MindFormerRegister
-    from mixtral_ms.training import REGISTERED
+    from mixtral_ms.training import REGISTERED, check_config
     for module_type, names in REGISTERED.items():
         assert all(MindFormerRegister.is_exist(module_type, name) for name in names), module_type
+    for path in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True):  # every bundled YAML
+        with open(path) as f:
+            check_config(yaml.safe_load(f))
     config = MindFormerConfig(os.path.join(ROOT, "configs", "mixtral_tiny_cpu.yaml"))
     network = build_network(config.model)
     assert type(network).__name__ == "MixtralForCausalLM"
