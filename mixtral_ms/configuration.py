@@ -80,6 +80,7 @@ class MixtralConfig(PretrainedConfig):
                     "attention_dropout", "hidden_act", "output_router_logits", "use_cache", "auto_register"):
             kwargs.pop(key, None)
         kwargs.setdefault("architectures", ["MixtralForCausalLM"])
+        kwargs.setdefault("batch_size", 1)  # MindFormers' predict pipeline reads it
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
