@@ -10,7 +10,7 @@ DATA=runs/data/train.mindrecord
 python scripts/preprocess_data.py --input data/corpus --format text --seq_length 128 --output "$DATA" --overwrite
 rm -rf "$OUT"
 python scripts/run_mixtral.py --config configs/mixtral_tiny_cpu.yaml --run_mode train --output_dir "$OUT" \
-  2>&1 | grep -E "^(step |error|Traceback)" || { echo "training failed; see $OUT/log" >&2; exit 1; }
+  2>&1 | grep --line-buffered -E "^(step |error|Traceback)" || { echo "training failed; see $OUT/log" >&2; exit 1; }
 python scripts/plot_router.py --stats "$OUT/router_stats.jsonl" --output "$OUT/router_load.png"
 python scripts/run_mixtral.py --config configs/mixtral_tiny_cpu.yaml --run_mode predict \
   --load_checkpoint "$OUT/checkpoint" --max_new_tokens 40 --do_sample --temperature 0.8 --top_k 40 \
