@@ -24,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mixtral_ms.name_map import parameter_specs  # noqa: E402
-from mixtral_ms.safetensors_io import open_checkpoint, write_safetensors  # noqa: E402
+from mixtral_ms.convert import write_sharded  # noqa: E402
+from mixtral_ms.safetensors_io import open_checkpoint  # noqa: E402
 
 HIDDEN, FFN, EXPERTS, VOCAB = 1024, 4096, 8, 32000
 
@@ -49,23 +50,9 @@ def make_checkpoint(folder: str, target_bytes: int, shard_bytes: int = 1 << 30) 
         for src in spec.sources:  # finite bf16 patterns of magnitude ~1e-3..1, both signs
             items.append((src, "BF16", shape, lambda shape=shape: (
                 rng.integers(0x3A00, 0x3F80, size=shape, dtype=np.uint16) | (rng.integers(0, 2, size=shape, dtype=np.uint16) << 15))))
-    shards, size = [[]], 0
-    for item in items:
-        n = 2 * int(np.prod(item[2]))
-        if shards[-1] and size + n > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += n
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(os.path.join(folder, name), shard, {"format": "pt"})
-        for item in shard:
-            weight_map[item[0]] = name
-            total += 2 * int(np.prod(item[2]))
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    total = write_sharded(folder, items, shard_bytes, {"format": "pt"})
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        shards = set(json.load(f)["weight_map"].values())
     return {"bytes": total, "layers": hf["num_hidden_layers"], "shards": len(shards), "tensors": len(items),
             "hidden_size": HIDDEN, "intermediate_size": FFN, "experts": EXPERTS,
             "largest_stacked_tensor_bytes": 2 * EXPERTS * FFN * HIDDEN}

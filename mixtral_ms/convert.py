@@ -188,7 +188,8 @@ def _finish(tmp: str, dst: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_sharded(tmp: str, items: List[Item], limit: int, metadata: Dict[str, str], progress: Progress) -> int:
+def write_sharded(folder: str, items: List[Item], limit: int, metadata: Dict[str, str],
+                  progress: Progress = None) -> int:
     """Shards of at most `limit` bytes (a larger tensor gets one of its own) named as Hugging Face names
     them, plus the index; returns the tensor bytes written."""
     shards: List[List[Item]] = []
@@ -203,13 +204,13 @@ def _write_sharded(tmp: str, items: List[Item], limit: int, metadata: Dict[str, 
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(os.path.join(tmp, name), shard, metadata)
+        write_safetensors(os.path.join(folder, name), shard, metadata)
         for item in shard:
             weight_map[item[0]] = name
             total += nbytes_of(item[1], item[2])
         if progress:
             progress(f"wrote {name} ({len(shard)} tensors, {_human(total)} so far)")
-    with open(os.path.join(tmp, INDEX), "w", encoding="utf-8") as f:
+    with open(os.path.join(folder, INDEX), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return total
 
@@ -243,7 +244,7 @@ def _convert(src: str, dst: str, items: List[Item], config_path: str, side_folde
     needed = sum(nbytes_of(d, s) for _, d, s, _ in items) + (1 << 20)
     tmp, created_parents = _prepare_dst(src, dst, overwrite, needed)
     try:
-        total = _write_sharded(tmp, items, shard_size, metadata, progress)
+        total = write_sharded(tmp, items, shard_size, metadata, progress)
         _write_config(config_path, tmp, tag)
         side = _copy_side_files(side_folder, tmp)
         files = sorted(os.listdir(tmp))
