@@ -139,12 +139,6 @@ class MixtralConfig(PretrainedConfig):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ConfigError(f"MixtralConfig: {name} must be a number, got {value!r}")
 
-    def expert_capacity(self, num_tokens: int, training: bool = True) -> int:
-        """Slots per expert for a group of `num_tokens` tokens (see dispatch.expert_capacity)."""
-        from .dispatch import expert_capacity
-        factor = self.capacity_factor if training else self.inference_capacity_factor
-        return expert_capacity(num_tokens, self.num_experts_per_tok, self.num_local_experts, factor)
-
     @classmethod
     def from_hf_config(cls, hf: dict, **overrides: Any) -> "MixtralConfig":
         """Build from a Hugging Face config.json dict (top-level `rope_theta` or transformers-5 `rope_parameters`)."""

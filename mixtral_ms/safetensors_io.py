@@ -242,18 +242,6 @@ def to_numpy(info: TensorInfo, data: Optional[bytes] = None) -> np.ndarray:
     return np.frombuffer(data, _NUMPY[info.dtype]).reshape(info.shape)
 
 
-def numpy_dtype_tag(array: np.ndarray) -> str:
-    for tag, dtype in _NUMPY.items():
-        if array.dtype == dtype:
-            return tag
-    raise CheckpointError(f"unsupported numpy dtype {array.dtype}")
-
-
-def iter_numpy(tensors: Dict[str, TensorInfo]) -> Iterator[Tuple[str, np.ndarray]]:
-    for name, info in tensors.items():
-        yield name, to_numpy(info)
-
-
 # ---------------------------------------------------------------------------------------------- writing
 
 # A tensor's data: bytes (or a numpy array), a TensorInfo (its byte range is copied from its file without
