@@ -4,7 +4,7 @@ Importing this package runs mixtral_ms.training.register, which registers Mixtra
 MixtralModel, MixtralForCausalLM, MixtralTrainOneStepCell, MixtralProgressMonitor and
 RouterStatsMonitor, so a YAML naming them builds through `mindformers.Trainer`.
 """
-from .. import optim  # noqa: F401  (registers OffloadAdamW for `optimizer: {type: OffloadAdamW}`)
+from .. import optim  # noqa: F401  (registers FusedAdamW and OffloadAdamW as optimizer types)
 from .callbacks import MixtralProgressMonitor, RouterStatsMonitor
 from .register import REGISTERED, check_config
 from .wrapper import MixtralTrainOneStepCell
