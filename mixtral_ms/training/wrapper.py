@@ -61,6 +61,7 @@ class MixtralTrainOneStepCell(nn.Cell):
         self.weights = optimizer.parameters
         self.scaled = _ScaledLoss(network)
         self.grad_fn = ms.value_and_grad(self.scaled, None, self.weights, has_aux=True)
+        self.l2 = ops.L2Loss()
         if isinstance(scale_sense, dict):
             unknown = sorted(set(scale_sense) - set(_DYNAMIC_SCALE_DEFAULTS))
             if unknown:
@@ -70,6 +71,8 @@ class MixtralTrainOneStepCell(nn.Cell):
         self.scale_manager = scale_sense if isinstance(scale_sense, nn.Cell) else None
         value = scale_sense.get_loss_scale() if self.scale_manager is not None else float(scale_sense)
         self.scale_sense = Parameter(Tensor(value, ms.float32), name="scale_sense", requires_grad=False)
+        self.unit_scale = self.scale_manager is None and value == 1.0  # fp32/bf16: nothing to unscale
+        self.one = Tensor(1.0, ms.float32)
         self.clip = use_clip_grad and max_grad_norm is not None and max_grad_norm > 0
         self.max_grad_norm = float(max_grad_norm or 0.0)
         self.lr_scheduler = lr_scheduler
@@ -91,16 +94,19 @@ class MixtralTrainOneStepCell(nn.Cell):
         self.stat_dropped = Parameter(zeros(layers, experts), name="router_stats.dropped", requires_grad=False)
 
     def construct(self, *inputs):
-        scale = self.scale_sense
+        # A fixed scale of 1 stays 1 even if a resumed checkpoint carries another `scale_sense`.
+        scale = self.one if self.unit_scale else self.scale_sense
         (_, outputs), grads = self.grad_fn(scale, *inputs)
         loss, ce, aux, z, load, dropped = outputs
         grads = self.grad_reducer(grads)
-        grads = tuple(ops.cast(ops.cast(g, ms.float32) / scale, g.dtype) for g in grads)  # unscale in fp32
-        finite = ops.stack([ops.isfinite(g).all() for g in grads]).all()
-        overflow = ops.logical_not(finite)
+        if not self.unit_scale:  # unscale in fp32 first: squares of scaled gradients could overflow
+            grads = tuple(ops.cast(ops.cast(g, ms.float32) / scale, g.dtype) for g in grads)
+        # One fused reduction per gradient (L2Loss = sum(g^2) / 2) gives the norm and the overflow check:
+        # an inf or nan anywhere makes the norm non-finite (as does a norm beyond fp32, 1.8e19).
+        global_norm = ops.sqrt(2.0 * ops.stack([self.l2(ops.cast(g, ms.float32)) for g in grads]).sum())
+        overflow = ops.logical_not(ops.isfinite(global_norm))
         if self.scale_manager is not None:
             overflow = self.scale_manager(self.scale_sense, overflow)
-        global_norm = ops.sqrt(ops.stack([ops.square(ops.cast(g, ms.float32)).sum() for g in grads]).sum())
         if self.clip:
             factor = ops.minimum(self.max_grad_norm / (global_norm + 1e-6), 1.0)
             grads = tuple(g * ops.cast(factor, g.dtype) for g in grads)
