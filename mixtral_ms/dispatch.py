@@ -1,7 +1,7 @@
-"""Token dispatch for the MoE layer: capacity, drop policy, gather into `[E, C, H]`, and combine.
+"""Token dispatch for the MoE layer: drop policy, gather into `[E, C, H]`, and combine.
 
 Tokens are split into `G` groups (one per data-parallel shard on a cluster) and each group gets
-`C = ceil(k * N * capacity_factor / E)` slots per expert (N tokens per group). Assignments are
+`C = ceil(k * N * capacity_factor / E)` slots per expert (N tokens per group; capacity.py). Assignments are
 ranked by the drop policy, each takes the next free slot of its expert, and those that find none are
 dropped. Everything is a gather over flat indices: no `[T, E, C]` one-hot tensor, no loop over experts,
 static shapes for graph mode. Slot `E * C` of each group is a trash slot: dropped and padding
@@ -9,19 +9,10 @@ assignments point there, it holds zeros, and its output is discarded.
 """
 from __future__ import annotations
 
-import math
-
 import mindspore as ms
 from mindspore import Tensor, ops
 
 from .kernels import arange
-
-
-def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """Slots per expert for a group of `num_tokens`: ceil(k*N*cf/E), at least 1, at most N; N when cf <= 0."""
-    if capacity_factor <= 0:
-        return num_tokens
-    return max(1, min(num_tokens, int(math.ceil(top_k * num_tokens * capacity_factor / num_experts))))
 
 
 def priority_order(topk_index: Tensor, topk_weight: Tensor, policy: str) -> Tensor:

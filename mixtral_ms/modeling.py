@@ -198,6 +198,8 @@ class MixtralModel(MixtralPreTrainedModel):
 
         x = embedding(self.gather, self.embed_tokens.weight, input_ids, self.compute_dtype)
         keys, values, logits, loads, dropped, prob_sums, z_sums = (), (), (), (), (), (), ()
+        if past_keys is not None:  # one Unstack each: indexing [i] is a strided copy per layer, far slower
+            past_keys, past_values = ops.unstack(past_keys), ops.unstack(past_values)
         for i, layer in enumerate(self.layers):
             pk = past_keys[i] if past_keys is not None else None
             pv = past_values[i] if past_values is not None else None

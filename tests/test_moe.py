@@ -8,7 +8,8 @@ import mindspore as ms
 from mindspore import Tensor
 
 from mixtral_ms import MixtralConfig, MixtralForCausalLM
-from mixtral_ms.dispatch import dispatch, expert_capacity
+from mixtral_ms.capacity import dropless_capacities, expert_capacity
+from mixtral_ms.dispatch import dispatch
 from mixtral_ms.moe import MixtralSparseMoeBlock
 
 
@@ -48,6 +49,10 @@ def test_capacity_formula():
     assert expert_capacity(4096, 2, 8, 1.1) == math.ceil(2 * 4096 * 1.1 / 8)
     assert expert_capacity(10, 2, 8, 0.0) == 10  # dropless
     assert expert_capacity(3, 2, 2, 100.0) == 3  # capped at the group size
+    # dropless tiers: 1.125, 1.25, 1.5 and 2 times the mean load k*N/E, distinct and below N
+    assert dropless_capacities(1024, 2, 8) == (288, 320, 384, 512)
+    assert dropless_capacities(8, 2, 8) == (3, 4)
+    assert dropless_capacities(1, 2, 8) == ()  # one decoded token: C = N = 1 directly
 
 
 @pytest.mark.parametrize("policy", ["probs", "position"])
@@ -197,8 +202,55 @@ def test_gradients_reach_router_and_every_used_expert():
             assert (got > 0) == (served > 0), (layer, e, served, got)
 
 
-def test_dropless_is_exact_even_when_the_fast_path_overflows(mode):
-    """Eval mode is dropless: skewed routing overflows the 2x-mean first try, and nothing is dropped."""
+def test_dropless_takes_the_smallest_tier_that_holds_the_busiest_expert(mode):
+    """Moderate skew: the busiest expert fits a middle tier (not the first, not N); nothing dropped."""
+    block = _block(1, 1.1, experts=8)
+    block.set_train(False)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, 16, 16)).astype(np.float32)
+    tiers = dropless_capacities(32, 2, 8)
+    for push in np.linspace(0.0, 3.0, 31):  # the weakest push towards expert 0 that overflows tier 1
+        pushed = x + push * block.gate.weight.asnumpy()[0]
+        busiest = np.bincount(np.argsort(-(pushed.reshape(32, 16) @ block.gate.weight.asnumpy().T), -1)[:, :2]
+                              .ravel(), minlength=8).max()
+        if tiers[0] < busiest <= tiers[-1]:
+            break
+    else:
+        pytest.fail(f"no push puts the busiest expert between the tiers {tiers}")
+    mask = np.ones((2, 16), np.float32)
+    y, _, load, dropped, _, _ = block(Tensor(pushed), Tensor(mask))
+    assert load.asnumpy().max() == busiest and dropped.asnumpy().sum() == 0
+    ref, _ = numpy_moe(block, pushed, mask, 1, training=False)
+    np.testing.assert_allclose(y.asnumpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("push", [0.0, 3.0])
+def test_grouped_inference_equals_capacity_tiers_and_reference(mode, push):
+    """Eval-mode dropless on enough tokens runs per-expert segments: same output and load as the
+    static capacity path and the numpy reference, with left padding, under balanced and skewed routing."""
+    from mixtral_ms.moe import GROUPED_MIN_ROWS
+    block = _block(1, 1.1, experts=4)
+    block.set_train(False)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 32, 16)).astype(np.float32) + push * block.gate.weight.asnumpy()[0]
+    mask = np.ones((2, 32), np.float32)
+    mask[1, :7] = 0
+    assert 2 * 64 >= GROUPED_MIN_ROWS * 4, "fixture must take the grouped path"
+    y, _, load, dropped, _, _ = block(Tensor(x), Tensor(mask))
+    block.grouped_inference = False
+    y_tiers, _, load_tiers, _, _, _ = block(Tensor(x), Tensor(mask))
+    ref, _ = numpy_moe(block, x, mask, 1, training=False)
+    np.testing.assert_allclose(y.asnumpy(), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y.asnumpy(), y_tiers.asnumpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(load.asnumpy(), load_tiers.asnumpy())
+    assert load.asnumpy().sum() == 2 * mask.sum() and dropped.asnumpy().sum() == 0
+    assert np.abs(y.asnumpy()[1, :7]).max() == 0  # padding gets nothing from the block
+    if push:
+        assert load.asnumpy().max() > max(dropless_capacities(64, 2, 4)), "skewed fixture must overflow every tier"
+
+
+def test_dropless_is_exact_even_when_every_tier_overflows(mode):
+    """Eval mode is dropless: skewed routing overflows every capacity tier below N, and nothing is dropped."""
     block = _block(1, 1.1, experts=8)
     block.set_train(False)
     rng = np.random.default_rng(7)
@@ -206,7 +258,7 @@ def test_dropless_is_exact_even_when_the_fast_path_overflows(mode):
     x[:, :, :] += 3.0 * block.gate.weight.asnumpy()[0]  # push every token towards expert 0
     mask = np.ones((2, 16), np.float32)
     y, _, load, dropped, _, _ = block(Tensor(x), Tensor(mask))
-    assert load.asnumpy().max() > expert_capacity(32, 2, 8, 2.0), "fixture must overflow the fast path"
+    assert load.asnumpy().max() > max(dropless_capacities(32, 2, 8)), "fixture must overflow every tier"
     assert dropped.asnumpy().sum() == 0
     ref, ref_dropped = numpy_moe(block, x, mask, 1, training=False)
     assert ref_dropped.sum() == 0

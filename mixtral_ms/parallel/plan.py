@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..capacity import dropless_capacities, expert_capacity
 from .config import ModelDims, ParallelConfigError, ParallelLayout, model_dims
 
 Strategy = Tuple[Tuple[int, ...], ...]
@@ -54,13 +55,6 @@ class Entry:
         return tuple(d // s for d, s in zip(self.shapes[index], self.strategy[index]))
 
 
-def _capacity(tokens: int, top_k: int, experts: int, factor: float) -> int:
-    """mixtral_ms.dispatch.expert_capacity (duplicated to stay MindSpore-free; a test compares them)."""
-    if factor <= 0:
-        return tokens
-    return max(1, min(tokens, int(math.ceil(top_k * tokens * factor / experts))))
-
-
 def sequence_tokens(dims: ModelDims, run_mode: str = "train") -> int:
     """Tokens per row the network runs on: training samples hold seq_length + 1 tokens and the model
     shifts inside (mixtral_ms.losses.causal_lm_loss), so training runs seq_length + 1."""
@@ -73,7 +67,8 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train",
 
     `model`: MixtralConfig or model_config mapping. Shapes are global (semi-auto parallel graphs are
     written for the whole batch): rows B = batch_size * dp per micro-batch, T = B * tokens per row.
-    Capacity uses the training capacity factor (training) or the dropless fast path (2x mean load).
+    Capacity uses the training capacity factor (training) or, dropless, the 2x-mean-load tier (every
+    dropless tier and N must divide over group-wise AllToAll ranks).
     """
     d = model_dims(model)
     dp, mp, ep, pp = layout.data_parallel, layout.model_parallel, layout.expert_parallel, layout.pipeline_stage
@@ -91,11 +86,14 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train",
     if tok % g:
         raise ParallelConfigError(f"{tok} tokens per micro-batch do not split into {g} MoE token groups")
     factor = d.capacity_factor if capacity_factor is None else capacity_factor
-    c = _capacity(tok // g, d.num_experts_per_tok, e, factor if factor > 0 else 2.0)
-    if c % a:
-        raise ParallelConfigError(f"moe_config.group_wise_a2a splits the expert capacity over {a} model-parallel "
-                                  f"ranks, but the capacity is {c} ({tok // g} tokens per group, capacity_factor "
-                                  f"{factor}); change batch_size, seq_length or capacity_factor, or turn it off")
+    k = d.num_experts_per_tok
+    capacities = [expert_capacity(tok // g, k, e, factor)] if factor > 0 else [*dropless_capacities(tok // g, k, e), tok // g]
+    for c in capacities:
+        if c % a:
+            raise ParallelConfigError(f"moe_config.group_wise_a2a splits the expert capacity over {a} model-parallel "
+                                      f"ranks, but the capacity is {c} ({tok // g} tokens per group, capacity_factor "
+                                      f"{factor}); change batch_size, seq_length or capacity_factor, or turn it off")
+    c = capacities[0] if factor > 0 else expert_capacity(tok // g, k, e, 2.0)  # the shapes shown: the 2x dropless tier
     last = pp - 1
     vocab_split = 1 if layout.effective_vocab_emb_dp else mp
     table: Dict[str, Entry] = {}
@@ -135,6 +133,8 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train",
         op(m + "experts.bmm_down", [(e, g * c, ff), (e, h, ff)], [(ep, t, f), (ep, 1, f)], st,
            note="experts over ep" + (", AllReduce over f" if f > 1 else ""))
         op(m + "from_experts", [(e, g, c, h)], [(ep, t, a, 1)], st, note="AllToAll back to dp token groups")
+        op(m + "combine", [(tok, 1, k), (tok, k, h)], [(dp, 1, 1), (dp, 1, 1)], st,
+           note="routing-weighted sum of the k outputs, tokens over dp")
         param(m + "experts.w1", (e, ff, h), (ep, f, 1), st)
         param(m + "experts.w3", (e, ff, h), (ep, f, 1), st)
         param(m + "experts.w2", (e, h, ff), (ep, 1, f), st)
@@ -235,6 +235,7 @@ def apply_plan(model, layout: ParallelLayout, run_mode: str = "train") -> Dict[s
     for _, cell in model.cells_and_names():
         if isinstance(cell, MixtralSparseMoeBlock):
             cell.groups = layout.moe_token_groups
+            cell.grouped_inference = False  # dynamic per-expert segments do not shard
     if layout.pipeline_stage > 1:
         inner = model.model
         inner.embed_tokens.pipeline_stage = 0
