@@ -4,8 +4,10 @@
     source scripts/env.sh
     python bench/bench_vs_hf.py [--hf-python ~/.cache/mixtral-ms/devref/bin/python] [--repeats 5]
 
-Measures training steps (forward, backward, AdamW), prefill, decode at batch 1 and 8 with a KV cache,
-and the MoE layer alone against a dense SwiGLU FFN with the same active parameters (intermediate k*F).
+Measures training steps (forward with the load-balancing loss, backward, clipping to global norm 1,
+AdamW: what MixtralTrainOneStepCell does, asked of HF too), prefill, decode at batch 1 and 8 with a KV cache,
+and the MoE layer alone (training mode at capacity 1.1, and the dropless eval path) against a dense
+SwiGLU FFN with the same active parameters (intermediate k*F).
 HF runs in a separate interpreter that has torch and transformers (`--hf-python`); without one, HF is
 skipped. Medians of `--repeats` runs; writes bench/results/vs_hf.json and docs/performance.png.
 """
@@ -61,8 +63,8 @@ def peak_flops(repeats: int) -> float:
 def bench_ours(repeats: int) -> dict:
     import mindspore as ms
     from mindspore import Tensor, nn, ops
-    from mindformers.core.optim import AdamW
     from mixtral_ms import MixtralConfig, MixtralForCausalLM
+    from mixtral_ms.optim import FusedAdamW
     from mixtral_ms.training import MixtralTrainOneStepCell
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     ms.set_seed(0)
@@ -72,7 +74,7 @@ def bench_ours(repeats: int) -> dict:
     ids = Tensor(rng.integers(0, CONFIG["vocab_size"], (BATCH, SEQ)).astype(np.int32))
     out = {}
 
-    step = MixtralTrainOneStepCell(model, AdamW(model.trainable_params(), learning_rate=1e-4))
+    step = MixtralTrainOneStepCell(model, FusedAdamW(model.trainable_params(), learning_rate=1e-4))
     step.set_train(True)
     out["train_tokens_per_s"] = BATCH * SEQ / median_time(lambda: step(ids)[0].asnumpy(), repeats)
 
@@ -108,6 +110,8 @@ def bench_ours(repeats: int) -> dict:
     dense = Dense()
     out["moe_layer_ms"] = 1e3 * median_time(lambda: block(x, mask)[0].asnumpy(), repeats)
     out["dense_ffn_ms"] = 1e3 * median_time(lambda: dense(x).asnumpy(), repeats)
+    block.set_train(False)  # the inference path: dropless, per-expert segments
+    out["moe_layer_eval_ms"] = 1e3 * median_time(lambda: block(x, mask)[0].asnumpy(), repeats)
     return out
 
 
@@ -117,7 +121,7 @@ import numpy as np, torch
 from transformers import MixtralConfig, MixtralForCausalLM
 cfg, seq, batch, steps, repeats = json.loads(sys.argv[1])
 torch.set_num_threads(2); torch.manual_seed(0)
-model = MixtralForCausalLM(MixtralConfig(**cfg, attn_implementation="sdpa"))
+model = MixtralForCausalLM(MixtralConfig(**cfg, attn_implementation="sdpa", output_router_logits=True))
 rng = np.random.default_rng(0)
 ids = torch.tensor(rng.integers(0, cfg["vocab_size"], (batch, seq)))
 def med(fn):
@@ -126,8 +130,9 @@ def med(fn):
         t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-def train():
-    opt.zero_grad(); model(input_ids=ids, labels=ids).loss.backward(); opt.step()
+def train():  # the work of MixtralTrainOneStepCell: loss, backward, clip to global norm 1, AdamW
+    opt.zero_grad(); model(input_ids=ids, labels=ids).loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
 model.train(); out = {"train_tokens_per_s": batch * seq / med(train)}
 model.eval()
 with torch.no_grad():
@@ -197,13 +202,16 @@ def main() -> None:
     ours["train_flops_per_s"] = 3 * fpt * ours["train_tokens_per_s"]
     ours["prefill_flops_per_s"] = fpt * ours["prefill_tokens_per_s"]
     ours["moe_over_dense"] = ours["moe_layer_ms"] / ours["dense_ffn_ms"]
+    ours["moe_eval_over_dense"] = ours["moe_layer_eval_ms"] / ours["dense_ffn_ms"]
     if results["hf"]:
         results["ratios_ours_over_hf"] = {k: ours[k] / results["hf"][k] for k in
                                           ("train_tokens_per_s", "prefill_tokens_per_s", "decode_b1_tokens_per_s",
                                            "decode_b8_tokens_per_s")}
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "vs_hf.json"), "w") as f:
+    path = os.path.join(ROOT, "bench", "results", "vs_hf.json")
+    with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
     plot(results, os.path.join(ROOT, "docs", "performance.png"))
     print(json.dumps(results, indent=2))
 
