@@ -11,7 +11,7 @@ from .dispatch import dispatch
 from .kernels import emulated_dtype, matmul, native_dtype
 from .router import TopKRouter
 
-GROUPED_MIN_ROWS = 16  # below this mean load per expert (decoding), the capacity tiers are cheaper
+GROUPED_MIN_ROWS = 16  # mean rows per expert below which (decoding) the static capacity tiers are cheaper
 
 # The grouped (eval, unsharded) path's matmul: module-level, so the sharding plan, which shards every
 # primitive a cell holds, does not see it.
@@ -40,7 +40,8 @@ class MixtralExperts(nn.Cell):
         Per-expert matmuls over exactly the routed rows (dynamic shapes: eval mode only, unsharded).
         One Unstack per weight: indexing `w1[e]` is a strided copy, several times slower on CPU."""
         dt = self.compute_dtype
-        w1, w3, w2 = ops.unstack(ops.cast(self.w1, dt)), ops.unstack(ops.cast(self.w3, dt)), ops.unstack(ops.cast(self.w2, dt))
+        w1, w3 = ops.unstack(ops.cast(self.w1, dt)), ops.unstack(ops.cast(self.w3, dt))
+        w2 = ops.unstack(ops.cast(self.w2, dt))
         outs = ()
         for e in range(len(rows)):
             gate = matmul(_SEGMENT_MATMUL, rows[e], w1[e], self.round_dtype)
@@ -80,7 +81,7 @@ class MixtralSparseMoeBlock(nn.Cell):
                                param_dtype, compute_dtype)
         self.experts = MixtralExperts(self.num_experts, config.hidden_size, config.intermediate_size,
                                       config.initializer_range, param_dtype, compute_dtype)
-        # Eval-mode dropless on more than GROUPED_MIN_ROWS rows per expert: per-expert segments of exactly
+        # Eval-mode dropless with at least GROUPED_MIN_ROWS rows per expert: per-expert segments of exactly
         # the routed tokens (as Hugging Face's loop over experts), whatever the skew. apply_plan turns it
         # off: sharded dispatch needs the static [E, C, H] layout.
         self.grouped_inference = True
@@ -113,7 +114,7 @@ class MixtralSparseMoeBlock(nn.Cell):
         t, h = flat.shape
         e, k = self.num_experts, self.top_k
         expert = index.reshape(t * k)
-        weight = (weights * token_mask.reshape(t, 1)).reshape(t * k, 1)
+        weight = (weights * ops.cast(token_mask, weights.dtype).reshape(t, 1)).reshape(t * k, 1)
         picks = tuple(ops.nonzero(expert == i).reshape(-1) for i in range(e))  # dynamic length each
         outs = self.experts.segments(tuple(ops.gather(flat, p // k, 0) for p in picks))
         pick = ops.concat(picks)
@@ -124,7 +125,7 @@ class MixtralSparseMoeBlock(nn.Cell):
 
     def _dropless(self, flat, weights, index, token_mask):
         """Nothing dropped, at the cost of the smallest capacity tier that holds the busiest expert of
-        every group (dispatch.dropless_capacities, then N): one tensor condition per tier,
+        every group (capacity.dropless_capacities, then N): one tensor condition per tier,
         compiled as branches in graph mode, and no layer is computed twice."""
         t = flat.shape[0]
         e, k, g = self.num_experts, self.top_k, self.groups
@@ -151,7 +152,7 @@ class MixtralSparseMoeBlock(nn.Cell):
         mask = token_mask.reshape(b * s)
         if factor > 0:
             y, load, dropped = self._experts_at_capacity(flat, weights, index, mask, expert_capacity(n, k, e, factor))
-        elif not self.training and self.grouped_inference and k * n >= GROUPED_MIN_ROWS * e:
+        elif not self.training and self.grouped_inference and k * b * s >= GROUPED_MIN_ROWS * e:
             y, load, dropped = self._experts_grouped(flat, weights, index, mask)
         else:
             y, load, dropped = self._dropless(flat, weights, index, mask)

@@ -13,7 +13,8 @@ def _run(optimizer_cls, w0, b0, grads):
     w = ms.Parameter(Tensor(w0.copy()), name="w")
     b = ms.Parameter(Tensor(b0.copy()), name="b")
     groups = [{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}]
-    opt = optimizer_cls(groups, learning_rate=1e-2, betas=(0.9, 0.95), eps=1e-3)  # eps large enough that its correction shows
+    # eps large enough that its bias correction shows
+    opt = optimizer_cls(groups, learning_rate=1e-2, betas=(0.9, 0.95), eps=1e-3)
 
     class Step(nn.Cell):
         def __init__(self):

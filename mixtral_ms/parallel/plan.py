@@ -87,13 +87,14 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train",
         raise ParallelConfigError(f"{tok} tokens per micro-batch do not split into {g} MoE token groups")
     factor = d.capacity_factor if capacity_factor is None else capacity_factor
     k = d.num_experts_per_tok
-    capacities = [expert_capacity(tok // g, k, e, factor)] if factor > 0 else [*dropless_capacities(tok // g, k, e), tok // g]
+    n = tok // g
+    capacities = [expert_capacity(n, k, e, factor)] if factor > 0 else [*dropless_capacities(n, k, e), n]
     for c in capacities:
         if c % a:
             raise ParallelConfigError(f"moe_config.group_wise_a2a splits the expert capacity over {a} model-parallel "
-                                      f"ranks, but the capacity is {c} ({tok // g} tokens per group, capacity_factor "
+                                      f"ranks, but the capacity is {c} ({n} tokens per group, capacity_factor "
                                       f"{factor}); change batch_size, seq_length or capacity_factor, or turn it off")
-    c = capacities[0] if factor > 0 else expert_capacity(tok // g, k, e, 2.0)  # the shapes shown: the 2x dropless tier
+    c = capacities[0] if factor > 0 else expert_capacity(n, k, e, 2.0)  # the shapes shown: the 2x dropless tier
     last = pp - 1
     vocab_split = 1 if layout.effective_vocab_emb_dp else mp
     table: Dict[str, Entry] = {}
