@@ -1,5 +1,5 @@
-"""Expert capacity, in plain Python so that the sharding plan and the memory estimate can use it without
-MindSpore: slots per expert for a group of tokens, and the capacity tiers of the dropless path."""
+"""Expert capacity, in plain Python so that the sharding plan can use it without MindSpore: slots per
+expert for a group of tokens, and the capacity tiers of the dropless path."""
 from __future__ import annotations
 
 import math

@@ -119,21 +119,24 @@ class MixtralSparseMoeBlock(nn.Cell):
         outs = self.experts.segments(tuple(ops.gather(flat, p // k, 0) for p in picks))
         pick = ops.concat(picks)
         y = ops.unsorted_segment_sum(ops.concat(outs) * ops.gather(weight, pick, 0), pick // k, t)
-        one_hot = ops.one_hot(expert, e, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
-        load = (one_hot * ops.broadcast_to(token_mask.reshape(t, 1), (t, k)).reshape(t * k, 1)).sum(axis=0)
-        return y, load, ops.zeros((e,), ms.float32)
+        return y, self._group_load(index, token_mask, 1)[0], ops.zeros((e,), ms.float32)
+
+    def _group_load(self, index, token_mask, groups: int):
+        """Assignments of valid tokens to each expert, per token group: float32 [G, E]."""
+        t = token_mask.shape[0]
+        e, k = self.num_experts, self.top_k
+        n = t // groups
+        valid = ops.broadcast_to(token_mask.reshape(groups, n, 1), (groups, n, k)).reshape(groups, n * k, 1)
+        one_hot = ops.one_hot(index.reshape(groups, n * k), e, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
+        return (one_hot * valid).sum(axis=1)
 
     def _dropless(self, flat, weights, index, token_mask):
         """Nothing dropped, at the cost of the smallest capacity tier that holds the busiest expert of
         every group (capacity.dropless_capacities, then N): one tensor condition per tier,
         compiled as branches in graph mode, and no layer is computed twice."""
-        t = flat.shape[0]
-        e, k, g = self.num_experts, self.top_k, self.groups
-        n = t // g
-        valid = ops.broadcast_to(token_mask.reshape(g, n, 1), (g, n, k)).reshape(g, n * k, 1)
-        one_hot = ops.one_hot(index.reshape(g, n * k), e, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
-        busiest = (one_hot * valid).sum(axis=1).max()
-        for capacity in dropless_capacities(n, k, e):
+        n = flat.shape[0] // self.groups
+        busiest = self._group_load(index, token_mask, self.groups).max()
+        for capacity in dropless_capacities(n, self.top_k, self.num_experts):
             if busiest <= capacity:
                 return self._experts_at_capacity(flat, weights, index, token_mask, capacity)
         return self._experts_at_capacity(flat, weights, index, token_mask, n)
