@@ -38,8 +38,10 @@ def load_weights(model, path: str) -> None:
             _set(params[name], to_numpy(info))
         return
     for name, infos in hf_sources(tensors, model.config).items():
-        parts = [to_numpy(info) for info in infos]
-        _set(params[name], np.stack(parts) if len(parts) > 1 else parts[0])
+        param = params[name]
+        # no source: a dense (Mistral) model's router, whose one expert takes every token whatever the logit
+        value = np.stack([to_numpy(info) for info in infos]) if infos else np.zeros(param.shape, np.float32)
+        _set(param, value.reshape(param.shape))
 
 
 def _load_ckpt(params: Dict[str, ms.Parameter], state: Dict[str, ms.Parameter]) -> None:

@@ -7,7 +7,7 @@ from typing import Any, Optional
 from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from .hf_config import ConfigError, hf_fields, read_hf_config
+from .hf_config import MODEL_TYPES, ConfigError, hf_fields, read_hf_config
 
 DROP_POLICIES = ("probs", "position")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -33,6 +33,11 @@ class MixtralConfig(PretrainedConfig):
     does the same in eval mode and defaults to dropless, since capacity only matters for training
     throughput. `moe_token_groups` splits the tokens into groups that get capacity separately; the
     parallel plan sets it to the data-parallel degree so capacity is per data-parallel shard.
+
+    Compression (scripts/compress.py, docs/compression.md): `dynamic_skip_betas` (one per layer) drops
+    a token's j-th expert (j >= 1) when its routing weight is below beta times the first one's;
+    `expert_quantization` ({"bits": 8, "group_size": G or null}) stores experts as int8 + scales;
+    `hf_model_type` "mistral" marks a dense checkpoint (one expert per layer, named `mlp.*`).
     """
 
     model_type = "mixtral"
@@ -68,6 +73,9 @@ class MixtralConfig(PretrainedConfig):
         eos_token_id: int = 2,
         pad_token_id: int = 0,
         ignore_token_id: int = -100,
+        dynamic_skip_betas: Optional[list] = None,
+        expert_quantization: Optional[dict] = None,
+        hf_model_type: str = "mixtral",
         **kwargs: Any,
     ) -> None:
         unknown = sorted(k for k in kwargs if k not in _FRAMEWORK_KEYS)
@@ -108,6 +116,9 @@ class MixtralConfig(PretrainedConfig):
         self.compute_dtype = compute_dtype
         self.param_init_type = param_init_type
         self.ignore_token_id = ignore_token_id
+        self.dynamic_skip_betas = None if dynamic_skip_betas is None else list(dynamic_skip_betas)
+        self.expert_quantization = None if expert_quantization is None else dict(expert_quantization)
+        self.hf_model_type = hf_model_type
         self.validate()
 
     def validate(self) -> None:
@@ -138,6 +149,28 @@ class MixtralConfig(PretrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ConfigError(f"MixtralConfig: {name} must be a number, got {value!r}")
+        self._validate_compression()
+
+    def _validate_compression(self) -> None:
+        betas = self.dynamic_skip_betas
+        if betas is not None and (len(betas) != self.num_hidden_layers or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < math.inf for b in betas)):
+            raise ConfigError(f"MixtralConfig: dynamic_skip_betas must be null or {self.num_hidden_layers} "
+                              f"non-negative numbers (one per layer), got {betas!r}")
+        quant = self.expert_quantization
+        if quant is not None:
+            group = quant.get("group_size")
+            if quant.get("bits") != 8 or set(quant) - {"bits", "group_size"}:
+                raise ConfigError(f"MixtralConfig: expert_quantization must be {{'bits': 8, 'group_size': G or "
+                                  f"null}}, got {quant!r}")
+            if group is not None and (not isinstance(group, int) or group <= 0 or self.hidden_size % group
+                                      or self.intermediate_size % group):
+                raise ConfigError(f"MixtralConfig: expert_quantization group_size {group!r} must divide "
+                                  f"hidden_size ({self.hidden_size}) and intermediate_size ({self.intermediate_size})")
+        if self.hf_model_type not in MODEL_TYPES:
+            raise ConfigError(f"MixtralConfig: hf_model_type must be one of {MODEL_TYPES}, got {self.hf_model_type!r}")
+        if self.hf_model_type == "mistral" and (self.num_local_experts, self.num_experts_per_tok) != (1, 1):
+            raise ConfigError("MixtralConfig: a dense (mistral) checkpoint has one expert, top-1")
 
     @classmethod
     def from_hf_config(cls, hf: dict, **overrides: Any) -> "MixtralConfig":
@@ -150,8 +183,9 @@ class MixtralConfig(PretrainedConfig):
         return cls.from_hf_config(read_hf_config(path), **overrides)
 
     def to_hf_config(self) -> dict:
-        """The Hugging Face config.json dict (top-level `rope_theta`, as the released checkpoints)."""
-        return {
+        """The Hugging Face config.json dict (top-level `rope_theta`, as the released checkpoints); a
+        MistralForCausalLM config for a dense (hf_model_type mistral) model."""
+        hf = {
             "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
@@ -166,3 +200,13 @@ class MixtralConfig(PretrainedConfig):
             "torch_dtype": {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[self.param_init_type],
             "use_cache": True,
         }
+        if self.dynamic_skip_betas is not None:
+            hf["dynamic_skip_betas"] = list(self.dynamic_skip_betas)
+        if self.expert_quantization is not None:
+            hf["expert_quantization"] = dict(self.expert_quantization)
+        if self.hf_model_type == "mistral":
+            for key in ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise",
+                        "output_router_logits"):
+                del hf[key]
+            hf.update(architectures=["MistralForCausalLM"], model_type="mistral")
+        return hf

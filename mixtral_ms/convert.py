@@ -239,13 +239,18 @@ def _copy_side_files(folder: str, tmp: str) -> List[str]:
     return copied
 
 
-def _convert(src: str, dst: str, items: List[Item], config_path: str, side_folder: str, tag: Optional[str],
-             overwrite: bool, shard_size: int, metadata: Dict[str, str], progress: Progress) -> Dict[str, object]:
+def write_checkpoint(src: str, dst: str, items: List[Item], write_config: Callable[[str], None], side_folder: str,
+                     overwrite: bool = False, shard_size: int = DEFAULT_SHARD, metadata: Optional[Dict[str, str]] = None,
+                     progress: Progress = None) -> Dict[str, object]:
+    """Write a checkpoint folder `dst` all at once: `items` as shards + index, `write_config(folder)` for
+    config.json, the side files of `side_folder`; built in a temp folder beside `dst` and renamed into place,
+    removed on any error or interrupt (an existing `dst` is left as it was). Returns {tensors, bytes, files,
+    side_files}."""
     needed = sum(nbytes_of(d, s) for _, d, s, _ in items) + (1 << 20)
     tmp, created_parents = _prepare_dst(src, dst, overwrite, needed)
     try:
-        total = write_sharded(tmp, items, shard_size, metadata, progress)
-        _write_config(config_path, tmp, tag)
+        total = write_sharded(tmp, items, shard_size, metadata or HF_METADATA, progress)
+        write_config(tmp)
         side = _copy_side_files(side_folder, tmp)
         files = sorted(os.listdir(tmp))
         _finish(tmp, dst)
@@ -258,6 +263,12 @@ def _convert(src: str, dst: str, items: List[Item], config_path: str, side_folde
                 break
         raise
     return {"tensors": len(items), "bytes": total, "files": files, "side_files": side}
+
+
+def _convert(src: str, dst: str, items: List[Item], config_path: str, side_folder: str, tag: Optional[str],
+             overwrite: bool, shard_size: int, metadata: Dict[str, str], progress: Progress) -> Dict[str, object]:
+    return write_checkpoint(src, dst, items, lambda tmp: _write_config(config_path, tmp, tag), side_folder,
+                            overwrite, shard_size, metadata, progress)
 
 
 def _config_of(path: str) -> Tuple[str, object]:
@@ -277,6 +288,16 @@ def _config_of(path: str) -> Tuple[str, object]:
 
 # ----------------------------------------------------------------------------------- directions
 
+def _check_convertible(src: str, config) -> None:
+    """Both directions handle Mixtral float checkpoints; dense and int8 folders load with from_pretrained."""
+    if config.hf_model_type != "mixtral":
+        raise CheckpointError(f"{src} is a dense {config.hf_model_type} checkpoint; load it with "
+                              "MixtralForCausalLM.from_pretrained (transformers reads it as it is)")
+    if config.expert_quantization is not None:
+        raise CheckpointError(f"{src} holds int8 experts (expert_quantization in config.json), which have no "
+                              "Hugging Face layout; load it with MixtralForCausalLM.from_pretrained")
+
+
 def hf2ms(src: str, dst: str, dtype: Optional[str] = None, overwrite: bool = False,
           shard_size: int = DEFAULT_SHARD, progress: Progress = None) -> Dict[str, object]:
     """Hugging Face folder (config.json + model.safetensors or shards with an index) -> mixtral-ms folder
@@ -288,6 +309,7 @@ def hf2ms(src: str, dst: str, dtype: Optional[str] = None, overwrite: bool = Fal
     if not os.path.isdir(src):
         raise CheckpointError(f"source {src} is not a folder (expected config.json and safetensors)")
     config_path, config = _config_of(src)
+    _check_convertible(src, config)
     tensors = open_checkpoint(src)
     if is_ms_layout(tensors):
         raise CheckpointError(f"{src} already holds stacked experts (a mixtral-ms checkpoint); use ms2hf")
@@ -308,6 +330,7 @@ def ms2hf(src: str, dst: str, dtype: Optional[str] = None, overwrite: bool = Fal
     (default: the source folder)."""
     tag = _dtype_tag(dtype)
     cfg_path, config = _config_of(config_path or src)
+    _check_convertible(src, config)
     tensors = open_checkpoint(src)
     if not is_ms_layout(tensors) and any(".experts.0." in n for n in tensors):
         raise CheckpointError(f"{src} holds per-expert tensors (a Hugging Face checkpoint); use hf2ms")
@@ -317,7 +340,7 @@ def ms2hf(src: str, dst: str, dtype: Optional[str] = None, overwrite: bool = Fal
         src_tag = _source_dtype([info])
         out_tag = tag or src_tag
         sources = specs[name].sources
-        if len(sources) == 1:
+        if not specs[name].stacked:
             items.append((sources[0], out_tag, info.shape, _source([info], src_tag, out_tag)))
             continue
         for j, hf_name in enumerate(sources):

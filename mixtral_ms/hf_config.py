@@ -15,19 +15,25 @@ class ConfigError(ValueError):
 _FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "sliding_window",
            "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise",
-           "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id")
+           "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
+           "dynamic_skip_betas", "expert_quantization")
+MODEL_TYPES = ("mixtral", "mistral")
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_local_experts", "num_experts_per_tok")
 
 
 def hf_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
     """MixtralConfig keyword arguments from a config.json dict: top-level `rope_theta` (released
-    checkpoints) or transformers-5 `rope_parameters`; only default RoPE."""
+    checkpoints) or transformers-5 `rope_parameters`; only default RoPE. A Mistral config (a dense model,
+    e.g. `scripts/compress.py densify` output) reads as one expert taking every token (top-1)."""
     if not isinstance(hf, dict):
         raise ConfigError("config.json must hold a JSON object")
-    if hf.get("model_type") != "mixtral":
-        raise ConfigError(f"not a Mixtral config: model_type is {hf.get('model_type')!r}, expected 'mixtral'")
+    if hf.get("model_type") not in MODEL_TYPES:
+        raise ConfigError(f"not a Mixtral config: model_type is {hf.get('model_type')!r}, expected 'mixtral' "
+                          "(or 'mistral' for a dense model)")
     kwargs = {k: hf[k] for k in _FIELDS if hf.get(k) is not None}
+    if hf["model_type"] == "mistral":
+        kwargs.update(num_local_experts=1, num_experts_per_tok=1, hf_model_type="mistral")
     if "sliding_window" in hf:
         kwargs["sliding_window"] = hf["sliding_window"]
     rope = hf.get("rope_parameters") or {}
@@ -71,4 +77,5 @@ def shape_config(hf: Dict[str, Any]) -> SimpleNamespace:
         num_attention_heads=heads, num_key_value_heads=kv,
         head_dim=fields.get("head_dim") or fields["hidden_size"] // heads,
         num_local_experts=fields["num_local_experts"], num_experts_per_tok=fields["num_experts_per_tok"],
-        tie_word_embeddings=bool(fields.get("tie_word_embeddings", False)))
+        tie_word_embeddings=bool(fields.get("tie_word_embeddings", False)),
+        hf_model_type=fields.get("hf_model_type", "mixtral"), expert_quantization=fields.get("expert_quantization"))

@@ -119,12 +119,13 @@ class MixtralAttention(nn.Cell):
 class MixtralDecoderLayer(nn.Cell):
     """Pre-norm attention and pre-norm sparse MoE, each with a residual."""
 
-    def __init__(self, config: MixtralConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype) -> None:
+    def __init__(self, config: MixtralConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype,
+                 layer_idx: int = 0) -> None:
         super().__init__()
         self.input_layernorm = MixtralRMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
         self.self_attn = MixtralAttention(config, param_dtype, compute_dtype)
         self.post_attention_layernorm = MixtralRMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
-        self.block_sparse_moe = MixtralSparseMoeBlock(config, param_dtype, compute_dtype)
+        self.block_sparse_moe = MixtralSparseMoeBlock(config, param_dtype, compute_dtype, layer_idx)
 
     def construct(self, x, cos, sin, bias, token_mask, past_k=None, past_v=None):
         attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, bias, past_k, past_v)
@@ -166,8 +167,8 @@ class MixtralModel(MixtralPreTrainedModel):
             initializer(Normal(config.initializer_range), (config.vocab_size, config.hidden_size), param_dtype),
             name="weight")
         self.gather = ops.Gather()
-        self.layers = nn.CellList([MixtralDecoderLayer(config, param_dtype, compute_dtype)
-                                   for _ in range(config.num_hidden_layers)])
+        self.layers = nn.CellList([MixtralDecoderLayer(config, param_dtype, compute_dtype, i)
+                                   for i in range(config.num_hidden_layers)])
         self.norm = MixtralRMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
         cos, sin = rope_tables(config.head_dim, config.rope_theta, config.max_position_embeddings)
         self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)

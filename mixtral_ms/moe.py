@@ -25,10 +25,14 @@ class MixtralExperts(nn.Cell):
                  param_dtype: ms.dtype, compute_dtype: ms.dtype) -> None:
         super().__init__()
         e, h, f = num_experts, hidden_size, intermediate_size
-        self.compute_dtype = native_dtype(compute_dtype)
         self.w1 = Parameter(initializer(Normal(init_std), (e, f, h), param_dtype), name="w1")
         self.w3 = Parameter(initializer(Normal(init_std), (e, f, h), param_dtype), name="w3")
         self.w2 = Parameter(initializer(Normal(init_std), (e, h, f), param_dtype), name="w2")
+        self._init_compute(compute_dtype)
+
+    def _init_compute(self, compute_dtype: ms.dtype) -> None:
+        """What the SwiGLU compute needs besides the weights (shared with quant.Int8Experts)."""
+        self.compute_dtype = native_dtype(compute_dtype)
         self.round_dtype = emulated_dtype(compute_dtype)
         self.bmm_gate = ops.BatchMatMul(transpose_b=True)
         self.bmm_up = ops.BatchMatMul(transpose_b=True)
@@ -39,9 +43,8 @@ class MixtralExperts(nn.Cell):
 
         Per-expert matmuls over exactly the routed rows (dynamic shapes: eval mode only, unsharded).
         One Unstack per weight: indexing `w1[e]` is a strided copy, several times slower on CPU."""
-        dt = self.compute_dtype
-        w1, w3 = ops.unstack(ops.cast(self.w1, dt)), ops.unstack(ops.cast(self.w3, dt))
-        w2 = ops.unstack(ops.cast(self.w2, dt))
+        w1, w3, w2 = self.dense_weights()
+        w1, w3, w2 = ops.unstack(w1), ops.unstack(w3), ops.unstack(w2)
         outs = ()
         for e in range(len(rows)):
             gate = matmul(_SEGMENT_MATMUL, rows[e], w1[e], self.round_dtype)
@@ -49,12 +52,17 @@ class MixtralExperts(nn.Cell):
             outs += (matmul(_SEGMENT_MATMUL, ops.silu(gate) * up, w2[e], self.round_dtype),)
         return outs
 
+    def dense_weights(self) -> tuple:
+        """w1, w3, w2 in the compute dtype."""
+        dt = self.compute_dtype
+        return ops.cast(self.w1, dt), ops.cast(self.w3, dt), ops.cast(self.w2, dt)
+
     def construct(self, x: Tensor) -> Tensor:
         """x: [E, M, H] (M token slots per expert) -> [E, M, H]."""
-        dt = self.compute_dtype
-        gate = matmul(self.bmm_gate, x, ops.cast(self.w1, dt), self.round_dtype)
-        up = matmul(self.bmm_up, x, ops.cast(self.w3, dt), self.round_dtype)
-        return matmul(self.bmm_down, ops.silu(gate) * up, ops.cast(self.w2, dt), self.round_dtype)
+        w1, w3, w2 = self.dense_weights()
+        gate = matmul(self.bmm_gate, x, w1, self.round_dtype)
+        up = matmul(self.bmm_up, x, w3, self.round_dtype)
+        return matmul(self.bmm_down, ops.silu(gate) * up, w2, self.round_dtype)
 
 
 class MixtralSparseMoeBlock(nn.Cell):
@@ -67,7 +75,8 @@ class MixtralSparseMoeBlock(nn.Cell):
     load-balancing and z losses, which the model pools over layers as Hugging Face does).
     """
 
-    def __init__(self, config: MixtralConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype) -> None:
+    def __init__(self, config: MixtralConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype,
+                 layer_idx: int = 0) -> None:
         super().__init__()
         self.num_experts = config.num_local_experts
         self.top_k = config.num_experts_per_tok
@@ -77,10 +86,16 @@ class MixtralSparseMoeBlock(nn.Cell):
         self.drop_policy = config.drop_policy
         self.jitter = config.router_jitter_noise
         self.compute_dtype = native_dtype(compute_dtype)
+        betas = config.dynamic_skip_betas
         self.gate = TopKRouter(config.hidden_size, self.num_experts, self.top_k, config.initializer_range,
-                               param_dtype, compute_dtype)
-        self.experts = MixtralExperts(self.num_experts, config.hidden_size, config.intermediate_size,
-                                      config.initializer_range, param_dtype, compute_dtype)
+                               param_dtype, compute_dtype, None if betas is None else float(betas[layer_idx]))
+        if config.expert_quantization is not None:
+            from .quant import Int8Experts
+            self.experts = Int8Experts(self.num_experts, config.hidden_size, config.intermediate_size,
+                                       config.expert_quantization.get("group_size"), compute_dtype)
+        else:
+            self.experts = MixtralExperts(self.num_experts, config.hidden_size, config.intermediate_size,
+                                          config.initializer_range, param_dtype, compute_dtype)
         # Eval-mode dropless with at least GROUPED_MIN_ROWS rows per expert: per-expert segments of exactly
         # the routed tokens (as Hugging Face's loop over experts), whatever the skew. apply_plan turns it
         # off: sharded dispatch needs the static [E, C, H] layout.
@@ -115,7 +130,9 @@ class MixtralSparseMoeBlock(nn.Cell):
         e, k = self.num_experts, self.top_k
         expert = index.reshape(t * k)
         weight = (weights * ops.cast(token_mask, weights.dtype).reshape(t, 1)).reshape(t * k, 1)
-        picks = tuple(ops.nonzero(expert == i).reshape(-1) for i in range(e))  # dynamic length each
+        # zero-weight assignments (padding, dynamically skipped experts) are not computed
+        routed = weight.reshape(-1) > 0
+        picks = tuple(ops.nonzero(ops.logical_and(expert == i, routed)).reshape(-1) for i in range(e))
         outs = self.experts.segments(tuple(ops.gather(flat, p // k, 0) for p in picks))
         pick = ops.concat(picks)
         y = ops.unsorted_segment_sum(ops.concat(outs) * ops.gather(weight, pick, 0), pick // k, t)

@@ -3,6 +3,8 @@
 Names are identical except the experts: the checkpoint has one w1/w3/w2 per expert
 (`model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight [F, H]`), the model one stacked tensor per
 layer (`model.layers.{i}.block_sparse_moe.experts.w1 [E, F, H]`) whose rows are the experts in order.
+A dense Mistral checkpoint (`mlp.gate_proj/up_proj/down_proj`) maps to one expert, w1/w3/w2, and has no
+router. int8 experts (mixtral_ms/quant.py) add one `experts.w1_scale [E, out, in / group_size]` per weight.
 """
 from __future__ import annotations
 
@@ -21,9 +23,14 @@ _HF_EXPERT = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(\d+
 _MS_EXPERT = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(w[123])$")
 
 
+# Mistral's dense MLP names for the expert weights (w1 gate, w3 up, w2 down).
+MISTRAL_MLP = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
 class ParamSpec(NamedTuple):
     shape: Tuple[int, ...]
-    sources: List[str]  # Hugging Face names; several (stacked along a new axis 0) for experts
+    sources: List[str]  # Hugging Face names, stacked along a new axis 0 when `stacked`; none: no HF tensor
+    stacked: bool = False  # experts: one Hugging Face tensor per row of axis 0
 
 
 def hf_to_ms(hf_name: str) -> Tuple[str, Optional[int]]:
@@ -54,6 +61,7 @@ def parameter_specs(config) -> Dict[str, ParamSpec]:
     a MixtralConfig or hf_config.shape_config(...)."""
     config = _shapes(config)
     h, f, v, e = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_local_experts
+    dense, quant = config.hf_model_type == "mistral", config.expert_quantization
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     specs: Dict[str, ParamSpec] = {"model.embed_tokens.weight": ParamSpec((v, h), ["model.embed_tokens.weight"])}
     for i in range(config.num_hidden_layers):
@@ -63,13 +71,18 @@ def parameter_specs(config) -> Dict[str, ParamSpec]:
             "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
             "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
             "post_attention_layernorm.weight": (h,),
-            "block_sparse_moe.gate.weight": (e, h),
         }
         for name, shape in same.items():
             specs[p + name] = ParamSpec(shape, [p + name])
+        gate = p + "block_sparse_moe.gate.weight"
+        specs[gate] = ParamSpec((e, h), [] if dense else [gate])  # a dense model has no router: zeros
         for w, shape in (("w1", (e, f, h)), ("w3", (e, f, h)), ("w2", (e, h, f))):
             name = f"{p}block_sparse_moe.experts.{w}"
-            specs[name] = ParamSpec(shape, ms_to_hf(name, e))
+            sources = [f"{p}mlp.{MISTRAL_MLP[w]}.weight"] if dense else ms_to_hf(name, e)
+            specs[name] = ParamSpec(shape, sources, stacked=True)
+            if quant is not None:
+                scale = f"{name}_scale"
+                specs[scale] = ParamSpec(shape[:2] + (shape[2] // (quant.get("group_size") or shape[2]),), [scale])
     specs["model.norm.weight"] = ParamSpec((h,), ["model.norm.weight"])
     if not config.tie_word_embeddings:
         specs["lm_head.weight"] = ParamSpec((v, h), ["lm_head.weight"])
@@ -81,12 +94,13 @@ def hf_shapes(config) -> Dict[str, Tuple[int, ...]]:
     out = {}
     for spec in parameter_specs(config).values():
         for src in spec.sources:
-            out[src] = spec.shape[1:] if len(spec.sources) > 1 else spec.shape
+            out[src] = spec.shape[1:] if spec.stacked else spec.shape
     return out
 
 
 def count_parameters(config) -> Tuple[int, int]:
-    """(total, active per token): active counts every dense weight and k of the E experts."""
+    """(total, active per token): active counts every dense weight and k of the E experts (int8 scales
+    count as parameters of their experts)."""
     config = _shapes(config)
     total = active = 0
     for name, spec in parameter_specs(config).items():
@@ -94,6 +108,6 @@ def count_parameters(config) -> Tuple[int, int]:
         for d in spec.shape:
             n *= d
         total += n
-        is_expert = len(spec.sources) > 1
+        is_expert = spec.stacked or name.endswith("_scale")
         active += n * config.num_experts_per_tok // config.num_local_experts if is_expert else n
     return total, active

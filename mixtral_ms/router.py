@@ -1,6 +1,8 @@
 """Top-k router: Hugging Face Mixtral's order of operations, exactly."""
 from __future__ import annotations
 
+from typing import Optional
+
 import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
@@ -14,12 +16,17 @@ class TopKRouter(nn.Cell):
 
     Returns (router_logits fp32 [T, E], probs fp32 [T, E], topk_weights [T, k], topk_index int32 [T, k]).
     The full probabilities feed the load-balancing loss; the logits feed the z-loss.
+
+    `skip_beta` (dynamic skipping, Lu et al. 2024): before renormalising, the weight of each choice j >= 1
+    below `skip_beta` times the first choice's is set to 0, so that expert is not run for that token.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, init_std: float = 0.02,
-                 param_dtype: ms.dtype = ms.float32, compute_dtype: ms.dtype = ms.float32) -> None:
+                 param_dtype: ms.dtype = ms.float32, compute_dtype: ms.dtype = ms.float32,
+                 skip_beta: Optional[float] = None) -> None:
         super().__init__()
         self.top_k = top_k
+        self.skip_beta = skip_beta
         self.compute_dtype = native_dtype(compute_dtype)
         self.weight = Parameter(initializer(Normal(init_std), (num_experts, hidden_size), param_dtype), name="weight")
         self.round_dtype = emulated_dtype(compute_dtype)
@@ -30,5 +37,9 @@ class TopKRouter(nn.Cell):
         logits = ops.cast(logits, ms.float32)
         probs = ops.softmax(logits, axis=-1)
         weights, index = ops.topk(probs, self.top_k)
+        if self.skip_beta is not None:
+            first = weights[:, :1]
+            kept = ops.cast(weights[:, 1:] >= self.skip_beta * first, weights.dtype)
+            weights = ops.concat((first, weights[:, 1:] * kept), axis=1)
         weights = weights / weights.sum(axis=-1, keepdims=True)
         return logits, probs, ops.cast(weights, self.compute_dtype), ops.cast(index, ms.int32)
