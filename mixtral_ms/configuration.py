@@ -7,7 +7,7 @@ from typing import Any, Optional
 from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from .hf_config import ConfigError, hf_fields, read_hf_config
+from .schema import ConfigError, hf_fields, read_hf_config
 
 DROP_POLICIES = ("probs", "position")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -24,7 +24,7 @@ import os
 import shutil
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .hf_config import read_hf_config, shape_config
+from .schema import read_hf_config, shape_config
 from .name_map import TRAINING_STATE_PREFIXES, count_parameters, hf_shapes, parameter_specs
 from .safetensors_io import (CHUNK_BYTES, FLOAT_TAGS, CheckpointError, TensorInfo, convert_bytes, nbytes_of,
                              open_checkpoint, write_safetensors)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from .kernels import arange
+from .dtypes import arange
 
 
 def priority_order(topk_index: Tensor, topk_weight: Tensor, policy: str) -> Tensor:

@@ -8,7 +8,7 @@ from mindspore.common.initializer import Normal, initializer
 from .capacity import dropless_capacities, expert_capacity
 from .configuration import MixtralConfig
 from .dispatch import dispatch
-from .kernels import emulated_dtype, matmul, native_dtype
+from .dtypes import emulated_dtype, matmul, native_dtype
 from .router import TopKRouter
 
 GROUPED_MIN_ROWS = 16  # mean rows per expert below which (decoding) the static capacity tiers are cheaper

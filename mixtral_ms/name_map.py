@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
-from .hf_config import shape_config
+from .schema import shape_config
 
 # Optimizer and training-loop state that a MindSpore training checkpoint carries beside the weights.
 TRAINING_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "global_step", "learning_rate",
@@ -43,7 +43,7 @@ def ms_to_hf(ms_name: str, num_experts: int) -> List[str]:
 
 
 def _shapes(config):
-    """A MixtralConfig, a hf_config.shape_config namespace, or a config.json dict."""
+    """A MixtralConfig, a schema.shape_config namespace, or a config.json dict."""
     return shape_config(config) if isinstance(config, dict) else config
 
 
@@ -51,7 +51,7 @@ def parameter_specs(config) -> Dict[str, ParamSpec]:
     """Every mixtral-ms parameter, in checkpoint order, with its shape and Hugging Face source names.
     `config`: a config.json dict (num_hidden_layers, num_local_experts, hidden_size, intermediate_size,
     num_attention_heads, num_key_value_heads, head_dim (optional), vocab_size, tie_word_embeddings),
-    a MixtralConfig or hf_config.shape_config(...)."""
+    a MixtralConfig or schema.shape_config(...)."""
     config = _shapes(config)
     h, f, v, e = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_local_experts
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim

@@ -3,7 +3,7 @@
 The pipeline tokenizes with `padding=True` (right padding, no attention mask passed on) and calls
 `network.generate(input_ids, max_length=..., top_k=..., return_dict_in_generate=True, **extras)`, then
 decodes `result["sequences"]` (prompt + continuation). This adapter turns that call into
-mixtral_ms.generation.generate: trailing padding becomes left padding with a mask, `max_length`
+mixtral_ms.inference.generation.generate: trailing padding becomes left padding with a mask, `max_length`
 becomes `max_new_tokens`, and the sequences come back without padding or what follows EOS.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..generation import generate
+from .generation import generate
 
 # Keywords the pipeline or Trainer.predict forward that say nothing about decoding.
 _IGNORED = ("audio_processor", "image_processor", "is_full_config", "streamer", "use_past", "output_scores",

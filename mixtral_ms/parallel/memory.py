@@ -124,7 +124,7 @@ def _activations(d: ModelDims, layout: ParallelLayout, run_mode: str, stage: int
 
 
 def kv_cache_bytes(d: ModelDims, layout: ParallelLayout, rows: int, positions: int) -> float:
-    """Static KV cache of mixtral_ms.generation per device: 2 * L/pp * rows/dp * nKV/mp * P * D * bytes."""
+    """Static KV cache of mixtral_ms.inference.generation per device: 2 * L/pp * rows/dp * nKV/mp * P * D * bytes."""
     c = DTYPE_BYTES.get(d.compute_dtype, 2)
     return (2 * layout.layers_per_stage * max(rows // layout.data_parallel, 1) *
             (d.num_key_value_heads / layout.model_parallel) * positions * d.head_dim * c)
