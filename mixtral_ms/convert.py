@@ -24,7 +24,7 @@ import os
 import shutil
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .schema import read_hf_config, shape_config
+from .schema import hf_dims, read_hf_config
 from .name_map import TRAINING_STATE_PREFIXES, count_parameters, hf_shapes, parameter_specs
 from .safetensors_io import (CHUNK_BYTES, FLOAT_TAGS, CheckpointError, TensorInfo, convert_bytes, nbytes_of,
                              open_checkpoint, write_safetensors)
@@ -270,9 +270,9 @@ def _config_of(path: str) -> Tuple[str, object]:
                 hf = json.load(f)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{path}: malformed JSON ({err})") from None
-        return path, shape_config(hf)
+        return path, hf_dims(hf)
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
-    return os.path.join(folder, "config.json"), shape_config(read_hf_config(folder))
+    return os.path.join(folder, "config.json"), hf_dims(read_hf_config(folder))
 
 
 # ----------------------------------------------------------------------------------- directions

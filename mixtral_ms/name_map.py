@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
-from .schema import shape_config
+from .schema import hf_dims
 
 # Optimizer and training-loop state that a MindSpore training checkpoint carries beside the weights.
 TRAINING_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "global_step", "learning_rate",
@@ -43,15 +43,15 @@ def ms_to_hf(ms_name: str, num_experts: int) -> List[str]:
 
 
 def _shapes(config):
-    """A MixtralConfig, a schema.shape_config namespace, or a config.json dict."""
-    return shape_config(config) if isinstance(config, dict) else config
+    """A MixtralConfig, a schema.ModelDims, or a config.json dict."""
+    return hf_dims(config) if isinstance(config, dict) else config
 
 
 def parameter_specs(config) -> Dict[str, ParamSpec]:
     """Every mixtral-ms parameter, in checkpoint order, with its shape and Hugging Face source names.
     `config`: a config.json dict (num_hidden_layers, num_local_experts, hidden_size, intermediate_size,
     num_attention_heads, num_key_value_heads, head_dim (optional), vocab_size, tie_word_embeddings),
-    a MixtralConfig or schema.shape_config(...)."""
+    a MixtralConfig or a schema.ModelDims."""
     config = _shapes(config)
     h, f, v, e = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_local_experts
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim

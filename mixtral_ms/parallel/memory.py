@@ -30,7 +30,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from .config import ModelDims, ParallelConfigError, ParallelLayout, from_run_config, load_yaml, model_dims
+from ..schema import ConfigError, ModelDims, model_dims
+from .config import ParallelConfigError, ParallelLayout, from_run_config, load_yaml
 from .plan import plan_spec, replication, sequence_tokens
 
 GIB = float(1 << 30)
@@ -258,7 +259,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         est = from_config_file(args.config, args.devices, args.master_weights)
-    except (ParallelConfigError, OSError) as err:
+    except (ParallelConfigError, ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     path = os.path.relpath(args.config) if os.path.isabs(args.config) else args.config

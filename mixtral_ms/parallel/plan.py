@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..capacity import dropless_capacities, expert_capacity
-from .config import ModelDims, ParallelConfigError, ParallelLayout, model_dims
+from ..schema import ModelDims, model_dims
+from .config import ParallelConfigError, ParallelLayout
 
 Strategy = Tuple[Tuple[int, ...], ...]
 
