@@ -28,7 +28,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 from ..schema import ConfigError, ModelDims, model_dims
 from .config import ParallelConfigError, ParallelLayout, from_run_config, load_yaml
