@@ -8,7 +8,7 @@
    out (until the project ships held-out splits), and tokenizes both (scripts/preprocess_data.py).
 2. Trains configs/mixtral_tiny_cpu.yaml on the training split (scripts/run_mixtral.py; skipped when a
    checkpoint exists) and exports the last checkpoint as a model folder.
-3. Calibrates on the first 32k training tokens, then writes prune / merge at R = 6, 4, 2, densify, int8
+3. Calibrates on the first 16k training tokens, then writes prune / merge at R = 6, 4, 2, densify, int8
    (per channel and groups of 32) and dynamic skipping with scripts/compress.py.
 4. Measures each folder in its own process: parameters, bytes on disk, held-out perplexity, peak RSS while
    generating, decode tokens/s at batch 1 (graph mode, 64 new tokens after a 16-token prompt, median of 3),
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     calib = os.path.join(work, "calibration.npz")
     if not os.path.isfile(calib):
         run([sys.executable, "scripts/compress.py", "calibrate", "--model", baseline, "--data",
-             os.path.join(work, "train.mindrecord"), "--out", calib, "--max_tokens", "32768"])
+             os.path.join(work, "train.mindrecord"), "--out", calib, "--max_tokens", "16384", "--batch_size", "16"])
     results = {}
     for name, cmd in METHODS:
         folder = baseline if cmd is None else os.path.join(work, "models", name)

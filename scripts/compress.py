@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     from mixtral_ms.compress import CompressionError
-    from mixtral_ms.hf_config import ConfigError
+    from mixtral_ms.schema import ConfigError
     try:
         print(run(args))
         return 0

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from ..convert import DEFAULT_SHARD, HF_METADATA, MS_METADATA, write_checkpoint
-from ..hf_config import shape_config
+from ..schema import hf_dims
 from ..name_map import count_parameters, ms_to_hf, parameter_specs
 from ..safetensors_io import convert_bytes
 from . import CompressionError
@@ -74,7 +74,7 @@ def _write(source: SourceModel, dst: str, items: list, hf: dict, record: dict, m
                 json.dump(content, f, indent=2)
     result = write_checkpoint(source.folder, dst, items, write_config, source.folder, overwrite, shard_size,
                               metadata, progress)
-    total, active = count_parameters(shape_config(hf))
+    total, active = count_parameters(hf_dims(hf))
     return {**result, "parameters": total, "active_parameters": active, "record": record}
 
 
@@ -168,7 +168,7 @@ def densify(source: SourceModel, calib_path: str, dst: str, overwrite: bool = Fa
     hf = {key: value for key, value in source.hf.items() if key not in _MOE_KEYS}
     hf.update(architectures=["MistralForCausalLM"], model_type="mistral")
     items = []
-    for name, spec in parameter_specs(shape_config(hf)).items():
+    for name, spec in parameter_specs(hf_dims(hf)).items():
         if not spec.sources:  # the router: a dense model has none
             continue
         infos = source.params[name]
@@ -196,7 +196,7 @@ def quantize(source: SourceModel, dst: str, bits: int = 8, group_size: Optional[
         raise CompressionError(f"--group_size {group_size} must divide hidden_size ({h}) and intermediate_size ({f})")
     hf = dict(source.hf, expert_quantization={"bits": 8, "group_size": group_size})
     items = []
-    for name, spec in parameter_specs(shape_config(hf)).items():
+    for name, spec in parameter_specs(hf_dims(hf)).items():
         weight = name[:-len("_scale")] if name.endswith("_scale") else name
         infos = source.params[weight]
         experts = range(len(infos))

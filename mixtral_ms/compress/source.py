@@ -2,6 +2,7 @@
 checks (either layout), plus the fingerprint that ties a calibration file to it."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -9,9 +10,8 @@ from typing import Dict, List
 
 import numpy as np
 
-from ..convert import hf_sources, is_ms_layout, ms_tensors
-from ..hf_config import read_hf_config, shape_config
-from ..name_map import ParamSpec, parameter_specs
+from ..name_map import ParamSpec, hf_sources, is_ms_layout, ms_tensors, parameter_specs
+from ..schema import hf_dims, read_hf_config
 from ..safetensors_io import TensorInfo, open_checkpoint, to_numpy
 from . import CompressionError
 
@@ -28,7 +28,7 @@ class SourceModel:
             raise CompressionError(f"no model folder {folder}")
         self.folder = folder
         self.hf = read_hf_config(folder)
-        self.config = shape_config(self.hf)
+        self.config = hf_dims(self.hf)
         self.specs: Dict[str, ParamSpec] = parameter_specs(self.config)
         tensors = open_checkpoint(folder)
         self.ms_layout = is_ms_layout(tensors)
@@ -57,7 +57,7 @@ class SourceModel:
         """sha256 of the shape fields, every router and norm, and the first and last values of every other
         tensor, all as float32 (so either layout and any dtype of one model agree): reads kilobytes per
         tensor where hashing every expert would read the whole model again."""
-        digest = hashlib.sha256(json.dumps(vars(self.config), sort_keys=True).encode())
+        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
         for name, infos in self.params.items():
             whole = name.endswith(("gate.weight", "norm.weight", "layernorm.weight"))
             for info in infos:
