@@ -13,7 +13,8 @@
 4. Measures each folder in its own process: parameters, bytes on disk, held-out perplexity, peak RSS while
    generating, decode tokens/s at batch 1 (graph mode, 64 new tokens after a 16-token prompt, median of 3),
    and for skipping the share of expert computations dropped on the held-out text.
-Writes bench/results/compress.json and docs/compression.png. Timings on a shared machine are indicative.
+Writes bench/results/compress.json and docs/compression.png and prints the table (`--table` redraws both
+from the recorded results). Timings on a shared machine are indicative.
 """
 from __future__ import annotations
 
@@ -162,12 +163,35 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def table(results: dict) -> str:
+    """The markdown table of docs/compression.md."""
+    base = results["baseline"]
+    lines = ["| method | experts / layer | parameters | bytes on disk | peak RSS at generation | held-out ppl "
+             "| decode tok/s (batch 1) | expert FLOPs skipped |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['experts_per_layer']} (top-{r['top_k']}) | {r['parameters'] / 1e6:.2f} M "
+            f"({100 * r['parameters'] / base['parameters']:.0f}%) | {r['bytes_on_disk'] / 2**20:.2f} MiB "
+            f"({100 * r['bytes_on_disk'] / base['bytes_on_disk']:.0f}%) | {r['peak_rss_mib_at_generation']:.0f} MiB "
+            f"| {r['heldout_ppl']:.2f} ({100 * (r['heldout_ppl'] / base['heldout_ppl'] - 1):+.1f}%) "
+            f"| {r['decode_tokens_per_s']:.1f} | {100 * r['expert_flops_saved_heldout']:.1f}% |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=os.path.join(ROOT, "runs", "compress"))
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print the table and redraw the plot from the results")
     parser.add_argument("--measure", nargs=2, metavar=("FOLDER", "HELDOUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    results_path = os.path.join(ROOT, "bench", "results", "compress.json")
+    if args.table:
+        with open(results_path, encoding="utf-8") as f:
+            results = json.load(f)["results"]
+        plot(results, os.path.join(ROOT, "docs", "compression.png"))
+        print(table(results))
+        return 0
     if args.measure:
         print(json.dumps(measure(*args.measure)))
         return 0
@@ -187,13 +211,14 @@ def main(argv=None) -> int:
                              check=True, cwd=ROOT, capture_output=True, text=True).stdout
         results[name] = json.loads(out.strip().splitlines()[-1])
         print(name, results[name], flush=True)
-    path = os.path.join(ROOT, "bench", "results", "compress.json")
+    path = results_path
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump({"machine": os.uname().nodename, "cpus": os.cpu_count(), "load_average": os.getloadavg(),
                    "results": results}, f, indent=2)
     os.replace(tmp, path)
     plot(results, os.path.join(ROOT, "docs", "compression.png"))
+    print(table(results))
     return 0
 
 
