@@ -196,8 +196,8 @@ def _copy_side_files(folder: str, tmp: str) -> List[str]:
 
 
 def write_checkpoint(src: str, dst: str, items: List[Item], write_config: Callable[[str], None], side_folder: str,
-                     overwrite: bool = False, shard_size: int = DEFAULT_SHARD, metadata: Optional[Dict[str, str]] = None,
-                     progress: Progress = None) -> Dict[str, object]:
+                     overwrite: bool = False, shard_size: int = DEFAULT_SHARD,
+                     metadata: Optional[Dict[str, str]] = None, progress: Progress = None) -> Dict[str, object]:
     """Write a checkpoint folder `dst` all at once: `items` as shards + index, `write_config(folder)` for
     config.json, the side files of `side_folder`; built in a temp folder beside `dst` and renamed into place,
     removed on any error or interrupt (an existing `dst` is left as it was). Returns {tensors, bytes, files,

@@ -182,7 +182,8 @@ def test_bad_input_one_line_exit_2_nothing_written(work, tmp_path):
     assert result.returncode == 2 and "already holds a checkpoint" in result.stderr
     assert {f: os.path.getmtime(work / "prune6" / f) for f in os.listdir(work / "prune6")} == before
     # calibration: a missing data file, an existing output
-    result = compress("calibrate", "--model", TINY8, "--data", tmp_path / "none.mindrecord", "--out", tmp_path / "c.npz")
+    missing = tmp_path / "none.mindrecord"
+    result = compress("calibrate", "--model", TINY8, "--data", missing, "--out", tmp_path / "c.npz")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"error: no dataset at {tmp_path / 'none.mindrecord'}"]
     result = compress("calibrate", "--model", TINY8, "--data", tmp_path / "x.mindrecord", "--out", calib)

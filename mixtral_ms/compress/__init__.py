@@ -1,10 +1,13 @@
 """Smaller Mixtrals from a trained one (scripts/compress.py; docs/compression.md).
 
+- source.py: the checkpoint to compress (either layout, read lazily) and its fingerprint.
 - calibration.py: run the model (eval mode, dropless) over calibration text and keep, per MoE layer, what
   the methods need; one .npz file tied to the model by a fingerprint.
 - algorithms.py: the numpy decisions: which experts to keep (Lu et al. 2024), how to cluster them
   (HC-SMoE), usage-weighted averages, dynamic-skipping thresholds.
+- int8.py: the int8 weight format (numpy); mixtral_ms/quant.py computes with it in the model.
 - methods.py: prune, merge, densify, quantize and skip, each writing a complete checkpoint folder.
+Everything but calibration is numpy only (no MindSpore import) and writes one expert at a time.
 """
 
 
