@@ -1,7 +1,8 @@
 """Loading weights into a model from any checkpoint layout users arrive with, strictly checked.
 
-Safetensors checkpoints go through the converter's own name and shape checks (convert.hf_sources,
-convert.ms_tensors), so a checkpoint the converter accepts is exactly one the model loads.
+Every layout goes through the converter's own checks (convert.hf_sources, convert.ms_tensors: names,
+shapes, dtypes), so a checkpoint the converter accepts is exactly one the model loads; NaN/inf weights are
+refused here as the converter refuses them.
 """
 from __future__ import annotations
 
@@ -15,45 +16,48 @@ from mindspore import Tensor
 
 from .convert import hf_sources, is_ms_layout, ms_tensors
 from .name_map import TRAINING_STATE_PREFIXES
-from .safetensors_io import CheckpointError, open_checkpoint, to_numpy
+from .safetensors_io import ArrayTensor, CheckpointError, f32_to_bf16, numpy_tag, open_checkpoint, to_numpy
 
 
-def _set(param, value: np.ndarray) -> None:
+def read_ckpt(path: str) -> Dict[str, ArrayTensor]:
+    """The weights of a MindSpore .ckpt (training state skipped unread), as raw bytes and dtype tags.
+    MindSpore reads the file whole: a .ckpt cannot be read lazily."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint file {path}")
+    try:
+        state = ms.load_checkpoint(path, choice_func=lambda name: not name.startswith(TRAINING_STATE_PREFIXES))
+    except (ValueError, RuntimeError, TypeError, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable MindSpore checkpoint ({first})") from None
+    out = {}
+    for name, value in state.items():
+        if value.dtype == ms.bfloat16:
+            tag, data = "BF16", f32_to_bf16(value.astype(ms.float32).asnumpy()).tobytes()
+        else:
+            array = value.asnumpy()
+            tag, data = numpy_tag(array.dtype), np.ascontiguousarray(array).tobytes()
+        out[name] = ArrayTensor(name, tag, tuple(value.shape), data)
+    return out
+
+
+def _set(param, value: np.ndarray, name: str, allow_nonfinite: bool) -> None:
+    if not allow_nonfinite and not np.isfinite(value).all():
+        bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+        raise CheckpointError(f"tensor {name!r} holds {bad} NaN or inf value(s); refusing to load it")
     param.set_data(Tensor(value.astype(np.float32), dtype=param.dtype))
 
 
-def load_weights(model, path: str) -> None:
+def load_weights(model, path: str, allow_nonfinite: bool = False) -> None:
     """Fill `model` from a Hugging Face folder (per-expert tensors), a mixtral-ms folder or file
     (stacked experts; hf2ms output or a training .safetensors) or a MindSpore .ckpt. Every parameter
-    must be present with the model's shape; anything but weights and training state is an error."""
+    must be present with the model's shape and a float dtype (F32, BF16, F16) and, unless
+    `allow_nonfinite`, finite; anything but weights and training state is an error."""
     params = {p.name: p for p in model.get_parameters()}
-    if path.endswith(".ckpt"):
-        if not os.path.isfile(path):
-            raise CheckpointError(f"no checkpoint file {path}")
-        _load_ckpt(params, ms.load_checkpoint(path))
-        return
-    tensors = open_checkpoint(path)
-    if is_ms_layout(tensors):
+    tensors = read_ckpt(path) if path.endswith(".ckpt") else open_checkpoint(path)
+    if path.endswith(".ckpt") or is_ms_layout(tensors):
         for name, info in ms_tensors(tensors, model.config).items():
-            _set(params[name], to_numpy(info))
+            _set(params[name], to_numpy(info), name, allow_nonfinite)
         return
     for name, infos in hf_sources(tensors, model.config).items():
         parts = [to_numpy(info) for info in infos]
-        _set(params[name], np.stack(parts) if len(parts) > 1 else parts[0])
-
-
-def _load_ckpt(params: Dict[str, ms.Parameter], state: Dict[str, ms.Parameter]) -> None:
-    """A MindSpore training checkpoint: the model's parameters, plus training state that is skipped."""
-    state = {k: v for k, v in state.items() if not k.startswith(TRAINING_STATE_PREFIXES)}
-    unexpected = sorted(set(state) - set(params))
-    if unexpected:
-        raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in checkpoint ({len(unexpected)} in all): "
-                              "is it from another model?")
-    for name, param in params.items():
-        if name not in state:
-            raise CheckpointError(f"checkpoint is missing parameter {name!r}")
-        value = state[name]
-        if tuple(value.shape) != tuple(param.shape):
-            raise CheckpointError(f"parameter {name!r}: checkpoint has shape {list(value.shape)}, the model expects "
-                                  f"{list(param.shape)} (checkpoint from another config?)")
-        _set(param, value.astype(ms.float32).asnumpy())
+        _set(params[name], np.stack(parts) if len(parts) > 1 else parts[0], name, allow_nonfinite)

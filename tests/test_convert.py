@@ -423,7 +423,7 @@ def test_destination_rules(tmp_path):
         hf2ms(str(tmp_path / "hf"), str(tmp_path / "hf"), overwrite=True)
     os.makedirs(tmp_path / "notes")
     open(tmp_path / "notes" / "todo.txt", "w").write("keep me")
-    with pytest.raises(CheckpointError, match="non-empty folder without a checkpoint"):
+    with pytest.raises(CheckpointError, match="not a checkpoint this converter wrote .'todo.txt' is not a file"):
         hf2ms(str(tmp_path / "hf"), str(tmp_path / "notes"), overwrite=True)
     os.makedirs(tmp_path / "empty")
     hf2ms(str(tmp_path / "hf"), str(tmp_path / "empty"))  # an empty folder is fine
