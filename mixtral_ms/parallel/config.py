@@ -107,8 +107,22 @@ def model_dims(model: Any) -> ModelDims:
     values = {k: get(k) for k in MODEL_DEFAULTS}
     if values["num_key_value_heads"] is None:
         values["num_key_value_heads"] = values["num_attention_heads"]
+    sizes = [k for k, v in MODEL_DEFAULTS.items() if isinstance(v, int) and not isinstance(v, bool)]
+    for key in sizes + (["head_dim"] if values["head_dim"] is not None else []):
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ParallelConfigError(f"model_config.{key} must be a positive integer, got {value!r}")
+    cf = values["capacity_factor"]
+    if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not cf > 0:
+        raise ParallelConfigError(f"model_config.capacity_factor must be a positive number, got {cf!r}")
+    if values["num_attention_heads"] % values["num_key_value_heads"]:
+        raise ParallelConfigError(f"model_config.num_attention_heads ({values['num_attention_heads']}) is not "
+                                  f"divisible by num_key_value_heads ({values['num_key_value_heads']})")
+    if values["num_experts_per_tok"] > values["num_local_experts"]:
+        raise ParallelConfigError(f"model_config.num_experts_per_tok ({values['num_experts_per_tok']}) exceeds "
+                                  f"num_local_experts ({values['num_local_experts']})")
     if values["head_dim"] is None:
-        values["head_dim"] = values["hidden_size"] // max(int(values["num_attention_heads"]), 1)
+        values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
     return ModelDims(**values)
 
 
@@ -373,8 +387,15 @@ def from_run_config(config: Mapping, devices: Optional[int] = None) -> ParallelL
 def load_yaml(path: str) -> Dict[str, Any]:
     """A run config as a plain dict (PyYAML, no MindFormers)."""
     import yaml
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except UnicodeDecodeError as err:
+        raise ParallelConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise ParallelConfigError(f"{path}: malformed YAML{line} ({getattr(err, 'problem', None) or err})") from None
     if not isinstance(data, dict):
         raise ParallelConfigError(f"{path}: the YAML must be a mapping of sections")
     return data
