@@ -40,10 +40,17 @@ def read_ckpt(path: str) -> Dict[str, ArrayTensor]:
     return out
 
 
-def _set(param, value: np.ndarray, name: str, allow_nonfinite: bool) -> None:
+def _checked(info, allow_nonfinite: bool) -> np.ndarray:
+    """The tensor's values, refused (by its checkpoint name) if it holds NaN or inf."""
+    value = to_numpy(info)
     if not allow_nonfinite and not np.isfinite(value).all():
         bad = int(value.size - np.count_nonzero(np.isfinite(value)))
-        raise CheckpointError(f"tensor {name!r} holds {bad} NaN or inf value(s); refusing to load it")
+        raise CheckpointError(f"tensor {info.name!r} holds NaN or inf values ({bad} of {value.size}); refusing to "
+                              "load it (allow_nonfinite=True loads it anyway)")
+    return value
+
+
+def _set(param, value: np.ndarray) -> None:
     param.set_data(Tensor(value.astype(np.float32), dtype=param.dtype))
 
 
@@ -56,8 +63,8 @@ def load_weights(model, path: str, allow_nonfinite: bool = False) -> None:
     tensors = read_ckpt(path) if path.endswith(".ckpt") else open_checkpoint(path)
     if path.endswith(".ckpt") or is_ms_layout(tensors):
         for name, info in ms_tensors(tensors, model.config).items():
-            _set(params[name], to_numpy(info), name, allow_nonfinite)
+            _set(params[name], _checked(info, allow_nonfinite))
         return
     for name, infos in hf_sources(tensors, model.config).items():
-        parts = [to_numpy(info) for info in infos]
-        _set(params[name], np.stack(parts) if len(parts) > 1 else parts[0], name, allow_nonfinite)
+        parts = [_checked(info, allow_nonfinite) for info in infos]
+        _set(params[name], np.stack(parts) if len(parts) > 1 else parts[0])

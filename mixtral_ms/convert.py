@@ -333,6 +333,14 @@ def _convert(src: str, dst: str, items: List[Item], config_path: str, side_folde
     return {"tensors": len(items), "bytes": total, "files": files, "side_files": side}
 
 
+def _open_source(src: str) -> Dict[str, TensorInfo]:
+    """The tensors of a safetensors checkpoint (headers only) or of a MindSpore .ckpt (read whole)."""
+    if src.endswith(".ckpt"):
+        from .checkpoint import read_ckpt  # MindSpore's format needs MindSpore
+        return read_ckpt(src)
+    return open_checkpoint(src)
+
+
 def _config_of(path: str) -> Tuple[str, object]:
     """(config.json path, shape config) for a folder, a checkpoint file (its folder's config.json) or a .json file."""
     if not os.path.exists(path):
@@ -384,11 +392,7 @@ def ms2hf(src: str, dst: str, dtype: Optional[str] = None, overwrite: bool = Fal
     folder (default: the source folder). A .ckpt is read whole by MindSpore (not streamed)."""
     tag = _dtype_tag(dtype)
     cfg_path, config = _config_of(config_path or src)
-    if src.endswith(".ckpt"):
-        from .checkpoint import read_ckpt  # MindSpore's format needs MindSpore
-        tensors = read_ckpt(src)
-    else:
-        tensors = open_checkpoint(src)
+    tensors = _open_source(src)
     if not is_ms_layout(tensors) and any(".experts.0." in n for n in tensors):
         raise CheckpointError(f"{src} holds per-expert tensors (a Hugging Face checkpoint); use hf2ms")
     specs = parameter_specs(config)
