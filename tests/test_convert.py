@@ -575,3 +575,15 @@ def test_ms2hf_of_a_training_ckpt_is_bit_exact(tmp_path):
     assert junk.returncode == 2 and len(junk.stderr.strip().splitlines()) == 1
     assert junk.stderr.startswith(f"error: {tmp_path / 'junk.ckpt'}: not a readable MindSpore checkpoint")
     assert not (tmp_path / "x").exists() and leftovers(tmp_path) == []
+
+
+def test_nonfinite_detection_over_every_16_bit_pattern():
+    from mixtral_ms.safetensors_io import count_nonfinite, has_nonfinite
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    for tag, values in (("BF16", bf16_to_f32(bits)), ("F16", bits.view(np.float16).astype(np.float32))):
+        bad = ~np.isfinite(values)
+        assert count_nonfinite(bits.tobytes(), tag) == bad.sum() == (2048 if tag == "F16" else 256)
+        assert [has_nonfinite(bits[i:i + 1].tobytes(), tag) for i in range(0, 1 << 16, 61)] == list(bad[::61])
+    f32 = np.array([0, -0.0, 1e-45, 3.4028235e38, -np.inf, np.nan], np.float32)
+    assert [has_nonfinite(f32[i:i + 1].tobytes(), "F32") for i in range(6)] == [False] * 4 + [True] * 2
+    assert count_nonfinite(f32.tobytes(), "F32") == 2 and not has_nonfinite(b"", "BF16")
