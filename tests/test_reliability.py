@@ -68,17 +68,24 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
-def _paused(tmp_path, module, name, script, argv):
-    ready = str(tmp_path / "ready")  # not where the outputs go
+def _paused(tmp_path, module, name, script, argv, wait=True):
+    """`script argv` started with `module.name` patched to pause after it returns; `tmp_path` + "ready"
+    (not where the outputs go) appears when it does."""
+    ready = f"{tmp_path}{os.sep if os.path.isdir(tmp_path) else ''}ready"
     code = PAUSE_AFTER.format(module=module, name=name, ready=ready, script=script, argv=[str(a) for a in argv])
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=ENV, cwd=ROOT)
-    deadline = time.time() + 120
+    if wait:
+        _wait_ready(proc, ready)
+    return proc
+
+
+def _wait_ready(proc, ready):
+    deadline = time.time() + 180
     while not os.path.exists(ready):
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "the run never reached the pause point"
         time.sleep(0.05)
-    return proc
 
 
 @pytest.fixture
@@ -281,22 +288,28 @@ def test_preprocess_disk_full_is_one_line_and_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_preprocess_killed_mid_write_then_rerun(tmp_path, sig):
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    out = out_dir / "train.mindrecord"
-    argv = ["--input", os.path.join(ROOT, "data", "corpus"), "--seq_length", "64", "--output", out]
-    proc = _paused(tmp_path, "mindspore.mindrecord", "FileWriter.commit", PREPROCESS, argv)
-    assert os.listdir(out_dir) == [f".train.mindrecord.tmp-{proc.pid}"]
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
-    if sig == signal.SIGTERM:
-        assert proc.returncode == 143 and err.strip().splitlines() == ["error: interrupted (SIGTERM); no output written"]
-        assert os.listdir(out_dir) == []
-    else:
-        assert proc.returncode == -signal.SIGKILL and os.listdir(out_dir) == [f".train.mindrecord.tmp-{proc.pid}"]
-    res = _preprocess(*argv[:2], "--output", out)
+def test_preprocess_sigterm_and_sigkill_mid_write_then_rerun(tmp_path):
+    runs = {}
+    for sig in (signal.SIGTERM, signal.SIGKILL):  # both at once: each start imports MindSpore
+        out_dir = tmp_path / sig.name
+        out_dir.mkdir()
+        argv = ["--input", os.path.join(ROOT, "data", "corpus"), "--seq_length", "64", "--output",
+                out_dir / "train.mindrecord"]
+        runs[sig] = (out_dir, argv, _paused(out_dir.parent / f"{sig.name}-", "mindspore.mindrecord",
+                                            "FileWriter.commit", PREPROCESS, argv, wait=False))
+    for sig, (out_dir, argv, proc) in runs.items():
+        _wait_ready(proc, str(out_dir.parent / f"{sig.name}-ready"))
+        assert os.listdir(out_dir) == [f".train.mindrecord.tmp-{proc.pid}"]  # written, not yet renamed
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 143 and err.strip().splitlines() == [
+                "error: interrupted (SIGTERM); no output written"]
+            assert os.listdir(out_dir) == []
+        else:
+            assert proc.returncode == -signal.SIGKILL and os.listdir(out_dir) == [f".train.mindrecord.tmp-{proc.pid}"]
+    out_dir, argv, _ = runs[signal.SIGKILL]
+    res = _run(sys.executable, PREPROCESS, *argv)
     assert res.returncode == 0, res.stderr
     assert sorted(os.listdir(out_dir)) == ["train.mindrecord", "train.mindrecord.db"]
 
