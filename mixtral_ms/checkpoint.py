@@ -1,8 +1,8 @@
 """Loading weights into a model from any checkpoint layout users arrive with, strictly checked.
 
-Every layout goes through the converter's own checks (convert.hf_sources, convert.ms_tensors: names,
-shapes, dtypes), so a checkpoint the converter accepts is exactly one the model loads; NaN/inf weights are
-refused here as the converter refuses them.
+Every layout is checked by the checkpoint schema (name_map.hf_sources, name_map.ms_tensors: names, shapes,
+dtypes), the same checks the converter runs, so a checkpoint the converter accepts is exactly one the
+model loads; NaN/inf weights are refused here as the converter refuses them.
 """
 from __future__ import annotations
 
@@ -12,16 +12,15 @@ from typing import Dict
 import numpy as np
 
 import mindspore as ms
-from mindspore import Tensor
+from mindspore import Parameter, Tensor
 
-from .convert import hf_sources, is_ms_layout, ms_tensors
-from .name_map import TRAINING_STATE_PREFIXES
+from .name_map import TRAINING_STATE_PREFIXES, hf_sources, is_ms_layout, ms_tensors
 from .safetensors_io import ArrayTensor, CheckpointError, f32_to_bf16, numpy_tag, open_checkpoint, to_numpy
 
 
 def read_ckpt(path: str) -> Dict[str, ArrayTensor]:
-    """The weights of a MindSpore .ckpt (training state skipped unread), as raw bytes and dtype tags.
-    MindSpore reads the file whole: a .ckpt cannot be read lazily."""
+    """The weights of a MindSpore .ckpt (optimizer moments and other training state skipped unread), as
+    raw bytes and dtype tags. MindSpore reads the file whole: a .ckpt cannot be read lazily."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint file {path}")
     try:
@@ -31,7 +30,7 @@ def read_ckpt(path: str) -> Dict[str, ArrayTensor]:
         raise CheckpointError(f"{path}: not a readable MindSpore checkpoint ({first})") from None
     out = {}
     for name, value in state.items():
-        if value.dtype == ms.bfloat16:
+        if value.dtype == ms.bfloat16:  # numpy has no bf16: widen (exact) and narrow back (exact)
             tag, data = "BF16", f32_to_bf16(value.astype(ms.float32).asnumpy()).tobytes()
         else:
             array = value.asnumpy()
@@ -59,12 +58,27 @@ def load_weights(model, path: str, allow_nonfinite: bool = False) -> None:
     (stacked experts; hf2ms output or a training .safetensors) or a MindSpore .ckpt. Every parameter
     must be present with the model's shape and a float dtype (F32, BF16, F16) and, unless
     `allow_nonfinite`, finite; anything but weights and training state is an error."""
+    if path.endswith(".ckpt"):
+        _load_ckpt(model, path, allow_nonfinite)
+        return
     params = {p.name: p for p in model.get_parameters()}
-    tensors = read_ckpt(path) if path.endswith(".ckpt") else open_checkpoint(path)
-    if path.endswith(".ckpt") or is_ms_layout(tensors):
+    tensors = open_checkpoint(path)
+    if is_ms_layout(tensors):
         for name, info in ms_tensors(tensors, model.config).items():
             _set(params[name], _checked(info, allow_nonfinite))
         return
     for name, infos in hf_sources(tensors, model.config).items():
         parts = [_checked(info, allow_nonfinite) for info in infos]
         _set(params[name], np.stack(parts) if len(parts) > 1 else parts[0])
+
+
+def _load_ckpt(model, path: str, allow_nonfinite: bool) -> None:
+    """A MindSpore training checkpoint: the weights (read_ckpt), checked by the schema, cast to the model's
+    dtypes and loaded strictly."""
+    tensors = ms_tensors(read_ckpt(path), model.config, implied_by="the model config")
+    params = {p.name: p for p in model.get_parameters()}
+    state = {name: Parameter(Tensor(_checked(info, allow_nonfinite).astype(np.float32), dtype=params[name].dtype),
+                             name=name) for name, info in tensors.items()}
+    not_loaded, _ = ms.load_param_into_net(model, state, strict_load=True)
+    if not_loaded:  # a parameter the schema does not know (the model grew one): never leave it at its init
+        raise CheckpointError(f"the checkpoint schema has no entry for model parameter {not_loaded[0]!r}")

@@ -33,11 +33,11 @@ import re
 import shutil
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .hf_config import read_hf_config, shape_config
-from .name_map import TRAINING_STATE_PREFIXES, count_parameters, hf_shapes, parameter_specs
+from .schema import hf_dims, read_hf_config
+from .name_map import count_parameters, hf_sources, is_ms_layout, ms_tensors, parameter_specs, source_dtype
 from .outputs import backup_path, stale, temp_path
-from .safetensors_io import (CHUNK_BYTES, FLOAT_TAGS, CheckpointError, TensorInfo, convert_bytes, count_nonfinite,
-                             has_nonfinite, nbytes_of, open_checkpoint, read_index, write_safetensors)
+from .safetensors_io import (CHUNK_BYTES, CheckpointError, TensorInfo, convert_bytes, count_nonfinite, has_nonfinite,
+                             nbytes_of, open_checkpoint, read_index, write_safetensors)
 
 DTYPE_TAGS = {"fp32": "F32", "float32": "F32", "bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16"}
 TORCH_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -80,15 +80,6 @@ def _dtype_tag(dtype: Optional[str]) -> Optional[str]:
     return DTYPE_TAGS[dtype.lower()]
 
 
-def _source_dtype(infos: List[TensorInfo]) -> str:
-    tags = sorted({i.dtype for i in infos})
-    if len(tags) != 1:
-        raise CheckpointError(f"tensor {infos[0].name!r}: experts of one layer have mixed dtypes {tags}")
-    if tags[0] not in FLOAT_TAGS:
-        raise CheckpointError(f"tensor {infos[0].name!r} has dtype {tags[0]}; expected one of {list(FLOAT_TAGS)}")
-    return tags[0]
-
-
 def _refuse_nonfinite(info, chunk: bytes) -> None:
     if has_nonfinite(chunk, info.dtype):
         raise CheckpointError(f"tensor {info.name!r} holds NaN or inf values; pass --allow-nonfinite to convert "
@@ -122,52 +113,6 @@ def _source(infos: List[TensorInfo], src_tag: str, tag: str, allow_nonfinite: bo
                                           f"which would become inf; convert to bf16 or fp32 instead")
                 yield out
     return chunks
-
-
-# ----------------------------------------------------------------------------------- validation
-
-def hf_sources(tensors: Dict[str, TensorInfo], config) -> Dict[str, List[TensorInfo]]:
-    """For each mixtral-ms parameter, its Hugging Face tensors, with every name and shape checked."""
-    specs = parameter_specs(config)
-    wanted = hf_shapes(config)
-    unexpected = [n for n in tensors if n not in wanted]
-    if unexpected:
-        raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in checkpoint ({len(unexpected)} in all; "
-                              "not a Mixtral with this config.json?)")
-    out = {}
-    for name, spec in specs.items():
-        for src in spec.sources:
-            if src not in tensors:
-                missing = sum(s not in tensors for sp in specs.values() for s in sp.sources)
-                raise CheckpointError(f"checkpoint is missing tensor {src!r} ({missing} missing in all)")
-            if tensors[src].shape != wanted[src]:
-                raise CheckpointError(f"tensor {src!r} has shape {list(tensors[src].shape)}, "
-                                      f"config.json implies {list(wanted[src])}")
-        out[name] = [tensors[s] for s in spec.sources]
-        _source_dtype(out[name])
-    return out
-
-
-def ms_tensors(tensors: Dict[str, TensorInfo], config) -> Dict[str, TensorInfo]:
-    """The mixtral-ms parameters of a MindSpore checkpoint (training state dropped), names and shapes checked."""
-    tensors = {k: v for k, v in tensors.items() if not k.startswith(TRAINING_STATE_PREFIXES)}
-    specs = parameter_specs(config)
-    unexpected = [n for n in tensors if n not in specs]
-    if unexpected:
-        raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in checkpoint ({len(unexpected)} in all; "
-                              "not a mixtral-ms checkpoint of this config?)")
-    for name, spec in specs.items():
-        if name not in tensors:
-            raise CheckpointError(f"checkpoint is missing tensor {name!r}")
-        if tensors[name].shape != spec.shape:
-            raise CheckpointError(f"tensor {name!r} has shape {list(tensors[name].shape)}, "
-                                  f"config.json implies {list(spec.shape)}")
-        _source_dtype([tensors[name]])
-    return {name: tensors[name] for name in specs}
-
-
-def is_ms_layout(tensors: Dict[str, TensorInfo]) -> bool:
-    return any(n.endswith((".experts.w1", ".experts.w2", ".experts.w3")) for n in tensors)
 
 
 # ----------------------------------------------------------------------------------- output folder
@@ -365,9 +310,9 @@ def _config_of(path: str) -> Tuple[str, object]:
                 hf = json.load(f)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{path}: malformed JSON ({err})") from None
-        return path, shape_config(hf)
+        return path, hf_dims(hf)
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
-    return os.path.join(folder, "config.json"), shape_config(read_hf_config(folder))
+    return os.path.join(folder, "config.json"), hf_dims(read_hf_config(folder))
 
 
 # ----------------------------------------------------------------------------------- directions
@@ -391,7 +336,7 @@ def hf2ms(src: str, dst: str, dtype: Optional[str] = None, overwrite: bool = Fal
     specs = parameter_specs(config)
     items: List[Item] = []
     for name, infos in hf_sources(tensors, config).items():
-        src_tag = _source_dtype(infos)
+        src_tag = source_dtype(infos)
         items.append((name, tag or src_tag, specs[name].shape,
                       _source(infos, src_tag, tag or src_tag, allow_nonfinite)))
     return _convert(src, dst, items, config_path, src, tag, overwrite, shard_size, MS_METADATA, progress)
@@ -412,7 +357,7 @@ def ms2hf(src: str, dst: str, dtype: Optional[str] = None, overwrite: bool = Fal
     specs = parameter_specs(config)
     items: List[Item] = []
     for name, info in ms_tensors(tensors, config).items():
-        src_tag = _source_dtype([info])
+        src_tag = source_dtype([info])
         out_tag = tag or src_tag
         sources = specs[name].sources
         if len(sources) == 1:
@@ -457,7 +402,7 @@ def plan(src: str, dtype: Optional[str] = None) -> str:
     dtypes = set()
     for name, infos in groups.items():
         shape = specs[name].shape
-        src_tag = _source_dtype(infos)
+        src_tag = source_dtype(infos)
         dtypes.add(src_tag)
         size_in = sum(i.nbytes for i in infos)
         size_out = nbytes_of(tag or src_tag, shape)

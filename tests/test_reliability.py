@@ -323,10 +323,10 @@ def _estimate(*args):
 def test_memory_estimator_bad_input_is_one_line(tmp_path):
     cases = {"model: [a\n b: c": "malformed YAML at line 2",
              "model:\n  model_config: {num_attention_heads: 0}\n":
-                 "model_config.num_attention_heads must be a positive integer, got 0",
+                 "num_attention_heads must be a positive integer, got 0",
              "model:\n  model_config: {num_hidden_layers: -2}\n":
-                 "model_config.num_hidden_layers must be a positive integer, got -2",
-             "model:\n  model_config: {param_init_type: int8}\n": "model_config.param_init_type must be one of"}
+                 "num_hidden_layers must be a positive integer, got -2",
+             "model:\n  model_config: {param_init_type: int8}\n": "param_init_type must be one of"}
     for i, (text, message) in enumerate(cases.items()):
         path = tmp_path / f"c{i}.yaml"
         path.write_text(text)

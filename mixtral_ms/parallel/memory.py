@@ -29,10 +29,11 @@ import re
 import shutil
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 from ..outputs import temp_path
-from .config import ModelDims, ParallelConfigError, ParallelLayout, from_run_config, load_yaml, model_dims
+from ..schema import ConfigError, ModelDims, model_dims
+from .config import ParallelConfigError, ParallelLayout, from_run_config, load_yaml
 from .plan import plan_spec, replication, sequence_tokens
 
 GIB = float(1 << 30)
@@ -126,7 +127,7 @@ def _activations(d: ModelDims, layout: ParallelLayout, run_mode: str, stage: int
 
 
 def kv_cache_bytes(d: ModelDims, layout: ParallelLayout, rows: int, positions: int) -> float:
-    """Static KV cache of mixtral_ms.generation per device: 2 * L/pp * rows/dp * nKV/mp * P * D * bytes."""
+    """Static KV cache of mixtral_ms.inference.generation per device: 2 * L/pp * rows/dp * nKV/mp * P * D * bytes."""
     c = DTYPE_BYTES.get(d.compute_dtype, 2)
     return (2 * layout.layers_per_stage * max(rows // layout.data_parallel, 1) *
             (d.num_key_value_heads / layout.model_parallel) * positions * d.head_dim * c)
@@ -135,10 +136,6 @@ def kv_cache_bytes(d: ModelDims, layout: ParallelLayout, rows: int, positions: i
 def estimate(model: Any, layout: ParallelLayout, run_mode: str = "train", optimizer: str = "AdamW",
              offload: Optional[bool] = None, master_weights: bool = False) -> MemoryEstimate:
     d = model_dims(model)
-    for key in ("param_init_type", "compute_dtype"):
-        if getattr(d, key) not in DTYPE_BYTES:
-            raise ParallelConfigError(f"model_config.{key} must be one of {', '.join(DTYPE_BYTES)}, "
-                                      f"got {getattr(d, key)!r}")
     training = run_mode in ("train", "finetune")
     if offload is None:
         offload = optimizer in OFFLOAD_OPTIMIZERS
@@ -278,7 +275,7 @@ def main(argv=None) -> int:
         est = from_config_file(args.config, args.devices, args.master_weights)
         if args.write_header:
             write_header(args.config, est)
-    except (ParallelConfigError, OSError) as err:
+    except (ParallelConfigError, ConfigError, OSError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
     if args.header or args.write_header:
