@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from ..outputs import temp_path
+from ..outputs import stale, temp_path
 from ..schema import ConfigError, ModelDims, model_dims
 from .config import ParallelConfigError, ParallelLayout, from_run_config, load_yaml
 from .plan import plan_spec, replication, sequence_tokens
@@ -250,6 +250,8 @@ def write_header(path: str, est: MemoryEstimate) -> None:
     block = header_block(path, est)
     pattern = re.compile(re.escape(HEADER_START) + r".*?" + re.escape(HEADER_END), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else block + "\n" + text
+    for old in stale(path, "tmp", hidden=True):  # a killed run's half-written copy
+        os.remove(old)
     tmp = temp_path(path, hidden=True)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
