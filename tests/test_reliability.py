@@ -39,8 +39,8 @@ def _leftovers(parent):
     return sorted(p for p in os.listdir(parent) if ".tmp-" in p or ".old-" in p)
 
 
-# A CLI run that stops at a known point: `hook` (Python run before the script) patches one function to
-# signal readiness (a file appears) and then wait to be killed, or to kill itself.
+# A CLI run that stops at a known point: Python run before the script patches one function to make a
+# file appear and then wait to be killed (PAUSE_AFTER), or makes the run kill itself (KILL_BETWEEN_RENAMES).
 PAUSE_AFTER = """
 import os, runpy, sys, time
 import {module} as target
@@ -68,11 +68,10 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
-def _paused(tmp_path, module, name, script, argv, wait=True):
-    """`script argv` started with `module.name` patched to pause after it returns; `tmp_path` + "ready"
-    (not where the outputs go) appears when it does."""
-    ready = f"{tmp_path}{os.sep if os.path.isdir(tmp_path) else ''}ready"
-    code = PAUSE_AFTER.format(module=module, name=name, ready=ready, script=script, argv=[str(a) for a in argv])
+def _paused(ready, module, name, script, argv, wait=True):
+    """`script argv` started with `module.name` patched to create the file `ready` (not where the outputs
+    go) after it returns, then wait to be killed."""
+    code = PAUSE_AFTER.format(module=module, name=name, ready=str(ready), script=script, argv=[str(a) for a in argv])
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=ENV, cwd=ROOT)
     if wait:
@@ -141,7 +140,7 @@ def test_symlinked_destination_is_written_through(checkpoints):
 
 def test_sigterm_mid_conversion_removes_its_temp_folder_and_keeps_the_old_output(checkpoints):
     before = snapshot(checkpoints / "ms")
-    proc = _paused(checkpoints, "mixtral_ms.convert", "write_safetensors", CONVERT,
+    proc = _paused(checkpoints / "ready", "mixtral_ms.convert", "write_safetensors", CONVERT,
                    ["hf2ms", "--src", checkpoints / "hf", "--dst", checkpoints / "ms", "--overwrite",
                     "--dtype", "bf16", "--shard-size", "20KB", "--quiet"])
     assert os.path.isdir(checkpoints / f"ms.tmp-{proc.pid}")  # a shard is written, the run waits
@@ -152,7 +151,7 @@ def test_sigterm_mid_conversion_removes_its_temp_folder_and_keeps_the_old_output
 
 
 def test_sigkill_mid_conversion_then_a_clean_rerun(checkpoints):
-    proc = _paused(checkpoints, "mixtral_ms.convert", "write_safetensors", CONVERT,
+    proc = _paused(checkpoints / "ready", "mixtral_ms.convert", "write_safetensors", CONVERT,
                    ["hf2ms", "--src", checkpoints / "hf", "--dst", checkpoints / "new", "--dtype", "bf16",
                     "--shard-size", "20KB", "--quiet"])
     proc.kill()
@@ -166,7 +165,7 @@ def test_sigkill_mid_conversion_then_a_clean_rerun(checkpoints):
 
 
 def test_live_runs_temp_folder_and_foreign_names_are_left_alone(checkpoints):
-    proc = _paused(checkpoints, "mixtral_ms.convert", "write_safetensors", CONVERT,
+    proc = _paused(checkpoints / "ready", "mixtral_ms.convert", "write_safetensors", CONVERT,
                    ["hf2ms", "--src", checkpoints / "hf", "--dst", checkpoints / "out", "--shard-size", "20KB",
                     "--quiet"])
     try:
@@ -295,10 +294,10 @@ def test_preprocess_sigterm_and_sigkill_mid_write_then_rerun(tmp_path):
         out_dir.mkdir()
         argv = ["--input", os.path.join(ROOT, "data", "corpus"), "--seq_length", "64", "--output",
                 out_dir / "train.mindrecord"]
-        runs[sig] = (out_dir, argv, _paused(out_dir.parent / f"{sig.name}-", "mindspore.mindrecord",
+        runs[sig] = (out_dir, argv, _paused(tmp_path / f"{sig.name}.ready", "mindspore.mindrecord",
                                             "FileWriter.commit", PREPROCESS, argv, wait=False))
     for sig, (out_dir, argv, proc) in runs.items():
-        _wait_ready(proc, str(out_dir.parent / f"{sig.name}-ready"))
+        _wait_ready(proc, tmp_path / f"{sig.name}.ready")
         assert os.listdir(out_dir) == [f".train.mindrecord.tmp-{proc.pid}"]  # written, not yet renamed
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
