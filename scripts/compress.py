@@ -15,21 +15,17 @@ stderr; nothing is written (temp folder + rename; Ctrl-C and SIGTERM clean up).
 """
 import argparse
 import os
-import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mixtral_ms.convert import DEFAULT_SHARD, parse_size  # noqa: E402
+from mixtral_ms.outputs import exit_status, interrupt_on_sigterm  # noqa: E402
 from mixtral_ms.safetensors_io import CheckpointError  # noqa: E402
 
 
 def default_calibration(model: str) -> str:
     return os.path.abspath(model).rstrip(os.sep) + ".calibration.npz"
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def parse_args(argv):
@@ -94,7 +90,7 @@ def run(args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     from mixtral_ms.compress import CompressionError
     from mixtral_ms.schema import ConfigError
     try:
@@ -103,9 +99,10 @@ def main(argv=None) -> int:
     except (CompressionError, CheckpointError, ConfigError, FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the temp folder or file is already removed
+        status, name = exit_status(err)
+        print(f"error: interrupted ({name}); nothing written", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
+from ..outputs import stale, temp_path
 from . import CompressionError
 from .source import SourceModel
 
@@ -161,9 +162,12 @@ def calibrate(model_dir: str, data: str, out: str, max_tokens: int = 32768, samp
             "data": data, "tokens": stats[0].tokens, "sample_tokens": int(arrays["sample_logits"].shape[1]),
             "num_hidden_layers": config.num_hidden_layers, "num_local_experts": config.num_local_experts,
             "num_experts_per_tok": config.num_experts_per_tok, "hidden_size": config.hidden_size}
-    tmp = f"{out}.tmp-{os.getpid()}.npz"
+    for old in stale(out):
+        os.remove(old)
+    tmp = temp_path(out)
     try:
-        np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

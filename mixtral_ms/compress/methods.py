@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from ..convert import DEFAULT_SHARD, HF_METADATA, MS_METADATA, write_checkpoint
+from ..convert import COMPRESSION_RECORD, DEFAULT_SHARD, HF_METADATA, MS_METADATA, write_checkpoint
 from ..schema import hf_dims
 from ..name_map import count_parameters, ms_to_hf, parameter_specs
 from ..safetensors_io import convert_bytes
@@ -29,7 +29,6 @@ from .calibration import Calibration, load_calibration
 from .int8 import quantize_int8
 from .source import SourceModel
 
-RECORD = "compression.json"
 _MOE_KEYS = ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise",
              "output_router_logits", "dynamic_skip_betas", "expert_quantization")
 
@@ -69,7 +68,7 @@ def _check_keep(source: SourceModel, keep: int) -> None:
 def _write(source: SourceModel, dst: str, items: list, hf: dict, record: dict, metadata: Dict[str, str],
            overwrite: bool, shard_size: int, progress) -> dict:
     def write_config(folder: str) -> None:
-        for name, content in (("config.json", hf), (RECORD, record)):
+        for name, content in (("config.json", hf), (COMPRESSION_RECORD, record)):
             with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
                 json.dump(content, f, indent=2)
     result = write_checkpoint(source.folder, dst, items, write_config, source.folder, overwrite, shard_size,
