@@ -207,9 +207,17 @@ def main(argv=None) -> int:
         if cmd is not None and not os.path.isdir(folder):
             extra = [] if cmd[0] == "quantize" else ["--calibration", calib]
             run([sys.executable, "scripts/compress.py", *cmd, "--model", baseline, "--out", folder, *extra])
-        out = subprocess.run([sys.executable, __file__, "--measure", folder, os.path.join(work, "heldout.mindrecord")],
-                             check=True, cwd=ROOT, capture_output=True, text=True).stdout
-        results[name] = json.loads(out.strip().splitlines()[-1])
+        measured = os.path.join(work, "measured", f"{name}.json")  # a rerun measures only what is missing
+        if not os.path.isfile(measured):
+            out = subprocess.run([sys.executable, __file__, "--measure", folder,
+                                  os.path.join(work, "heldout.mindrecord")],
+                                 check=True, cwd=ROOT, capture_output=True, text=True).stdout
+            os.makedirs(os.path.dirname(measured), exist_ok=True)
+            with open(measured + ".tmp", "w", encoding="utf-8") as f:
+                f.write(out.strip().splitlines()[-1])
+            os.replace(measured + ".tmp", measured)
+        with open(measured, encoding="utf-8") as f:
+            results[name] = json.load(f)
         print(name, results[name], flush=True)
     path = results_path
     tmp = path + ".tmp"
