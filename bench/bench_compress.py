@@ -147,7 +147,8 @@ def plot(results: dict, path: str) -> None:
         left.annotate(name, (r["bytes_on_disk"] / 2**20, r["heldout_ppl"]), fontsize=8, xytext=(3, 3),
                       textcoords="offset points")
     left.set_xlabel("bytes on disk (MiB)")
-    left.set_ylabel("held-out perplexity")
+    left.set_ylabel("held-out perplexity (log)")
+    left.set_yscale("log")
     left.set_title("size vs quality (tiny Mixtral, 2 layers, 8 experts)")
     for method, marker in (("prune", "o-"), ("merge", "s-")):
         keep = [8, 6, 4, 2]
@@ -156,7 +157,8 @@ def plot(results: dict, path: str) -> None:
     right.axhline(results["densify"]["heldout_ppl"], color="grey", ls="--", label="densify (1 expert)")
     right.invert_xaxis()
     right.set_xlabel("experts kept per layer (R)")
-    right.set_ylabel("held-out perplexity")
+    right.set_ylabel("held-out perplexity (log)")
+    right.set_yscale("log")
     right.set_title("prune vs merge at the same R")
     right.legend()
     fig.tight_layout()
