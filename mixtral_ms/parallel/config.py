@@ -231,15 +231,10 @@ def validate(parallel_config: Optional[Mapping] = None, parallel: Optional[Mappi
     if dims.num_local_experts % ep:
         raise ParallelConfigError(f"expert_parallel ({ep}) must divide the number of experts "
                                   f"({dims.num_local_experts})")
-    if dims.num_hidden_layers % pp:
-        raise ParallelConfigError(f"num_hidden_layers ({dims.num_hidden_layers}) is not divisible by "
-                                  f"pipeline_stage ({pp})")
-    if dims.num_attention_heads % mp:
-        raise ParallelConfigError(f"num_attention_heads ({dims.num_attention_heads}) is not divisible by "
-                                  f"model_parallel ({mp})")
-    if dims.num_key_value_heads % mp:
-        raise ParallelConfigError(f"num_key_value_heads ({dims.num_key_value_heads}) is not divisible by "
-                                  f"model_parallel ({mp})")
+    for name, key, degree in (("num_hidden_layers", "pipeline_stage", pp), ("num_attention_heads", "model_parallel", mp),
+                              ("num_key_value_heads", "model_parallel", mp)):
+        if getattr(dims, name) % degree:
+            raise ParallelConfigError(f"{name} ({getattr(dims, name)}) is not divisible by {key} ({degree})")
     if pp > 1 and micro < pp:
         raise ParallelConfigError(f"micro_batch_num ({micro}) must be at least pipeline_stage ({pp})")
     if not (vocab_emb_dp and pp == 1) and dims.vocab_size % mp:
