@@ -52,12 +52,15 @@ def load_run(path: str, overrides: Optional[Dict[str, Any]] = None) -> Run:
         raise RunError(f"no config file {path}")
     try:
         raw = MindFormerConfig._file2dict(path)  # MindFormers' reader: the YAML plus its base_config files
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise RunError(f"{path}: malformed YAML{where}") from None
     except UnicodeDecodeError:
         raise RunError(f"{path}: not UTF-8 text") from None
+    except (yaml.YAMLError, ValueError) as err:  # the reader's nesting check wraps YAMLError in ValueError
+        cause = err if isinstance(err, yaml.YAMLError) else err.__cause__
+        if not isinstance(cause, yaml.YAMLError):
+            raise RunError(f"{path}: {err}") from None
+        mark = getattr(cause, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RunError(f"{path}: malformed YAML{where}") from None
     except AttributeError:  # the reader sorts the top-level items of what it loaded
         raise RunError(f"{path}: the YAML must be a mapping of sections") from None
     model_config = check_config(raw)
