@@ -13,10 +13,6 @@ from .router import TopKRouter
 
 GROUPED_MIN_ROWS = 16  # mean rows per expert below which (decoding) the static capacity tiers are cheaper
 
-# The grouped (eval, unsharded) path's matmul: module-level, so the sharding plan, which shards every
-# primitive a cell holds, does not see it.
-_SEGMENT_MATMUL = ops.MatMul(transpose_b=True)
-
 
 class MixtralExperts(nn.Cell):
     """E SwiGLU experts stored stacked `[E, out, in]`: w2(silu(w1 x) * w3 x), one batched matmul each."""
@@ -33,6 +29,7 @@ class MixtralExperts(nn.Cell):
         self.bmm_gate = ops.BatchMatMul(transpose_b=True)
         self.bmm_up = ops.BatchMatMul(transpose_b=True)
         self.bmm_down = ops.BatchMatMul(transpose_b=True)
+        self.segment_matmul = ops.MatMul(transpose_b=True)  # eval-mode segments only; the plan leaves it unsharded
 
     def segments(self, rows: tuple) -> tuple:
         """rows: per expert e, the [R_e, H] tokens routed to it (R_e varies) -> per expert [R_e, H].
@@ -44,9 +41,9 @@ class MixtralExperts(nn.Cell):
         w2 = ops.unstack(ops.cast(self.w2, dt))
         outs = ()
         for e in range(len(rows)):
-            gate = matmul(_SEGMENT_MATMUL, rows[e], w1[e], self.round_dtype)
-            up = matmul(_SEGMENT_MATMUL, rows[e], w3[e], self.round_dtype)
-            outs += (matmul(_SEGMENT_MATMUL, ops.silu(gate) * up, w2[e], self.round_dtype),)
+            gate = matmul(self.segment_matmul, rows[e], w1[e], self.round_dtype)
+            up = matmul(self.segment_matmul, rows[e], w3[e], self.round_dtype)
+            outs += (matmul(self.segment_matmul, ops.silu(gate) * up, w2[e], self.round_dtype),)
         return outs
 
     def construct(self, x: Tensor) -> Tensor:
@@ -82,9 +79,9 @@ class MixtralSparseMoeBlock(nn.Cell):
         self.experts = MixtralExperts(self.num_experts, config.hidden_size, config.intermediate_size,
                                       config.initializer_range, param_dtype, compute_dtype)
         # Eval-mode dropless with at least GROUPED_MIN_ROWS rows per expert: per-expert segments of exactly
-        # the routed tokens (as Hugging Face's loop over experts), whatever the skew. apply_plan turns it
-        # off: sharded dispatch needs the static [E, C, H] layout.
-        self.grouped_inference = True
+        # the routed tokens (as Hugging Face's loop over experts), whatever the skew; not with
+        # static_dispatch (a sharded model: dispatch needs the static [E, C, H] layout).
+        self.grouped_inference = not config.static_dispatch
         # [G, E, C, H] <-> [E, G, C, H]: the expert-parallel AllToAll happens here (mixtral_ms/parallel/plan.py).
         self.to_experts = ops.Transpose()
         self.from_experts = ops.Transpose()

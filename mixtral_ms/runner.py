@@ -72,6 +72,14 @@ def load_run(path: str, overrides: Optional[Dict[str, Any]] = None) -> Run:
     return Run(config, model_config)
 
 
+def set_layout(run: Run, layout: ParallelLayout) -> None:
+    """Give the run its layout, and the model config the fields the layout fixes (before any model exists)."""
+    for key, value in layout.model_fields().items():
+        setattr(run.model_config, key, value)
+    run.model_config.validate()
+    run.layout = layout
+
+
 def resolve_checkpoint(path: str) -> str:
     """A file or folder users name; for a folder of training checkpoints, the newest file."""
     if os.path.isfile(path):
@@ -212,7 +220,7 @@ def execute(args: argparse.Namespace) -> None:
     ms.set_seed(int(config.seed or 0))  # before the model is built: initial weights follow the YAML's seed
     if config.use_parallel:  # validate the layout against the world size, set the auto-parallel context
         from .parallel.plan import prepare_parallel
-        run.layout = prepare_parallel(config)
+        set_layout(run, prepare_parallel(config))
     if config.run_mode in ("train", "finetune"):
         train(run, config.run_mode == "finetune")
     elif config.run_mode == "predict":

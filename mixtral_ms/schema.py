@@ -30,7 +30,9 @@ class ModelDims:
     `capacity_factor` bounds expert load in training (`<= 0`: dropless); `inference_capacity_factor`
     does the same in eval mode and defaults to dropless, since capacity only matters for training
     throughput. `moe_token_groups` splits the tokens into groups that get capacity separately (one per
-    data-parallel shard under the parallel plan). `num_key_value_heads` None means multi-head attention;
+    data-parallel shard under the parallel plan); `static_dispatch` keeps eval mode on the static
+    `[E, C, H]` dispatch, as sharding needs (ParallelLayout.model_fields sets both). `num_key_value_heads`
+    None means multi-head attention;
     `head_dim` None means hidden_size // num_attention_heads.
     """
     vocab_size: int = 32000
@@ -53,6 +55,7 @@ class ModelDims:
     inference_capacity_factor: float = 0.0
     drop_policy: str = "probs"
     moe_token_groups: int = 1
+    static_dispatch: bool = False
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     seq_length: int = 4096
@@ -92,8 +95,9 @@ class ModelDims:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
-        if not isinstance(self.tie_word_embeddings, bool):
-            raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        for name in ("tie_word_embeddings", "static_dispatch"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(ModelDims))

@@ -128,6 +128,11 @@ class ParallelLayout:
         """Token groups with their own expert capacity: one per data-parallel shard."""
         return self.data_parallel
 
+    def model_fields(self) -> Dict[str, Any]:
+        """The model fields this layout fixes, set before the model is built: capacity per data-parallel
+        shard, and only the static [E, C, H] dispatch (the dynamic per-expert segments do not shard)."""
+        return {"moe_token_groups": self.moe_token_groups, "static_dispatch": True}
+
     @property
     def effective_vocab_emb_dp(self) -> bool:
         """MindFormers resets vocab_emb_dp to False under pipeline parallelism (core/parallel_config.py)."""
