@@ -13,7 +13,7 @@ from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from .configuration import MixtralConfig
-from .inference.generation import generate
+from .inference.text_generation import text_generate
 from .dtypes import arange, embedding, emulated_dtype, matmul, native_dtype
 from .losses import causal_lm_loss, load_balancing_loss, router_z_loss
 from .moe import MixtralSparseMoeBlock
@@ -260,14 +260,10 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         load_weights(model, path)
         return model
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, **kwargs):
-        """Incremental decoding with a KV cache; see mixtral_ms.inference.generation.generate. MindFormers'
-        text-generation pipeline (Trainer.predict) calls with its own keywords:
-        see inference/text_generation.py."""
-        if "return_dict_in_generate" in kwargs or "max_length" in kwargs:
-            from .inference.text_generation import pipeline_generate
-            return pipeline_generate(self, input_ids, attention_mask, **kwargs)
-        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Incremental decoding with a KV cache, with Hugging Face's generate arguments as users and
+        MindFormers' text-generation pipeline (Trainer.predict) pass them: mixtral_ms/inference."""
+        return text_generate(self, input_ids, attention_mask, **kwargs)
 
     def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None):
         hidden, _, _, router_logits, load, dropped, prob_sum, z_sum, valid = self.model(
