@@ -139,6 +139,7 @@ def prepare_resume(config, model) -> int:
 
 
 def train(run: Run, finetune: bool) -> None:
+    """Trainer.train / finetune on the run's model, its checkpoint loaded strictly first (or resumed)."""
     from mindformers import Trainer
     from .data import check_dataset
     config = run.config
@@ -172,6 +173,7 @@ def generation_settings(config, requested: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def predict(run: Run, prompts: Sequence[str], settings: Dict[str, Any], instruct: bool = False) -> None:
+    """Print `> prompt + continuation` for each prompt (SentencePiece, left padding, KV-cache decoding)."""
     import sentencepiece as spm
     from .inference.generation import generate
     from .inference.prompts import continuation, left_pad
