@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from worker import finish, start
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also imported from tests/test_parallel.py
+from worker import finish, start  # noqa: E402
 
 
 class LossOnly(nn.Cell):
