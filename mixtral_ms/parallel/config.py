@@ -335,8 +335,15 @@ def load_yaml(path: str) -> Dict[str, Any]:
     (MindFormerConfig._file2dict) merges them: PyYAML only, since importing MindFormers costs seconds.
     A test keeps the two equal on every shipped YAML."""
     import yaml
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except UnicodeDecodeError as err:
+        raise ParallelConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise ParallelConfigError(f"{path}: malformed YAML{line} ({getattr(err, 'problem', None) or err})") from None
     if not isinstance(data, dict):
         raise ParallelConfigError(f"{path}: the YAML must be a mapping of sections")
     bases = data.pop("base_config", None)
