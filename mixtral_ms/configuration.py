@@ -10,6 +10,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from .hf_config import ConfigError, hf_fields, read_hf_config
 
 DROP_POLICIES = ("probs", "position")
+ROUTER_TYPES = ("mixtral", "switch", "gshard", "rre")  # mixtral_ms/router.py
 DTYPES = ("float32", "bfloat16", "float16")
 
 # Keys MindFormers' trainer or PretrainedConfig attach to every model config; accepted, not validated.
@@ -33,6 +34,11 @@ class MixtralConfig(PretrainedConfig):
     does the same in eval mode and defaults to dropless, since capacity only matters for training
     throughput. `moe_token_groups` splits the tokens into groups that get capacity separately; the
     parallel plan sets it to the data-parallel degree so capacity is per data-parallel shard.
+
+    `router_type` (router.py): `mixtral` (top-k, renormalised), `switch` (top-1, un-renormalised
+    probability), `gshard` (top-2, second choice sampled in training) or `rre` (Pangu-Sigma random
+    routed experts: `rre_groups` equal expert groups, one per domain id of the data, and inside a
+    group a fixed token-id -> expert map per layer drawn from `rre_seed`).
     """
 
     model_type = "mixtral"
@@ -59,6 +65,9 @@ class MixtralConfig(PretrainedConfig):
         inference_capacity_factor: float = 0.0,
         drop_policy: str = "probs",
         moe_token_groups: int = 1,
+        router_type: str = "mixtral",
+        rre_groups: int = 1,
+        rre_seed: int = 0,
         tie_word_embeddings: bool = False,
         initializer_range: float = 0.02,
         seq_length: int = 4096,
@@ -102,6 +111,9 @@ class MixtralConfig(PretrainedConfig):
         self.inference_capacity_factor = inference_capacity_factor
         self.drop_policy = drop_policy
         self.moe_token_groups = moe_token_groups
+        self.router_type = router_type
+        self.rre_groups = rre_groups
+        self.rre_seed = rre_seed
         self.tie_word_embeddings = tie_word_embeddings
         self.initializer_range = initializer_range
         self.seq_length = seq_length
@@ -114,7 +126,7 @@ class MixtralConfig(PretrainedConfig):
         """Raise ConfigError naming the first inconsistent field."""
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok",
-                    "max_position_embeddings", "moe_token_groups", "seq_length")
+                    "max_position_embeddings", "moe_token_groups", "seq_length", "rre_groups")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -128,6 +140,7 @@ class MixtralConfig(PretrainedConfig):
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise ConfigError(f"MixtralConfig: sliding_window must be null or a positive integer, "
                               f"got {self.sliding_window!r}")
+        self._validate_router()
         if self.drop_policy not in DROP_POLICIES:
             raise ConfigError(f"MixtralConfig: drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
         for name in ("compute_dtype", "param_init_type"):
@@ -138,6 +151,24 @@ class MixtralConfig(PretrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ConfigError(f"MixtralConfig: {name} must be a number, got {value!r}")
+
+    def _validate_router(self) -> None:
+        kind, k, e, groups = self.router_type, self.num_experts_per_tok, self.num_local_experts, self.rre_groups
+        if kind not in ROUTER_TYPES:
+            raise ConfigError(f"MixtralConfig: router_type must be one of {ROUTER_TYPES}, got {kind!r}")
+        if kind == "switch" and k != 1:
+            raise ConfigError(f"MixtralConfig: router_type switch routes each token to one expert; "
+                              f"num_experts_per_tok must be 1, got {k}")
+        if kind == "gshard" and k != 2:
+            raise ConfigError(f"MixtralConfig: router_type gshard samples the second of two experts; "
+                              f"num_experts_per_tok must be 2, got {k}")
+        if not isinstance(self.rre_seed, int) or isinstance(self.rre_seed, bool) or self.rre_seed < 0:
+            raise ConfigError(f"MixtralConfig: rre_seed must be a non-negative integer, got {self.rre_seed!r}")
+        if kind != "rre" and groups != 1:
+            raise ConfigError(f"MixtralConfig: rre_groups {groups} needs router_type rre (got {kind!r})")
+        if kind == "rre" and (e % groups or k > e // groups):
+            raise ConfigError(f"MixtralConfig: router_type rre needs num_local_experts ({e}) divisible by "
+                              f"rre_groups ({groups}) and num_experts_per_tok ({k}) <= experts per group")
 
     @classmethod
     def from_hf_config(cls, hf: dict, **overrides: Any) -> "MixtralConfig":
@@ -165,4 +196,7 @@ class MixtralConfig(PretrainedConfig):
             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
             "torch_dtype": {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[self.param_init_type],
             "use_cache": True,
+            # Not Hugging Face fields: written only for the routers Hugging Face's Mixtral does not have.
+            **({"router_type": self.router_type, "rre_groups": self.rre_groups, "rre_seed": self.rre_seed}
+               if self.router_type != "mixtral" else {}),
         }

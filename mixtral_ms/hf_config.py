@@ -15,7 +15,8 @@ class ConfigError(ValueError):
 _FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "sliding_window",
            "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise",
-           "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id")
+           "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
+           "router_type", "rre_groups", "rre_seed")  # the last three: mixtral-ms routers (configuration.py)
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_local_experts", "num_experts_per_tok")
 
