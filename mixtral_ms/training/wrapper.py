@@ -16,6 +16,7 @@ from mindspore.parallel._utils import _get_device_num, _get_gradients_mean, _get
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from ..hf_config import ConfigError
+from .freeze import FrozenParameters
 
 _DYNAMIC_SCALE_DEFAULTS = {"loss_scale_value": 2.0 ** 16, "scale_factor": 2, "scale_window": 1000}
 
@@ -41,6 +42,9 @@ class MixtralTrainOneStepCell(nn.Cell):
     dropped assignments per layer are left in the `router_stats.*` parameters (stat_ce, stat_aux, stat_z,
     stat_load, stat_dropped) for MixtralProgressMonitor and RouterStatsMonitor.
 
+    `freeze`: experts, router rows and non-MoE weights that training must leave bit-identical
+    (training/freeze.py): their gradients are zeroed before the norm and their update is masked.
+
     `scale_sense`: a fixed loss scale (1.0 for fp32/bf16), or a dict / `nn.DynamicLossScaleUpdateCell`
     for fp16 dynamic loss scaling (`loss_scale_value`, `scale_factor`, `scale_window`): on overflow the
     scale is divided by scale_factor (not below 1) and the update skipped; after scale_window finite
@@ -52,7 +56,8 @@ class MixtralTrainOneStepCell(nn.Cell):
 
     def __init__(self, network: nn.Cell, optimizer: nn.Optimizer,
                  scale_sense: Union[float, dict, nn.Cell, Tensor] = 1.0, max_grad_norm: Optional[float] = 1.0,
-                 use_clip_grad: bool = True, lr_scheduler=None, **_framework_args) -> None:
+                 use_clip_grad: bool = True, lr_scheduler=None, freeze: Optional[dict] = None,
+                 **_framework_args) -> None:
         """`_framework_args`: what MindFormers' trainer passes every wrapper (calculate_per_token_loss,
         print_separate_loss, grouped_lr_scheduler, ...); YAML keys are checked by register.check_config."""
         super().__init__(auto_prefix=False)
@@ -86,6 +91,7 @@ class MixtralTrainOneStepCell(nn.Cell):
         while not hasattr(model, "config") and hasattr(model, "network"):  # MindFormers' DataOrderWrapperCell
             model = model.network
         layers, experts = model.config.num_hidden_layers, model.config.num_local_experts
+        self.freeze = FrozenParameters(self.weights, model.config, freeze)
         zeros = lambda *shape: Tensor(ops.zeros(shape, ms.float32))  # noqa: E731
         self.stat_ce = Parameter(zeros(), name="router_stats.ce_loss", requires_grad=False)
         self.stat_aux = Parameter(zeros(), name="router_stats.aux_loss", requires_grad=False)
@@ -98,7 +104,7 @@ class MixtralTrainOneStepCell(nn.Cell):
         scale = self.one if self.unit_scale else self.scale_sense
         (_, outputs), grads = self.grad_fn(scale, *inputs)
         loss, ce, aux, z, load, dropped = outputs
-        grads = self.grad_reducer(grads)
+        grads = self.freeze.mask(self.grad_reducer(grads))
         if not self.unit_scale:  # unscale in fp32 first: squares of scaled gradients could overflow
             grads = tuple(ops.cast(ops.cast(g, ms.float32) / scale, g.dtype) for g in grads)
         # One fused reduction per gradient (L2Loss = sum(g^2) / 2) gives the norm and the overflow check:
@@ -112,7 +118,7 @@ class MixtralTrainOneStepCell(nn.Cell):
             grads = tuple(g * ops.cast(factor, g.dtype) for g in grads)
         lr = self._learning_rate()
         if not overflow:
-            loss = ops.depend(loss, self.optimizer(grads))
+            loss = ops.depend(loss, self.freeze.update(self.optimizer, grads))
         if self.reducer_flag:
             ce, aux, z = (self.stats_sum(v) / self.device_num for v in (ce, aux, z))
             load, dropped = self.stats_sum(load), self.stats_sum(dropped)
