@@ -280,18 +280,29 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
             return pipeline_generate(self, input_ids, attention_mask, **kwargs)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
 
-    def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None, domain_ids=None):
+    def forward_logits(self, input_ids, attention_mask=None, position_ids=None, domain_ids=None):
+        """(logits [B, S, V], router_logits [L, B*S, E], load [L, E], dropped [L, E], and the pooled
+        router sums the training loss needs: prob_sum [L, E], z_sum [L], valid token count)."""
         hidden, _, _, router_logits, load, dropped, prob_sum, z_sum, valid = self.model(
             input_ids, attention_mask, position_ids, domain_ids=domain_ids)
-        logits = self.lm_logits(hidden)
-        if labels is None and not self.training:
-            return logits, router_logits, load, dropped
-        if labels is None:
-            labels = input_ids
-        num_layers = router_logits.shape[0]
+        return self.lm_logits(hidden), router_logits, load, dropped, prob_sum, z_sum, valid
+
+    def training_loss(self, logits, labels, load, dropped, prob_sum, z_sum, valid, ce_coef: float = 1.0):
+        """(loss, ce, aux, z, load, dropped) with loss = ce_coef * CE + aux_coef * aux + z_coef * z
+        (`ce_coef` below 1: distillation's alpha, training/distill.py)."""
+        num_layers = load.shape[0]
         ce = causal_lm_loss(logits, labels, self.ignore_index)
         pooled_tokens = valid * num_layers
         aux = load_balancing_loss(load.sum(axis=0), prob_sum.sum(axis=0), pooled_tokens)
         z = router_z_loss(z_sum.sum(), pooled_tokens)
-        loss = ce + self.aux_coef * aux + self.z_coef * z
+        loss = ce_coef * ce + self.aux_coef * aux + self.z_coef * z
         return loss, ce, aux, z, load, dropped
+
+    def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None, domain_ids=None):
+        logits, router_logits, load, dropped, prob_sum, z_sum, valid = self.forward_logits(
+            input_ids, attention_mask, position_ids, domain_ids)
+        if labels is None and not self.training:
+            return logits, router_logits, load, dropped
+        if labels is None:
+            labels = input_ids
+        return self.training_loss(logits, labels, load, dropped, prob_sum, z_sum, valid)
