@@ -15,7 +15,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from .kernels import emulated_dtype, matmul, native_dtype
+from .dtypes import emulated_dtype, matmul, native_dtype
 
 ROUTER_TYPES = ("mixtral", "switch", "gshard", "rre")
 _NO_ROUTE = -1e30  # router "logit" of an expert the random router never picks for a token

@@ -12,7 +12,7 @@ from typing import Dict, List
 import numpy as np
 
 from .configuration import MixtralConfig
-from .hf_config import ConfigError
+from .schema import ConfigError
 
 
 def group_experts(config: MixtralConfig, group: int) -> List[int]:

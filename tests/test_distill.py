@@ -16,7 +16,8 @@ from mixtral_ms import MixtralConfig, MixtralForCausalLM
 from mixtral_ms.checkpoint import load_weights
 from mixtral_ms.data import write_mindrecord
 from mixtral_ms.losses import distillation_loss
-from test_training import BATCH, SEQ, error_line, run, run_mixtral, stats, write_yaml
+from mixtral_ms import runner
+from test_training import BATCH, SEQ, error_line, run, stats, write_yaml
 
 STEPS = 16
 DISTILL = {"kd_coef": 1.0, "ce_coef": 0.1, "temperature": 2.0}
@@ -77,7 +78,7 @@ def test_distillation_through_the_trainer(setup):
                   "async_save": False}]
     cfg = write_yaml(out, data, **{"runner_wrapper.distill": distill, "callbacks": callbacks,
                                    "load_checkpoint": str(start)})
-    config = run_mixtral.model_config(run_mixtral.load_config(cfg, {}))
+    config = runner.load_run(cfg).model_config
     ms.set_seed(6)
     student = MixtralForCausalLM(config)
     ms.save_checkpoint(student, str(start))

@@ -13,7 +13,8 @@ from mixtral_ms import MixtralForCausalLM
 from mixtral_ms.checkpoint import load_weights
 from mixtral_ms.data import write_mindrecord
 from mixtral_ms.training.freeze import check_freeze, trainable_count
-from test_training import BATCH, SEQ, error_line, run, run_mixtral, write_yaml
+from mixtral_ms import runner
+from test_training import BATCH, SEQ, error_line, run, write_yaml
 
 FREEZE = {"experts": {0: [0, 1], 1: [5]}, "router_rows": [0, 1, 2], "non_moe": True}
 STEPS = 6
@@ -48,7 +49,7 @@ def test_frozen_weights_are_bit_identical_after_training(tmp_path, data):
                   "integrated_save": False, "async_save": False}]
     cfg = write_yaml(tmp_path, data, **{"runner_wrapper.freeze": FREEZE, "load_checkpoint": str(start),
                                         "callbacks": callbacks})
-    config = run_mixtral.model_config(run_mixtral.load_config(cfg, {}))
+    config = runner.load_run(cfg).model_config
     ms.set_seed(3)
     ms.save_checkpoint(MixtralForCausalLM(config), str(start))
     status, _, stderr = run("--config", cfg, "--run_mode", "train")

@@ -27,7 +27,7 @@ from typing import Optional
 from mindspore import nn, ops
 
 from ..configuration import MixtralConfig
-from ..hf_config import ConfigError
+from ..schema import ConfigError
 from ..losses import distillation_loss
 
 DISTILL_KEYS = ("teacher", "teacher_config", "kd_coef", "ce_coef", "temperature")

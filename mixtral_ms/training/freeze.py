@@ -22,7 +22,7 @@ import numpy as np
 
 from mindspore import Tensor, nn, ops
 
-from ..hf_config import ConfigError
+from ..schema import ConfigError
 
 FREEZE_KEYS = ("experts", "router_rows", "non_moe")
 _EXPERTS = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.w[123]$")

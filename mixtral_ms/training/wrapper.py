@@ -15,7 +15,7 @@ from mindspore.context import ParallelMode
 from mindspore.parallel._utils import _get_device_num, _get_gradients_mean, _get_parallel_mode
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from ..hf_config import ConfigError
+from ..schema import ConfigError
 from .distill import check_distill, install
 from .freeze import FrozenParameters
 
@@ -62,7 +62,7 @@ class MixtralTrainOneStepCell(nn.Cell):
                  use_clip_grad: bool = True, lr_scheduler=None, freeze: Optional[dict] = None,
                  distill: Optional[dict] = None, **_framework_args) -> None:
         """`_framework_args`: what MindFormers' trainer passes every wrapper (calculate_per_token_loss,
-        print_separate_loss, grouped_lr_scheduler, ...); YAML keys are checked by register.check_config."""
+        print_separate_loss, grouped_lr_scheduler, ...); YAML keys are checked by yaml_check.check_config."""
         super().__init__(auto_prefix=False)
         model = network
         while not hasattr(model, "config") and hasattr(model, "network"):  # MindFormers' DataOrderWrapperCell
