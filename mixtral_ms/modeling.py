@@ -235,7 +235,8 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
     expert load [L, E], dropped assignments [L, E]). With labels (Hugging Face semantics: same
     length as input_ids, shifted inside; -100 ignored), or in training mode where labels default to
     input_ids (MindFormers' pre-training samples of seq_length + 1 tokens), it returns
-    (loss, ce_loss, aux_loss, z_loss, expert load [L, E], dropped [L, E]).
+    (loss, ce_loss, aux_loss, z_loss, expert load [L, E], dropped [L, E]). `domain_ids` [B, S] (a
+    dataset column) picks each token's expert group under router_type rre.
     """
 
     def __init__(self, config: MixtralConfig, **_framework_args) -> None:
@@ -288,7 +289,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
             input_ids, attention_mask, position_ids, domain_ids=domain_ids)
         return self.lm_logits(hidden), router_logits, load, dropped, prob_sum, z_sum, valid
 
-    def training_loss(self, logits, labels, load, dropped, prob_sum, z_sum, valid, ce_coef: float = 1.0):
+    def training_loss(self, logits, labels, load, dropped, prob_sum, z_sum, valid, ce_coef):
         """(loss, ce, aux, z, load, dropped) with loss = ce_coef * CE + aux_coef * aux + z_coef * z
         (`ce_coef` below 1: distillation's alpha, training/distill.py)."""
         num_layers = load.shape[0]
@@ -306,4 +307,4 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
             return logits, router_logits, load, dropped
         if labels is None:
             labels = input_ids
-        return self.training_loss(logits, labels, load, dropped, prob_sum, z_sum, valid)
+        return self.training_loss(logits, labels, load, dropped, prob_sum, z_sum, valid, 1.0)
