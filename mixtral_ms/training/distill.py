@@ -7,7 +7,8 @@ smaller (dense: one expert) student, `alpha * CE + (1 - alpha) * T^2 * KL_T`. On
   runner_wrapper:
     type: MixtralTrainOneStepCell
     distill:
-      teacher: runs/tiny/checkpoint     # checkpoint file or folder (any layout run_mixtral loads)
+      teacher: runs/tiny/checkpoint     # checkpoint file or folder (any layout run_mixtral loads; the
+                                        # newest file of a folder of training checkpoints)
       teacher_config: configs/mixtral_tiny_cpu.yaml   # its run YAML, or a folder with config.json;
                                         # default: the teacher folder's own config.json
       kd_coef: 0.5                      # lambda; (1 - alpha) for classic distillation
@@ -105,8 +106,9 @@ def build_teacher(spec: dict):
     """The frozen teacher: its config, its checkpoint strictly loaded, parameters renamed `teacher.*`."""
     from ..checkpoint import load_weights
     from ..modeling import MixtralForCausalLM
+    from ..runner import resolve_checkpoint
     teacher = MixtralForCausalLM(spec["config"])
-    load_weights(teacher, spec["teacher"])
+    load_weights(teacher, resolve_checkpoint(spec["teacher"]))
     for param in teacher.get_parameters():
         param.requires_grad = False
         param.name = TEACHER_PREFIX + param.name
