@@ -129,7 +129,8 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train",
            note="heads over mp")
         param(p + "post_attention_layernorm.weight", (h,), (1,), st, "replicated")
         m = p + "block_sparse_moe."
-        op(m + "gate.matmul", [(tok, h), (e, h)], [(dp, 1), (1, 1)], st, note="router, tokens over dp")
+        if d.router_type != "rre":  # the random router has no matmul (router.RandomRouter)
+            op(m + "gate.matmul", [(tok, h), (e, h)], [(dp, 1), (1, 1)], st, note="router, tokens over dp")
         param(m + "gate.weight", (e, h), (1, 1), st, "replicated")
         op(m + "to_experts", [(g, e, c, h)], [(t, ep, a, 1)], st,
            note="AllToAll: dp token groups -> ep expert shards" + (" (group-wise)" if a > 1 else ""))
