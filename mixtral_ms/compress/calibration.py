@@ -61,7 +61,7 @@ class _LayerStats:
         from mindspore import ops
         e = block.num_experts
         flat = x.reshape(-1, x.shape[-1])
-        logits, probs, weights, index = (t.asnumpy() for t in block.gate(flat))
+        logits, probs, weights, index, _ = (t.asnumpy() for t in block.gate(flat))
         index = index.reshape(-1)
         self.counts += np.bincount(index, minlength=e)
         self.weight_sum += np.bincount(index, weights=weights.reshape(-1).astype(np.float64), minlength=e)
