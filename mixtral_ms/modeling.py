@@ -14,6 +14,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from .configuration import MixtralConfig
 from .inference.generation import generate
+from .inference.prompts import check_batch
 from .dtypes import arange, embedding, emulated_dtype, matmul, native_dtype
 from .losses import causal_lm_loss, load_balancing_loss, router_z_loss
 from .moe import MixtralSparseMoeBlock
@@ -268,6 +269,15 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
             from .inference.text_generation import pipeline_generate
             return pipeline_generate(self, input_ids, attention_mask, **kwargs)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        """A call from Python (not one compiled inside a train step) checks its batch first
+        (inference.prompts.check_batch): a bad id never reaches the graph, which stays usable."""
+        named = dict(zip(("input_ids", "labels", "attention_mask"), args), **kwargs)
+        if named.get("input_ids") is not None:
+            check_batch(self.config.vocab_size, named["input_ids"], named.get("attention_mask"), named.get("labels"),
+                        self.ignore_index)
+        return super().__call__(*args, **kwargs)
 
     def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None):
         hidden, _, _, router_logits, load, dropped, prob_sum, z_sum, valid = self.model(

@@ -16,6 +16,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from .prompts import check_batch
+
 
 class CachedStep(nn.Cell):
     """One forward over new tokens against the cache; returns last-token logits and the updated cache."""
@@ -81,13 +83,15 @@ def generate(model, input_ids: Union[np.ndarray, Sequence[Sequence[int]], Tensor
     every row has finished. Position ids follow Hugging Face: cumsum(attention_mask) - 1.
     """
     config = model.config
+    check_batch(config.vocab_size, input_ids, attention_mask)
     ids = np.asarray(input_ids.asnumpy() if isinstance(input_ids, Tensor) else input_ids, dtype=np.int32)
     if ids.ndim == 1:
         ids = ids[None]
     b, p = ids.shape
     mask = np.ones((b, p), np.float32) if attention_mask is None else np.asarray(attention_mask, np.float32)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
+    mask = mask.reshape(ids.shape)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
     eos = config.eos_token_id if eos_token_id is None else eos_token_id
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
     total = p + max_new_tokens
