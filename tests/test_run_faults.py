@@ -174,11 +174,9 @@ def test_diverging_training_stops(tmp_path, data):
     out.mkdir()
     cfg = checkpoint_yaml(out, data, every=1, **{"lr_schedule.learning_rate": 1.0e6, "lr_schedule.lr_end": 1.0e5})
     line = error_line("--config", cfg)
-    assert line.startswith("error: not saving the step 2 checkpoint: ") and "training diverged" in line, line
-    assert "max_weight_abs 10000" in line or "NaN or inf" in line
-    assert "last saved: " + str(out / "checkpoint" / "rank_0" / "t_rank_0-1_1.ckpt") in line, line
-    steps, others = saved(out)
-    assert steps == {"t_rank_0-1_1.ckpt": 1} and others == []
+    assert line == ("error: not saving the step 1 checkpoint: |model.layers.0.block_sparse_moe.experts.w3| reaches "
+                    "1e+06 > max_weight_abs 10000; training diverged (lower the learning rate); last saved: none"), line
+    assert saved(out) == ({}, [])
 
 
 def test_resume_names_by_step_and_keeps_keep_checkpoint_max(tmp_path, data):

@@ -213,7 +213,10 @@ class MixtralCheckpointMonitor(CheckpointMonitor):
 
     - files are named and triggered by the global step, also after a resume (MindFormers restarts the count
       at 1 and names step 32 `-4_8` after resuming from step 24); `initial_step` as in MixtralProgressMonitor;
-    - at most `keep_checkpoint_max` of this prefix stay in the folder after every save (the oldest go, as
+    - a resumed run keeps the prefix (MindSpore would switch to `<prefix>_1` beside the existing files, which
+      then escape keep_checkpoint_max); a fresh run in a folder with checkpoints still gets `<prefix>_1`, so
+      it never overwrites another run's files;
+    - at most `keep_checkpoint_max` of the prefix stay in the folder after every save (the oldest go, as
       many as needed, not one per save);
     - before saving, every weight must be finite and at most `max_weight_abs` in magnitude: otherwise the
       run stops with RunError (one line) instead of saving a diverged model over the good ones;
@@ -226,6 +229,7 @@ class MixtralCheckpointMonitor(CheckpointMonitor):
 
     def __init__(self, *args, initial_step: Optional[int] = None, max_weight_abs: float = 1.0e4, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.run_prefix = f"{self.origin_prefix}_rank_{self.rank_id}"  # before MindSpore's `_<n>` suffix
         self.initial_step = initial_step
         self.max_weight_abs = float(max_weight_abs)
         self.offset = 0
@@ -234,9 +238,11 @@ class MixtralCheckpointMonitor(CheckpointMonitor):
     def on_train_begin(self, run_context):
         super().on_train_begin(run_context)
         self.offset = _start_step(run_context.original_args(), self.initial_step)
+        if self.offset:
+            self._prefix = self.run_prefix
         if os.path.isdir(self._directory):
             for name in os.listdir(self._directory):
-                if name.startswith(self._prefix + "-") and name.endswith(".tmp"):
+                if name.startswith(self.run_prefix) and name.endswith(".tmp"):
                     os.remove(os.path.join(self._directory, name))
 
     def _check_save_ckpt(self, cb_params, force_to_save):
