@@ -49,7 +49,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -67,7 +67,7 @@ def positive_int(name: str, value: Any) -> None:
 def number(name: str, value: Any, low: float = -math.inf, high: float = math.inf, low_open: bool = False,
            high_open: bool = False) -> None:
     """A finite number in [low, high] (open ends where asked)."""
-    inside = _is_number(value) and math.isfinite(value) and \
+    inside = is_number(value) and math.isfinite(value) and \
         (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not inside:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
@@ -100,9 +100,9 @@ def check_values(config: Mapping) -> None:
     wrapper = _section(config, "runner_wrapper")
     if wrapper.get("max_grad_norm") is not None:
         number("runner_wrapper.max_grad_norm", wrapper["max_grad_norm"], 0)
-    if "max_skipped_steps" in wrapper and (not _is_int(wrapper["max_skipped_steps"]) or wrapper["max_skipped_steps"] < 0):
-        raise RunError(f"runner_wrapper.max_skipped_steps must be an integer >= 0 (0: never stop), "
-                       f"got {_describe(wrapper['max_skipped_steps'])}")
+    skips = wrapper.get("max_skipped_steps", 0)
+    if not _is_int(skips) or skips < 0:
+        raise RunError(f"runner_wrapper.max_skipped_steps must be an integer >= 0 (0: never stop), got {_describe(skips)}")
     scale = wrapper.get("scale_sense")
     if isinstance(scale, Mapping) and "type" not in scale:
         if "loss_scale_value" in scale:

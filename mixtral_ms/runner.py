@@ -190,7 +190,7 @@ def generation_settings(config: Mapping, requested: Dict[str, Any]) -> Dict[str,
         raise RunError(f"unknown key(s) {unknown} in generation (known: {sorted(GENERATION_KEYS)})")
     for key, value in section.items():
         if not isinstance(value, GENERATION_KEYS[key]) and not (GENERATION_KEYS[key] is float and
-                                                                run_checks._is_number(value)):
+                                                                run_checks.is_number(value)):
             raise RunError(f"generation.{key} must be a {GENERATION_KEYS[key].__name__}, got {value!r}")
         settings[key] = value
     settings.update({k: v for k, v in requested.items() if v is not None})

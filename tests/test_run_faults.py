@@ -208,42 +208,56 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
-def _run_until_save(args, folder, cwd, signum, wait_for=None):
-    """Start run_mixtral.py with a slow checkpoint write; once `<folder>/*.tmp` appears (after the
-    checkpoint `wait_for`, if given, exists), send `signum`; returns the finished process."""
-    code = SLOW_SAVE.format(script=SCRIPT)
-    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        names = os.listdir(folder) if os.path.isdir(folder) else []
-        if (wait_for is None or wait_for in names) and any(n.endswith(".tmp") and n != "stale.tmp" for n in names):
-            proc.send_signal(signum)
-            break
+def _start_slow(args, cwd):
+    """run_mixtral.py with a slow checkpoint write (0.1 s a tensor), stderr to `<cwd>/stderr.txt`."""
+    stderr = open(os.path.join(cwd, "stderr.txt"), "w")
+    return subprocess.Popen([sys.executable, "-c", SLOW_SAVE.format(script=SCRIPT), *map(str, args)], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def _signal_during_save(runs, deadline=300):
+    """runs: [(process, checkpoint folder, signal, file that must exist first or None)]. Each process gets
+    its signal once a `.tmp` is being written in its folder (after the named file exists)."""
+    pending = list(runs)
+    end = time.time() + deadline
+    while pending and time.time() < end:
+        for item in list(pending):
+            proc, folder, signum, after = item
+            names = os.listdir(folder) if os.path.isdir(folder) else []
+            if proc.poll() is not None:
+                pending.remove(item)
+            elif (after is None or after in names) and any(n.endswith(".tmp") for n in names):
+                proc.send_signal(signum)
+                pending.remove(item)
         time.sleep(0.02)
-    proc.wait(timeout=120)
-    return proc
+    for proc, *_ in runs:
+        proc.wait(timeout=120)
 
 
 def test_kill_during_save_then_clean_rerun(tmp_path, data):
-    """SIGKILL mid-save leaves MindSpore's `<name>.tmp`; the next run removes it. SIGTERM mid-save stops
-    with one line and exit 143, removing its own `.tmp`; the finished checkpoints resume cleanly."""
-    folder = tmp_path / "checkpoint" / "rank_0"
-    cfg = checkpoint_yaml(tmp_path, data, name="kill.yaml", every=2, **{"runner_config.epochs": 4})
-    killed = _run_until_save(["--config", cfg], folder, tmp_path, signal.SIGKILL)
+    """SIGKILL mid-save leaves MindSpore's `<name>.tmp`; SIGTERM mid-save stops with one line and exit 143,
+    removing its own `.tmp` (both runs at once, in two folders). A resume into the killed run's folder
+    removes the stale `.tmp` and continues from the SIGTERM run's last finished checkpoint."""
+    killed_dir, termed_dir = tmp_path / "killed", tmp_path / "termed"
+    killed_dir.mkdir()
+    termed_dir.mkdir()
+    killed_ckpt, termed_ckpt = killed_dir / "checkpoint" / "rank_0", termed_dir / "checkpoint" / "rank_0"
+    kill_cfg = checkpoint_yaml(killed_dir, data, every=2, **{"runner_config.epochs": 4})
+    term_cfg = checkpoint_yaml(termed_dir, data, every=3, **{"runner_config.epochs": 4})
+    killed, termed = _start_slow(["--config", kill_cfg], killed_dir), _start_slow(["--config", term_cfg], termed_dir)
+    _signal_during_save([(killed, killed_ckpt, signal.SIGKILL, None),
+                         (termed, termed_ckpt, signal.SIGTERM, "t_rank_0-1_3.ckpt")])
     assert killed.returncode == -signal.SIGKILL
-    assert sorted(os.listdir(folder)) == ["t_rank_0-1_2.tmp"]  # the fault: a partial file, nothing else
+    assert sorted(os.listdir(killed_ckpt)) == ["t_rank_0-1_2.tmp"]  # the fault: a partial file, nothing else
+    err = (termed_dir / "stderr.txt").read_text()
+    assert termed.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert [line for line in err.splitlines() if line.startswith("error:")] == ["error: interrupted by SIGTERM"]
+    assert sorted(os.listdir(termed_ckpt)) == ["meta.json", "t_rank_0-1_3.ckpt"]  # no partial step-6 file
 
-    cfg = checkpoint_yaml(tmp_path, data, name="term.yaml", every=3, **{"runner_config.epochs": 4})
-    termed = _run_until_save(["--config", cfg], folder, tmp_path, signal.SIGTERM, wait_for="t_rank_0-1_3.ckpt")
-    assert termed.returncode == 128 + signal.SIGTERM, termed.stderr[-2000:]
-    assert termed.stderr.strip().splitlines()[-1] == "error: interrupted by SIGTERM"
-    names = sorted(os.listdir(folder))
-    assert names == ["meta.json", "t_rank_0-1_3.ckpt"], names  # the killed run's .tmp gone, no partial file
-
-    status, stdout, err = run("--config", cfg, "--load_checkpoint", folder / "t_rank_0-1_3.ckpt", "--resume_training")
+    status, stdout, err = run("--config", term_cfg, "--load_checkpoint", termed_ckpt / "t_rank_0-1_3.ckpt",
+                              "--resume_training", "--output_dir", killed_dir)
     assert status == 0 and "resuming from step 3" in stdout, err[-3000:]
-    assert saved(tmp_path) == ({"t_rank_0-2_3.ckpt": 6, "t_rank_0-3_3.ckpt": 9, "t_rank_0-4_3.ckpt": 12}, [])
+    assert saved(killed_dir) == ({"t_rank_0-2_3.ckpt": 6, "t_rank_0-3_3.ckpt": 9, "t_rank_0-4_3.ckpt": 12}, [])
 
 
 def test_bad_token_ids_never_reach_the_graph():

@@ -48,7 +48,8 @@ class MixtralTrainOneStepCell(nn.Cell):
     steps it is multiplied by scale_factor. `max_grad_norm` (with `use_clip_grad`): clip by global norm.
     `max_skipped_steps`: after that many skipped steps in a row (default 10; 0 never) the run stops with
     RunError instead of finishing with exit 0 on unchanged weights; each call checks it, so with sink_mode
-    only the last step of each sink counts. In DATA_PARALLEL / HYBRID_PARALLEL mode gradients are all-reduced (mean when `gradients_mean`) before
+    only the last step of each sink counts.
+    In DATA_PARALLEL / HYBRID_PARALLEL mode gradients are all-reduced (mean when `gradients_mean`) before
     the overflow check, so every rank skips the same steps, and the router statistics are summed (load,
     dropped) or averaged (CE, aux, z) over ranks; the returned loss stays the rank's own, as in MindFormers.
     """
