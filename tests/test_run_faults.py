@@ -200,7 +200,7 @@ import runpy, sys, time
 import mindspore.train.serialization as serialization
 write = serialization._write_parameter_data
 def slow(*args, **kwargs):
-    time.sleep(0.1)
+    time.sleep(0.03)
     return write(*args, **kwargs)
 serialization._write_parameter_data = slow
 sys.argv = [sys.argv[0]] + sys.argv[1:]
@@ -209,7 +209,7 @@ runpy.run_path({script!r}, run_name="__main__")
 
 
 def _start_slow(args, cwd):
-    """run_mixtral.py with a slow checkpoint write (0.1 s a tensor), stderr to `<cwd>/stderr.txt`."""
+    """run_mixtral.py with a slow checkpoint write (30 ms a tensor), stderr to `<cwd>/stderr.txt`."""
     stderr = open(os.path.join(cwd, "stderr.txt"), "w")
     return subprocess.Popen([sys.executable, "-c", SLOW_SAVE.format(script=SCRIPT), *map(str, args)], cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=stderr)
