@@ -16,7 +16,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
 
-from . import run_checks
+from . import outputs, run_checks
 from .data import DataError
 from .parallel.config import ParallelConfigError, ParallelLayout
 from .run_checks import RunError
@@ -298,19 +298,6 @@ def _positive(text: str) -> int:
     return value
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM (timeout, docker stop, Slurm) handled like Ctrl-C: unwinds, so a checkpoint being written is
-    removed (training/callbacks.py) instead of left half-written."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _terminate(signum, _frame):
-    raise Interrupted(signum)
-
-
 def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None) -> int:
     """The command line of scripts/run_mixtral.py (`description`: its usage text); 2 on bad input,
     128 + the signal number after SIGINT / SIGTERM."""
@@ -335,8 +322,9 @@ def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help (0) or a bad flag (2, one line): a status, also when called in-process
         return int(done.code or 0)
-    try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:  # SIGTERM unwinds like Ctrl-C: a checkpoint being written is removed (MixtralCheckpointMonitor)
+        outputs.interrupt_on_sigterm()
     except ValueError:  # not the main thread
         previous = None
     try:
@@ -345,9 +333,9 @@ def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        signum = getattr(err, "signum", signal.SIGINT)
-        print(f"error: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
-        return 128 + signum
+        status, name = outputs.exit_status(err)
+        print(f"error: interrupted by {name}", file=sys.stderr)
+        return status
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
