@@ -208,11 +208,11 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
-def _start_slow(args, cwd):
-    """run_mixtral.py with a slow checkpoint write (30 ms a tensor), stderr to `<cwd>/stderr.txt`."""
-    stderr = open(os.path.join(cwd, "stderr.txt"), "w")
-    return subprocess.Popen([sys.executable, "-c", SLOW_SAVE.format(script=SCRIPT), *map(str, args)], cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=stderr)
+def _start_slow(args, cwd, stderr_path):
+    """run_mixtral.py with a slow checkpoint write (30 ms a tensor), stderr to `stderr_path`."""
+    with open(stderr_path, "w") as stderr:
+        return subprocess.Popen([sys.executable, "-c", SLOW_SAVE.format(script=SCRIPT), *map(str, args)], cwd=cwd,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 def _signal_during_save(runs, deadline=300):
@@ -237,19 +237,22 @@ def _signal_during_save(runs, deadline=300):
 def test_kill_during_save_then_clean_rerun(tmp_path, data):
     """SIGKILL mid-save leaves MindSpore's `<name>.tmp`; SIGTERM mid-save stops with one line and exit 143,
     removing its own `.tmp` (both runs at once, in two folders). A resume into the killed run's folder
-    removes the stale `.tmp` and continues from the SIGTERM run's last finished checkpoint."""
-    killed_dir, termed_dir = tmp_path / "killed", tmp_path / "termed"
-    killed_dir.mkdir()
-    termed_dir.mkdir()
+    removes the stale `.tmp` and continues from the SIGTERM run's last finished checkpoint. MindFormers'
+    logs go to <output_dir>/log, not to the current directory."""
+    killed_dir, termed_dir, cwd = tmp_path / "killed", tmp_path / "termed", tmp_path / "cwd"
+    for folder in (killed_dir, termed_dir, cwd):
+        folder.mkdir()
     killed_ckpt, termed_ckpt = killed_dir / "checkpoint" / "rank_0", termed_dir / "checkpoint" / "rank_0"
     kill_cfg = checkpoint_yaml(killed_dir, data, every=2, **{"runner_config.epochs": 4})
     term_cfg = checkpoint_yaml(termed_dir, data, every=3, **{"runner_config.epochs": 4})
-    killed, termed = _start_slow(["--config", kill_cfg], killed_dir), _start_slow(["--config", term_cfg], termed_dir)
+    killed = _start_slow(["--config", kill_cfg], cwd, tmp_path / "killed.err")
+    termed = _start_slow(["--config", term_cfg], cwd, tmp_path / "termed.err")
     _signal_during_save([(killed, killed_ckpt, signal.SIGKILL, None),
                          (termed, termed_ckpt, signal.SIGTERM, "t_rank_0-1_3.ckpt")])
     assert killed.returncode == -signal.SIGKILL
     assert sorted(os.listdir(killed_ckpt)) == ["t_rank_0-1_2.tmp"]  # the fault: a partial file, nothing else
-    err = (termed_dir / "stderr.txt").read_text()
+    assert os.listdir(cwd) == [] and os.path.isdir(killed_dir / "log") and os.path.isdir(termed_dir / "log")
+    err = (tmp_path / "termed.err").read_text()
     assert termed.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert [line for line in err.splitlines() if line.startswith("error:")] == ["error: interrupted by SIGTERM"]
     assert sorted(os.listdir(termed_ckpt)) == ["meta.json", "t_rank_0-1_3.ckpt"]  # no partial step-6 file
