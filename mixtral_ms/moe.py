@@ -8,14 +8,19 @@ from mindspore.common.initializer import Normal, initializer
 from .capacity import dropless_capacities, expert_capacity
 from .configuration import MixtralConfig
 from .dispatch import dispatch
-from .kernels import emulated_dtype, matmul, native_dtype
+from .kernels import embedding, emulated_dtype, matmul, native_dtype
 from .router import TopKRouter
 
 GROUPED_MIN_ROWS = 16  # mean rows per expert below which (decoding) the static capacity tiers are cheaper
+# Routed assignments per expert at or below which (decoding a few rows) the gathered path reads less: it
+# copies each routed expert's weights out (read + write) and reads the copy, against reading all E once.
+GATHER_MAX_SHARE = 0.25
 
-# The grouped (eval, unsharded) path's matmul: module-level, so the sharding plan, which shards every
-# primitive a cell holds, does not see it.
+# The exact (eval, unsharded) paths' primitives: module-level, so the sharding plan, which shards every
+# primitive a cell holds, does not see them.
 _SEGMENT_MATMUL = ops.MatMul(transpose_b=True)
+_GATHERED_BMM = ops.BatchMatMul(transpose_b=True)
+_GATHER = ops.Gather()
 
 
 class MixtralExperts(nn.Cell):
@@ -49,6 +54,17 @@ class MixtralExperts(nn.Cell):
             outs += (matmul(_SEGMENT_MATMUL, ops.silu(gate) * up, w2[e], self.round_dtype),)
         return outs
 
+    def gathered(self, x: Tensor, expert: Tensor) -> Tensor:
+        """x: [A, H], row a routed to expert[a] -> [A, H]. Reads only the routed experts' weights (one
+        Gather each): at a few rows per step, what decoding costs is the weight bytes it reads."""
+        dt, a = self.compute_dtype, x.shape[0]
+        w1, w3 = embedding(_GATHER, self.w1, expert, dt), embedding(_GATHER, self.w3, expert, dt)
+        x = x.reshape(a, 1, -1)
+        gate = matmul(_GATHERED_BMM, x, w1, self.round_dtype)
+        up = matmul(_GATHERED_BMM, x, w3, self.round_dtype)
+        down = matmul(_GATHERED_BMM, ops.silu(gate) * up, embedding(_GATHER, self.w2, expert, dt), self.round_dtype)
+        return down.reshape(a, -1)
+
     def construct(self, x: Tensor) -> Tensor:
         """x: [E, M, H] (M token slots per expert) -> [E, M, H]."""
         dt = self.compute_dtype
@@ -81,9 +97,10 @@ class MixtralSparseMoeBlock(nn.Cell):
                                param_dtype, compute_dtype)
         self.experts = MixtralExperts(self.num_experts, config.hidden_size, config.intermediate_size,
                                       config.initializer_range, param_dtype, compute_dtype)
-        # Eval-mode dropless with at least GROUPED_MIN_ROWS rows per expert: per-expert segments of exactly
-        # the routed tokens (as Hugging Face's loop over experts), whatever the skew. apply_plan turns it
-        # off: sharded dispatch needs the static [E, C, H] layout.
+        # Eval-mode dropless, exact paths: with at least GROUPED_MIN_ROWS rows per expert, per-expert
+        # segments of exactly the routed tokens (as Hugging Face's loop over experts), whatever the skew;
+        # with at most GATHER_MAX_SHARE rows per expert (decoding), the routed experts' weights gathered.
+        # apply_plan turns both off: sharded dispatch needs the static [E, C, H] layout.
         self.grouped_inference = True
         # [G, E, C, H] <-> [E, G, C, H]: the expert-parallel AllToAll happens here (mixtral_ms/parallel/plan.py).
         self.to_experts = ops.Transpose()
@@ -119,6 +136,17 @@ class MixtralSparseMoeBlock(nn.Cell):
         outs = self.experts.segments(tuple(ops.gather(flat, p // k, 0) for p in picks))
         pick = ops.concat(picks)
         y = ops.unsorted_segment_sum(ops.concat(outs) * ops.gather(weight, pick, 0), pick // k, t)
+        return y, self._group_load(index, token_mask, 1)[0], ops.zeros((e,), ms.float32)
+
+    def _experts_gathered(self, flat, weights, index, token_mask):
+        """Dropless for a few tokens: each (token, choice) runs its expert with that expert's weights
+        gathered, so only the routed experts are read. Padding tokens get zero."""
+        t, h = flat.shape
+        e, k = self.num_experts, self.top_k
+        rows = ops.broadcast_to(flat.reshape(t, 1, h), (t, k, h)).reshape(t * k, h)
+        out = self.experts.gathered(rows, index.reshape(t * k)).reshape(t, k, h)
+        weight = weights * ops.cast(token_mask, weights.dtype).reshape(t, 1)
+        y = self.combine(weight.reshape(t, 1, k), out).reshape(t, h)
         return y, self._group_load(index, token_mask, 1)[0], ops.zeros((e,), ms.float32)
 
     def _group_load(self, index, token_mask, groups: int):
@@ -157,6 +185,8 @@ class MixtralSparseMoeBlock(nn.Cell):
             y, load, dropped = self._experts_at_capacity(flat, weights, index, mask, expert_capacity(n, k, e, factor))
         elif not self.training and self.grouped_inference and k * b * s >= GROUPED_MIN_ROWS * e:
             y, load, dropped = self._experts_grouped(flat, weights, index, mask)
+        elif not self.training and self.grouped_inference and k * b * s <= GATHER_MAX_SHARE * e:
+            y, load, dropped = self._experts_gathered(flat, weights, index, mask)
         else:
             y, load, dropped = self._dropless(flat, weights, index, mask)
 
