@@ -8,7 +8,7 @@ from mindspore.common.initializer import Normal, initializer
 from .capacity import dropless_capacities, expert_capacity
 from .configuration import MixtralConfig
 from .dispatch import dispatch
-from .kernels import arange, embedding, emulated_dtype, matmul, native_dtype
+from .dtypes import arange, embedding, emulated_dtype, matmul, native_dtype
 from .router import TopKRouter
 
 GROUPED_MIN_ROWS = 16  # mean rows per expert below which (decoding) the static capacity tiers are cheaper
@@ -112,7 +112,7 @@ class MixtralSparseMoeBlock(nn.Cell):
         t, h = flat.shape
         e, k, g = self.num_experts, self.top_k, self.groups
         n = t // g
-        slot_token, assignment_slot, kept, load, dropped = dispatch(
+        slot_token, assignment_slot, load, dropped = dispatch(
             index.reshape(g, n, k), weights.reshape(g, n, k), token_mask.reshape(g, n), e, capacity, self.drop_policy)
         padded = ops.concat((flat.reshape(g, n, h), ops.zeros((g, 1, h), flat.dtype)), axis=1).reshape(-1, h)
         # Drop each group's trash slot from the indices, not from the gathered rows (a large strided copy).
@@ -121,11 +121,13 @@ class MixtralSparseMoeBlock(nn.Cell):
         expert_in = self.to_experts(expert_in, (1, 0, 2, 3))
         expert_out = self.experts(expert_in.reshape(e, g * capacity, h))
         expert_out = self.from_experts(expert_out.reshape(e, g, capacity, h), (1, 0, 2, 3)).reshape(-1, h)
-        # The output has no trash slots: group i's slots start at i*E*C, not i*(E*C+1). A dropped
-        # assignment (its group's trash slot) reads some row and gets weight zero.
-        slot = ops.minimum(assignment_slot - arange(t * k) // (n * k), g * e * capacity - 1)
-        picked = ops.gather(expert_out, slot, 0).reshape(t, k, h)
-        weights = weights * ops.cast(kept.reshape(t, k), weights.dtype)
+        # The output has no trash slots (group i's slots start at i*E*C, not i*(E*C+1)): a dropped
+        # assignment, which points at its group's trash slot E*C, reads some row with weight zero.
+        group = arange(t * k) // (n * k)
+        local = assignment_slot - group * (e * capacity + 1)
+        picked = ops.gather(expert_out, group * (e * capacity) + ops.minimum(local, e * capacity - 1), 0)
+        weights = weights * ops.cast(local < e * capacity, weights.dtype).reshape(t, k)
+        picked = picked.reshape(t, k, h)
         # [T, 1, k] @ [T, k, H]: a batched matmul, not a broadcast multiply and a reduction over the
         # middle axis (five times slower on CPU; slicing the k columns apart is slower still).
         return self.combine(weights.reshape(t, 1, k), picked).reshape(t, h), load, dropped
@@ -197,7 +199,5 @@ class MixtralSparseMoeBlock(nn.Cell):
 
         mask = mask.reshape(b * s, 1)
         prob_sum = (probs * mask).sum(axis=0)
-        peak = logits.max(axis=-1, keepdims=True)
-        logsumexp = peak + ops.log(ops.exp(logits - peak).sum(axis=-1, keepdims=True))
-        z_sum = (ops.square(logsumexp) * mask).sum()
+        z_sum = (ops.square(ops.logsumexp(logits, -1, True)) * mask).sum()
         return y.reshape(b, s, h), logits, load, dropped, prob_sum, z_sum
