@@ -8,7 +8,7 @@ from mindspore.common.initializer import Normal, initializer
 from .capacity import dropless_capacities, expert_capacity
 from .configuration import MixtralConfig
 from .dispatch import dispatch
-from .dtypes import arange, embedding, emulated_dtype, matmul, native_dtype
+from .dtypes import embedding, emulated_dtype, matmul, native_dtype
 from .router import TopKRouter
 
 GROUPED_MIN_ROWS = 16  # mean rows per expert below which (decoding) the static capacity tiers are cheaper
@@ -115,19 +115,12 @@ class MixtralSparseMoeBlock(nn.Cell):
         slot_token, assignment_slot, load, dropped = dispatch(
             index.reshape(g, n, k), weights.reshape(g, n, k), token_mask.reshape(g, n), e, capacity, self.drop_policy)
         padded = ops.concat((flat.reshape(g, n, h), ops.zeros((g, 1, h), flat.dtype)), axis=1).reshape(-1, h)
-        # Drop each group's trash slot from the indices, not from the gathered rows (a large strided copy).
-        slot_token = slot_token.reshape(g, e * capacity + 1)[:, :e * capacity].reshape(-1)
-        expert_in = ops.gather(padded, slot_token, 0).reshape(g, e, capacity, h)
-        expert_in = self.to_experts(expert_in, (1, 0, 2, 3))
+        expert_in = ops.gather(padded, slot_token, 0).reshape(g, e * capacity + 1, h)
+        expert_in = self.to_experts(expert_in[:, :e * capacity].reshape(g, e, capacity, h), (1, 0, 2, 3))
         expert_out = self.experts(expert_in.reshape(e, g * capacity, h))
-        expert_out = self.from_experts(expert_out.reshape(e, g, capacity, h), (1, 0, 2, 3)).reshape(-1, h)
-        # The output has no trash slots (group i's slots start at i*E*C, not i*(E*C+1)): a dropped
-        # assignment, which points at its group's trash slot E*C, reads some row with weight zero.
-        group = arange(t * k) // (n * k)
-        local = assignment_slot - group * (e * capacity + 1)
-        picked = ops.gather(expert_out, group * (e * capacity) + ops.minimum(local, e * capacity - 1), 0)
-        weights = weights * ops.cast(local < e * capacity, weights.dtype).reshape(t, k)
-        picked = picked.reshape(t, k, h)
+        expert_out = self.from_experts(expert_out.reshape(e, g, capacity, h), (1, 0, 2, 3)).reshape(g, e * capacity, h)
+        expert_out = ops.concat((expert_out, ops.zeros((g, 1, h), expert_out.dtype)), axis=1).reshape(-1, h)
+        picked = ops.gather(expert_out, assignment_slot, 0).reshape(t, k, h)
         # [T, 1, k] @ [T, k, H]: a batched matmul, not a broadcast multiply and a reduction over the
         # middle axis (five times slower on CPU; slicing the k columns apart is slower still).
         return self.combine(weights.reshape(t, 1, k), picked).reshape(t, h), load, dropped
