@@ -36,24 +36,21 @@ WORKER_NUM=8 LOCAL_WORKER_NUM="" NODE_RANK="" MASTER_ADDR="127.0.0.1" MASTER_POR
 LOG_DIR="output/msrun_log" JOIN="True" TIME_OUT=600 VENV="${MIXTRAL_MS_VENV:-}" DRY_RUN=0
 EXTRA=()
 
-die() { echo "msrun_launcher: $*" >&2; exit 2; }
-need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
+die() { echo "error: msrun_launcher: $*" >&2; exit 2; }
+# Options that take a value, and the variable each sets.
+declare -A VAR_OF=([--config]=CONFIG [--run_mode]=RUN_MODE [--load_checkpoint]=LOAD_CKPT [--device]=DEVICE
+                   [--worker_num]=WORKER_NUM [--local_worker_num]=LOCAL_WORKER_NUM [--node_rank]=NODE_RANK
+                   [--master_addr]=MASTER_ADDR [--master_port]=MASTER_PORT [--log_dir]=LOG_DIR [--join]=JOIN
+                   [--cluster_time_out]=TIME_OUT [--venv]=VENV)
 
 while [ $# -gt 0 ]; do
+  if [ -n "${VAR_OF[$1]:-}" ]; then
+    [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"
+    printf -v "${VAR_OF[$1]}" '%s' "$2"
+    shift 2
+    continue
+  fi
   case "$1" in
-    --config) need "$@"; CONFIG="$2"; shift 2 ;;
-    --run_mode) need "$@"; RUN_MODE="$2"; shift 2 ;;
-    --load_checkpoint) need "$@"; LOAD_CKPT="$2"; shift 2 ;;
-    --device) need "$@"; DEVICE="$2"; shift 2 ;;
-    --worker_num) need "$@"; WORKER_NUM="$2"; shift 2 ;;
-    --local_worker_num) need "$@"; LOCAL_WORKER_NUM="$2"; shift 2 ;;
-    --node_rank) need "$@"; NODE_RANK="$2"; shift 2 ;;
-    --master_addr) need "$@"; MASTER_ADDR="$2"; shift 2 ;;
-    --master_port) need "$@"; MASTER_PORT="$2"; shift 2 ;;
-    --log_dir) need "$@"; LOG_DIR="$2"; shift 2 ;;
-    --join) need "$@"; JOIN="$2"; shift 2 ;;
-    --cluster_time_out) need "$@"; TIME_OUT="$2"; shift 2 ;;
-    --venv) need "$@"; VENV="$2"; shift 2 ;;
     --dry_run) DRY_RUN=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -77,6 +74,13 @@ isint --worker_num "$WORKER_NUM"
 LOCAL_WORKER_NUM="${LOCAL_WORKER_NUM:-$WORKER_NUM}"
 isint --local_worker_num "$LOCAL_WORKER_NUM"
 isint --master_port "$MASTER_PORT"
+[ "$MASTER_PORT" -ge 1 ] && [ "$MASTER_PORT" -le 65535 ] || die "--master_port must be in 1..65535, got $MASTER_PORT"
+case "$JOIN" in
+  True|true) JOIN=True ;;
+  False|false) JOIN=False ;;
+  *) die "--join must be True or False, got $JOIN" ;;
+esac
+[[ "$TIME_OUT" =~ ^[0-9]+$ ]] && [ "$TIME_OUT" -ge 1 ] || die "--cluster_time_out must be a positive number of seconds, got $TIME_OUT"
 [ "$WORKER_NUM" -ge 1 ] || die "--worker_num must be at least 1"
 [ "$LOCAL_WORKER_NUM" -ge 1 ] && [ "$LOCAL_WORKER_NUM" -le "$WORKER_NUM" ] || \
   die "--local_worker_num must be in 1..worker_num ($WORKER_NUM)"
