@@ -51,3 +51,8 @@ class Int8Experts(MixtralExperts):
     def dense_weights(self) -> tuple:
         return (self._dequantize(self.w1, self.w1_scale), self._dequantize(self.w3, self.w3_scale),
                 self._dequantize(self.w2, self.w2_scale))
+
+    def routed_weights(self, expert: Tensor) -> tuple:
+        take = self.gathered_weights
+        return tuple(self._dequantize(take(q, expert, 0), take(scale, expert, 0)) for q, scale in
+                     ((self.w1, self.w1_scale), (self.w3, self.w3_scale), (self.w2, self.w2_scale)))
