@@ -54,5 +54,6 @@ class Int8Experts(MixtralExperts):
 
     def routed_weights(self, expert: Tensor) -> tuple:
         take = self.gathered_weights
-        return tuple(self._dequantize(take(q, expert, 0), take(scale, expert, 0)) for q, scale in
-                     ((self.w1, self.w1_scale), (self.w3, self.w3_scale), (self.w2, self.w2_scale)))
+        return (self._dequantize(take(self.w1, expert, 0), take(self.w1_scale, expert, 0)),
+                self._dequantize(take(self.w3, expert, 0), take(self.w3_scale, expert, 0)),
+                self._dequantize(take(self.w2, expert, 0), take(self.w2_scale, expert, 0)))
