@@ -25,8 +25,9 @@ def _set(param, value: np.ndarray) -> None:
 def load_weights(model, path: str) -> None:
     """Fill `model` from a Hugging Face folder (per-expert tensors), a mixtral-ms folder or file
     (stacked experts; hf2ms output or a training .safetensors) or a MindSpore .ckpt. Every parameter
-    must be present with the model's shape; anything but weights and training state is an error."""
-    params = {p.name: p for p in model.get_parameters()}
+    must be present with the model's shape; anything but weights and training state is an error. The
+    model's own training state (the router_stats side channel) is not loaded."""
+    params = {p.name: p for p in model.get_parameters() if not p.name.startswith(TRAINING_STATE_PREFIXES)}
     if path.endswith(".ckpt"):
         if not os.path.isfile(path):
             raise CheckpointError(f"no checkpoint file {path}")

@@ -15,7 +15,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from .configuration import MixtralConfig
 from .generation import generate
 from .kernels import arange, embedding, emulated_dtype, matmul, native_dtype
-from .losses import causal_lm_loss, load_balancing_loss, router_z_loss
+from .losses import TrainingStats, causal_lm_loss, load_balancing_loss, router_z_loss
 from .moe import MixtralSparseMoeBlock
 
 _DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
@@ -219,11 +219,16 @@ class MixtralModel(MixtralPreTrainedModel):
 class MixtralForCausalLM(MixtralPreTrainedModel):
     """Mixtral with the LM head and the training loss (CE + aux * load balancing + z * router z-loss).
 
-    `model(input_ids, attention_mask=mask)` returns (logits [B, S, V], router_logits [L, B*S, E],
-    expert load [L, E], dropped assignments [L, E]). With labels (Hugging Face semantics: same
-    length as input_ids, shifted inside; -100 ignored), or in training mode where labels default to
-    input_ids (MindFormers' pre-training samples of seq_length + 1 tokens), it returns
-    (loss, ce_loss, aux_loss, z_loss, expert load [L, E], dropped [L, E]).
+    In eval mode (`set_train(False)`), `model(input_ids, attention_mask=mask)` returns (logits [B, S, V],
+    router_logits [L, B*S, E], expert load [L, E], dropped assignments [L, E]); with labels (Hugging Face
+    semantics: same length as input_ids, shifted inside; -100 ignored) it returns (loss, ce_loss,
+    aux_loss, z_loss, expert load [L, E], dropped [L, E]).
+
+    In training mode it follows MindFormers' models: samples hold seq_length + 1 tokens, the network runs
+    on the first seq_length (inputs) and scores the last seq_length (labels: `labels[:, 1:]`, or
+    `input_ids[:, 1:]` when none are given), and the output is the loss alone, what PipelineCell,
+    MicroBatchInterleaved and gradient accumulation sum. The loss terms and router statistics of the
+    pass go to `self.router_stats` (losses.TrainingStats, the side channel callbacks read).
     """
 
     def __init__(self, config: MixtralConfig, **_framework_args) -> None:
@@ -242,6 +247,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         self.aux_coef = config.router_aux_loss_coef
         self.z_coef = config.router_z_loss_coef
         self.ignore_index = config.ignore_token_id
+        self.router_stats = TrainingStats(config.num_hidden_layers, config.num_local_experts)
 
     def lm_logits(self, hidden: Tensor) -> Tensor:
         if self.tie_word_embeddings:
@@ -269,17 +275,23 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
 
     def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None):
+        if self.training:  # MindFormers' samples: seq_length + 1 tokens, the model runs on seq_length
+            input_ids, labels = input_ids[:, :-1], (input_ids if labels is None else labels)[:, 1:]
+            if attention_mask is not None:
+                attention_mask = attention_mask[:, :-1]
+            if position_ids is not None:
+                position_ids = position_ids[:, :-1]
         hidden, _, _, router_logits, load, dropped, prob_sum, z_sum, valid = self.model(
             input_ids, attention_mask, position_ids)
         logits = self.lm_logits(hidden)
-        if labels is None and not self.training:
-            return logits, router_logits, load, dropped
         if labels is None:
-            labels = input_ids
+            return logits, router_logits, load, dropped
         num_layers = router_logits.shape[0]
-        ce = causal_lm_loss(logits, labels, self.ignore_index)
+        ce = causal_lm_loss(logits, labels, self.ignore_index, shifted=self.training)
         pooled_tokens = valid * num_layers
         aux = load_balancing_loss(load.sum(axis=0), prob_sum.sum(axis=0), pooled_tokens)
         z = router_z_loss(z_sum.sum(), pooled_tokens)
         loss = ce + self.aux_coef * aux + self.z_coef * z
+        if self.training:  # the loss alone; the terms and router statistics go through the side channel
+            return ops.depend(loss, self.router_stats((ce, aux, z), load, dropped))
         return loss, ce, aux, z, load, dropped

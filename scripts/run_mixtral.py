@@ -56,6 +56,10 @@ def load_config(path: str, overrides: dict):
         raise RunError(f"{path}: the YAML must be a mapping of sections")
     check_config(raw)
     config = MindFormerConfig(path)
+    if "device_target" not in (raw.get("context") or {}) and os.environ.get("DEVICE_TARGET"):
+        # MindFormerConfig fills a missing context.device_target with "Ascend", which would hide the
+        # DEVICE_TARGET that scripts/msrun_launcher.sh exports (MindFormers reads it only when unset).
+        config.context.device_target = os.environ["DEVICE_TARGET"]
     for key, value in overrides.items():
         if value is not None:
             config[key] = value
@@ -129,6 +133,8 @@ def prepare_resume(config, model) -> int:
 def run_train(config, finetune: bool, layout=None) -> None:
     from mindformers import Trainer
     from mixtral_ms.data import check_dataset
+    from mixtral_ms.training.wrapper import prepare_wrapper
+    prepare_wrapper(config)  # gradient accumulation by MixtralTrainOneStepCell
     columns = list(config.train_dataset.get("input_columns") or ["input_ids"])
     check_dataset(config.train_dataset.data_loader.dataset_dir, model_config(config).seq_length, columns)
     if config.resume_training:
