@@ -20,8 +20,8 @@ from mindspore.nn.wrap.cell_wrapper import _MicroBatch
 from mindspore.parallel._utils import _get_device_num, _get_gradients_mean, _get_parallel_mode
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from ..hf_config import ConfigError
 from ..losses import TrainingStats
+from ..schema import ConfigError
 
 _DYNAMIC_SCALE_DEFAULTS = {"loss_scale_value": 2.0 ** 16, "scale_factor": 2, "scale_window": 1000}
 
@@ -88,7 +88,7 @@ class MixtralTrainOneStepCell(nn.Cell):
                  use_clip_grad: bool = True, gradient_accumulation_steps: int = 1, lr_scheduler=None,
                  **_framework_args) -> None:
         """`_framework_args`: what MindFormers' trainer passes every wrapper (calculate_per_token_loss,
-        print_separate_loss, grouped_lr_scheduler, ...); YAML keys are checked by register.check_config."""
+        print_separate_loss, grouped_lr_scheduler, ...); YAML keys are checked by yaml_check.check_config."""
         super().__init__(auto_prefix=False)
         self.network = network
         self.optimizer = optimizer

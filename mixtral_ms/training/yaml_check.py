@@ -22,8 +22,8 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from .. import modeling  # noqa: F401  (registers MixtralConfig, MixtralModel, MixtralForCausalLM)
 from ..configuration import MixtralConfig
-from ..hf_config import ConfigError
 from ..parallel.config import from_run_config
+from ..schema import ConfigError
 from .callbacks import MixtralProgressMonitor, RouterStatsMonitor
 from .wrapper import MixtralTrainOneStepCell
 
