@@ -165,7 +165,7 @@ class MixtralModel(MixtralPreTrainedModel):
         self.embed_tokens.weight = Parameter(
             initializer(Normal(config.initializer_range), (config.vocab_size, config.hidden_size), param_dtype),
             name="weight")
-        self.gather = ops.Gather()
+        self.embed_tokens.gather = ops.Gather()  # with its table: the pipeline stage of the cell owning both
         self.layers = nn.CellList([MixtralDecoderLayer(config, param_dtype, compute_dtype)
                                    for _ in range(config.num_hidden_layers)])
         self.norm = MixtralRMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
@@ -196,7 +196,7 @@ class MixtralModel(MixtralPreTrainedModel):
         cos = ops.gather(self.rope_cos, position_ids, 0).expand_dims(1)
         sin = ops.gather(self.rope_sin, position_ids, 0).expand_dims(1)
 
-        x = embedding(self.gather, self.embed_tokens.weight, input_ids, self.compute_dtype)
+        x = embedding(self.embed_tokens.gather, self.embed_tokens.weight, input_ids, self.compute_dtype)
         keys, values, logits, loads, dropped, prob_sums, z_sums = (), (), (), (), (), (), ()
         if past_keys is not None:  # one Unstack each: indexing [i] is a strided copy per layer, far slower
             past_keys, past_values = ops.unstack(past_keys), ops.unstack(past_values)

@@ -20,7 +20,7 @@ ParallelLayout.expert_token_split / expert_ffn_split; G = dp token groups, C = c
 | experts.bmm_gate / bmm_up | [E, G*C, H], W [E, F, H] | ((ep, t, 1), (ep, f, 1)) |
 | experts.bmm_down | [E, G*C, F], W [E, H, F] | ((ep, t, f), (ep, 1, f)) |
 | block_sparse_moe.from_experts | [E, G, C, H] | ((ep, t, a, 1),): AllToAll back to dp-sharded groups |
-| model.gather (embedding) | W [V, H], ids [B, S] | ((1, 1), (dp, 1)); ((mp, 1), (dp, 1)) unless vocab_emb_dp |
+| model.embed_tokens.gather (embedding) | W [V, H], ids [B, S] | ((1, 1), (dp, 1)); ((mp, 1), (dp, 1)) unless vocab_emb_dp |
 | lm_head.matmul, head_matmul | x [T, H], W [V, H] | ((dp, 1), (1, 1)); ((dp, 1), (mp, 1)) unless vocab_emb_dp |
 
 `a` is f with moe_config.group_wise_a2a (each model-parallel rank sends 1/f of the capacity through the
@@ -118,8 +118,8 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train",
     def param(name, shape, strategy, stage, note=""):
         table[name] = Entry("param", (tuple(shape),), (tuple(strategy),), stage, None, note)
 
-    param("model.embed_tokens.weight", (v, h), (vocab_split, 1), 0, "model.gather table")
-    op("model.gather", [(v, h), (b, s)], [(vocab_split, 1), (dp, 1)], 0, note="embedding lookup")
+    param("model.embed_tokens.weight", (v, h), (vocab_split, 1), 0, "model.embed_tokens.gather table")
+    op("model.embed_tokens.gather", [(v, h), (b, s)], [(vocab_split, 1), (dp, 1)], 0, note="embedding lookup")
     for i in range(d.num_hidden_layers):
         st = layout.stage_of_layer(i)
         p = f"model.layers.{i}."
@@ -199,9 +199,10 @@ def replication(entry: Entry, layout: ParallelLayout) -> int:
 # Applying the plan to a model
 
 
-# Primitives MindFormers' base classes attach to the top-level model for their own text generator
-# (mindformers/generation/text_generator.py `self.gather`); never in mixtral-ms's training graph.
-FRAMEWORK_PRIMITIVES = frozenset({"gather"})
+# Primitives MindFormers' base classes attach to every PreTrainedModel (MixtralForCausalLM and its
+# MixtralModel) for their own text generator (mindformers/generation/text_generator.py `self.gather`);
+# never in mixtral-ms's training graph.
+FRAMEWORK_PRIMITIVES = frozenset({"gather", "model.gather"})
 
 
 def _primitives(model) -> Dict[str, Any]:
