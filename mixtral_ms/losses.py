@@ -82,12 +82,12 @@ class TrainingStats(nn.Cell):
         return ops.depend(token, ops.assign_add(self.dropped, ops.stop_gradient(ops.cast(dropped, ms.float32))))
 
     def read_and_reset(self) -> dict:
-        """Host-side read (between steps): {term: mean over passes, "expert_load": [L, E] sum,
+        """Host-side read (between steps): {"terms": {term: mean over passes}, "expert_load": [L, E] sum,
         "dropped": [L, E] sum, "passes": n}, then zero everything for the next step."""
         passes = float(self.passes.asnumpy())
-        out = {t: float(p.asnumpy()) / max(passes, 1.0) for t, p in zip(self.terms, self.term_sums)}
-        out.update(expert_load=self.expert_load.asnumpy().copy(), dropped=self.dropped.asnumpy().copy(),
-                   passes=passes)
+        out = {"terms": {t: float(p.asnumpy()) / max(passes, 1.0) for t, p in zip(self.terms, self.term_sums)},
+               "expert_load": self.expert_load.asnumpy().copy(), "dropped": self.dropped.asnumpy().copy(),
+               "passes": passes}
         for param in self.all():
             param.set_data(Tensor(np.zeros(param.shape, np.float32)))
         return out

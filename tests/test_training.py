@@ -216,8 +216,9 @@ def test_aux_loss_is_part_of_the_training_loss():
         model = _tiny_model(coef)
         gate = [p for p in model.trainable_params() if p.name.endswith("layers.0.block_sparse_moe.gate.weight")]
         loss = float(model(ids))  # training mode: the loss alone, its terms in the side channel
-        terms = model.router_stats.read_and_reset()
-        assert terms["passes"] == 1.0
+        values = model.router_stats.read_and_reset()
+        terms = values["terms"]
+        assert values["passes"] == 1.0
         assert loss == pytest.approx(terms["ce_loss"] + coef * terms["aux_loss"] + model.z_coef * terms["z_loss"],
                                      rel=1e-6)
         grads.append(ms.grad(model, None, gate)(ids)[0].asnumpy())
@@ -463,7 +464,8 @@ def test_side_channel_survives_a_foreign_wrapper():
             assert step_stats(cb) is values  # one read per step, shared by every callback
             assert values["passes"] == 2.0
             assert values["expert_load"].sum(-1).tolist() == [4 * 8 * 2]  # rows x positions x top-k, each step
-            assert summed / 2 == pytest.approx(values["ce_loss"] + MULTI["router_z_loss_coef"] * values["z_loss"],
+            terms = values["terms"]
+            assert summed / 2 == pytest.approx(terms["ce_loss"] + MULTI["router_z_loss_coef"] * terms["z_loss"],
                                                rel=1e-5)
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)

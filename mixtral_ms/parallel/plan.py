@@ -20,7 +20,7 @@ ParallelLayout.expert_token_split / expert_ffn_split; G = dp token groups, C = c
 | experts.bmm_gate / bmm_up | [E, G*C, H], W [E, F, H] | ((ep, t, 1), (ep, f, 1)) |
 | experts.bmm_down | [E, G*C, F], W [E, H, F] | ((ep, t, f), (ep, 1, f)) |
 | block_sparse_moe.from_experts | [E, G, C, H] | ((ep, t, a, 1),): AllToAll back to dp-sharded groups |
-| model.embed_tokens.gather (embedding) | W [V, H], ids [B, S] | ((1, 1), (dp, 1)); ((mp, 1), (dp, 1)) unless vocab_emb_dp |
+| model.embed_tokens.gather (embedding) | W [V, H], ids [B, S] | ((1, 1), (dp, 1)); ((mp, 1), (dp, 1)) if vocab split |
 | lm_head.matmul, head_matmul | x [T, H], W [V, H] | ((dp, 1), (1, 1)); ((dp, 1), (mp, 1)) unless vocab_emb_dp |
 
 `a` is f with moe_config.group_wise_a2a (each model-parallel rank sends 1/f of the capacity through the
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..capacity import dropless_capacities, expert_capacity
 from ..schema import ModelDims, model_dims
@@ -42,7 +42,7 @@ from .config import ParallelConfigError, ParallelLayout
 
 Strategy = Tuple[Tuple[int, ...], ...]
 STATS_PREFIX = "router_stats."  # the training side channel, losses.TrainingStats (MixtralForCausalLM.router_stats)
-STATS_TERMS = ("ce_loss", "aux_loss", "z_loss", "passes")  # its scalar Parameters
+STATS_TERMS = ("ce_loss", "aux_loss", "z_loss")  # TrainingStats' default terms (apply_plan reads the model's)
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,10 @@ def pass_capacity(dims: ModelDims, layout: ParallelLayout, capacity_factor: Opti
     return n, expert_capacity(n, k, e, factor if factor > 0 else 2.0)
 
 
-def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train",
-              capacity_factor: Optional[float] = None) -> Dict[str, Entry]:
-    """The plan from shapes alone: every sharded primitive and every parameter of MixtralForCausalLM.
+def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capacity_factor: Optional[float] = None,
+              stats_terms: Sequence[str] = STATS_TERMS) -> Dict[str, Entry]:
+    """The plan from shapes alone: every sharded primitive and every parameter of MixtralForCausalLM
+    (`stats_terms`: the loss terms of its side channel).
 
     `model`: MixtralConfig or model_config mapping. Shapes are global (semi-auto parallel graphs are
     written for the whole batch): rows B = batch_size * dp per micro-batch, T = B * tokens per row.
@@ -160,7 +161,7 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train",
         param("lm_head.weight", (v, h), (vocab_split, 1), last)
     else:
         del table["lm_head.matmul"]
-    for term in STATS_TERMS:  # the training side channel (losses.TrainingStats), written where the loss is
+    for term in (*stats_terms, "passes"):  # the training side channel (losses.TrainingStats), where the loss is
         param(STATS_PREFIX + term, (), (), last, "training statistics, replicated")
     for name in ("expert_load", "dropped"):
         param(STATS_PREFIX + name, (d.num_hidden_layers, e), (1, 1), last, "training statistics, replicated")
@@ -226,7 +227,7 @@ def apply_plan(model, layout: ParallelLayout, run_mode: str = "train") -> Dict[s
     from ..moe import MixtralSparseMoeBlock
 
     config = model.config
-    table = plan_spec(config, layout, run_mode)
+    table = plan_spec(config, layout, run_mode, stats_terms=model.router_stats.terms)
     problems = check_table(table, layout)
     if problems:
         raise ParallelConfigError(f"sharding plan inconsistent with the model: {problems[0]} "

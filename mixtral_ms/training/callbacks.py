@@ -115,9 +115,9 @@ class MixtralProgressMonitor(_StepCounter):
         cb = run_context.original_args()
         step = self.step(cb)
         loss, overflow, scale, lr, norm = _outputs(cb)
-        values = step_stats(cb) or {}
-        terms = {t: values.get(t, float("nan")) for t in _CORE_TERMS}
-        terms.update({t: v for t, v in values.items() if isinstance(v, float) and t not in terms and t != "passes"})
+        values = step_stats(cb)
+        terms = {t: float("nan") for t in _CORE_TERMS}
+        terms.update(values["terms"] if values else {})
         self.history.append({"step": step, "loss": loss, **terms, "overflow": bool(overflow), "loss_scale": scale})
         if not self.is_log_step(cb, self.log_interval):
             return
@@ -192,7 +192,7 @@ class RouterStatsMonitor(_StepCounter):
         loss, overflow, scale, _, _ = _outputs(cb)
         load, dropped = values["expert_load"], values["dropped"]
         fraction = dropped.sum(-1) / np.maximum(load.sum(-1), 1)
-        terms = {t: v for t, v in values.items() if isinstance(v, float) and t != "passes"}
+        terms = dict(values["terms"])
         record = {
             "step": step,
             "tokens_per_expert": load.round().astype(int).tolist(),

@@ -99,7 +99,8 @@ class MixtralTrainOneStepCell(nn.Cell):
         self.scaled = _ScaledLoss(network, interleave_num(network))
         if isinstance(gradient_accumulation_steps, bool) or not isinstance(gradient_accumulation_steps, int) \
                 or gradient_accumulation_steps < 1:
-            raise ConfigError(f"gradient_accumulation_steps must be an integer >= 1, got {gradient_accumulation_steps!r}")
+            raise ConfigError(f"gradient_accumulation_steps must be an integer >= 1, "
+                              f"got {gradient_accumulation_steps!r}")
         self.accumulation = gradient_accumulation_steps
         self.micro_batch = _MicroBatch(gradient_accumulation_steps)
         self.grad_fn = ms.value_and_grad(self.scaled, None, self.weights, has_aux=True)

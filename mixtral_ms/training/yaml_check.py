@@ -132,8 +132,8 @@ def _check_multi_batch(config: Any, wrapper: dict) -> None:
         if rows % interleave:
             raise ConfigError(f"micro_batch_interleave_num {interleave} does not divide runner_config.batch_size "
                               f"{rows} (the rows MindFormers splits into the copies)")
-    if stages > 1 and wrapper.get("type") == "MixtralTrainOneStepCell" and isinstance(wrapper.get("scale_sense"), dict) \
-            and "type" not in wrapper["scale_sense"]:
+    scale = wrapper.get("scale_sense")
+    if stages > 1 and wrapper.get("type") == "MixtralTrainOneStepCell" and isinstance(scale, dict) and "type" not in scale:
         raise ConfigError("runner_wrapper.scale_sense: with pipeline_stage > 1 MindFormers swaps in "
                           "MFPipelineWithLossScaleCell, which takes a number or {type: DynamicLossScaleUpdateCell, "
                           "loss_scale_value: ..., scale_factor: ..., scale_window: ...}")
