@@ -133,7 +133,7 @@ def test_router_stats_and_heatmap(trained, tmp_path):
     for record in trained["stats"].values():
         load, dropped = np.array(record["tokens_per_expert"]), np.array(record["dropped_per_expert"])
         assert load.shape == dropped.shape == (2, 8)
-        assert (load.sum(-1) == BATCH * (SEQ + 1) * 2).all()  # every token makes k=2 assignments per layer
+        assert (load.sum(-1) == BATCH * SEQ * 2).all()  # every position makes k=2 assignments per layer
         assert np.allclose(record["dropped_fraction"], dropped.sum(-1) / load.sum(-1), atol=1e-6)
         assert all(0 <= d < 1 for d in record["dropped_fraction"])
     spec = importlib.util.spec_from_file_location("plot_router", os.path.join(ROOT, "scripts", "plot_router.py"))
