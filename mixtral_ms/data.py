@@ -29,6 +29,7 @@ FORMATS = ("text", "jsonl", "alpaca", "chat")
 TEXT_DOCS = ("line", "paragraph", "file")
 PRETRAIN_COLUMNS = {"input_ids": {"type": "int32", "shape": [-1]}}
 SFT_COLUMNS = {"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}}
+DOMAIN_COLUMN = "domain_ids"  # read by router_type rre (MixtralForCausalLM's domain_ids argument)
 
 
 class DataError(ValueError):
@@ -203,6 +204,18 @@ def sft_samples(examples: Iterable[Sequence[Tuple[str, str]]], encode, seq_lengt
         yield (np.asarray(ids + [pad] * fill, np.int32), np.asarray(labels + [IGNORE] * fill, np.int32))
 
 
+def with_domain(columns: Dict[str, dict], samples: Iterable[Dict[str, np.ndarray]],
+                domain: Optional[int]) -> Tuple[Dict[str, dict], Iterable[Dict[str, np.ndarray]]]:
+    """Tag every token of every sample with `domain` (a `domain_ids` column as long as input_ids, the
+    expert group of router_type rre); `domain` None leaves columns and samples as they are."""
+    if domain is None:
+        return columns, samples
+    if not isinstance(domain, int) or isinstance(domain, bool) or domain < 0:
+        raise DataError(f"domain id must be a non-negative integer, got {domain!r}")
+    tagged = ({**s, DOMAIN_COLUMN: np.full_like(s["input_ids"], domain)} for s in samples)
+    return {**columns, DOMAIN_COLUMN: {"type": "int32", "shape": [-1]}}, tagged
+
+
 # ----------------------------------------------------------------------------------------------- MindRecord
 
 def _is_mindrecord(path: str) -> bool:
@@ -349,8 +362,10 @@ def check_dataset(path: str, seq_length: int, columns: Optional[Sequence[str]] =
 # ----------------------------------------------------------------------------------------------- pipeline
 
 def preprocess(inputs: Sequence[str], fmt: str, tokenizer_path: str, seq_length: int, output: str,
-               overwrite: bool = False, text_docs: str = "line", stats: Optional[dict] = None) -> int:
-    """The whole pipeline; returns the number of samples written (`stats` gets extra counts)."""
+               overwrite: bool = False, text_docs: str = "line", stats: Optional[dict] = None,
+               domain: Optional[int] = None) -> int:
+    """The whole pipeline; returns the number of samples written (`stats` gets extra counts).
+    `domain`: write a `domain_ids` column (with_domain)."""
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if text_docs not in TEXT_DOCS:
@@ -383,6 +398,7 @@ def preprocess(inputs: Sequence[str], fmt: str, tokenizer_path: str, seq_length:
         samples = ({"input_ids": i, "labels": l} for i, l in
                    sft_samples(conversations(files, fmt), sp.encode, seq_length, bos, eos, PAD_ID, stats))
         columns = SFT_COLUMNS
+    columns, samples = with_domain(columns, samples, domain)
     count = write_mindrecord(output, columns, samples, overwrite)
     stats["samples"] = count
     return count

@@ -39,12 +39,14 @@ def main(argv=None) -> int:
                         help="the model's seq_length; samples hold seq_length + 1 tokens")
     parser.add_argument("--output", required=True, help="X.mindrecord (an X.mindrecord.db index goes beside it)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--domain_id", type=int, help="also write a domain_ids column holding this id for every "
+                                                      "token (the expert group of router_type rre)")
     args = parser.parse_args(argv)
     stats = {}
     interrupt_on_sigterm()
     try:
         count = preprocess(args.input, args.format, args.tokenizer, args.seq_length, args.output,
-                           args.overwrite, text_docs=args.text_docs, stats=stats)
+                           args.overwrite, text_docs=args.text_docs, stats=stats, domain=args.domain_id)
     except (DataError, OSError) as err:
         print(f"error: {err}".splitlines()[0], file=sys.stderr)
         return 2

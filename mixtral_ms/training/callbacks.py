@@ -95,7 +95,8 @@ class _StepCounter(Callback):
 
 @MindFormerRegister.register(MindFormerModuleType.CALLBACK)
 class MixtralProgressMonitor(_StepCounter):
-    """Every `log_interval` steps (and at the first and last): step, loss, CE, aux loss, z-loss, lr,
+    """Every `log_interval` steps (and at the first and last): step, loss, CE, aux loss, z-loss, the
+    distillation term (kd, when the wrapper distils), lr,
     gradient norm, tokens/s and ETA, one line on stdout. The first step of a run includes graph
     compilation, so it reports that time instead of a rate; rates and ETA come from later steps."""
 

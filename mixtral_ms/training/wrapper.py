@@ -22,6 +22,8 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from ..losses import TrainingStats
 from ..schema import ConfigError
+from .distill import check_distill, install
+from .freeze import FrozenParameters
 
 _DYNAMIC_SCALE_DEFAULTS = {"loss_scale_value": 2.0 ** 16, "scale_factor": 2, "scale_window": 1000}
 
@@ -68,6 +70,11 @@ class MixtralTrainOneStepCell(nn.Cell):
     clipping. The step's CE, aux and z loss, tokens per expert and dropped assignments per layer are in
     the model's side channel (`training_stats(network)`) for MixtralProgressMonitor and RouterStatsMonitor.
 
+    `freeze`: experts, router rows and non-MoE weights that training must leave bit-identical
+    (training/freeze.py): their gradients are zeroed before the norm and their update is masked.
+    `distill`: a frozen teacher and the distillation term added to the loss (training/distill.py); the
+    step's KD term joins the side channel as `router_stats.kd_loss`.
+
     `scale_sense`: a fixed loss scale (1.0 for fp32/bf16), or a dict / `nn.DynamicLossScaleUpdateCell`
     for fp16 dynamic loss scaling (`loss_scale_value`, `scale_factor`, `scale_window`): on overflow the
     scale is divided by scale_factor (not below 1) and the update skipped; after scale_window finite
@@ -86,16 +93,19 @@ class MixtralTrainOneStepCell(nn.Cell):
     def __init__(self, network: nn.Cell, optimizer: nn.Optimizer,
                  scale_sense: Union[float, dict, nn.Cell, Tensor] = 1.0, max_grad_norm: Optional[float] = 1.0,
                  use_clip_grad: bool = True, gradient_accumulation_steps: int = 1, lr_scheduler=None,
-                 **_framework_args) -> None:
+                 freeze: Optional[dict] = None, distill: Optional[dict] = None, **_framework_args) -> None:
         """`_framework_args`: what MindFormers' trainer passes every wrapper (calculate_per_token_loss,
         print_separate_loss, grouped_lr_scheduler, ...); YAML keys are checked by yaml_check.check_config."""
         super().__init__(auto_prefix=False)
+        model = next((cell for _, cell in network.cells_and_names()
+                      if isinstance(getattr(cell, "router_stats", None), TrainingStats)), None)
+        if model is None:
+            raise ConfigError("MixtralTrainOneStepCell needs a network holding MixtralForCausalLM (its side channel)")
+        network = install(network, model, check_distill(distill, model.config))
         self.network = network
         self.optimizer = optimizer
         self.weights = optimizer.parameters
-        self.stats = training_stats(network)
-        if self.stats is None:
-            raise ConfigError("MixtralTrainOneStepCell needs a network holding MixtralForCausalLM (its side channel)")
+        self.stats = model.router_stats  # the student's, with a kd_loss term, when distilling
         self.scaled = _ScaledLoss(network, interleave_num(network))
         if isinstance(gradient_accumulation_steps, bool) or not isinstance(gradient_accumulation_steps, int) \
                 or gradient_accumulation_steps < 1:
@@ -125,6 +135,7 @@ class MixtralTrainOneStepCell(nn.Cell):
             self.grad_reducer = nn.DistributedGradReducer(self.weights, _get_gradients_mean(), _get_device_num())
             self.stats_sum = ops.AllReduce()
         self.stat_zeros = tuple(Tensor(ops.zeros(p.shape, ms.float32)) for p in self.stats.all())
+        self.freeze = FrozenParameters(self.weights, model.config, freeze)
 
     def construct(self, *inputs):
         # A fixed scale of 1 stays 1 even if a resumed checkpoint carries another `scale_sense`.
@@ -132,7 +143,7 @@ class MixtralTrainOneStepCell(nn.Cell):
         reset = self._reset_stats()
         scale = ops.depend(scale, reset)
         loss, grads = self._gradients(scale, inputs)
-        grads = self.grad_reducer(grads)
+        grads = self.freeze.mask(self.grad_reducer(grads))
         divisor = float(self.accumulation)
         if not self.unit_scale or divisor != 1.0:  # unscale in fp32 first: squares of scaled gradients could overflow
             grads = tuple(ops.cast(ops.cast(g, ms.float32) / (scale * divisor), g.dtype) for g in grads)
@@ -147,7 +158,7 @@ class MixtralTrainOneStepCell(nn.Cell):
             grads = tuple(g * ops.cast(factor, g.dtype) for g in grads)
         lr = self._learning_rate()
         if not overflow:
-            loss = ops.depend(loss, self.optimizer(grads))
+            loss = ops.depend(loss, self.freeze.update(self.optimizer, grads))
         if self.reducer_flag:  # the global batch's statistics, not one rank's
             for param in self.stats.all():
                 loss = ops.depend(loss, ops.assign(param, self.stats_sum(param)))

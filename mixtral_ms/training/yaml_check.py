@@ -25,6 +25,8 @@ from ..configuration import MixtralConfig
 from ..parallel.config import from_run_config
 from ..schema import ConfigError
 from .callbacks import MixtralProgressMonitor, RouterStatsMonitor
+from .distill import check_distill
+from .freeze import check_freeze
 from .wrapper import MixtralTrainOneStepCell
 
 REGISTERED = {
@@ -171,6 +173,9 @@ def check_config(config: Any) -> MixtralConfig:
     _check_multi_batch(config, wrapper)
     if config.get("use_parallel"):
         from_run_config(config)  # the layout, on the YAML as written (ParallelConfigError, one line)
+    if wrapper.get("type") == "MixtralTrainOneStepCell":
+        check_freeze(wrapper.get("freeze"), mixtral)
+        check_distill(wrapper.get("distill"), mixtral)
     scale = wrapper.get("scale_sense")
     if wrapper.get("type") == "MixtralTrainOneStepCell" and isinstance(scale, dict) and "type" not in scale:
         unknown = sorted(set(scale) - {"loss_scale_value", "scale_factor", "scale_window"})
