@@ -57,7 +57,8 @@ def load_weights(model, path: str, allow_nonfinite: bool = False) -> None:
     """Fill `model` from a Hugging Face folder (per-expert tensors), a mixtral-ms folder or file
     (stacked experts; hf2ms output or a training .safetensors) or a MindSpore .ckpt. Every parameter
     must be present with the model's shape and a float dtype (F32, BF16, F16) and, unless
-    `allow_nonfinite`, finite; anything but weights and training state is an error."""
+    `allow_nonfinite`, finite; anything but weights and training state is an error. The model's own
+    training state (the router_stats side channel) is not loaded."""
     if path.endswith(".ckpt"):
         _load_ckpt(model, path, allow_nonfinite)
         return
@@ -83,5 +84,6 @@ def _load_ckpt(model, path: str, allow_nonfinite: bool) -> None:
     state = {name: Parameter(Tensor(_checked(info, allow_nonfinite).astype(np.float32), dtype=params[name].dtype),
                              name=name) for name, info in tensors.items()}
     not_loaded, _ = ms.load_param_into_net(model, state, strict_load=True)
+    not_loaded = [name for name in not_loaded if not name.startswith(TRAINING_STATE_PREFIXES)]
     if not_loaded:  # a parameter the schema does not know (the model grew one): never leave it at its init
         raise CheckpointError(f"the checkpoint schema has no entry for model parameter {not_loaded[0]!r}")

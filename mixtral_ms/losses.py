@@ -1,15 +1,19 @@
-"""Training losses. All in float32 whatever the compute dtype."""
+"""Training losses (all in float32 whatever the compute dtype) and the side channel that carries them
+out of a loss-only training forward (TrainingStats)."""
 from __future__ import annotations
 
+import numpy as np
+
 import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Parameter, Tensor, nn, ops
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean next-token cross-entropy: position t predicts labels[t+1]; `ignore_index` labels don't count
-    (a batch with none to count gives 0, not NaN: hence the sum over max(count, 1))."""
-    logits = ops.cast(logits[:, :-1], ms.float32)
-    target = ops.cast(labels[:, 1:], ms.int32)
+def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, shifted: bool = False) -> Tensor:
+    """Mean next-token cross-entropy; `ignore_index` labels don't count (a batch with none to count gives 0,
+    not NaN: hence the sum over max(count, 1)). Position t predicts labels[t+1] (Hugging Face), or labels[t]
+    when `shifted` (MindFormers' training: labels are already the next tokens)."""
+    logits = ops.cast(logits if shifted else logits[:, :-1], ms.float32)
+    target = ops.cast(labels if shifted else labels[:, 1:], ms.int32)
     valid = ops.cast(target != ignore_index, ms.float32)
     nll = ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index,
                             reduction="sum")
@@ -40,3 +44,61 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Te
     kl = (ops.exp(teacher) * (teacher - student)).sum(axis=-1)
     valid = ops.cast(labels[:, 1:] != ignore_index, ms.float32)
     return (kl * valid).sum() / ops.maximum(valid.sum(), 1.0)
+
+
+class TrainingStats(nn.Cell):
+    """The side channel of the training forward: what a step measured besides the loss it returns.
+
+    MindFormers' wrappers (PipelineCell, MicroBatchInterleaved, GradAccumulationCell and the train-one-step
+    cells around them) take a network whose output is the loss alone and sum or slice it. The loss terms
+    and router statistics therefore leave the forward another way: every forward pass (each micro-batch,
+    interleaved copy or pipeline micro-batch) adds them, in-graph with `ops.assign_add`, into Parameters of
+    this cell, which lives inside the model and so survives every wrapper:
+
+      router_stats.<term>       one scalar per loss term, summed over passes (`terms`: ce_loss, aux_loss,
+                                z_loss; mean = sum / passes)
+      router_stats.expert_load  [L, E] routed assignments per layer and expert, summed over passes
+      router_stats.dropped      [L, E] assignments dropped for lack of capacity, summed over passes
+      router_stats.passes       forward passes since the last reset
+
+    Writers: MixtralForCausalLM.construct calls `self(terms, load, dropped)` once per training forward.
+    Resetting: MixtralTrainOneStepCell zeroes them in-graph at the start of each step (and all-reduces
+    them in DATA_PARALLEL); readers under any other wrapper call `read_and_reset` once per step
+    (mixtral_ms.training.callbacks does). A new term (e.g. a distillation loss) is one more name in
+    `terms` and one more value in the tuple the model passes, in the same order: callbacks print and log
+    every term by name. The model holds the cell as `router_stats`, so the names start with `router_stats.`:
+    training state that checkpoint loading and the converter skip (mixtral_ms.name_map.TRAINING_STATE_PREFIXES).
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, terms: tuple = ("ce_loss", "aux_loss", "z_loss")) -> None:
+        super().__init__()
+        self.terms = tuple(terms)
+        zeros = lambda *shape: Tensor(np.zeros(shape, np.float32))  # noqa: E731
+        self.term_sums = ms.ParameterTuple(
+            Parameter(zeros(), name=t, requires_grad=False) for t in self.terms)
+        self.expert_load = Parameter(zeros(num_layers, num_experts), name="expert_load", requires_grad=False)
+        self.dropped = Parameter(zeros(num_layers, num_experts), name="dropped", requires_grad=False)
+        self.passes = Parameter(zeros(), name="passes", requires_grad=False)
+
+    def all(self) -> tuple:
+        """Every Parameter of the channel, in a fixed order (terms, expert_load, dropped, passes)."""
+        return tuple(self.term_sums) + (self.expert_load, self.dropped, self.passes)
+
+    def construct(self, terms: tuple, load: Tensor, dropped: Tensor) -> Tensor:
+        """Add one forward pass; returns a token to `ops.depend` the loss on, so the writes are kept."""
+        token = ops.assign_add(self.passes, ops.ones((), ms.float32))
+        for param, value in zip(self.term_sums, terms):
+            token = ops.depend(token, ops.assign_add(param, ops.stop_gradient(ops.cast(value, ms.float32))))
+        token = ops.depend(token, ops.assign_add(self.expert_load, ops.stop_gradient(ops.cast(load, ms.float32))))
+        return ops.depend(token, ops.assign_add(self.dropped, ops.stop_gradient(ops.cast(dropped, ms.float32))))
+
+    def read_and_reset(self) -> dict:
+        """Host-side read (between steps): {"terms": {term: mean over passes}, "expert_load": [L, E] sum,
+        "dropped": [L, E] sum, "passes": n}, then zero everything for the next step."""
+        passes = float(self.passes.asnumpy())
+        out = {"terms": {t: float(p.asnumpy()) / max(passes, 1.0) for t, p in zip(self.terms, self.term_sums)},
+               "expert_load": self.expert_load.asnumpy().copy(), "dropped": self.dropped.asnumpy().copy(),
+               "passes": passes}
+        for param in self.all():
+            param.set_data(Tensor(np.zeros(param.shape, np.float32)))
+        return out

@@ -16,7 +16,7 @@ from .configuration import MixtralConfig
 from .inference.prompts import check_batch
 from .inference.text_generation import text_generate
 from .dtypes import arange, embedding, emulated_dtype, matmul, native_dtype
-from .losses import causal_lm_loss, load_balancing_loss, router_z_loss
+from .losses import TrainingStats, causal_lm_loss, load_balancing_loss, router_z_loss
 from .moe import MixtralSparseMoeBlock
 
 _DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
@@ -164,7 +164,7 @@ class MixtralModel(MixtralPreTrainedModel):
         self.embed_tokens.weight = Parameter(
             initializer(Normal(config.initializer_range), (config.vocab_size, config.hidden_size), param_dtype),
             name="weight")
-        self.gather = ops.Gather()
+        self.embed_tokens.gather = ops.Gather()  # with its table: the pipeline stage of the cell owning both
         self.layers = nn.CellList([MixtralDecoderLayer(config, param_dtype, compute_dtype, i)
                                    for i in range(config.num_hidden_layers)])
         self.random_routed = config.router_type == "rre"
@@ -207,7 +207,7 @@ class MixtralModel(MixtralPreTrainedModel):
                     raise ValueError(f"router_type rre with {self.rre_groups} expert groups needs domain_ids "
                                      "(a dataset column); extract one group to run a single domain")
                 domain_ids = ops.zeros_like(input_ids)
-        x = embedding(self.gather, self.embed_tokens.weight, input_ids, self.compute_dtype)
+        x = embedding(self.embed_tokens.gather, self.embed_tokens.weight, input_ids, self.compute_dtype)
         keys, values, logits, loads, dropped, prob_sums, z_sums = (), (), (), (), (), (), ()
         if past_keys is not None:  # one Unstack each: indexing [i] is a strided copy per layer, far slower
             past_keys, past_values = ops.unstack(past_keys), ops.unstack(past_values)
@@ -230,12 +230,17 @@ class MixtralModel(MixtralPreTrainedModel):
 class MixtralForCausalLM(MixtralPreTrainedModel):
     """Mixtral with the LM head and the training loss (CE + aux * load balancing + z * router z-loss).
 
-    `model(input_ids, attention_mask=mask)` returns (logits [B, S, V], router_logits [L, B*S, E],
-    expert load [L, E], dropped assignments [L, E]). With labels (Hugging Face semantics: same
-    length as input_ids, shifted inside; -100 ignored), or in training mode where labels default to
-    input_ids (MindFormers' pre-training samples of seq_length + 1 tokens), it returns
-    (loss, ce_loss, aux_loss, z_loss, expert load [L, E], dropped [L, E]). `domain_ids` [B, S] (a
-    dataset column) picks each token's expert group under router_type rre.
+    In eval mode (`set_train(False)`), `model(input_ids, attention_mask=mask)` returns (logits [B, S, V],
+    router_logits [L, B*S, E], expert load [L, E], dropped assignments [L, E]); with labels (Hugging Face
+    semantics: same length as input_ids, shifted inside; -100 ignored) it returns (loss, ce_loss,
+    aux_loss, z_loss, expert load [L, E], dropped [L, E]).
+
+    In training mode it follows MindFormers' models: samples hold seq_length + 1 tokens, the network runs
+    on the first seq_length (inputs) and scores the last seq_length (labels: `labels[:, 1:]`, or
+    `input_ids[:, 1:]` when none are given), and the output is the loss alone, what PipelineCell,
+    MicroBatchInterleaved and gradient accumulation sum. The loss terms and router statistics of the
+    pass go to `self.router_stats` (losses.TrainingStats, the side channel callbacks read).
+    `domain_ids` [B, S] (a dataset column) picks each token's expert group under router_type rre.
     """
 
     def __init__(self, config: MixtralConfig, **_framework_args) -> None:
@@ -254,6 +259,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         self.aux_coef = config.router_aux_loss_coef
         self.z_coef = config.router_z_loss_coef
         self.ignore_index = config.ignore_token_id
+        self.router_stats = TrainingStats(config.num_hidden_layers, config.num_local_experts)
 
     def lm_logits(self, hidden: Tensor) -> Tensor:
         if self.tie_word_embeddings:
@@ -293,11 +299,12 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
             input_ids, attention_mask, position_ids, domain_ids=domain_ids)
         return self.lm_logits(hidden), router_logits, load, dropped, prob_sum, z_sum, valid
 
-    def training_loss(self, logits, labels, load, dropped, prob_sum, z_sum, valid, ce_coef):
+    def training_loss(self, logits, labels, load, dropped, prob_sum, z_sum, valid, ce_coef, shifted):
         """(loss, ce, aux, z, load, dropped) with loss = ce_coef * CE + aux_coef * aux + z_coef * z
-        (`ce_coef` below 1: distillation's alpha, training/distill.py)."""
+        (`ce_coef` below 1: distillation's alpha, training/distill.py); `shifted`: labels are already the
+        next tokens (the training forward's MindFormers convention), else Hugging Face's shift."""
         num_layers = load.shape[0]
-        ce = causal_lm_loss(logits, labels, self.ignore_index)
+        ce = causal_lm_loss(logits, labels, self.ignore_index, shifted=shifted)
         pooled_tokens = valid * num_layers
         aux = load_balancing_loss(load.sum(axis=0), prob_sum.sum(axis=0), pooled_tokens)
         z = router_z_loss(z_sum.sum(), pooled_tokens)
@@ -305,10 +312,20 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         return loss, ce, aux, z, load, dropped
 
     def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None, domain_ids=None):
+        if self.training:  # MindFormers' samples: seq_length + 1 tokens, the model runs on seq_length
+            input_ids, labels = input_ids[:, :-1], (input_ids if labels is None else labels)[:, 1:]
+            if attention_mask is not None:
+                attention_mask = attention_mask[:, :-1]
+            if position_ids is not None:
+                position_ids = position_ids[:, :-1]
+            if domain_ids is not None:
+                domain_ids = domain_ids[:, :-1]
         logits, router_logits, load, dropped, prob_sum, z_sum, valid = self.forward_logits(
             input_ids, attention_mask, position_ids, domain_ids)
-        if labels is None and not self.training:
-            return logits, router_logits, load, dropped
         if labels is None:
-            labels = input_ids
-        return self.training_loss(logits, labels, load, dropped, prob_sum, z_sum, valid, 1.0)
+            return logits, router_logits, load, dropped
+        loss, ce, aux, z, load, dropped = self.training_loss(logits, labels, load, dropped, prob_sum, z_sum, valid,
+                                                             1.0, self.training)
+        if self.training:  # the loss alone; the terms and router statistics go through the side channel
+            return ops.depend(loss, self.router_stats((ce, aux, z), load, dropped))
+        return loss, ce, aux, z, load, dropped

@@ -65,8 +65,13 @@ def load_run(path: str, overrides: Optional[Dict[str, Any]] = None) -> Run:
     except AttributeError:  # the reader sorts the top-level items of what it loaded
         raise RunError(f"{path}: the YAML must be a mapping of sections") from None
     model_config = check_config(raw)
+    device_unset = "device_target" not in (raw.get("context") or {})
     ConfigTemplate.apply_template(raw)  # what MindFormerConfig(path) does after reading
     config = MindFormerConfig(**raw)
+    if device_unset and os.environ.get("DEVICE_TARGET"):
+        # The template fills a missing context.device_target with "Ascend", which would hide the
+        # DEVICE_TARGET that scripts/msrun_launcher.sh exports (MindFormers reads it only when unset).
+        config.context.device_target = os.environ["DEVICE_TARGET"]
     for key, value in (overrides or {}).items():
         if value is not None:
             config[key] = value
@@ -143,11 +148,13 @@ def training_data(run: Run) -> int:
     """Check the training set against the config (sequence length, columns, at least one batch);
     returns the steps in an epoch."""
     from .data import check_dataset
+    from .training.wrapper import prepare_wrapper
     config = run.config
     loader = (config.get("train_dataset") or {}).get("data_loader") or {}
     path = loader.get("dataset_dir")
     if not path:
         raise RunError(f"run_mode {config.run_mode} needs train_dataset.data_loader.dataset_dir (or --train_dataset)")
+    prepare_wrapper(config)  # gradient accumulation by MixtralTrainOneStepCell
     columns = list(config.train_dataset.get("input_columns") or ["input_ids"])
     samples = check_dataset(path, run.model_config.seq_length, columns)["num_samples"]
     batch = int(config.runner_config.batch_size)

@@ -110,6 +110,8 @@ def test_distillation_through_the_trainer(setup):
     final = out / "checkpoint" / "rank_0" / f"d_rank_0-1_{STEPS}.ckpt"
     saved = ms.load_checkpoint(str(final))
     for p in teacher.get_parameters():  # the teacher travels in the checkpoint, untouched
+        if p.name.startswith("router_stats."):  # the teacher's side channel: training state, never written
+            continue
         assert np.array_equal(saved["teacher." + p.name].asnumpy(), p.asnumpy()), p.name
     trained = MixtralForCausalLM(config)
     load_weights(trained, str(final))  # the student loads alone from it

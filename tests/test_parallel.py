@@ -1,11 +1,13 @@
 """Parallel layouts: validation errors, the sharding plan of every shipped config against its shapes, the
 context, the memory estimator, the host-offload AdamW, MoE token groups as on a cluster, the launcher,
 and a 2-process msrun DATA_PARALLEL run equal to one process on the global batch."""
+import dataclasses
 import glob
 import inspect
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +41,11 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_laye
             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, capacity_factor=1.1,
             router_aux_loss_coef=0.0, router_z_loss_coef=0.001, max_position_embeddings=64, seq_length=16,
             initializer_range=0.3)
-OPTIM = {"learning_rate": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
+# eps 1e-5: AdamW turns a gradient element below eps into an update of lr * g / eps, so rounding-level
+# gradient differences (the ranks sum in another order) in an element whose contributions nearly cancel
+# (seen: one embedding element of a token met in both halves of a batch, |g| ~ 1e-9) move it by
+# lr * noise / eps: 5.7e-6 at eps 1e-8, 1.1e-6 at 1e-6; the gradients themselves agree to 1e-7 relative
+OPTIM = {"learning_rate": 1e-3, "betas": [0.9, 0.95], "eps": 1e-5, "weight_decay": 0.1}
 STEPS, ROWS = 3, 4
 
 
@@ -60,16 +66,39 @@ def dp_launch(tmp_path_factory):
     np.save(work / "batch.npy", rng.integers(0, TINY["vocab_size"], (STEPS, ROWS, TINY["seq_length"] + 1),
                                              dtype=np.int32))
     (work / "setup.json").write_text(json.dumps({"model": TINY, "optimizer": OPTIM}))
+    _write_run_yaml(work)
     env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""), GLOG_v="3",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = ["msrun", "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", "--join=True", f"--log_dir={work / 'logs'}",
            os.path.join(ROOT, "tests", "dist", "dp_train_check.py"), "--workdir", str(work)]
-    proc = subprocess.Popen(cmd, cwd=str(work), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=str(work), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: the workers go with it
     yield work, proc
     if proc.poll() is None:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def _write_run_yaml(work):
+    """The shipped 32-device pre-training YAML scaled to the 2 msrun workers: its pipeline (pp 2, micro-batches
+    2), the tiny model, a 16-token MindRecord, one dataset worker (the machine's 2 cores)."""
+    from mixtral_ms.data import write_mindrecord
+    cfg = load_yaml(os.path.join(ROOT, "configs", "parallel", "mixtral_8x7b_pretrain_32p.yaml"))
+    cfg["parallel_config"].update(data_parallel=1, expert_parallel=1, pipeline_stage=2, micro_batch_num=2)
+    cfg["model"]["model_config"].update({k: TINY[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                              "num_attention_heads", "num_key_value_heads",
+                                                              "max_position_embeddings", "seq_length")},
+                                        num_hidden_layers=2)
+    rng = np.random.default_rng(3)
+    write_mindrecord(str(work / "run.mindrecord"), {"input_ids": {"type": "int32", "shape": [-1]}},
+                     ({"input_ids": rng.integers(0, 64, 17).astype(np.int32)} for _ in range(8)))
+    cfg["train_dataset"]["data_loader"]["dataset_dir"] = str(work / "run.mindrecord")
+    cfg["train_dataset"]["num_parallel_workers"] = 1
+    cfg["train_dataset_task"]["dataset_config"] = cfg["train_dataset"]
+    cfg["output_dir"] = str(work / "run_out")
+    cfg["callbacks"] = [c for c in cfg["callbacks"] if c["type"] != "RouterStatsMonitor"]
+    (work / "run.yaml").write_text(yaml.safe_dump(cfg))
 
 
 def _train_graph(optimizer_cls, groups, init, batches):
@@ -147,7 +176,7 @@ def test_moe_config_knobs():
     with pytest.raises(ParallelConfigError, match=r"moe_config: unknown key"):
         validate(EP8, SEMI, {}, 32, moe_config={"group_wise_all2all": True})
     layout = validate({"data_parallel": 4, "model_parallel": 2, "expert_parallel": 4}, SEMI, {}, 8,
-                      moe_config={"group_wise_a2a": True}, batch_size=2)
+                      moe_config={"group_wise_a2a": True}, batch_size=4)  # capacity 4506: even
     table = plan_spec({}, layout)
     assert table["model.layers.0.block_sparse_moe.to_experts"].strategy == ((1, 4, 2, 1),)  # capacity over mp
     assert table["model.layers.0.block_sparse_moe.experts.w1"].strategy == ((4, 2, 1),)
@@ -165,6 +194,11 @@ def test_keys_are_the_frameworks():
     for key, default in pconfig.PARALLEL_CONFIG_DEFAULTS.items():
         if key not in ("recompute", "swap"):
             assert op_params[key].default == default, key
+    from mindformers.tools.register.template import MoEConfig as MoETemplate
+    template = {k: getattr(MoETemplate, k) for k in dir(MoETemplate) if not k.startswith("_") and
+                not callable(getattr(MoETemplate, k))}
+    template.pop("name")  # the template's section name (Config.name), not a key
+    assert pconfig.MOE_TEMPLATE_DEFAULTS == template  # what MindFormerConfig fills moe_config with
     moe_params = set(inspect.signature(MoEConfig.__init__).parameters)
     assert set(pconfig.MOE_COMM_KEYS) | set(pconfig._MOE_MODEL_KEYS) | pconfig._MOE_IGNORED_KEYS <= moe_params
 
@@ -193,7 +227,9 @@ def test_shipped_config_plan_is_consistent_with_the_real_shapes(path):
     table = plan_spec(model_config, layout, cfg["run_mode"])
     assert check_table(table, layout) == []
     params = {k: e for k, e in table.items() if e.kind == "param"}
-    assert sum(math.prod(e.shapes[0]) for e in params.values()) == 46_702_792_704  # Mixtral-8x7B
+    weights = {k: e for k, e in params.items() if not k.startswith("router_stats.")}  # not the side channel
+    assert sum(math.prod(e.shapes[0]) for e in weights.values()) == 46_702_792_704  # Mixtral-8x7B
+    assert {e.stage for k, e in params.items() if k.startswith("router_stats.")} == {layout.pipeline_stage - 1}
     # each pipeline stage gets L/pp layers; the embedding the first stage, norm and head the last
     stages = {e.stage for k, e in params.items() if k.startswith("model.layers.")}
     assert stages == set(range(layout.pipeline_stage))
@@ -204,7 +240,7 @@ def test_shipped_config_plan_is_consistent_with_the_real_shapes(path):
     assert w1.strategy[0][0] == ep and w1.slice_shape()[0] == 8 // ep
     assert params["model.layers.0.self_attn.q_proj.weight"].slice_shape() == (4096 // mp, 4096)
     assert table["model.layers.0.self_attn.bmm_qk"].strategy[0] == (dp, mp, 1, 1)
-    assert table["model.gather"].strategy[1] == (dp, 1)
+    assert table["model.embed_tokens.gather"].strategy[1] == (dp, 1)
     # scripts/run_mixtral.py's check passes: top-level keys, registered types (OffloadAdamW once
     # mixtral_ms.optim is imported), their arguments, the model config
     import mixtral_ms.optim  # noqa: F401
@@ -270,6 +306,83 @@ def test_plan_refuses_a_model_it_does_not_cover():
     with pytest.raises(ParallelConfigError, match=r"group_wise_a2a splits the expert capacity over 2 model-parallel "
                                                   r"ranks, but the capacity is 5"):
         apply_plan(MixtralForCausalLM(MixtralConfig(**small, **layout.model_fields())), layout)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_shipped_yaml_as_run_mixtral_loads_it(path, tmp_path):
+    """scripts/run_mixtral.py's reading (MindFormers' reader and template: moe_config gets MindFormers' ~46
+    default keys, parallel its defaults) then prepare_parallel on the YAML's device count: the layout
+    validates and the semi-auto context is set (compiling it needs Ascend/GPU: test_msrun_* below)."""
+    from mixtral_ms.parallel import prepare_parallel
+    from mixtral_ms.runner import load_run
+    run = load_run(path, {"output_dir": str(tmp_path)})
+    assert len(run.config.moe_config) > 40  # the template's keys, not the YAML's 5
+    expected = from_run_config(load_yaml(path))
+    try:
+        layout = prepare_parallel(run.config, devices=expected.devices, rank=0)
+        # the template adds parallel.search_mode (auto_parallel's; passed through, inert in semi-auto)
+        assert dataclasses.replace(layout, context={}) == dataclasses.replace(expected, context={})
+        assert layout.context.items() >= expected.context.items()
+        assert ms.get_auto_parallel_context("parallel_mode") == "semi_auto_parallel"
+        assert ms.get_auto_parallel_context("pipeline_stages") == expected.pipeline_stage
+    finally:
+        ms.reset_auto_parallel_context()
+    assert (tmp_path / "strategy").is_dir()
+
+
+def test_moe_config_from_mindformerconfig_still_refuses_what_it_cannot_honour():
+    from mindformers import MindFormerConfig
+    path = os.path.join(ROOT, "configs", "parallel", "mixtral_8x7b_pretrain_8p.yaml")
+    config = MindFormerConfig(path)
+    config.moe_config.use_gmm = True  # a MindFormers-MoE knob set away from its default
+    with pytest.raises(ParallelConfigError, match=r"moe_config: unknown key\(s\) \['use_gmm'\]"):
+        from_run_config(config)
+    config.moe_config.use_gmm = False
+    config.moe_config.expert_num = 4
+    with pytest.raises(ParallelConfigError, match=r"moe_config.expert_num \(4\) disagrees"):
+        from_run_config(config)
+
+
+def test_pipeline_network_for_the_32_device_config():
+    """The 32-device layout (dp8 ep8 pp4, micro_batch_num 16) on its 32 layers, narrowed: MindSpore's
+    PipelineCell (what MindFormers wraps the model in) builds around the loss-only model, and every
+    parameter and primitive sits on the stage the plan gives it (through the cell that owns it)."""
+    from mindspore.nn import PipelineCell
+    cfg = load_yaml(os.path.join(ROOT, "configs", "parallel", "mixtral_8x7b_pretrain_32p.yaml"))
+    layout = from_run_config(cfg)
+    fields = {k: v for k, v in cfg["model"]["model_config"].items() if k != "type"}
+    fields.update(vocab_size=256, hidden_size=64, intermediate_size=64, seq_length=16, max_position_embeddings=64,
+                  **layout.model_fields())
+    model = MixtralForCausalLM(MixtralConfig(**fields))
+    table = apply_plan(model, layout, "train")
+    network = PipelineCell(model, micro_size=layout.micro_batch_num)
+    assert network.micro_size == 16 and network.network is model
+    cells = dict(model.cells_and_names())
+
+    def stage(owner: str) -> int:
+        """The stage of the innermost cell on the path to `owner` that has one (children inherit)."""
+        parts, found = owner.split("."), -1
+        for i in range(1, len(parts) + 1):
+            cell = cells.get(".".join(parts[:i]))
+            if cell is not None and getattr(cell, "_pipeline_stage", -1) >= 0:  # unset: no attribute
+                found = cell.pipeline_stage
+        return found
+
+    params = {p.name for p in model.get_parameters()}
+    assert params == {k for k, e in table.items() if e.kind == "param"}
+    for name in params:
+        assert stage(name.rsplit(".", 1)[0]) == table[name].stage, name
+    unstaged = set()
+    for name in _primitives(model):
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        if stage(owner) < 0:
+            unstaged.add(name)
+        else:
+            assert stage(owner) == table[name].stage, name
+    # the tied-head matmul belongs to the top cell (it runs where its input, the last stage's hidden, is)
+    assert unstaged == {"head_matmul"}
+    per_stage = [sum(1 for k, e in table.items() if e.kind == "param" and e.stage == s) for s in range(4)]
+    assert per_stage == [1 + 8 * 10, 8 * 10, 8 * 10, 8 * 10 + 2 + 6]  # embedding; 10 per layer; norm, head, stats
 
 
 def test_context_kwargs_for_32_devices():
@@ -367,7 +480,7 @@ def test_expert_parallel_exchange_matches_grouped_block():
     sent, routes = [], []
     for r in range(dp):  # each data-parallel rank: router and dispatch on its own tokens
         flat = x[r * rows:(r + 1) * rows].reshape(n, h)
-        _, _, weights, index, _ = block.gate(Tensor(flat))
+        _, _, weights, index, _ = block.gate(Tensor(flat))  # the router also returns which choices it kept
         slot_token, assignment_slot, _, _ = dispatch(index.reshape(1, n, k), weights.reshape(1, n, k),
                                                      Tensor(np.ones((1, n), np.float32)), e, cap, "probs")
         padded = np.concatenate([flat, np.zeros((1, h), np.float32)])
@@ -447,7 +560,6 @@ def test_offload_adamw_equals_mindformers_adamw(references):
 
 def test_msrun_data_parallel_equals_one_process_with_per_shard_capacity(dp_launch, references):
     """2 ranks x half batch (DATA_PARALLEL, gradient mean) == 1 process x global batch with 2 token groups."""
-    work, proc = dp_launch
     ref = references["adamw"][0]
     # the batches overflow some expert, so the token grouping matters (one group: another result)
     first = Tensor(references["batches"][0])
@@ -455,16 +567,10 @@ def test_msrun_data_parallel_equals_one_process_with_per_shard_capacity(dp_launc
     for model in (grouped, single):
         ms.load_param_into_net(model, {k: ms.Parameter(Tensor(v), name=k) for k, v in references["init"].items()})
         model.set_train(True)
-    out2, out1 = grouped(first), single(first)
-    assert out2[5].asnumpy().sum() > 0, "the fixture must overflow some expert"
-    assert abs(float(out2[0].asnumpy()) - float(out1[0].asnumpy())) > 1e-6
-    try:
-        out, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("msrun did not finish in 240 s")
-    logs = "".join(open(p).read()[-3000:] for p in sorted(glob.glob(str(work / "logs" / "worker_*.log"))))
-    assert proc.returncode == 0, out[-3000:] + logs
+    loss2, loss1 = float(grouped(first)), float(single(first))
+    assert grouped.router_stats.read_and_reset()["dropped"].sum() > 0, "the fixture must overflow some expert"
+    assert abs(loss2 - loss1) > 1e-6
+    work = _launch_results(dp_launch)
     results = [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in results] == [2, 2]
     ranks = [dict(np.load(work / f"rank{r}.npz")) for r in range(2)]
@@ -475,3 +581,60 @@ def test_msrun_data_parallel_equals_one_process_with_per_shard_capacity(dp_launc
     print(f"\nDP parity (2 ranks vs 1 process, {STEPS} AdamW steps): max |diff| {diff:.3g}; "
           f"parameters moved {moved:.3g}")
     assert diff <= 1e-6, diff
+
+
+def _launch_results(dp_launch):
+    """Wait for the msrun launch once; its outputs and worker logs."""
+    work, proc = dp_launch
+    if proc.returncode is None:
+        try:
+            proc.out, _ = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("msrun did not finish in 600 s")
+    logs = "".join(open(p).read()[-3000:] for p in sorted(glob.glob(str(work / "logs" / "worker_*.log"))))
+    assert proc.returncode == 0, proc.out[-3000:] + logs
+    return work
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_msrun_wrapper_data_parallel_equals_one_process(dp_launch, accumulation):
+    """MixtralTrainOneStepCell DATA_PARALLEL on 2 processes (without and with gradient_accumulation_steps 2):
+    gradients all-reduced (mean) before the overflow check and clipping, so both ranks see the single-process
+    global norm, skip nothing, and end with the parameters one process gets on the whole batch; the side
+    channel holds the global batch's statistics on every rank."""
+    from dist.dp_train_check import WRAPPER_BATCH, train_wrapper, wrapper_setup
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    model, step, batches = wrapper_setup(accumulation)
+    ref = train_wrapper(step, model, batches, WRAPPER_BATCH, 0)
+    reference = {p.name: p.asnumpy() for p in model.trainable_params()}
+    work = _launch_results(dp_launch)
+    name = "wrapper_" if accumulation == 1 else "wrapper_accum_"
+    ranks = [json.load(open(work / f"{name}rank{r}.json")) for r in range(2)]
+    params = [np.load(work / f"{name}rank{r}.npz") for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2] and not any(any(r["overflow"]) for r in ranks)
+    assert min(ref["norms"]) > 0.5  # clipping was active
+    for r in ranks:
+        np.testing.assert_allclose(r["norms"], ref["norms"], rtol=1e-5)
+        assert r["load"] == ref["load"]  # global counts
+        assert r["passes"] == [2.0 * accumulation] * len(batches)  # both ranks' passes
+        np.testing.assert_allclose(r["ce"], ref["ce"], rtol=1e-5)
+    np.testing.assert_allclose(np.mean([r["losses"] for r in ranks], axis=0), ref["losses"], rtol=1e-5)
+    for key, value in reference.items():
+        np.testing.assert_array_equal(params[0][key], params[1][key])
+        np.testing.assert_allclose(params[0][key], value, atol=2e-5, err_msg=key)
+
+
+def test_msrun_run_mixtral_reaches_the_cpu_refusal(dp_launch):
+    """scripts/run_mixtral.py's main under 2 msrun workers on the shipped 32-device YAML scaled to pp 2: the
+    YAML loads through MindFormerConfig, the layout validates against the world size, the model is built
+    and sharded, MindFormers wraps it in PipelineCell and swaps in MFPipelineWithLossScaleCell (loss-only
+    output), and the first thing that fails is MindSpore's semi-auto compile, which the CPU backend refuses."""
+    work = _launch_results(dp_launch)
+    for rank in range(2):
+        result = json.loads((work / f"run_mixtral_rank{rank}.json").read_text())
+        assert result.get("error") == "RuntimeError: Invalid backend: CPU", result
+        trace = result["traceback"]
+        assert "_graph_executor.compile" in trace and "pipeline_split_utils.cc" in trace
+        assert "grads_for_legacy" in trace  # MFPipelineWithLossScaleCell.construct: MindFormers' pipeline wrapper
+        assert (work / "run_out" / "strategy").is_dir()

@@ -72,6 +72,26 @@ _MOE_MODEL_KEYS = {"expert_num": "num_local_experts", "num_experts_chosen": "num
                    "capacity_factor": "capacity_factor"}
 _MOE_IGNORED_KEYS = {"aux_loss_factor", "routing_policy", "norm_topk_prob", "enable_sdrop", "router_dense_type"}
 
+# What `MindFormerConfig(path)` writes into `moe_config` for every key the YAML leaves out (MindFormers 1.9
+# tools/register/template.py MoEConfig; a test keeps them equal). A key at this value asks for nothing, so
+# the check skips it: run_mixtral.py hands the check a MindFormerConfig, never the bare YAML.
+MOE_TEMPLATE_DEFAULTS: Dict[str, Any] = {
+    "expert_num": 1, "capacity_factor": 1.1, "aux_loss_factor": 0.05, "num_experts_chosen": 1,
+    "expert_group_size": None, "group_wise_a2a": False, "comp_comm_parallel": False, "comp_comm_parallel_degree": 2,
+    "save_token_distribution": False, "cur_layer": 0, "enable_cold_hot_expert": False, "update_step": 10000,
+    "hot_expert_num": 0, "cold_token_percent": 1.0, "moe_module_name": "", "routing_policy": "TopkRouterV1",
+    "norm_topk_prob": True, "enable_sdrop": False, "use_fused_ops_topkrouter": False, "router_dense_type": "float32",
+    "shared_expert_num": 0, "use_shared_expert_gating": False, "max_router_load": 128 * 1024,
+    "topk_method": "greedy", "topk_group": None, "n_group": None, "first_k_dense_replace": True,
+    "moe_intermediate_size": 1407, "routed_scaling_factor": 1.0, "aux_loss_types": None, "aux_loss_factors": None,
+    "z_loss_factor": 0.0, "balance_via_topk_bias": False, "topk_bias_update_rate": 0.0,
+    "use_allgather_dispatcher": False, "moe_shared_expert_overlap": False, "expert_model_parallel": None,
+    "use_gating_sigmoid": False, "enable_deredundency": False, "npu_nums_per_device": 1, "use_gmm": False,
+    "enable_gmm_safe_tokens": False, "use_fused_ops_permute": False, "callback_moe_droprate": False,
+    "dispatch_global_max_bs": 0, "ep_extend_tp": True,
+}
+
+
 @dataclass(frozen=True)
 class ParallelLayout:
     """A validated layout. `devices = dp * mp * pp`; each pipeline stage holds `dp * mp` devices.
@@ -101,6 +121,7 @@ class ParallelLayout:
     recompute: bool
     batch_size: int
     num_layers: int
+    gradient_accumulation_steps: int = 1
     context: Dict[str, Any] = field(default_factory=dict)  # other `parallel:` keys, passed through
 
     @property
@@ -141,6 +162,13 @@ class ParallelLayout:
     def stage_of_layer(self, layer: int) -> int:
         return layer // self.layers_per_stage
 
+    @property
+    def passes_per_step(self) -> int:
+        """Forward passes per optimizer step: micro-batches (pipeline micro_batch_num, else gradient
+        accumulation steps) times interleaved copies; each has its own expert capacity."""
+        micro = self.micro_batch_num if self.pipeline_stage > 1 else self.gradient_accumulation_steps
+        return micro * self.micro_batch_interleave_num
+
     def micro_batch_rows(self) -> int:
         """Global rows in one forward pass (one micro-batch of one interleaved copy): batch_size * dp."""
         return self.batch_size * self.data_parallel
@@ -177,6 +205,9 @@ def _unknown(section: Dict[str, Any], known, name: str) -> None:
 
 
 def _check_moe_config(moe: Dict[str, Any], dims: ModelDims) -> None:
+    """Keys at MindFormers' template default are what MindFormerConfig filled in: skipped (see
+    MOE_TEMPLATE_DEFAULTS). The rest must be this project's keys, and agree with the model."""
+    moe = {k: v for k, v in moe.items() if not (k in MOE_TEMPLATE_DEFAULTS and _same(v, MOE_TEMPLATE_DEFAULTS[k]))}
     _unknown(moe, set(MOE_COMM_KEYS) | set(_MOE_MODEL_KEYS) | _MOE_IGNORED_KEYS, "moe_config")
     for key, field_name in _MOE_MODEL_KEYS.items():
         if key in moe and moe[key] != getattr(dims, field_name):
@@ -191,10 +222,15 @@ def _check_moe_config(moe: Dict[str, Any], dims: ModelDims) -> None:
         _bool("moe_config", "group_wise_a2a", moe["group_wise_a2a"])
 
 
+def _same(value: Any, default: Any) -> bool:
+    """YAML equality that does not confuse True with 1 or 0 with False."""
+    return isinstance(value, bool) == isinstance(default, bool) and value == default
+
+
 def validate(parallel_config: Optional[Mapping] = None, parallel: Optional[Mapping] = None, model: Any = None,
              devices: Optional[int] = None, moe_config: Optional[Mapping] = None,
              micro_batch_interleave_num: int = 1, recompute_config: Optional[Mapping] = None,
-             batch_size: int = 1) -> ParallelLayout:
+             batch_size: int = 1, gradient_accumulation_steps: int = 1) -> ParallelLayout:
     """Check a layout against a model and a device count (default: dp * mp * pp) and return it.
 
     `parallel_config`, `parallel`, `moe_config`, `recompute_config`: the YAML sections; `model`: a
@@ -225,6 +261,11 @@ def validate(parallel_config: Optional[Mapping] = None, parallel: Optional[Mappi
     interleave = _int("micro_batch_interleave_num", "value", micro_batch_interleave_num) \
         if micro_batch_interleave_num != 1 else 1
     batch_size = _int("runner_config", "batch_size", batch_size)
+    accumulation = _int("runner_config", "gradient_accumulation_steps", gradient_accumulation_steps)
+    if accumulation > 1 and pp > 1:
+        raise ParallelConfigError(f"runner_config.gradient_accumulation_steps {accumulation} with pipeline_stage "
+                                  f"{pp}: MindFormers ignores accumulation under pipeline parallel; raise "
+                                  "parallel_config.micro_batch_num instead")
 
     if devices is None:
         devices = dp * mp * pp
@@ -316,7 +357,8 @@ def validate(parallel_config: Optional[Mapping] = None, parallel: Optional[Mappi
         optimizer_shard=optimizer_shard, parallel_mode=mode, enable_alltoall=enable_alltoall, full_batch=full_batch,
         gradients_mean=gradients_mean, parallel_optimizer_config=po, pipeline_config=pcfg,
         micro_batch_interleave_num=interleave, group_wise_a2a=bool(moe.get("group_wise_a2a", False)),
-        recompute=recompute, batch_size=batch_size, num_layers=dims.num_hidden_layers, context=passthrough)
+        recompute=recompute, batch_size=batch_size, num_layers=dims.num_hidden_layers,
+        gradient_accumulation_steps=accumulation, context=passthrough)
 
 
 def from_run_config(config: Mapping, devices: Optional[int] = None) -> ParallelLayout:
@@ -327,7 +369,8 @@ def from_run_config(config: Mapping, devices: Optional[int] = None) -> ParallelL
                     moe_config=config.get("moe_config"),
                     micro_batch_interleave_num=config.get("micro_batch_interleave_num") or 1,
                     recompute_config=config.get("recompute_config"),
-                    batch_size=runner.get("batch_size", 1) or 1)
+                    batch_size=runner.get("batch_size", 1) or 1,
+                    gradient_accumulation_steps=runner.get("gradient_accumulation_steps", 1) or 1)
 
 
 def load_yaml(path: str) -> Dict[str, Any]:

@@ -34,7 +34,7 @@ from typing import Any, List, Optional
 from ..outputs import stale, temp_path
 from ..schema import ConfigError, ModelDims, model_dims
 from .config import ParallelConfigError, ParallelLayout, from_run_config, load_yaml
-from .plan import plan_spec, replication, sequence_tokens
+from .plan import STATS_PREFIX, pass_capacity, plan_spec, replication
 
 GIB = float(1 << 30)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -109,7 +109,7 @@ def _activations(d: ModelDims, layout: ParallelLayout, run_mode: str, stage: int
     c = DTYPE_BYTES[d.compute_dtype] if d.compute_dtype in DTYPE_BYTES else 2
     mp, f = layout.model_parallel, layout.expert_ffn_split
     b = layout.batch_size
-    s = sequence_tokens(d, run_mode)
+    s = d.seq_length
     t = b * s
     if run_mode not in ("train", "finetune"):
         return 0.0
@@ -146,7 +146,7 @@ def estimate(model: Any, layout: ParallelLayout, run_mode: str = "train", optimi
     est = MemoryEstimate(layout, d, run_mode, offload, master, optimizer,
                          [StageMemory(s) for s in range(layout.pipeline_stage)])
     for name, entry in table.items():
-        if entry.kind != "param":
+        if entry.kind != "param" or name.startswith(STATS_PREFIX):  # a few hundred bytes, no optimizer state
             continue
         full = math.prod(entry.shapes[0])
         est.total_params += full
@@ -192,8 +192,18 @@ def header_lines(est: MemoryEstimate, config_path: str) -> List[str]:
         f"({_g(8 * w.optimizer_bytes(est.master))} GiB per 8-device node)",
         f"#   activations (rough, batch_size {lay.batch_size}, recompute {'on' if lay.recompute else 'off'}): "
         f"{_g(w.activation_bytes)} GiB",
+        f"#   {capacity_line(est)}",
     ]
     return lines
+
+
+def capacity_line(est: MemoryEstimate) -> str:
+    """The expert capacity of one forward pass (plan.pass_capacity), what the dispatch buffers hold."""
+    lay, d = est.layout, est.dims
+    n, c = pass_capacity(d, lay)
+    return (f"expert capacity per forward pass (one micro-batch of one interleaved copy, per data-parallel "
+            f"shard): {n} tokens -> {c} slots per expert (capacity_factor {d.capacity_factor}); "
+            f"{lay.passes_per_step} passes per step")
 
 
 def report(est: MemoryEstimate, config_path: str = "") -> str:
@@ -212,6 +222,8 @@ def report(est: MemoryEstimate, config_path: str = "") -> str:
                    f"{_g(st.device_total(False, est.master))} | {_g(st.device_total(True, est.master))} + "
                    f"{_g(st.optimizer_bytes(est.master))} | {_g(st.activation_bytes)} |")
     w = est.worst
+    if est.training:
+        out += ["", capacity_line(est)]
     out += ["", f"worst stage {w.stage}: {_g(w.device_total(est.offload, est.master))} GiB on device as configured "
                 f"({'offload' if est.offload else 'no offload'}), "
                 f"{_g(w.device_total(est.offload, est.master, True))} GiB with the rough activations"]

@@ -22,26 +22,30 @@ ParallelLayout.expert_token_split / expert_ffn_split; G = dp token groups, C = c
 | experts.bmm_gate / bmm_up | [E, G*C, H], W [E, F, H] | ((ep, t, 1), (ep, f, 1)) |
 | experts.bmm_down | [E, G*C, F], W [E, H, F] | ((ep, t, f), (ep, 1, f)) |
 | block_sparse_moe.from_experts | [E, G, C, H] | ((ep, t, a, 1),): AllToAll back to dp-sharded groups |
-| model.gather (embedding) | W [V, H], ids [B, S] | ((1, 1), (dp, 1)); ((mp, 1), (dp, 1)) unless vocab_emb_dp |
+| model.embed_tokens.gather (embedding) | W [V, H], ids [B, S] | ((1, 1), (dp, 1)); ((mp, 1), (dp, 1)) if vocab split |
 | lm_head.matmul, head_matmul | x [T, H], W [V, H] | ((dp, 1), (1, 1)); ((dp, 1), (mp, 1)) unless vocab_emb_dp |
 
 `a` is f with moe_config.group_wise_a2a (each model-parallel rank sends 1/f of the capacity through the
 AllToAll and the slices are all-gathered inside the model-parallel group afterwards, MindFormers'
 group-wise AllToAll), else 1. RMSNorm weights are replicated. Layers go to stage layer // (L/pp), the
-embedding to stage 0, the final norm and the LM head to the last stage.
+embedding to stage 0, the final norm, the LM head and the training side channel (`router_stats.*`,
+replicated) to the last stage. Shapes are those of the network's input: seq_length tokens per row
+(training samples hold seq_length + 1; the model runs on the first seq_length).
 """
 from __future__ import annotations
 
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..capacity import dropless_capacities, expert_capacity
 from ..schema import ModelDims, model_dims
 from .config import ParallelConfigError, ParallelLayout
 
 Strategy = Tuple[Tuple[int, ...], ...]
+STATS_PREFIX = "router_stats."  # the training side channel, losses.TrainingStats (MixtralForCausalLM.router_stats)
+STATS_TERMS = ("ce_loss", "aux_loss", "z_loss")  # TrainingStats' default terms (apply_plan reads the model's)
 
 
 @dataclass(frozen=True)
@@ -59,20 +63,29 @@ class Entry:
         return tuple(d // s for d, s in zip(self.shapes[index], self.strategy[index]))
 
 
-def sequence_tokens(dims: ModelDims, run_mode: str = "train") -> int:
-    """Tokens per row the network runs on: training samples hold seq_length + 1 tokens and the model
-    shifts inside (mixtral_ms.losses.causal_lm_loss), so training runs seq_length + 1."""
-    return dims.seq_length + (1 if run_mode in ("train", "finetune") else 0)
+def pass_capacity(dims: ModelDims, layout: ParallelLayout, capacity_factor: Optional[float] = None) -> Tuple[int, int]:
+    """(N, C): tokens of one MoE token group in one forward pass, and the expert capacity over them.
+
+    A forward pass is one micro-batch (pipeline micro-batch or accumulation step) of one interleaved
+    copy; its token groups are the data-parallel shards, so N = batch_size * seq_length whatever
+    micro_batch_num, gradient_accumulation_steps or micro_batch_interleave_num are (they add passes, not
+    tokens per pass), and C = ceil(k * N * cf / E). Dropless (cf <= 0): the 2x-mean-load tier shown."""
+    n = layout.batch_size * dims.seq_length
+    factor = dims.capacity_factor if capacity_factor is None else capacity_factor
+    k, e = dims.num_experts_per_tok, dims.num_local_experts
+    return n, expert_capacity(n, k, e, factor if factor > 0 else 2.0)
 
 
-def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train",
-              capacity_factor: Optional[float] = None) -> Dict[str, Entry]:
-    """The plan from shapes alone: every sharded primitive and every parameter of MixtralForCausalLM.
+def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capacity_factor: Optional[float] = None,
+              stats_terms: Sequence[str] = STATS_TERMS) -> Dict[str, Entry]:
+    """The plan from shapes alone: every sharded primitive and every parameter of MixtralForCausalLM
+    (`stats_terms`: the loss terms of its side channel).
 
     `model`: MixtralConfig or model_config mapping. Shapes are global (semi-auto parallel graphs are
     written for the whole batch): rows B = batch_size * dp per micro-batch, T = B * tokens per row.
-    Capacity uses the training capacity factor (training) or, dropless, the 2x-mean-load tier (every
-    dropless tier and N must divide over group-wise AllToAll ranks).
+    Capacity (pass_capacity) uses the training capacity factor in train/finetune; predict runs the
+    model in eval mode, dropless at the default inference_capacity_factor 0, shown at the 2x-mean-load
+    tier (every dropless tier and N must divide over group-wise AllToAll ranks).
     """
     d = model_dims(model)
     dp, mp, ep, pp = layout.data_parallel, layout.model_parallel, layout.expert_parallel, layout.pipeline_stage
@@ -82,23 +95,22 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train",
         raise ParallelConfigError(f"the layout was validated for {layout.num_layers} layers, the model has "
                                   f"{d.num_hidden_layers}")
     b = layout.micro_batch_rows()
-    s = sequence_tokens(d, run_mode)
+    s = d.seq_length
     tok = b * s
     h, v, e, ff = d.hidden_size, d.vocab_size, d.num_local_experts, d.intermediate_size
     nh, nkv, hd = d.num_attention_heads, d.num_key_value_heads, d.head_dim
     g = layout.moe_token_groups
-    if tok % g:
-        raise ParallelConfigError(f"{tok} tokens per micro-batch do not split into {g} MoE token groups")
-    factor = d.capacity_factor if capacity_factor is None else capacity_factor
+    if capacity_factor is None:
+        capacity_factor = d.capacity_factor if run_mode in ("train", "finetune") else 0.0
     k = d.num_experts_per_tok
-    n = tok // g
-    capacities = [expert_capacity(n, k, e, factor)] if factor > 0 else [*dropless_capacities(n, k, e), n]
-    for c in capacities:
-        if c % a:
+    n, c = pass_capacity(d, layout, capacity_factor)  # n = tok // g
+    capacities = [c] if capacity_factor > 0 else [*dropless_capacities(n, k, e), n]
+    for cap in capacities:
+        if cap % a:
             raise ParallelConfigError(f"moe_config.group_wise_a2a splits the expert capacity over {a} model-parallel "
-                                      f"ranks, but the capacity is {c} ({n} tokens per group, capacity_factor "
-                                      f"{factor}); change batch_size, seq_length or capacity_factor, or turn it off")
-    c = capacities[0] if factor > 0 else expert_capacity(n, k, e, 2.0)  # the shapes shown: the 2x dropless tier
+                                      f"ranks, but the capacity is {cap} ({n} tokens per group, capacity_factor "
+                                      f"{capacity_factor}); change batch_size, seq_length or capacity_factor, or "
+                                      "turn it off")
     last = pp - 1
     vocab_split = 1 if layout.effective_vocab_emb_dp else mp
     table: Dict[str, Entry] = {}
@@ -110,8 +122,8 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train",
     def param(name, shape, strategy, stage, note=""):
         table[name] = Entry("param", (tuple(shape),), (tuple(strategy),), stage, None, note)
 
-    param("model.embed_tokens.weight", (v, h), (vocab_split, 1), 0, "model.gather table")
-    op("model.gather", [(v, h), (b, s)], [(vocab_split, 1), (dp, 1)], 0, note="embedding lookup")
+    param("model.embed_tokens.weight", (v, h), (vocab_split, 1), 0, "model.embed_tokens.gather table")
+    op("model.embed_tokens.gather", [(v, h), (b, s)], [(vocab_split, 1), (dp, 1)], 0, note="embedding lookup")
     for i in range(d.num_hidden_layers):
         st = layout.stage_of_layer(i)
         p = f"model.layers.{i}."
@@ -154,6 +166,10 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train",
         param("lm_head.weight", (v, h), (vocab_split, 1), last)
     else:
         del table["lm_head.matmul"]
+    for term in (*stats_terms, "passes"):  # the training side channel (losses.TrainingStats), where the loss is
+        param(STATS_PREFIX + term, (), (), last, "training statistics, replicated")
+    for name in ("expert_load", "dropped"):
+        param(STATS_PREFIX + name, (d.num_hidden_layers, e), (1, 1), last, "training statistics, replicated")
     return table
 
 
@@ -192,6 +208,7 @@ def replication(entry: Entry, layout: ParallelLayout) -> int:
 # Primitives the plan leaves unsharded, by name (fnmatch patterns), and why.
 UNSHARDED = {
     "gather": "MindFormers' text generator's (mindformers/generation/text_generator.py), never in mixtral-ms's graph",
+    "model.gather": "the same, on MixtralModel (also a PreTrainedModel); the embedding's is embed_tokens.gather",
     "model.layers.*.block_sparse_moe.experts.segment_matmul":
         "eval-mode per-expert segments (MixtralExperts.segments), never run with static_dispatch",
     "model.layers.*.block_sparse_moe.experts.gathered_*":
@@ -222,7 +239,7 @@ def shard(model, layout: ParallelLayout, run_mode: str = "train") -> Dict[str, E
     if wrong:
         raise ParallelConfigError(f"the model was built with {wrong}; build it from a config with "
                                   f"layout.model_fields() ({layout.model_fields()})")
-    table = plan_spec(config, layout, run_mode)
+    table = plan_spec(config, layout, run_mode, stats_terms=model.router_stats.terms)
     problems = check_table(table, layout)
     if problems:
         raise ParallelConfigError(f"sharding plan inconsistent with the model: {problems[0]} "
@@ -258,6 +275,7 @@ def assign_stages(model, layout: ParallelLayout) -> None:
     inner.norm.pipeline_stage = layout.pipeline_stage - 1
     if not model.config.tie_word_embeddings:
         model.lm_head.pipeline_stage = layout.pipeline_stage - 1
+    model.router_stats.pipeline_stage = layout.pipeline_stage - 1  # the side channel, where the loss is
 
 
 def mark_recompute(model, layout: ParallelLayout) -> None:

@@ -1,9 +1,12 @@
 """Training callbacks: progress (loss, aux losses, tokens/s, ETA), router statistics to JSONL, and
 checkpoints named by their step that are saved only with healthy weights.
 
-Both read what MixtralTrainOneStepCell leaves behind: its outputs (loss, overflow, loss scale, lr,
-global norm) and its `router_stats.*` parameters (CE, aux and z loss, tokens per expert and dropped
-assignments per layer of the last step).
+Both read what the train network leaves behind: its outputs (loss, overflow, loss scale, lr, global
+norm, the layout of MixtralTrainOneStepCell and of MindFormers' train-one-step and pipeline cells) and
+the model's side channel (mixtral_ms.losses.TrainingStats: every loss term, tokens per expert and
+dropped assignments per layer of the step), which survives every wrapper. The first callback to ask in
+a step reads and zeroes the channel (`step_stats`), so under any wrapper each step reports its own
+statistics; terms are means over the step's forward passes (micro-batches, interleaved copies).
 
 Steps are numbered from the start of training, also in a resumed run: MindFormers restarts the
 callbacks' step count at 1 after a resume, so the run's first step is offset by `initial_step`
@@ -28,15 +31,23 @@ from mindformers.core.callback import CheckpointMonitor
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from ..run_checks import RunError
+from .wrapper import training_stats
 
 
-def _wrapper(cb_params):
-    """Our train-one-step cell (it holds the router_stats parameters), or None under another wrapper
-    (e.g. MindFormers' pipeline cell when pipeline_stage > 1)."""
-    net = cb_params.train_network
-    while net is not None and not hasattr(net, "stat_load") and hasattr(net, "network"):
-        net = net.network
-    return net if hasattr(net, "stat_load") else None
+_CORE_TERMS = ("ce_loss", "aux_loss", "z_loss")  # on every progress line; further terms are appended by name
+
+
+def step_stats(cb_params) -> Optional[dict]:
+    """This step's side-channel values (TrainingStats.read_and_reset), read once per step and shared by
+    every callback; None if the train network holds no MixtralForCausalLM."""
+    step = int(cb_params.cur_step_num)
+    cached = cb_params.get("mixtral_step_stats", None)
+    if cached is not None and cached[0] == step:
+        return cached[1]
+    stats = training_stats(cb_params.train_network) if cb_params.get("train_network", None) is not None else None
+    values = stats.read_and_reset() if stats is not None else None
+    cb_params.mixtral_step_stats = (step, values)
+    return values
 
 
 def _outputs(cb_params):
@@ -114,14 +125,10 @@ class MixtralProgressMonitor(_StepCounter):
         cb = run_context.original_args()
         step = self.step(cb)
         loss, overflow, scale, lr, norm = _outputs(cb)
-        net = _wrapper(cb)
-        nan = float("nan")
-        ce, aux, z = (_scalar(p) for p in (net.stat_ce, net.stat_aux, net.stat_z)) if net else (nan, nan, nan)
-        distilling = net is not None and getattr(net, "distilling", False)
-        kd = _scalar(net.stat_kd) if distilling else nan
-        self.history.append({"step": step, "loss": loss, "ce_loss": ce, "aux_loss": aux, "z_loss": z,
-                             **({"kd_loss": kd} if distilling else {}),
-                             "overflow": bool(overflow), "loss_scale": scale})
+        values = step_stats(cb)
+        terms = {t: float("nan") for t in _CORE_TERMS}
+        terms.update(values["terms"] if values else {})
+        self.history.append({"step": step, "loss": loss, **terms, "overflow": bool(overflow), "loss_scale": scale})
         if not self.is_log_step(cb, self.log_interval):
             return
         now = time.time()
@@ -136,9 +143,9 @@ class MixtralProgressMonitor(_StepCounter):
             per_step = (now - self.last) / steps
             speed = f"{tokens / max(per_step, 1e-9):,.0f} tokens/s | ETA {_duration((total - step) * per_step)}"
         flags = f" | overflow: step skipped, loss scale {scale:g}" if overflow else ""
-        kd_field = f"kd {kd:.4f} | " if distilling else ""
-        print(f"step {step}/{total} | loss {loss:.4f} | ce {ce:.4f} | aux {aux:.4f} | z {z:.3f} | {kd_field}"
-              f"lr {lr:.2e} | grad_norm {norm:.3f} | {speed}{flags}", flush=True)
+        extra = "".join(f" | {t.removesuffix('_loss')} {v:.4f}" for t, v in terms.items() if t not in _CORE_TERMS)
+        print(f"step {step}/{total} | loss {loss:.4f} | ce {terms['ce_loss']:.4f} | aux {terms['aux_loss']:.4f} | "
+              f"z {terms['z_loss']:.3f}{extra} | lr {lr:.2e} | grad_norm {norm:.3f} | {speed}{flags}", flush=True)
         self.last, self.last_step = now, step
 
 
@@ -154,7 +161,8 @@ class RouterStatsMonitor(_StepCounter):
 
     Appends one JSON object per logged step to `<output_dir>/router_stats.jsonl`:
       {"step", "tokens_per_expert": [L][E], "dropped_per_expert": [L][E], "dropped_fraction": [L],
-       "aux_loss", "z_loss", "loss", "ce_loss", "overflow", "loss_scale"}
+       "aux_loss", "z_loss", "loss", "ce_loss", "overflow", "loss_scale"} (plus any further loss term
+    of the side channel, by name)
     (a fresh run starts the file anew; a resumed run drops the records after its starting step), and
     prints a line per layer when `verbose`. `scripts/plot_router.py` turns the file into a heatmap.
     """
@@ -169,9 +177,10 @@ class RouterStatsMonitor(_StepCounter):
 
     def on_train_begin(self, run_context):
         super().on_train_begin(run_context)
-        self.active = _wrapper(run_context.original_args()) is not None
+        network = run_context.original_args().get("train_network", None)
+        self.active = network is not None and training_stats(network) is not None
         if not self.active:
-            print("RouterStatsMonitor: the train network is not MixtralTrainOneStepCell; no router statistics",
+            print("RouterStatsMonitor: the train network holds no MixtralForCausalLM; no router statistics",
                   file=sys.stderr, flush=True)
             return
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -184,22 +193,23 @@ class RouterStatsMonitor(_StepCounter):
 
     def on_train_step_end(self, run_context):
         cb = run_context.original_args()
-        if not self.active or not self.is_log_step(cb, self.log_interval):
+        if not self.active:
+            return
+        values = step_stats(cb)  # every step, so that each logged step reports its own statistics
+        if not self.is_log_step(cb, self.log_interval):
             return
         step = self.step(cb)
-        net = _wrapper(cb)
         loss, overflow, scale, _, _ = _outputs(cb)
-        load = net.stat_load.asnumpy()
-        dropped = net.stat_dropped.asnumpy()
+        load, dropped = values["expert_load"], values["dropped"]
         fraction = dropped.sum(-1) / np.maximum(load.sum(-1), 1)
+        terms = dict(values["terms"])
         record = {
             "step": step,
             "tokens_per_expert": load.round().astype(int).tolist(),
             "dropped_per_expert": dropped.round().astype(int).tolist(),
             "dropped_fraction": fraction.round(6).tolist(),
-            "aux_loss": _scalar(net.stat_aux), "z_loss": _scalar(net.stat_z),
-            "loss": loss, "ce_loss": _scalar(net.stat_ce), "overflow": overflow, "loss_scale": scale,
-            **({"kd_loss": _scalar(net.stat_kd)} if getattr(net, "distilling", False) else {}),
+            "aux_loss": terms.pop("aux_loss"), "z_loss": terms.pop("z_loss"),
+            "loss": loss, "ce_loss": terms.pop("ce_loss"), "overflow": overflow, "loss_scale": scale, **terms,
         }
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")

@@ -29,7 +29,7 @@ from mindspore import nn, ops
 
 from ..configuration import MixtralConfig
 from ..schema import ConfigError
-from ..losses import distillation_loss
+from ..losses import TrainingStats, distillation_loss
 
 DISTILL_KEYS = ("teacher", "teacher_config", "kd_coef", "ce_coef", "temperature")
 TEACHER_PREFIX = "teacher."
@@ -116,11 +116,16 @@ def build_teacher(spec: dict):
 
 
 class Distillation(nn.Cell):
-    """The student's training forward plus the distillation term. Takes the student's inputs and
-    returns its training outputs with the KD term appended: (loss, ce, aux, z, load, dropped, kd)."""
+    """The student's training forward plus the distillation term. Takes the student's inputs and returns
+    the loss alone; CE, aux, z and the KD term go to the student's side channel (losses.TrainingStats,
+    given a `kd_loss` term here). It scores the samples' positions with Hugging Face's shift (seq_length + 1
+    positions), not the student's own seq_length convention."""
 
     def __init__(self, student, teacher, kd_coef: float, ce_coef: float, temperature: float) -> None:
         super().__init__(auto_prefix=False)
+        config = student.config
+        student.router_stats = TrainingStats(config.num_hidden_layers, config.num_local_experts,
+                                             terms=("ce_loss", "aux_loss", "z_loss", "kd_loss"))
         self.student = student
         self.teacher = _EvalOnly(teacher)
         self.config = student.config
@@ -135,10 +140,11 @@ class Distillation(nn.Cell):
         if labels is None:
             labels = input_ids
         loss, ce, aux, z, load, dropped = self.student.training_loss(logits, labels, load, dropped, prob_sum, z_sum,
-                                                                     valid, self.ce_coef)
+                                                                     valid, self.ce_coef, False)
         kd = distillation_loss(logits, self.teacher(input_ids, attention_mask, position_ids, domain_ids), labels,
                                self.temperature, self.ignore_index)
-        return loss + self.kd_scale * kd, ce, aux, z, load, dropped, kd
+        # the loss alone, as the student's own training forward; kd_loss joins the side channel's terms
+        return ops.depend(loss + self.kd_scale * kd, self.student.router_stats((ce, aux, z, kd), load, dropped))
 
 
 def install(network, model, spec: Optional[dict]):

@@ -22,6 +22,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from .. import modeling  # noqa: F401  (registers MixtralConfig, MixtralModel, MixtralForCausalLM)
 from ..configuration import MixtralConfig
+from ..parallel.config import from_run_config
 from ..schema import ConfigError
 from .callbacks import MixtralCheckpointMonitor, MixtralProgressMonitor, RouterStatsMonitor
 from .distill import check_distill
@@ -114,6 +115,36 @@ def _hint(word: str, choices) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def _check_multi_batch(config: Any, wrapper: dict) -> None:
+    """micro_batch_interleave_num and gradient_accumulation_steps against the batch (accumulation against
+    the pipeline: parallel.config.validate, run below with use_parallel)."""
+    runner = config.get("runner_config") or {}
+    pc = config.get("parallel_config") or {}
+    values = {"micro_batch_interleave_num": config.get("micro_batch_interleave_num", 1),
+              "runner_config.gradient_accumulation_steps": runner.get("gradient_accumulation_steps", 1),
+              "runner_config.batch_size": runner.get("batch_size", 1)}
+    for key, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
+    interleave = values["micro_batch_interleave_num"] or 1
+    rows = values["runner_config.batch_size"] or 1
+    stages = pc.get("pipeline_stage") or 1
+    semi_auto = bool(config.get("use_parallel")) and (config.get("parallel") or {}).get("parallel_mode", 1) in (
+        1, 2, "semi_auto_parallel", "auto_parallel", "SEMI_AUTO_PARALLEL", "AUTO_PARALLEL")
+    if interleave > 1 and not semi_auto:  # MindFormers splits the runner's rows into the copies
+        if rows == 1:
+            raise ConfigError(f"micro_batch_interleave_num {interleave} with runner_config.batch_size 1: a batch "
+                              "of one row cannot be split into interleaved copies")
+        if rows % interleave:
+            raise ConfigError(f"micro_batch_interleave_num {interleave} does not divide runner_config.batch_size "
+                              f"{rows} (the rows MindFormers splits into the copies)")
+    scale = wrapper.get("scale_sense")
+    if stages > 1 and wrapper.get("type") == "MixtralTrainOneStepCell" and isinstance(scale, dict) and "type" not in scale:
+        raise ConfigError("runner_wrapper.scale_sense: with pipeline_stage > 1 MindFormers swaps in "
+                          "MFPipelineWithLossScaleCell, which takes a number or {type: DynamicLossScaleUpdateCell, "
+                          "loss_scale_value: ..., scale_factor: ..., scale_window: ...}")
+
+
 def check_config(config: Any) -> MixtralConfig:
     """Validate a run YAML (a MindFormerConfig or dict) and return the MixtralConfig it describes.
 
@@ -140,18 +171,13 @@ def check_config(config: Any) -> MixtralConfig:
     mixtral = MixtralConfig(**{k: v for k, v in model["model_config"].items() if k != "type"})
 
     wrapper = config.get("runner_wrapper") or {}
+    if "gradient_accumulation_steps" in wrapper:
+        raise ConfigError("runner_wrapper.gradient_accumulation_steps: set runner_config.gradient_accumulation_steps "
+                          "(run_mixtral.py hands it to the wrapper)")
+    _check_multi_batch(config, wrapper)
+    if config.get("use_parallel"):
+        from_run_config(config)  # the layout, on the YAML as written (ParallelConfigError, one line)
     if wrapper.get("type") == "MixtralTrainOneStepCell":
-        # MindFormers would wrap the model in GradAccumulationCell / MicroBatchInterleaved, which sum a
-        # single loss output; MixtralForCausalLM returns (loss, ce, aux, z, load, dropped).
-        accumulation = (config.get("runner_config") or {}).get("gradient_accumulation_steps") or 1
-        if accumulation != 1:
-            raise ConfigError(f"runner_config.gradient_accumulation_steps {accumulation} is not supported with "
-                              "MixtralTrainOneStepCell; raise batch_size or data_parallel instead")
-        interleave = config.get("micro_batch_interleave_num") or 1
-        pipeline = (config.get("parallel_config") or {}).get("pipeline_stage") or 1
-        if interleave != 1 and pipeline == 1:
-            raise ConfigError(f"micro_batch_interleave_num {interleave} is not supported with "
-                              "MixtralTrainOneStepCell (set it to 1)")
         check_freeze(wrapper.get("freeze"), mixtral)
         check_distill(wrapper.get("distill"), mixtral)
     scale = wrapper.get("scale_sense")

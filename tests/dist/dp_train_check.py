@@ -1,36 +1,37 @@
-"""Worker of the 2-process msrun check in tests/test_parallel.py (all multi-process checks in one launch).
+"""Worker of the one 2-process msrun launch in tests/test_parallel.py (every multi-process check in it).
 
     msrun --worker_num=2 --local_worker_num=2 --master_addr=127.0.0.1 --master_port=P --join=True \
         --log_dir=D tests/dist/dp_train_check.py --workdir W
 
-W holds `setup.json` (model config, optimizer settings), `init.npz` (initial parameters) and `batch.npy`
-(the global batches, [steps, B, S+1] token ids). Each rank trains the tiny model DATA_PARALLEL in graph
-mode on its half of every global batch (rank r takes rows r*B/2 .. (r+1)*B/2-1, its own MoE token
-group, so moe_token_groups = 1 here): value_and_grad + DistributedGradReducer (gradient mean) +
-MindFormers' AdamW. It writes `rank<r>.npz` (final parameters) and `rank<r>.json` (losses, world size).
+Graph mode, DATA_PARALLEL with gradient mean; each rank takes its half of every global batch (rank r
+takes rows r*B/2 .. (r+1)*B/2-1). In order:
+
+1. `plain`: the tiny model of W/setup.json from W/init.npz, value_and_grad + DistributedGradReducer +
+   MindFormers' AdamW on W/batch.npy ([steps, B, S+1] token ids, one MoE token group per rank):
+   `rank<r>.npz` (final parameters) and `rank<r>.json` (losses, world size).
+2. `wrapper` and `wrapper_accum`: MixtralTrainOneStepCell on `wrapper_setup()` (clipping active), without
+   and with gradient_accumulation_steps 2: `<name>_rank<r>.npz` and `<name>_rank<r>.json` (local losses,
+   global norms, overflow flags, and the side channel the wrapper all-reduced: tokens per expert, CE).
+3. `run_mixtral`: scripts/run_mixtral.py's main on W/run.yaml (a shipped parallel YAML scaled to 2
+   devices), in this process: `run_mixtral_rank<r>.json` holds its exit status or the exception it
+   raised (MindSpore's CPU backend refuses the semi-auto-parallel compile at the end).
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import traceback
 
 import numpy as np
 
 import mindspore as ms
 from mindspore import Tensor, nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also imported from tests/test_parallel.py
-from worker import finish, start  # noqa: E402
+import mindspore as ms  # noqa: E402
+from mindspore import Tensor, nn  # noqa: E402
 
-
-class LossOnly(nn.Cell):
-    def __init__(self, model):
-        super().__init__(auto_prefix=False)
-        self.model = model
-
-    def construct(self, ids):
-        return self.model(ids)[0]
+WRAPPER_STEPS, WRAPPER_BATCH, WRAPPER_TOKENS = 3, 4, 9
 
 
 class TrainStep(nn.Cell):
@@ -38,7 +39,7 @@ class TrainStep(nn.Cell):
 
     def __init__(self, model, optimizer, reducer):
         super().__init__(auto_prefix=False)
-        self.net, self.optimizer, self.reducer = LossOnly(model), optimizer, reducer
+        self.net, self.optimizer, self.reducer = model, optimizer, reducer
         self.grad_fn = ms.value_and_grad(self.net, None, optimizer.parameters)
 
     def construct(self, ids):
@@ -47,12 +48,62 @@ class TrainStep(nn.Cell):
         return loss
 
 
+def wrapper_setup(accumulation: int = 1):
+    """(model, train-one-step cell, global batches [steps, B, S+1]) for the current context. Dropless
+    (capacity_factor 0), aux and z loss off: they are products of per-shard means, so only CE averages
+    exactly over ranks and micro-batches."""
+    from mindformers.core.optim import AdamW
+    from mixtral_ms import MixtralConfig, MixtralForCausalLM
+    from mixtral_ms.training import MixtralTrainOneStepCell
+    ms.set_seed(0)
+    config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           max_position_embeddings=64, capacity_factor=0.0, router_aux_loss_coef=0.0,
+                           router_z_loss_coef=0.0)
+    model = MixtralForCausalLM(config)
+    model.set_train(True)
+    optimizer = AdamW(model.trainable_params(), learning_rate=1e-2)
+    step = MixtralTrainOneStepCell(model, optimizer, max_grad_norm=0.5, gradient_accumulation_steps=accumulation)
+    batches = np.random.default_rng(0).integers(0, 64, (WRAPPER_STEPS, WRAPPER_BATCH, WRAPPER_TOKENS)).astype(np.int32)
+    return model, step, batches
+
+
+def train_wrapper(step, model, batches, rows, rank):
+    """Run `step` on this rank's rows of each batch: losses, norms, overflow flags, tokens per expert, CE."""
+    record = {"losses": [], "norms": [], "overflow": [], "load": [], "ce": [], "passes": []}
+    for batch in batches:
+        loss, overflow, _, _, norm = step(Tensor(batch[rank * rows:(rank + 1) * rows]))
+        stats = model.router_stats
+        record["losses"].append(float(loss))
+        record["norms"].append(float(norm))
+        record["overflow"].append(bool(overflow))
+        record["load"].append(stats.expert_load.asnumpy().tolist())
+        passes = float(stats.passes.asnumpy())
+        record["passes"].append(passes)
+        record["ce"].append(float(stats.term_sums[0].asnumpy()) / passes)
+    return record
+
+
+def save(workdir, name, rank, world, model, record):
+    np.savez(os.path.join(workdir, f"{name}rank{rank}.npz"), **{p.name: p.asnumpy() for p in model.trainable_params()})
+    with open(os.path.join(workdir, f"{name}rank{rank}.json"), "w", encoding="utf-8") as f:
+        json.dump({"rank": rank, "world": world, **record}, f)
+
+
 def main() -> None:
-    workdir, rank, world = start()
+    from mindspore.communication import get_group_size, get_rank, init
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", required=True)
+    args = parser.parse_args()
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    init()
+    rank, world = get_rank(), get_group_size()
+    ms.set_auto_parallel_context(parallel_mode="data_parallel", gradients_mean=True, device_num=world)
     from mindformers.core.optim import AdamW
     from mixtral_ms import MixtralConfig, MixtralForCausalLM
 
-    with open(os.path.join(workdir, "setup.json"), encoding="utf-8") as f:
+    # 1. plain value_and_grad step
+    with open(os.path.join(args.workdir, "setup.json"), encoding="utf-8") as f:
         setup = json.load(f)
     model = MixtralForCausalLM(MixtralConfig(**setup["model"], moe_token_groups=1))
     init_params = np.load(os.path.join(workdir, "init.npz"))
@@ -65,7 +116,29 @@ def main() -> None:
     for batch in np.load(os.path.join(workdir, "batch.npy")):
         rows = batch.shape[0] // world
         losses.append(float(step(Tensor(batch[rank * rows:(rank + 1) * rows])).asnumpy()))
-    finish(workdir, model, {"rank": rank, "world": world, "losses": losses})
+    save(args.workdir, "", rank, world, model, {"losses": losses})
+
+    # 2. the wrapper, without and with gradient accumulation
+    for name, accumulation in (("wrapper_", 1), ("wrapper_accum_", 2)):
+        model, step, batches = wrapper_setup(accumulation)
+        assert step.reducer_flag
+        record = train_wrapper(step, model, batches, WRAPPER_BATCH // world, rank)
+        save(args.workdir, name, rank, world, model, record)
+    print(f"rank {rank}/{world}: data-parallel checks done", flush=True)
+
+    # 3. run_mixtral.py on a shipped parallel YAML, up to MindSpore's semi-auto compile
+    from mixtral_ms.runner import main as run_mixtral
+    ms.reset_auto_parallel_context()
+    os.environ["DEVICE_TARGET"] = "CPU"  # what scripts/msrun_launcher.sh --device cpu exports
+    result = {}
+    try:
+        result["status"] = run_mixtral(["--config", os.path.join(args.workdir, "run.yaml"), "--run_mode", "train"])
+    except Exception as err:  # noqa: BLE001  (the test reads which error it was)
+        result["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+        result["traceback"] = traceback.format_exc()[-6000:]
+    with open(os.path.join(args.workdir, f"run_mixtral_rank{rank}.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f)
+    print(f"rank {rank}/{world} done", flush=True)
 
 
 if __name__ == "__main__":
