@@ -268,8 +268,8 @@ class MixtralCheckpointMonitor(CheckpointMonitor):
         return super()._check_save_ckpt(cb_params, force_to_save)
 
     def _check_weights(self, cb_params, step: int) -> None:
-        net = _wrapper(cb_params)
-        params = (net.network if net is not None else cb_params.train_network).trainable_params()
+        optimizer = cb_params.get("optimizer", None)  # its parameters are exactly the weights trained
+        params = optimizer.parameters if optimizer is not None else cb_params.train_network.trainable_params()
         peak, peak_name = 0.0, None
         for param in params:
             if not bool(ops.isfinite(param).all()):
