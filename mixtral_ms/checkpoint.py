@@ -14,7 +14,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from .convert import hf_sources, is_ms_layout, ms_tensors
-from .name_map import TRAINING_STATE_PREFIXES
+from .name_map import TRAINING_STATE_PREFIXES, is_expert_stack
 from .safetensors_io import CheckpointError, open_checkpoint, to_numpy
 
 
@@ -39,7 +39,7 @@ def load_weights(model, path: str) -> None:
         return
     for name, infos in hf_sources(tensors, model.config).items():
         parts = [to_numpy(info) for info in infos]
-        _set(params[name], np.stack(parts) if len(parts) > 1 else parts[0])
+        _set(params[name], np.stack(parts) if is_expert_stack(name) else parts[0])
 
 
 def _load_ckpt(params: Dict[str, ms.Parameter], state: Dict[str, ms.Parameter]) -> None:

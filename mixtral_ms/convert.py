@@ -25,7 +25,7 @@ import shutil
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .hf_config import read_hf_config, shape_config
-from .name_map import TRAINING_STATE_PREFIXES, count_parameters, hf_shapes, parameter_specs
+from .name_map import TRAINING_STATE_PREFIXES, count_parameters, hf_shapes, is_expert_stack, parameter_specs
 from .safetensors_io import (CHUNK_BYTES, FLOAT_TAGS, CheckpointError, TensorInfo, convert_bytes, nbytes_of,
                              open_checkpoint, write_safetensors)
 
@@ -317,7 +317,7 @@ def ms2hf(src: str, dst: str, dtype: Optional[str] = None, overwrite: bool = Fal
         src_tag = _source_dtype([info])
         out_tag = tag or src_tag
         sources = specs[name].sources
-        if len(sources) == 1:
+        if not is_expert_stack(name):
             items.append((sources[0], out_tag, info.shape, _source([info], src_tag, out_tag)))
             continue
         for j, hf_name in enumerate(sources):
@@ -367,7 +367,7 @@ def plan(src: str, dtype: Optional[str] = None) -> str:
         if size_out > largest[1]:
             largest = (name, size_out)
         hf = specs[name].sources
-        hf_text = hf[0] if len(hf) == 1 else hf[0].replace(".experts.0.", ".experts.{0..%d}." % (len(hf) - 1)) + \
+        hf_text = hf[0] if not is_expert_stack(name) else hf[0].replace(".experts.0.", ".experts.{0..%d}." % (len(hf) - 1)) + \
             f" [{', '.join(map(str, shape[1:]))}] x{len(hf)} stacked on axis 0"
         lines.append(f"{name:{width}} {str(list(shape)):>20} {src_tag:>5}  <-> {hf_text}")
     total, active = count_parameters(config)

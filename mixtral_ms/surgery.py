@@ -40,7 +40,7 @@ import numpy as np
 from .convert import (DEFAULT_SHARD, HF_METADATA, MS_METADATA, _copy_side_files, _finish, _prepare_dst,
                       _source_dtype, hf_sources, is_ms_layout, ms_tensors, write_sharded)
 from .hf_config import read_hf_config, shape_config
-from .name_map import ms_to_hf, parameter_specs
+from .name_map import is_expert_stack, ms_to_hf, parameter_specs
 from .safetensors_io import CheckpointError, TensorInfo, convert_bytes, nbytes_of, open_checkpoint, to_numpy
 
 INITS = ("copy", "copy-noise", "random")
@@ -198,7 +198,7 @@ class Plan:
         """(name, dtype, shape, source) to write in `layout`: ms stacks each expert list, hf splits it."""
         out = []
         for name, dtype, shape, sources in self.params:
-            if layout == "hf" and _STACKED.match(name):
+            if layout == "hf" and is_expert_stack(name):
                 out += [(hf, dtype, shape[1:], src) for hf, src in zip(ms_to_hf(name, shape[0]), sources)]
             else:
                 out.append((name, dtype, shape, sources))
