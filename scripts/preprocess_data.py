@@ -23,7 +23,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mixtral_ms.data import FORMATS, TEXT_DOCS, DataError, preprocess  # noqa: E402
+from mixtral_ms.data import FORMATS, TEXT_DOCS, DataError, heldout_path, preprocess  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,16 +36,22 @@ def main(argv=None) -> int:
                         help="the model's seq_length; samples hold seq_length + 1 tokens")
     parser.add_argument("--output", required=True, help="X.mindrecord (an X.mindrecord.db index goes beside it)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--heldout_fraction", type=float, default=0.0,
+                        help="hold out this share of whole documents (evenly spread), e.g. 0.1 (default 0)")
+    parser.add_argument("--heldout_output", help="the held-out MindRecord (default: X_heldout.mindrecord beside X)")
     args = parser.parse_args(argv)
     stats = {}
     try:
         count = preprocess(args.input, args.format, args.tokenizer, args.seq_length, args.output,
-                           args.overwrite, text_docs=args.text_docs, stats=stats)
+                           args.overwrite, text_docs=args.text_docs, stats=stats,
+                           heldout_fraction=args.heldout_fraction, heldout_output=args.heldout_output)
     except (DataError, OSError) as err:
         print(f"error: {err}".splitlines()[0], file=sys.stderr)
         return 2
-    extra = ", ".join(f"{k} {v}" for k, v in stats.items() if k != "samples" and v)
+    extra = ", ".join(f"{k} {v}" for k, v in stats.items() if k not in ("samples", "heldout_samples") and v)
     print(f"wrote {count} samples of {args.seq_length + 1} tokens to {args.output}" + (f" ({extra})" if extra else ""))
+    if args.heldout_fraction:
+        print(f"wrote {stats['heldout_samples']} held-out samples to {args.heldout_output or heldout_path(args.output)}")
     return 0
 
 
