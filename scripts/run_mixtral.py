@@ -9,6 +9,8 @@
       --load_checkpoint runs/tiny_sft/checkpoint --instruct --predict_data "Continue the passage ..."
   python scripts/run_mixtral.py --config configs/mixtral_tiny_cpu.yaml --run_mode predict \\
       --load_checkpoint runs/tiny/checkpoint --predict_data "In the beginning" --max_new_tokens 40
+  python scripts/run_mixtral.py --config configs/mixtral_tiny_cpu.yaml --run_mode eval \\
+      --load_checkpoint runs/tiny/checkpoint --eval_dataset runs/data/train_heldout.mindrecord
 
 Training runs through `mindformers.Trainer` (train / finetune) with the YAML's wrapper, optimizer,
 schedule and callbacks. `load_checkpoint` (YAML or flag) may be a MindSpore .ckpt or .safetensors file,
@@ -16,7 +18,8 @@ a folder of them (the newest file is taken), a mixtral-ms folder written by `con
 or a Hugging Face folder; every parameter must be present with the config's shape. With
 `resume_training` the optimizer state, step, loss scale and data position come back too, and the run
 continues exactly where the checkpoint left off. Predict tokenizes with the SentencePiece model (the
-YAML's `tokenizer`), left-pads the prompts and calls `model.generate` (KV cache).
+YAML's `tokenizer`), left-pads the prompts and calls `model.generate` (KV cache). Eval prints and writes
+(JSON) the per-token cross-entropy and perplexity on a MindRecord (mixtral_ms/evaluate.py).
 
 Bad input (YAML, dataset, checkpoint) prints one line `error: ...` and exits with status 2.
 """
@@ -193,7 +196,7 @@ def run_predict(config, prompts, settings: dict, instruct: bool = False, layout=
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--run_mode", choices=["train", "finetune", "predict"])
+    parser.add_argument("--run_mode", choices=["train", "finetune", "predict", "eval"])
     parser.add_argument("--load_checkpoint", help="checkpoint file or folder (overrides the YAML)")
     parser.add_argument("--resume_training", action="store_true", default=None,
                         help="also restore optimizer state, step and data position from load_checkpoint")
@@ -203,6 +206,9 @@ def main(argv=None) -> int:
     parser.add_argument("--predict_data", nargs="+", default=["In the beginning"])
     parser.add_argument("--instruct", action="store_true",
                         help="wrap each prompt in Mixtral-Instruct's [INST] ... [/INST] (fine-tuned models)")
+    parser.add_argument("--eval_dataset", help="eval: the MindRecord to score (CE and perplexity, no gradients)")
+    parser.add_argument("--eval_output", help="eval: the JSON written (default <output_dir>/eval.json)")
+    parser.add_argument("--eval_samples", type=int, help="eval: only the first N samples")
     parser.add_argument("--max_new_tokens", type=int)
     parser.add_argument("--do_sample", action="store_true", default=None)
     parser.add_argument("--temperature", type=float)
@@ -239,8 +245,12 @@ def main(argv=None) -> int:
             run_train(config, config.run_mode == "finetune", layout)
         elif config.run_mode == "predict":
             run_predict(config, args.predict_data, settings, args.instruct, layout)
+        elif config.run_mode == "eval":
+            from mixtral_ms.evaluate import run_eval
+            run_eval(config, lambda cfg, ckpt: build_model(cfg, ckpt, layout), args.eval_dataset, args.eval_output,
+                     args.eval_samples)
         else:
-            raise RunError(f"run_mode must be train, finetune or predict, got {config.run_mode!r}")
+            raise RunError(f"run_mode must be train, finetune, predict or eval, got {config.run_mode!r}")
     except (RunError, ConfigError, DataError, CheckpointError, ParallelConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
