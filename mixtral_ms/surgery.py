@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -41,7 +42,8 @@ from .convert import (DEFAULT_SHARD, HF_METADATA, MS_METADATA, _copy_side_files,
                       _source_dtype, hf_sources, is_ms_layout, ms_tensors, write_sharded)
 from .hf_config import read_hf_config, shape_config
 from .name_map import is_expert_stack, ms_to_hf, parameter_specs
-from .safetensors_io import CheckpointError, TensorInfo, convert_bytes, nbytes_of, open_checkpoint, to_numpy
+from .safetensors_io import (CheckpointError, TensorInfo, convert_bytes, f32_to_bf16, nbytes_of, open_checkpoint,
+                             to_numpy, write_safetensors)
 
 INITS = ("copy", "copy-noise", "random")
 ROUTERS = ("new", "average", "concat")
@@ -59,25 +61,56 @@ class SurgeryError(ValueError):
 
 # ----------------------------------------------------------------------------------------------- sources
 
-class Model:
-    """A checkpoint folder seen as a Mixtral: config.json, every tensor's byte range, experts per layer.
+def read_config(path: str) -> Dict:
+    """A Hugging Face config dict from a config.json, its folder, or a run YAML (its model.model_config)."""
+    if path.endswith((".yaml", ".yml")) and os.path.isfile(path):
+        import yaml
+        from .configuration import MixtralConfig
+        with open(path, encoding="utf-8") as f:
+            section = ((yaml.safe_load(f) or {}).get("model") or {}).get("model_config")
+        if not isinstance(section, dict):
+            raise SurgeryError(f"{path} has no model.model_config section")
+        return MixtralConfig(**{k: v for k, v in section.items() if k != "type"}).to_hf_config()
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise SurgeryError(f"{path}: malformed JSON ({err})") from None
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such config {path}")
+    return read_hf_config(path)
 
+
+class Model:
+    """A checkpoint seen as a Mixtral: its config, every tensor's byte range, experts per layer.
+
+    `path`: a folder with config.json (Hugging Face or mixtral-ms layout, or a dense Mistral), or one
+    training checkpoint file (MindSpore .ckpt or .safetensors; optimizer state dropped) with `config`
+    (config.json, its folder or the run YAML). A .ckpt is read through MindSpore into a temporary
+    safetensors file first (the whole model in memory once); everything else is read lazily.
     `num_experts` is 1 and `gate()` is None for a dense Mistral; `expert(name, e)` is expert e of a stacked
     parameter name (`model.layers.{i}.block_sparse_moe.experts.w1`), `tensor(name)` any other parameter."""
 
-    def __init__(self, folder: str) -> None:
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"no such folder {folder}")
-        self.folder = folder
-        self.hf = read_hf_config(folder)
+    def __init__(self, path: str, config: Optional[str] = None) -> None:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no such folder or file {path}")
+        if not os.path.isdir(path) and not config:
+            raise SurgeryError(f"{path} is a file; name its model with --config (config.json or the run YAML)")
+        self.path = path
+        self.hf = read_config(config or path)
+        self._staged = None
+        if path.endswith(".ckpt"):
+            self._staged = tempfile.TemporaryDirectory(prefix="experts-ckpt-")
+            path = _stage_ckpt(path, self._staged.name)
         self.dense = self.hf.get("model_type") == "mistral"
         if not self.dense and self.hf.get("model_type") != "mixtral":
-            raise SurgeryError(f"{folder}: model_type {self.hf.get('model_type')!r}; expected mixtral or mistral")
+            raise SurgeryError(f"{path}: model_type {self.hf.get('model_type')!r}; expected mixtral or mistral")
         self.shapes = shape_config(mixtral_config(self.hf, 1, 1) if self.dense else self.hf)
-        tensors = open_checkpoint(folder)
+        tensors = open_checkpoint(path)
         self.layout = "ms" if is_ms_layout(tensors) else "hf"
         if self.dense:
-            self._params = _dense_sources(tensors, self.shapes, folder)
+            self._params = _dense_sources(tensors, self.shapes, path)
         elif self.layout == "ms":
             self._params = {n: [i] for n, i in ms_tensors(tensors, self.shapes).items()}
         else:
@@ -104,6 +137,26 @@ class Model:
 
     def row(self, layer: int, e: int) -> TensorInfo:
         return self.gate(layer).part(e, self.num_experts)
+
+
+def _stage_ckpt(path: str, folder: str) -> str:
+    """A MindSpore .ckpt's weights (training state skipped) as one safetensors file in `folder`."""
+    import mindspore as ms
+    from .name_map import TRAINING_STATE_PREFIXES
+    try:
+        state = ms.load_checkpoint(path, choice_func=lambda name: not name.startswith(TRAINING_STATE_PREFIXES))
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path} as a MindSpore checkpoint: {str(err).splitlines()[0]}") from None
+    tags = {ms.float32: "F32", ms.float16: "F16"}
+    items = []
+    for name, param in state.items():
+        value = param.asnumpy() if param.dtype in tags else param.astype(ms.float32).asnumpy()
+        tag = tags.get(param.dtype, "F32") if param.dtype != ms.bfloat16 else "BF16"
+        data = f32_to_bf16(value) if tag == "BF16" else value
+        items.append((name, tag, value.shape, np.ascontiguousarray(data).tobytes()))
+    staged = os.path.join(folder, "model.safetensors")
+    write_safetensors(staged, items, MS_METADATA)
+    return staged
 
 
 def mixtral_config(mistral: Dict, experts: int, top_k: int) -> Dict:
@@ -247,7 +300,7 @@ def _init_std(hf: Dict) -> float:
 def plan_extract(model: Model, keep: Sequence[Sequence[int]]) -> Plan:
     """`keep`: one list of expert ids for every layer, or one list per layer (equal lengths)."""
     if model.dense:
-        raise SurgeryError(f"{model.folder} is a dense Mistral; extract needs a Mixtral")
+        raise SurgeryError(f"{model.path} is a dense Mistral; extract needs a Mixtral")
     lists = [list(k) for k in keep]
     if len(lists) == 1:
         lists *= model.num_layers
@@ -266,7 +319,7 @@ def plan_extract(model: Model, keep: Sequence[Sequence[int]]) -> Plan:
     count = len(lists[0])
     _check_top_k(model.shapes.num_experts_per_tok, count, "extract")
     hf = {**model.hf, "num_local_experts": count}
-    record = {"operation": "extract", "sources": [model.folder], "experts": [[[0, e] for e in ids] for ids in lists]}
+    record = {"operation": "extract", "sources": [model.path], "experts": [[[0, e] for e in ids] for ids in lists]}
     return _build([model], hf, record, lambda i: [(0, e) for e in lists[i]],
                   lambda name, layer, j, b, e: model.expert(name, e),
                   lambda layer, dtype: [model.row(layer, e) for e in lists[layer]],
@@ -275,7 +328,7 @@ def plan_extract(model: Model, keep: Sequence[Sequence[int]]) -> Plan:
 
 def plan_grow(model: Model, add: int, init: str, seed: int = 0, noise: float = 0.01) -> Plan:
     if model.dense:
-        raise SurgeryError(f"{model.folder} is a dense Mistral; grow needs a Mixtral (upcycle it first)")
+        raise SurgeryError(f"{model.path} is a dense Mistral; grow needs a Mixtral (upcycle it first)")
     if add < 1:
         raise SurgeryError(f"--add must be at least 1, got {add}")
     if init not in INITS:
@@ -285,7 +338,7 @@ def plan_grow(model: Model, add: int, init: str, seed: int = 0, noise: float = 0
     old, std = model.num_experts, _init_std(model.hf)
     origin = [(0, e) for e in range(old)] + [(0, j % old) for j in range(add)]
     hf = {**model.hf, "num_local_experts": old + add}
-    record = {"operation": "grow", "sources": [model.folder], "init": init, "seed": seed,
+    record = {"operation": "grow", "sources": [model.path], "init": init, "seed": seed,
               **({"noise": noise} if init == "copy-noise" else {}), "new_experts": list(range(old, old + add)),
               "experts": [[list(p) if j < old or init != "random" else None for j, p in enumerate(origin)]
                           for _ in range(model.num_layers)]}
@@ -314,12 +367,12 @@ def plan_grow(model: Model, add: int, init: str, seed: int = 0, noise: float = 0
 
 def plan_upcycle(model: Model, experts: int, top_k: int = 2, seed: int = 0) -> Plan:
     if not model.dense:
-        raise SurgeryError(f"{model.folder} is already a Mixtral; upcycle needs a dense MistralForCausalLM")
+        raise SurgeryError(f"{model.path} is already a Mixtral; upcycle needs a dense MistralForCausalLM")
     if experts < 1:
         raise SurgeryError(f"--experts must be at least 1, got {experts}")
     _check_top_k(top_k, experts, "upcycle")
     hf = mixtral_config(model.hf, experts, top_k)
-    record = {"operation": "upcycle", "sources": [model.folder], "seed": seed,
+    record = {"operation": "upcycle", "sources": [model.path], "seed": seed,
               "experts": [[[0, 0]] * experts for _ in range(model.num_layers)]}
     std = _init_std(hf)
     return _build([model], hf, record, lambda i: [(0, 0)] * experts,
@@ -335,13 +388,13 @@ def plan_mix(models: Sequence[Model], weights: Optional[Sequence[float]] = None,
     first = models[0]
     for m in models[1:]:
         if m.dense != first.dense:
-            raise SurgeryError(f"branches of different kinds: {first.folder} is "
-                               f"{'dense' if first.dense else 'a Mixtral'}, {m.folder} is "
+            raise SurgeryError(f"branches of different kinds: {first.path} is "
+                               f"{'dense' if first.dense else 'a Mixtral'}, {m.path} is "
                                f"{'dense' if m.dense else 'a Mixtral'}")
         if vars(m.shapes) != vars(first.shapes):
             diff = next(k for k in vars(first.shapes) if vars(first.shapes)[k] != vars(m.shapes)[k])
             raise SurgeryError(f"branches of different shapes: {diff} is {vars(first.shapes)[diff]} in "
-                               f"{first.folder} but {vars(m.shapes)[diff]} in {m.folder}")
+                               f"{first.path} but {vars(m.shapes)[diff]} in {m.path}")
     weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
     if len(weights) != len(models):
         raise SurgeryError(f"--weights gives {len(weights)} weight(s) for {len(models)} branches")
@@ -358,7 +411,7 @@ def plan_mix(models: Sequence[Model], weights: Optional[Sequence[float]] = None,
     hf = mixtral_config(first.hf, total, top_k) if first.dense else \
         {**first.hf, "num_local_experts": total, "num_experts_per_tok": top_k}
     origin = [(b, e) for b in range(len(models)) for e in range(per)]
-    record = {"operation": "mix", "sources": [m.folder for m in models], "weights": weights, "router": router,
+    record = {"operation": "mix", "sources": [m.path for m in models], "weights": weights, "router": router,
               "seed": seed, "experts": [[list(p) for p in origin] for _ in range(first.num_layers)]}
     std = _init_std(hf)
 
@@ -403,7 +456,7 @@ def write(plan: Plan, dst: str, layout: str, overwrite: bool = False, shard_size
         record = {**plan.record, "sources": [os.path.abspath(s) for s in sources], "layout": layout}
         with open(os.path.join(tmp, "surgery.json"), "w", encoding="utf-8") as f:  # one key per line
             f.write("{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in record.items()) + "\n}\n")
-        _copy_side_files(sources[0], tmp)
+        _copy_side_files(sources[0] if os.path.isdir(sources[0]) else os.path.dirname(sources[0]) or ".", tmp)
         files = sorted(os.listdir(tmp))
         _finish(tmp, dst)
     except BaseException:

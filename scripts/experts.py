@@ -11,8 +11,8 @@ to each copied tensor; random draws N(0, initializer_range)); top-k unchanged.
 mix: per layer the branches' FFNs (dense Mistral branches) or experts (Mixtral branches) in branch order,
 every other weight the weighted average; router rows new (random, seeded), concat (each branch's own) or
 average (of the branches' rows). Output layout: --layout ms (stacked experts) or hf (per-expert tensors),
-default the source's (hf for dense sources). The output holds config.json and surgery.json (where each
-expert came from). Bad input exits with status 2 and one line `error: ...`; nothing is written.
+default the source's (hf for dense sources; ms for a training checkpoint file, which needs --config: the
+run YAML or a config.json). The output holds config.json and surgery.json (where each expert came from). Bad input exits with status 2 and one line `error: ...`; nothing is written.
 """
 import argparse
 import os
@@ -44,6 +44,8 @@ def main(argv=None) -> int:
         else:
             p.add_argument("--src", required=True)
         p.add_argument("--dst", required=True)
+        p.add_argument("--config", help="config.json, its folder or the run YAML, for a checkpoint FILE source "
+                                        "(.ckpt or .safetensors, e.g. runs/tiny/checkpoint/rank_0/x.ckpt)")
         p.add_argument("--layout", choices=LAYOUTS, help="ms: stacked experts, hf: per expert (default: the source's)")
         p.add_argument("--seed", type=int, default=0, help="for new router rows and new experts (default 0)")
         p.add_argument("--shard-size", default=str(DEFAULT_SHARD), help="largest output shard (default 5GB)")
@@ -66,11 +68,11 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     try:
         if args.command == "mix":
-            models = [Model(b) for b in args.branches]
+            models = [Model(b, args.config) for b in args.branches]
             weights = _floats(args.weights) if args.weights else None
             plan = plan_mix(models, weights, args.router, args.top_k, args.seed)
         else:
-            model = Model(args.src)
+            model = Model(args.src, args.config)
             models = [model]
             if args.command == "grow":
                 plan = plan_grow(model, args.add, args.init, args.seed, args.noise)

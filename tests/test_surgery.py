@@ -291,3 +291,29 @@ def test_sigterm_while_writing_removes_the_temp_folder(tmp_path):
     assert run.returncode == 130, run.stderr
     assert run.stderr.strip() == "error: interrupted; no output written"
     assert os.listdir(tmp_path) == []
+
+
+def test_training_checkpoint_file_with_the_run_yaml(tmp_path):
+    """A MindSpore .ckpt as training writes it (weights + optimizer state), named with --config run.yaml."""
+    import mindspore as ms
+    from test_training import run_mixtral, write_yaml
+    cfg = write_yaml(str(tmp_path), tmp_path / "unused.mindrecord")
+    model = run_mixtral.build_model(run_mixtral.load_config(cfg, {}), None)
+    params = {p.name: p.asnumpy() for p in model.get_parameters()}
+    state = [{"name": n, "data": ms.Tensor(v)} for n, v in params.items()]
+    state += [{"name": "adam_m." + n, "data": ms.Tensor(np.ones_like(v))} for n, v in params.items()]
+    state.append({"name": "global_step", "data": ms.Tensor(np.array([7], np.int32))})
+    ms.save_checkpoint(state, str(tmp_path / "step.ckpt"))
+    run = cli("grow", "--src", tmp_path / "step.ckpt", "--dst", tmp_path / "g", "--add", 1, ok=False)
+    assert run.returncode == 2 and "name its model with --config" in run.stderr
+    cli("grow", "--src", tmp_path / "step.ckpt", "--config", cfg, "--dst", tmp_path / "g", "--add", 1)
+    grown = arrays(tmp_path / "g")
+    experts = params["model.layers.0.block_sparse_moe.experts.w1"]
+    np.testing.assert_array_equal(grown["model.layers.0.block_sparse_moe.experts.w1"],
+                                  np.concatenate([experts, experts[:1]]))
+    for name, value in params.items():
+        if ".block_sparse_moe." not in name:
+            np.testing.assert_array_equal(grown[name], value)
+    assert sorted(open_checkpoint(str(tmp_path / "g"))) == sorted(params)  # stacked names, no optimizer state
+    assert json.load(open(tmp_path / "g" / "config.json"))["num_local_experts"] == 9
+    assert logits(tmp_path / "g", np.arange(3, 15).reshape(1, 12)).shape == (1, 12, 2000)
