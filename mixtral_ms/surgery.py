@@ -34,7 +34,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -52,7 +52,7 @@ _STACKED = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(w[123
 _GATE = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$")
 _DENSE_FFN = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _KIND = {"w1": 1, "w3": 3, "w2": 2, "gate": 0}  # rng stream per kind of tensor
-Source = object  # a TensorInfo (copied), or a callable returning the bytes (computed when written)
+Source = Union[TensorInfo, Callable[[], bytes]]  # copied byte range, or bytes computed when written
 
 
 class SurgeryError(ValueError):
@@ -99,14 +99,14 @@ class Model:
             raise SurgeryError(f"{path} is a file; name its model with --config (config.json or the run YAML)")
         self.path = path
         self.hf = read_config(config or path)
-        self._staged = None
-        if path.endswith(".ckpt"):
-            self._staged = tempfile.TemporaryDirectory(prefix="experts-ckpt-")
-            path = _stage_ckpt(path, self._staged.name)
         self.dense = self.hf.get("model_type") == "mistral"
         if not self.dense and self.hf.get("model_type") != "mixtral":
             raise SurgeryError(f"{path}: model_type {self.hf.get('model_type')!r}; expected mixtral or mistral")
         self.shapes = shape_config(mixtral_config(self.hf, 1, 1) if self.dense else self.hf)
+        self._staged = None
+        if path.endswith(".ckpt"):
+            self._staged = tempfile.TemporaryDirectory(prefix="experts-ckpt-")
+            path = _stage_ckpt(path, self._staged.name)
         tensors = open_checkpoint(path)
         self.layout = "ms" if is_ms_layout(tensors) else "hf"
         if self.dense:
@@ -115,7 +115,6 @@ class Model:
             self._params = {n: [i] for n, i in ms_tensors(tensors, self.shapes).items()}
         else:
             self._params = hf_sources(tensors, self.shapes)
-        self.specs = parameter_specs(self.shapes)
 
     @property
     def num_experts(self) -> int:

@@ -12,7 +12,8 @@ mix: per layer the branches' FFNs (dense Mistral branches) or experts (Mixtral b
 every other weight the weighted average; router rows new (random, seeded), concat (each branch's own) or
 average (of the branches' rows). Output layout: --layout ms (stacked experts) or hf (per-expert tensors),
 default the source's (hf for dense sources; ms for a training checkpoint file, which needs --config: the
-run YAML or a config.json). The output holds config.json and surgery.json (where each expert came from). Bad input exits with status 2 and one line `error: ...`; nothing is written.
+run YAML or a config.json). The output holds config.json and surgery.json (where each expert came from).
+Bad input exits with status 2 and one line `error: ...`; nothing is written (SIGINT/SIGTERM clean up too).
 """
 import argparse
 import os

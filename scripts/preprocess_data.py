@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     extra = ", ".join(f"{k} {v}" for k, v in stats.items() if k not in ("samples", "heldout_samples") and v)
     print(f"wrote {count} samples of {args.seq_length + 1} tokens to {args.output}" + (f" ({extra})" if extra else ""))
     if args.heldout_fraction:
-        print(f"wrote {stats['heldout_samples']} held-out samples to {args.heldout_output or heldout_path(args.output)}")
+        heldout = args.heldout_output or heldout_path(args.output)
+        print(f"wrote {stats['heldout_samples']} held-out samples to {heldout}")
     return 0
 
 

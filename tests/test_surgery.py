@@ -212,14 +212,14 @@ def test_mix_of_different_branches_averages_with_the_weights(tmp_path):
     cli("mix", "--branches", TINY8, other, "--dst", tmp_path / "new", "--top-k", 1)
     avg, new = arrays(tmp_path / "avg"), arrays(tmp_path / "new")
     for name in a:
+        mean = ((3 * a[name].astype(np.float64) + b[name]) / 4).astype(np.float32)  # weights 3:1
         if ".experts." in name:
             np.testing.assert_array_equal(avg[name], np.concatenate([a[name], b[name]]))
         elif ".gate." in name:
-            mean = ((3 * a[name].astype(np.float64) + b[name]) / 4).astype(np.float32)
             np.testing.assert_array_equal(avg[name], np.concatenate([mean, mean]))
             assert new[name].shape == (2 * E, 64) and 0.08 < new[name].std() < 0.12  # N(0, 0.1)
         else:
-            np.testing.assert_array_equal(avg[name], ((3 * a[name].astype(np.float64) + b[name]) / 4).astype(np.float32))
+            np.testing.assert_array_equal(avg[name], mean)
     assert json.load(open(tmp_path / "new" / "config.json"))["num_experts_per_tok"] == 1
 
 
@@ -238,7 +238,8 @@ def _bad_cases():
         "upcycle top-k": (["upcycle", "--src", MISTRAL, "--experts", 1], "fewer than num_experts_per_tok (2)"),
         "upcycle a mixtral": (["upcycle", "--src", TINY8, "--experts", 4], "already a Mixtral"),
         "grow a dense model": (["grow", "--src", MISTRAL, "--add", 1], "dense Mistral"),
-        "missing source": (["extract", "--src", os.path.join(FIXTURES, "nowhere"), "--experts", "0,1"], "no such folder"),
+        "missing source": (["extract", "--src", os.path.join(FIXTURES, "nowhere"), "--experts", "0,1"],
+                           "no such folder"),
         "branch shapes": (["mix", "--branches", TINY8, other_shape], "branches of different shapes: vocab_size"),
         "branch kinds": (["mix", "--branches", TINY8, MISTRAL], "branches of different kinds"),
         "one branch": (["mix", "--branches", TINY8], "at least 2 branches"),
