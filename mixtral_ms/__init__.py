@@ -3,7 +3,7 @@
 Attributes load lazily so that light tools (the checkpoint converter) never import MindSpore;
 importing `mixtral_ms.modeling` (or touching `MixtralForCausalLM`) registers the model with MindFormers.
 """
-from .hf_config import ConfigError
+from .schema import ConfigError
 
 __all__ = ["ConfigError", "MixtralConfig", "MixtralForCausalLM", "MixtralModel"]
 

@@ -24,8 +24,8 @@ import os
 import shutil
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .hf_config import read_hf_config, shape_config
-from .name_map import TRAINING_STATE_PREFIXES, count_parameters, hf_shapes, is_expert_stack, parameter_specs
+from .schema import hf_dims, read_hf_config
+from .name_map import count_parameters, hf_sources, is_expert_stack, is_ms_layout, ms_tensors, parameter_specs
 from .safetensors_io import (CHUNK_BYTES, FLOAT_TAGS, CheckpointError, TensorInfo, convert_bytes, nbytes_of,
                              open_checkpoint, write_safetensors)
 
@@ -83,50 +83,6 @@ def _source(infos: List[TensorInfo], src_tag: str, tag: str):
     if src_tag == tag:
         return list(infos)
     return lambda: (convert_bytes(chunk, src_tag, tag) for info in infos for chunk in info.iter_chunks(CHUNK_BYTES))
-
-
-# ----------------------------------------------------------------------------------- validation
-
-def hf_sources(tensors: Dict[str, TensorInfo], config) -> Dict[str, List[TensorInfo]]:
-    """For each mixtral-ms parameter, its Hugging Face tensors, with every name and shape checked."""
-    specs = parameter_specs(config)
-    wanted = hf_shapes(config)
-    unexpected = [n for n in tensors if n not in wanted]
-    if unexpected:
-        raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in checkpoint ({len(unexpected)} in all; "
-                              "not a Mixtral with this config.json?)")
-    out = {}
-    for name, spec in specs.items():
-        for src in spec.sources:
-            if src not in tensors:
-                missing = sum(s not in tensors for sp in specs.values() for s in sp.sources)
-                raise CheckpointError(f"checkpoint is missing tensor {src!r} ({missing} missing in all)")
-            if tensors[src].shape != wanted[src]:
-                raise CheckpointError(f"tensor {src!r} has shape {list(tensors[src].shape)}, "
-                                      f"config.json implies {list(wanted[src])}")
-        out[name] = [tensors[s] for s in spec.sources]
-    return out
-
-
-def ms_tensors(tensors: Dict[str, TensorInfo], config) -> Dict[str, TensorInfo]:
-    """The mixtral-ms parameters of a MindSpore checkpoint (training state dropped), names and shapes checked."""
-    tensors = {k: v for k, v in tensors.items() if not k.startswith(TRAINING_STATE_PREFIXES)}
-    specs = parameter_specs(config)
-    unexpected = [n for n in tensors if n not in specs]
-    if unexpected:
-        raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in checkpoint ({len(unexpected)} in all; "
-                              "not a mixtral-ms checkpoint of this config?)")
-    for name, spec in specs.items():
-        if name not in tensors:
-            raise CheckpointError(f"checkpoint is missing tensor {name!r}")
-        if tensors[name].shape != spec.shape:
-            raise CheckpointError(f"tensor {name!r} has shape {list(tensors[name].shape)}, "
-                                  f"config.json implies {list(spec.shape)}")
-    return {name: tensors[name] for name in specs}
-
-
-def is_ms_layout(tensors: Dict[str, TensorInfo]) -> bool:
-    return any(n.endswith((".experts.w1", ".experts.w2", ".experts.w3")) for n in tensors)
 
 
 # ----------------------------------------------------------------------------------- output folder
@@ -270,9 +226,9 @@ def _config_of(path: str) -> Tuple[str, object]:
                 hf = json.load(f)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{path}: malformed JSON ({err})") from None
-        return path, shape_config(hf)
+        return path, hf_dims(hf)
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
-    return os.path.join(folder, "config.json"), shape_config(read_hf_config(folder))
+    return os.path.join(folder, "config.json"), hf_dims(read_hf_config(folder))
 
 
 # ----------------------------------------------------------------------------------- directions

@@ -12,7 +12,7 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from .kernels import arange
+from .dtypes import arange
 
 
 def priority_order(topk_index: Tensor, topk_weight: Tensor, policy: str) -> Tensor:
@@ -30,13 +30,13 @@ def priority_order(topk_index: Tensor, topk_weight: Tensor, policy: str) -> Tens
 
 
 def dispatch(topk_index: Tensor, topk_weight: Tensor, token_mask: Tensor, num_experts: int, capacity: int,
-             policy: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+             policy: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Assign slots. `topk_index`/`topk_weight`: [G, N, k]; `token_mask`: float [G, N], 0 for padding.
 
     Returns, with indices flat over groups:
       slot_token      int32 [G*(E*C+1)]: row of the padded token table feeding each slot;
-      assignment_slot int32 [G*N*k]: slot serving each (token, choice), the trash slot if dropped;
-      kept            float32 [G, N, k]: 1 where the assignment was served;
+      assignment_slot int32 [G*N*k]: slot serving each (token, choice), the trash slot (group * (E*C+1)
+                      + E*C) if dropped;
       load            float32 [E]: assignments of valid tokens routed to each expert, before dropping;
       dropped         float32 [E]: assignments each expert dropped for lack of capacity.
     """
@@ -52,7 +52,6 @@ def dispatch(topk_index: Tensor, topk_weight: Tensor, token_mask: Tensor, num_ex
     one_hot = one_hot * sorted_valid.reshape(g, n * k, 1)                          # [G, kN, E]
     position = (ops.cumsum(one_hot, axis=1) * one_hot).sum(axis=-1) - 1.0          # slot within expert; -1 pad
     sorted_kept = ops.logical_and(position < c, sorted_valid > 0)
-    kept = ops.gather_elements(ops.cast(sorted_kept, ms.float32), 1, rank)        # back to (t, j) order
 
     slots_per_group = e * c + 1
     group = arange(g).reshape(g, 1)
@@ -70,4 +69,4 @@ def dispatch(topk_index: Tensor, topk_weight: Tensor, token_mask: Tensor, num_ex
 
     load = one_hot.sum(axis=(0, 1))
     served = (one_hot * ops.cast(sorted_kept, ms.float32).reshape(g, n * k, 1)).sum(axis=(0, 1))
-    return slot_token, assignment_slot, kept.reshape(g, n, k), load, load - served
+    return slot_token, assignment_slot, load, load - served

@@ -68,15 +68,15 @@ def write_json(path: str, record: Dict[str, object]) -> None:
 
 def run_eval(config, build_model, dataset: Optional[str], output: Optional[str],
              max_samples: Optional[int] = None) -> Dict[str, object]:
-    """run_mixtral.py --run_mode eval: the checkpoint (`load_checkpoint`) built by `build_model(config,
-    checkpoint)`, evaluated on `dataset`; prints one line and writes the JSON to `output`
+    """run_mixtral.py --run_mode eval: the checkpoint (`config.load_checkpoint`) built by
+    `build_model(checkpoint)`, evaluated on `dataset`; prints one line and writes the JSON to `output`
     (default `<output_dir>/eval.json`)."""
     if not dataset:
         raise DataError("eval needs --eval_dataset (a MindRecord file, e.g. a preprocess_data.py held-out split)")
     if not config.load_checkpoint:
         raise CheckpointError("eval needs --load_checkpoint (or load_checkpoint in the YAML)")
     check_dataset(dataset, int(config.model.model_config.seq_length))  # before the model is built
-    model = build_model(config, config.load_checkpoint)
+    model = build_model(config.load_checkpoint)
     record = {"checkpoint": os.path.abspath(config.load_checkpoint),
               **evaluate(model, dataset, int(config.runner_config.batch_size), max_samples)}
     output = output or os.path.join(config.output_dir, "eval.json")

@@ -6,14 +6,14 @@ from mindspore import Tensor, ops
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean next-token cross-entropy: position t predicts labels[t+1]; `ignore_index` labels don't count."""
+    """Mean next-token cross-entropy: position t predicts labels[t+1]; `ignore_index` labels don't count
+    (a batch with none to count gives 0, not NaN: hence the sum over max(count, 1))."""
     logits = ops.cast(logits[:, :-1], ms.float32)
-    target = labels[:, 1:]
+    target = ops.cast(labels[:, 1:], ms.int32)
     valid = ops.cast(target != ignore_index, ms.float32)
-    log_probs = ops.log_softmax(logits, axis=-1)
-    safe_target = ops.cast(ops.where(target == ignore_index, ops.zeros_like(target), target), ms.int32)
-    nll = -ops.gather_elements(log_probs, 2, safe_target.expand_dims(-1)).squeeze(-1)
-    return (nll * valid).sum() / ops.maximum(valid.sum(), 1.0)
+    nll = ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index,
+                            reduction="sum")
+    return nll / ops.maximum(valid.sum(), 1.0)
 
 
 def load_balancing_loss(load: Tensor, prob_sum: Tensor, num_tokens: Tensor) -> Tensor:

@@ -13,8 +13,8 @@ from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from .configuration import MixtralConfig
-from .generation import generate
-from .kernels import arange, embedding, emulated_dtype, matmul, native_dtype
+from .inference.generation import generate
+from .dtypes import arange, embedding, emulated_dtype, matmul, native_dtype
 from .losses import causal_lm_loss, load_balancing_loss, router_z_loss
 from .moe import MixtralSparseMoeBlock
 
@@ -261,10 +261,11 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         return model
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, **kwargs):
-        """Incremental decoding with a KV cache; see mixtral_ms.generation.generate. MindFormers'
-        text-generation pipeline (Trainer.predict) calls with its own keywords: see training/pipeline.py."""
+        """Incremental decoding with a KV cache; see mixtral_ms.inference.generation.generate. MindFormers'
+        text-generation pipeline (Trainer.predict) calls with its own keywords:
+        see inference/text_generation.py."""
         if "return_dict_in_generate" in kwargs or "max_length" in kwargs:
-            from .training.pipeline import pipeline_generate
+            from .inference.text_generation import pipeline_generate
             return pipeline_generate(self, input_ids, attention_mask, **kwargs)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
 

@@ -8,7 +8,7 @@ from mindspore.common.initializer import Normal, initializer
 from .capacity import dropless_capacities, expert_capacity
 from .configuration import MixtralConfig
 from .dispatch import dispatch
-from .kernels import emulated_dtype, matmul, native_dtype
+from .dtypes import emulated_dtype, matmul, native_dtype
 from .router import TopKRouter
 
 GROUPED_MIN_ROWS = 16  # mean rows per expert below which (decoding) the static capacity tiers are cheaper
@@ -95,7 +95,7 @@ class MixtralSparseMoeBlock(nn.Cell):
         t, h = flat.shape
         e, k, g = self.num_experts, self.top_k, self.groups
         n = t // g
-        slot_token, assignment_slot, _, load, dropped = dispatch(
+        slot_token, assignment_slot, load, dropped = dispatch(
             index.reshape(g, n, k), weights.reshape(g, n, k), token_mask.reshape(g, n), e, capacity, self.drop_policy)
         padded = ops.concat((flat.reshape(g, n, h), ops.zeros((g, 1, h), flat.dtype)), axis=1).reshape(-1, h)
         expert_in = ops.gather(padded, slot_token, 0).reshape(g, e * capacity + 1, h)
@@ -162,7 +162,5 @@ class MixtralSparseMoeBlock(nn.Cell):
 
         mask = mask.reshape(b * s, 1)
         prob_sum = (probs * mask).sum(axis=0)
-        peak = logits.max(axis=-1, keepdims=True)
-        logsumexp = peak + ops.log(ops.exp(logits - peak).sum(axis=-1, keepdims=True))
-        z_sum = (ops.square(logsumexp) * mask).sum()
+        z_sum = (ops.square(ops.logsumexp(logits, -1, True)) * mask).sum()
         return y.reshape(b, s, h), logits, load, dropped, prob_sum, z_sum

@@ -1,4 +1,6 @@
-"""The Hugging Face <-> mixtral-ms parameter name map (the table in docs/design.md).
+"""The checkpoint schema: which tensors each layout holds, their shapes, and the Hugging Face <->
+mixtral-ms name map (the table in docs/design.md). Loading (checkpoint.py) and converting (convert.py)
+both check a checkpoint here, so a checkpoint the converter accepts is exactly one the model loads.
 
 Names are identical except the experts: the checkpoint has one w1/w3/w2 per expert
 (`model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight [F, H]`), the model one stacked tensor per
@@ -7,9 +9,10 @@ layer (`model.layers.{i}.block_sparse_moe.experts.w1 [E, F, H]`) whose rows are 
 from __future__ import annotations
 
 import re
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
-from .hf_config import shape_config
+from .safetensors_io import CheckpointError, TensorInfo
+from .schema import hf_dims
 
 # Optimizer and training-loop state that a MindSpore training checkpoint carries beside the weights.
 TRAINING_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "global_step", "learning_rate",
@@ -48,15 +51,15 @@ def ms_to_hf(ms_name: str, num_experts: int) -> List[str]:
 
 
 def _shapes(config):
-    """A MixtralConfig, a hf_config.shape_config namespace, or a config.json dict."""
-    return shape_config(config) if isinstance(config, dict) else config
+    """A MixtralConfig, a schema.ModelDims, or a config.json dict."""
+    return hf_dims(config) if isinstance(config, dict) else config
 
 
 def parameter_specs(config) -> Dict[str, ParamSpec]:
     """Every mixtral-ms parameter, in checkpoint order, with its shape and Hugging Face source names.
     `config`: a config.json dict (num_hidden_layers, num_local_experts, hidden_size, intermediate_size,
     num_attention_heads, num_key_value_heads, head_dim (optional), vocab_size, tie_word_embeddings),
-    a MixtralConfig or hf_config.shape_config(...)."""
+    a MixtralConfig or a schema.ModelDims."""
     config = _shapes(config)
     h, f, v, e = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_local_experts
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
@@ -101,3 +104,47 @@ def count_parameters(config) -> Tuple[int, int]:
         total += n
         active += n * config.num_experts_per_tok // config.num_local_experts if is_expert_stack(name) else n
     return total, active
+
+
+def hf_sources(tensors: Dict[str, TensorInfo], config) -> Dict[str, List[TensorInfo]]:
+    """For each mixtral-ms parameter, its Hugging Face tensors, with every name and shape checked."""
+    specs = parameter_specs(config)
+    wanted = hf_shapes(config)
+    unexpected = [n for n in tensors if n not in wanted]
+    if unexpected:
+        raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in checkpoint ({len(unexpected)} in all; "
+                              "not a Mixtral with this config.json?)")
+    out = {}
+    for name, spec in specs.items():
+        for src in spec.sources:
+            if src not in tensors:
+                missing = sum(s not in tensors for sp in specs.values() for s in sp.sources)
+                raise CheckpointError(f"checkpoint is missing tensor {src!r} ({missing} missing in all)")
+            if tensors[src].shape != wanted[src]:
+                raise CheckpointError(f"tensor {src!r} has shape {list(tensors[src].shape)}, "
+                                      f"config.json implies {list(wanted[src])}")
+        out[name] = [tensors[s] for s in spec.sources]
+    return out
+
+
+def ms_tensors(tensors: Mapping[str, TensorInfo], config, implied_by: str = "config.json") -> Dict[str, TensorInfo]:
+    """The mixtral-ms parameters of a MindSpore checkpoint (training state dropped), names and shapes checked.
+    `tensors`: anything with a `.shape` (safetensors TensorInfo, the Parameters of a .ckpt)."""
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(TRAINING_STATE_PREFIXES)}
+    specs = parameter_specs(config)
+    unexpected = [n for n in tensors if n not in specs]
+    if unexpected:
+        raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in checkpoint ({len(unexpected)} in all; "
+                              "not a mixtral-ms checkpoint of this config?)")
+    for name, spec in specs.items():
+        if name not in tensors:
+            raise CheckpointError(f"checkpoint is missing tensor {name!r}")
+        if tuple(tensors[name].shape) != spec.shape:
+            raise CheckpointError(f"tensor {name!r} has shape {list(tensors[name].shape)}, "
+                                  f"{implied_by} implies {list(spec.shape)}")
+    return {name: tensors[name] for name in specs}
+
+
+def is_ms_layout(tensors: Mapping[str, TensorInfo]) -> bool:
+    """Stacked experts (mixtral-ms) rather than one tensor per expert (Hugging Face)."""
+    return any(n.endswith((".experts.w1", ".experts.w2", ".experts.w3")) for n in tensors)

@@ -150,7 +150,6 @@ class OffloadAdamW(MindFormersAdamW):
                  offload: bool = True):
         super().__init__(params, learning_rate=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay,
                          swap=bool(offload))
-        self.offload = bool(offload)
 
     def construct(self, gradients):
         weight_decay = self.get_weight_decay()

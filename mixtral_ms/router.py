@@ -5,7 +5,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from .kernels import emulated_dtype, matmul, native_dtype
+from .dtypes import emulated_dtype, matmul, native_dtype
 
 
 class TopKRouter(nn.Cell):

@@ -39,13 +39,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .convert import (DEFAULT_SHARD, HF_METADATA, MS_METADATA, _copy_side_files, _finish, _prepare_dst,
-                      _source_dtype, hf_sources, is_ms_layout, ms_tensors, write_sharded)
-from .hf_config import read_hf_config, shape_config
-from .name_map import is_expert_stack, ms_to_hf, parameter_specs
+                      _source_dtype, write_sharded)
+from .name_map import hf_sources, is_expert_stack, is_ms_layout, ms_tensors, ms_to_hf, parameter_specs
+from .schema import hf_dims, read_hf_config
 from .safetensors_io import (CheckpointError, TensorInfo, convert_bytes, f32_to_bf16, nbytes_of, open_checkpoint,
                              to_numpy, write_safetensors)
 
 INITS = ("copy", "copy-noise", "random")
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "num_local_experts", "tie_word_embeddings")
 ROUTERS = ("new", "average", "concat")
 LAYOUTS = ("ms", "hf")
 _STACKED = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(w[123])$")
@@ -102,7 +104,7 @@ class Model:
         self.dense = self.hf.get("model_type") == "mistral"
         if not self.dense and self.hf.get("model_type") != "mixtral":
             raise SurgeryError(f"{path}: model_type {self.hf.get('model_type')!r}; expected mixtral or mistral")
-        self.shapes = shape_config(mixtral_config(self.hf, 1, 1) if self.dense else self.hf)
+        self.shapes = hf_dims(mixtral_config(self.hf, 1, 1) if self.dense else self.hf)
         self._staged = None
         if path.endswith(".ckpt"):
             self._staged = tempfile.TemporaryDirectory(prefix="experts-ckpt-")
@@ -270,7 +272,7 @@ def _build(models: Sequence[Model], hf: Dict, record: Dict, origin: Callable[[in
     `expert_source(name, layer, j, branch, expert)` makes them), router rows `gate_rows(layer, dtype)`
     and every other parameter `dense_source(name)`."""
     plan = Plan(hf, record)
-    for name, spec in parameter_specs(shape_config(hf)).items():
+    for name, spec in parameter_specs(hf_dims(hf)).items():
         stacked, gate = _STACKED.match(name), _GATE.match(name)
         if stacked:
             layer = int(stacked.group(1))
@@ -390,10 +392,10 @@ def plan_mix(models: Sequence[Model], weights: Optional[Sequence[float]] = None,
             raise SurgeryError(f"branches of different kinds: {first.path} is "
                                f"{'dense' if first.dense else 'a Mixtral'}, {m.path} is "
                                f"{'dense' if m.dense else 'a Mixtral'}")
-        if vars(m.shapes) != vars(first.shapes):
-            diff = next(k for k in vars(first.shapes) if vars(first.shapes)[k] != vars(m.shapes)[k])
-            raise SurgeryError(f"branches of different shapes: {diff} is {vars(first.shapes)[diff]} in "
-                               f"{first.path} but {vars(m.shapes)[diff]} in {m.path}")
+        diff = [k for k in SHAPE_FIELDS if getattr(m.shapes, k) != getattr(first.shapes, k)]
+        if diff:
+            raise SurgeryError(f"branches of different shapes: {diff[0]} is {getattr(first.shapes, diff[0])} in "
+                               f"{first.path} but {getattr(m.shapes, diff[0])} in {m.path}")
     weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
     if len(weights) != len(models):
         raise SurgeryError(f"--weights gives {len(weights)} weight(s) for {len(models)} branches")

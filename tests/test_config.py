@@ -1,9 +1,16 @@
-"""MixtralConfig: HF field names, both rope layouts, defaults of the real 8x7B, and clear errors."""
+"""MixtralConfig and the schema: HF field names, both rope layouts, defaults of the real 8x7B, and clear errors."""
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
 from mixtral_ms import ConfigError, MixtralConfig
+from mixtral_ms.schema import hf_dims
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HF_8X7B = {  # Mixtral-8x7B-v0.1 config.json
     "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
@@ -34,9 +41,13 @@ def test_rope_parameters_layout_of_transformers_5():
 
 
 def test_round_trip_to_hf_config():
-    cfg = MixtralConfig.from_hf_config(HF_8X7B)
-    again = MixtralConfig.from_hf_config(json.loads(json.dumps(cfg.to_hf_config())))
-    assert again.to_hf_config() == cfg.to_hf_config()
+    """to_hf_config gives back every field of the released config.json (pad_token_id too)."""
+    cfg = MixtralConfig.from_hf_config({**HF_8X7B, "pad_token_id": 5}, param_init_type="bfloat16")
+    hf = cfg.to_hf_config()
+    released = {k: v for k, v in HF_8X7B.items() if k != "transformers_version"}
+    assert hf == {**released, "pad_token_id": 5, "head_dim": 128, "router_jitter_noise": 0.0}
+    again = MixtralConfig.from_hf_config(json.loads(json.dumps(hf)), param_init_type="bfloat16")
+    assert again.to_hf_config() == hf
 
 
 @pytest.mark.parametrize("change,message", [
@@ -45,12 +56,31 @@ def test_round_trip_to_hf_config():
     ({"num_key_value_heads": 5}, "not divisible by num_key_value_heads (5)"),
     ({"hidden_size": 0}, "hidden_size must be a positive integer"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope_type 'yarn'"),
+    ({"hidden_size": "64"}, "hidden_size must be a positive integer, got '64'"),
+    ({"hidden_size": 4096.0}, "hidden_size must be a positive integer, got 4096.0"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+    ({"torch_dtype": ["bfloat16"]}, "torch_dtype must be a dtype name such as 'bfloat16', got ['bfloat16']"),
 ])
 def test_bad_hf_configs(change, message):
-    with pytest.raises(ConfigError) as err:
-        MixtralConfig.from_hf_config({**HF_8X7B, **change})
-    assert message in str(err.value)
-    assert "\n" not in str(err.value)
+    """The model and the converter refuse the same config.json with the same one line."""
+    for read in (MixtralConfig.from_hf_config, hf_dims):
+        with pytest.raises(ConfigError) as err:
+            read({**HF_8X7B, **change})
+        assert message in str(err.value)
+        assert "\n" not in str(err.value)
+
+
+def test_converter_cli_refuses_a_string_hidden_size(tmp_path):
+    src = tmp_path / "hf"
+    shutil.copytree(os.path.join(ROOT, "tests", "fixtures", "tiny8"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "hidden_size": str(cfg["hidden_size"])}))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_weight.py"), "hf2ms",
+                          "--src", str(src), "--dst", str(tmp_path / "ms")], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"error: hidden_size must be a positive integer, got "
+                                               f"'{cfg['hidden_size']}'"]
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
 
 
 def test_unknown_key_and_bad_policy():

@@ -13,6 +13,12 @@ from mixtral_ms.dispatch import dispatch
 from mixtral_ms.moe import MixtralSparseMoeBlock
 
 
+def served_assignments(assignment_slot, g, n, k, e, capacity):
+    """bool [G, N, k]: the (token, choice) pairs dispatch gave a slot (every other one has the trash slot)."""
+    trash = np.arange(g).reshape(g, 1, 1) * (e * capacity + 1) + e * capacity
+    return assignment_slot.asnumpy().reshape(g, n, k) != trash
+
+
 def reference_dispatch(index, weight, mask, num_experts, capacity, policy):
     """Plain-Python capacity rule: returns kept [G, N, k] (bool) and dropped per expert [E]."""
     g, n, k = index.shape
@@ -49,6 +55,8 @@ def test_capacity_formula():
     assert expert_capacity(4096, 2, 8, 1.1) == math.ceil(2 * 4096 * 1.1 / 8)
     assert expert_capacity(10, 2, 8, 0.0) == 10  # dropless
     assert expert_capacity(3, 2, 2, 100.0) == 3  # capped at the group size
+    assert expert_capacity(90, 2, 6, 1.1) == 33  # exact: 2 * 90 * 11/10 / 6 = 33 (floating point: 34)
+    assert expert_capacity(100, 1, 2, 1.1) == 55  # exact: 55 (floating point: 56)
     # dropless tiers: 1.125, 1.25, 1.5 and 2 times the mean load k*N/E, distinct and below N
     assert dropless_capacities(1024, 2, 8) == (288, 320, 384, 512)
     assert dropless_capacities(8, 2, 8) == (3, 4)
@@ -63,11 +71,12 @@ def test_dropped_assignments_match_reference(policy):
     mask = np.ones((g, n), np.float32)
     mask[1, :5] = 0  # left padding in the second group takes no capacity
     capacity = expert_capacity(n, k, e, 1.1)
-    slot_token, assignment_slot, kept, load, dropped = dispatch(
+    slot_token, assignment_slot, load, dropped = dispatch(
         Tensor(index), Tensor(weight), Tensor(mask), e, capacity, policy)
+    kept = served_assignments(assignment_slot, g, n, k, e, capacity)
     ref_kept, ref_dropped = reference_dispatch(index, weight, mask, e, capacity, policy)
     assert ref_dropped.sum() > 0, "the fixture must overload some expert"
-    np.testing.assert_array_equal(kept.asnumpy().astype(bool), ref_kept)
+    np.testing.assert_array_equal(kept, ref_kept)
     np.testing.assert_array_equal(dropped.asnumpy().astype(int), ref_dropped)
     routed = np.bincount(index[mask > 0].reshape(-1), minlength=e)
     np.testing.assert_array_equal(load.asnumpy().astype(int), routed)
@@ -90,11 +99,11 @@ def test_policies_differ_as_specified():
     index = np.array([[[0, 1], [1, 0]]], np.int32)  # token 0 -> e0 (first), token 1 -> e0 (second)
     weight = np.array([[[0.55, 0.45], [0.1, 0.9]]], np.float32)
     mask = np.ones((1, 2), np.float32)
-    _, _, kept_probs, _, _ = dispatch(Tensor(index), Tensor(weight), Tensor(mask), 2, 1, "probs")
-    _, _, kept_pos, _, _ = dispatch(Tensor(index), Tensor(weight), Tensor(mask), 2, 1, "position")
+    kept_probs, kept_pos = (served_assignments(dispatch(Tensor(index), Tensor(weight), Tensor(mask), 2, 1, policy)[1],
+                                               1, 2, 2, 2, 1) for policy in ("probs", "position"))
     # expert 0 has one slot: probs gives it to token 1 (0.9), position to token 0 (first choice)
-    assert kept_probs.asnumpy()[0, :, :].tolist() == [[0, 1], [0, 1]]
-    assert kept_pos.asnumpy()[0, :, :].tolist() == [[1, 0], [1, 0]]
+    assert kept_probs.astype(int)[0, :, :].tolist() == [[0, 1], [0, 1]]
+    assert kept_pos.astype(int)[0, :, :].tolist() == [[1, 0], [1, 0]]
 
 
 def numpy_moe(block, x, mask, groups, training):

@@ -156,7 +156,7 @@ def test_moe_config_knobs():
 
 
 def test_keys_are_the_frameworks():
-    """Every key accepted here exists in MindSpore 2.9 / MindFormers 1.9, and the defaults match the model's."""
+    """Every key accepted here exists in MindSpore 2.9 / MindFormers 1.9, with MindFormers' defaults."""
     from mindspore.parallel._auto_parallel_context import _set_auto_parallel_context_func_map
     from mindformers.modules.transformer.moe import MoEConfig
     from mindformers.modules.transformer.transformer import TransformerOpParallelConfig
@@ -168,9 +168,6 @@ def test_keys_are_the_frameworks():
             assert op_params[key].default == default, key
     moe_params = set(inspect.signature(MoEConfig.__init__).parameters)
     assert set(pconfig.MOE_COMM_KEYS) | set(pconfig._MOE_MODEL_KEYS) | pconfig._MOE_IGNORED_KEYS <= moe_params
-    model_params = inspect.signature(MixtralConfig.__init__).parameters
-    for key, default in pconfig.MODEL_DEFAULTS.items():
-        assert model_params[key].default == default, key
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,8 +367,8 @@ def test_expert_parallel_exchange_matches_grouped_block():
     for r in range(dp):  # each data-parallel rank: router and dispatch on its own tokens
         flat = x[r * rows:(r + 1) * rows].reshape(n, h)
         _, _, weights, index = block.gate(Tensor(flat))
-        slot_token, assignment_slot, _, _, _ = dispatch(index.reshape(1, n, k), weights.reshape(1, n, k),
-                                                        Tensor(np.ones((1, n), np.float32)), e, cap, "probs")
+        slot_token, assignment_slot, _, _ = dispatch(index.reshape(1, n, k), weights.reshape(1, n, k),
+                                                     Tensor(np.ones((1, n), np.float32)), e, cap, "probs")
         padded = np.concatenate([flat, np.zeros((1, h), np.float32)])
         sent.append(padded[slot_token.asnumpy()][:e * cap].reshape(e, cap, h))
         routes.append((assignment_slot.asnumpy(), weights.asnumpy()))

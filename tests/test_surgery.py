@@ -297,9 +297,10 @@ def test_sigterm_while_writing_removes_the_temp_folder(tmp_path):
 def test_training_checkpoint_file_with_the_run_yaml(tmp_path):
     """A MindSpore .ckpt as training writes it (weights + optimizer state), named with --config run.yaml."""
     import mindspore as ms
-    from test_training import run_mixtral, write_yaml
+    from mixtral_ms import runner
+    from test_training import write_yaml
     cfg = write_yaml(str(tmp_path), tmp_path / "unused.mindrecord")
-    model = run_mixtral.build_model(run_mixtral.load_config(cfg, {}), None)
+    model = runner.build_model(runner.load_run(cfg), None)
     params = {p.name: p.asnumpy() for p in model.get_parameters()}
     state = [{"name": n, "data": ms.Tensor(v)} for n, v in params.items()]
     state += [{"name": "adam_m." + n, "data": ms.Tensor(np.ones_like(v))} for n, v in params.items()]

@@ -22,12 +22,9 @@ import mindspore as ms
 from mindspore import Tensor
 
 from conftest import FIXTURES, ROOT
-from mixtral_ms import MixtralConfig, MixtralForCausalLM
+from mixtral_ms import MixtralConfig, MixtralForCausalLM, runner
 from mixtral_ms.data import write_mindrecord
 
-_spec = importlib.util.spec_from_file_location("run_mixtral", os.path.join(ROOT, "scripts", "run_mixtral.py"))
-run_mixtral = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(run_mixtral)
 
 SEQ, BATCH, STEPS, SAVE_AT = 16, 4, 40, 20
 CYCLE = np.random.default_rng(0).permutation(np.arange(3, 2000))[:48].astype(np.int32)
@@ -67,10 +64,10 @@ def dp_launch(tmp_path_factory):
 
 
 def run(*argv):
-    """scripts/run_mixtral.py main() in this process: (exit status, stdout, stderr)."""
+    """scripts/run_mixtral.py's main() (mixtral_ms.runner.main) in this process: (exit status, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = run_mixtral.main([str(a) for a in argv])
+        status = runner.main([str(a) for a in argv])
     return status, out.getvalue(), err.getvalue()
 
 
@@ -190,10 +187,9 @@ def test_resume_reproduces_the_next_losses(trained, tmp_path):
 
 
 def test_generation_continues_the_learned_cycle(trained):
-    """The trained checkpoint, loaded through run_mixtral's strict loader, continues the cycle greedily,
+    """The trained checkpoint, loaded through the runner's strict loader, continues the cycle greedily,
     also for a left-padded batch."""
-    config = run_mixtral.load_config(trained["cfg"], {})
-    model = run_mixtral.build_model(config, str(trained["dir"] / "checkpoint"))
+    model = runner.build_model(runner.load_run(trained["cfg"], {}), str(trained["dir"] / "checkpoint"))
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ids = np.array([[0, 0] + CYCLE[5:9].tolist(), CYCLE[20:26].tolist()], np.int32)
     mask = np.array([[0, 0, 1, 1, 1, 1], [1] * 6], np.float32)
@@ -215,8 +211,9 @@ def test_predict_through_run_mixtral_and_trainer(trained):
     assert len(lines) == 2 and lines[0].startswith("> In the beginning") and lines[1].startswith("> And Moses")
     assert all(len(line) > len("> In the beginning") for line in lines)
 
-    config = run_mixtral.load_config(trained["cfg"], {"run_mode": "predict"})
-    model = run_mixtral.build_model(config, str(trained["dir"] / "checkpoint"))
+    run_config = runner.load_run(trained["cfg"], {"run_mode": "predict"})
+    model = runner.build_model(run_config, str(trained["dir"] / "checkpoint"))
+    config = run_config.config
     model.config.batch_size = 1
     config.load_checkpoint = ""
     tokenizer = LlamaTokenizer(vocab_file=os.path.join(ROOT, "data", "tokenizer", "tokenizer.model"))
@@ -346,6 +343,21 @@ def test_yaml_builds_through_the_mindformers_registry():
             network.config.capacity_factor, network.config.vocab_size) == (8, 2, 1.1, 2000)
 
 
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)),
+                         ids=os.path.basename)
+def test_every_shipped_yaml_loads_as_mindformers_reads_it(path):
+    """The runner reads a YAML once, checks it and ends with what MindFormerConfig(path) gives
+    (base_config inheritance, MindFormers' template), and its MixtralConfig is the YAML's model_config."""
+    from mindformers import MindFormerConfig
+    import mixtral_ms.optim  # noqa: F401  (OffloadAdamW, named by the 8x7B YAMLs)
+    run_config = runner.load_run(path)
+    reference = MindFormerConfig(path)
+    assert run_config.config == reference
+    for key, value in reference.model.model_config.items():
+        if key != "type":
+            assert getattr(run_config.model_config, key) == value, key
+
+
 def test_bad_runs_fail_with_one_line(trained, tmp_path):
     data = trained["data"]
     cases = [
@@ -378,7 +390,7 @@ def test_wrapper_data_parallel_equals_one_process(dp_launch):
     with the parameters one process gets on the whole batch."""
     if dp_launch is None:
         pytest.skip("set MIXTRAL_MS_DIST_TESTS=1 (and have msrun) for the 2-process DATA_PARALLEL check")
-    from dist.wrapper_dp_check import BATCH, wrapper_dp_setup
+    from dist.wrapper_dp_check import wrapper_dp_setup
     work, proc = dp_launch
     ms.set_context(mode=ms.PYNATIVE_MODE)
     model, step, batches = wrapper_dp_setup()
@@ -403,4 +415,3 @@ def test_wrapper_data_parallel_equals_one_process(dp_launch):
     for name, value in reference.items():
         np.testing.assert_array_equal(params[0][name], params[1][name])
         np.testing.assert_allclose(params[0][name], value, atol=2e-5, err_msg=name)
-    assert BATCH % 2 == 0

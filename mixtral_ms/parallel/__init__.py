@@ -4,7 +4,8 @@ semi-auto-parallel sharding plan and context (plan.py) and the per-device memory
 Nothing here imports MindSpore at import time; `apply_plan`, `setup_context` and `prepare_parallel`
 import it when called. Launching and the verified-on-CPU vs needs-Ascend/GPU split: docs/parallel.md.
 """
-from .config import ModelDims, ParallelConfigError, ParallelLayout, from_run_config, load_yaml, model_dims, validate
+from ..schema import ModelDims, model_dims
+from .config import ParallelConfigError, ParallelLayout, from_run_config, load_yaml, validate
 from .plan import Entry, apply_plan, check_table, context_kwargs, plan_spec, prepare_parallel, setup_context
 
 __all__ = ["Entry", "ModelDims", "ParallelConfigError", "ParallelLayout", "apply_plan", "check_table",

@@ -2,8 +2,8 @@
 Mixtral model and a device count.
 
 No MindSpore import here (the memory CLI and the docs use this module; importing MindSpore and
-MindFormers costs seconds). The model is read through `model_dims`, which accepts a `MixtralConfig`
-or the `model.model_config` mapping of a YAML file.
+MindFormers costs seconds). The model is read through `mixtral_ms.schema.model_dims`, which accepts a
+`MixtralConfig` or the `model.model_config` mapping of a YAML file.
 
 Every error is a one-line `ParallelConfigError` naming the offending key and values.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
+
+from ..schema import ModelDims, model_dims  # the model side of every check
 
 
 class ParallelConfigError(ValueError):
@@ -68,49 +70,6 @@ MOE_COMM_KEYS = ("group_wise_a2a", "comp_comm_parallel", "comp_comm_parallel_deg
 _MOE_MODEL_KEYS = {"expert_num": "num_local_experts", "num_experts_chosen": "num_experts_per_tok",
                    "capacity_factor": "capacity_factor"}
 _MOE_IGNORED_KEYS = {"aux_loss_factor", "routing_policy", "norm_topk_prob", "enable_sdrop", "router_dense_type"}
-
-# Model fields the layout depends on, with MixtralConfig's defaults (Mixtral-8x7B-v0.1); a test keeps
-# them equal to mixtral_ms.configuration.MixtralConfig's.
-MODEL_DEFAULTS: Dict[str, Any] = {
-    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "num_local_experts": 8,
-    "num_experts_per_tok": 2, "capacity_factor": 1.1, "seq_length": 4096, "tie_word_embeddings": False,
-    "param_init_type": "float32", "compute_dtype": "float32",
-}
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The model shape the parallel layout and the memory estimate need."""
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    num_local_experts: int
-    num_experts_per_tok: int
-    capacity_factor: float
-    seq_length: int
-    tie_word_embeddings: bool
-    param_init_type: str
-    compute_dtype: str
-
-
-def model_dims(model: Any) -> ModelDims:
-    """ModelDims from a MixtralConfig (or any object with its fields) or a `model_config` mapping."""
-    if isinstance(model, ModelDims):
-        return model
-    get = (lambda k: model.get(k, MODEL_DEFAULTS[k])) if isinstance(model, Mapping) else \
-        (lambda k: getattr(model, k, MODEL_DEFAULTS[k]))
-    values = {k: get(k) for k in MODEL_DEFAULTS}
-    if values["num_key_value_heads"] is None:
-        values["num_key_value_heads"] = values["num_attention_heads"]
-    if values["head_dim"] is None:
-        values["head_dim"] = values["hidden_size"] // max(int(values["num_attention_heads"]), 1)
-    return ModelDims(**values)
-
 
 @dataclass(frozen=True)
 class ParallelLayout:

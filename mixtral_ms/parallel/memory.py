@@ -28,9 +28,10 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
-from .config import ModelDims, ParallelConfigError, ParallelLayout, from_run_config, load_yaml, model_dims
+from ..schema import ConfigError, ModelDims, model_dims
+from .config import ParallelConfigError, ParallelLayout, from_run_config, load_yaml
 from .plan import plan_spec, replication, sequence_tokens
 
 GIB = float(1 << 30)
@@ -124,7 +125,7 @@ def _activations(d: ModelDims, layout: ParallelLayout, run_mode: str, stage: int
 
 
 def kv_cache_bytes(d: ModelDims, layout: ParallelLayout, rows: int, positions: int) -> float:
-    """Static KV cache of mixtral_ms.generation per device: 2 * L/pp * rows/dp * nKV/mp * P * D * bytes."""
+    """Static KV cache of mixtral_ms.inference.generation per device: 2 * L/pp * rows/dp * nKV/mp * P * D * bytes."""
     c = DTYPE_BYTES.get(d.compute_dtype, 2)
     return (2 * layout.layers_per_stage * max(rows // layout.data_parallel, 1) *
             (d.num_key_value_heads / layout.model_parallel) * positions * d.head_dim * c)
@@ -258,7 +259,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         est = from_config_file(args.config, args.devices, args.master_weights)
-    except (ParallelConfigError, OSError) as err:
+    except (ParallelConfigError, ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     path = os.path.relpath(args.config) if os.path.isabs(args.config) else args.config

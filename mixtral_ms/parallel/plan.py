@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..capacity import dropless_capacities, expert_capacity
-from .config import ModelDims, ParallelConfigError, ParallelLayout, model_dims
+from ..schema import ModelDims, model_dims
+from .config import ParallelConfigError, ParallelLayout
 
 Strategy = Tuple[Tuple[int, ...], ...]
 
@@ -249,19 +250,6 @@ def apply_plan(model, layout: ParallelLayout, run_mode: str = "train") -> Dict[s
         for layer in model.model.layers:
             layer.recompute()
     return table
-
-
-def format_table(table: Dict[str, Entry], layout: ParallelLayout, layers: Sequence[int] = (0,)) -> str:
-    """Markdown table of the plan (the given decoder layers plus the embedding and head)."""
-    rows = ["| name | kind | shapes | strategy | stage | note |", "|---|---|---|---|---|---|"]
-    keep = tuple(f"model.layers.{i}." for i in layers)
-    for name, e in table.items():
-        if name.startswith("model.layers.") and not name.startswith(keep):
-            continue
-        shapes = " x ".join(str(list(s)) for s in e.shapes)
-        strat = str(tuple(e.strategy)) + (f" out {e.out_strategy}" if e.out_strategy else "")
-        rows.append(f"| `{name}` | {e.kind} | {shapes} | {strat} | {e.stage} | {e.note} |")
-    return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """Training pieces registered with MindFormers: the train-one-step wrapper and callbacks.
 
-Importing this package runs mixtral_ms.training.register, which registers MixtralConfig,
+Importing this package runs mixtral_ms.training.yaml_check, which registers MixtralConfig,
 MixtralModel, MixtralForCausalLM, MixtralTrainOneStepCell, MixtralProgressMonitor and
 RouterStatsMonitor, so a YAML naming them builds through `mindformers.Trainer`.
 """
 from .. import optim  # noqa: F401  (registers FusedAdamW and OffloadAdamW as optimizer types)
 from .callbacks import MixtralProgressMonitor, RouterStatsMonitor
-from .register import REGISTERED, check_config
+from .yaml_check import REGISTERED, check_config
 from .wrapper import MixtralTrainOneStepCell
 
 __all__ = ["MixtralProgressMonitor", "MixtralTrainOneStepCell", "REGISTERED", "RouterStatsMonitor", "check_config"]

@@ -15,7 +15,7 @@ from mindspore.context import ParallelMode
 from mindspore.parallel._utils import _get_device_num, _get_gradients_mean, _get_parallel_mode
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from ..hf_config import ConfigError
+from ..schema import ConfigError
 
 _DYNAMIC_SCALE_DEFAULTS = {"loss_scale_value": 2.0 ** 16, "scale_factor": 2, "scale_window": 1000}
 
@@ -54,7 +54,7 @@ class MixtralTrainOneStepCell(nn.Cell):
                  scale_sense: Union[float, dict, nn.Cell, Tensor] = 1.0, max_grad_norm: Optional[float] = 1.0,
                  use_clip_grad: bool = True, lr_scheduler=None, **_framework_args) -> None:
         """`_framework_args`: what MindFormers' trainer passes every wrapper (calculate_per_token_loss,
-        print_separate_loss, grouped_lr_scheduler, ...); YAML keys are checked by register.check_config."""
+        print_separate_loss, grouped_lr_scheduler, ...); YAML keys are checked by yaml_check.check_config."""
         super().__init__(auto_prefix=False)
         self.network = network
         self.optimizer = optimizer

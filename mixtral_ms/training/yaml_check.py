@@ -22,7 +22,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from .. import modeling  # noqa: F401  (registers MixtralConfig, MixtralModel, MixtralForCausalLM)
 from ..configuration import MixtralConfig
-from ..hf_config import ConfigError
+from ..schema import ConfigError
 from .callbacks import MixtralProgressMonitor, RouterStatsMonitor
 from .wrapper import MixtralTrainOneStepCell
 

@@ -3,7 +3,7 @@
 The pipeline tokenizes with `padding=True` (right padding, no attention mask passed on) and calls
 `network.generate(input_ids, max_length=..., top_k=..., return_dict_in_generate=True, **extras)`, then
 decodes `result["sequences"]` (prompt + continuation). This adapter turns that call into
-mixtral_ms.generation.generate: trailing padding becomes left padding with a mask, `max_length`
+mixtral_ms.inference.generation.generate: trailing padding becomes left padding with a mask, `max_length`
 becomes `max_new_tokens`, and the sequences come back without padding or what follows EOS.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..generation import generate
+from .generation import generate
+from .prompts import continuation, left_pad
 
 # Keywords the pipeline or Trainer.predict forward that say nothing about decoding.
 _IGNORED = ("audio_processor", "image_processor", "is_full_config", "streamer", "use_past", "output_scores",
@@ -51,22 +52,13 @@ def pipeline_generate(model, input_ids, attention_mask=None, max_new_tokens: Opt
             while end > 1 and row[end - 1] == pad:  # the pipeline's right padding
                 end -= 1
             prompts.append(row[:end])
-    width = max(map(len, prompts))
-    ids = np.full((len(prompts), width), pad, np.int32)
-    mask = np.zeros((len(prompts), width), np.float32)
-    for i, prompt in enumerate(prompts):  # left padding, as generate expects
-        ids[i, width - len(prompt):] = prompt
-        mask[i, width - len(prompt):] = 1
+    ids, mask = left_pad(prompts, pad)
+    width = ids.shape[1]
     if max_new_tokens is None:
         max_new_tokens = max(1, max_length - width) if max_length else 32
     out = generate(model, ids, mask, max_new_tokens=max_new_tokens, **decoding)
     if not return_dict_in_generate:
         return out
     eos = decoding.get("eos_token_id", model.config.eos_token_id)
-    sequences = []
-    for prompt, row in zip(prompts, out):
-        new = [int(t) for t in row[width:]]
-        if eos is not None and eos in new:
-            new = new[:new.index(eos) + 1]
-        sequences.append(list(prompt) + new)
-    return {"sequences": sequences}
+    return {"sequences": [list(prompt) + continuation(row, width, eos, keep_eos=True)
+                          for prompt, row in zip(prompts, out)]}

@@ -51,7 +51,9 @@ _STEPS: "weakref.WeakKeyDictionary[nn.Cell, CachedStep]" = weakref.WeakKeyDictio
 
 
 def _filter_logits(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
-    """Hugging Face's warper order: temperature, then top-k, then top-p (nucleus)."""
+    """Hugging Face's warpers in their order: temperature, then top-k, then top-p (nucleus). Not MindFormers'
+    logits processors: their TopPLogitsWarper drops the token that reaches top_p (HF keeps it) and both
+    filter to -50000, not -inf."""
     logits = logits / max(temperature, 1e-6)
     if top_k and top_k < logits.shape[-1]:
         kth = np.sort(logits, axis=-1)[:, -top_k][:, None]

@@ -1,0 +1,168 @@
+"""The Mixtral model schema, MindSpore-free: every hyper-parameter with its default (Mixtral-8x7B-v0.1's),
+the sizes derived from them and the checks, plus reading a Hugging Face config.json.
+
+`MixtralConfig` (the MindFormers config), the checkpoint converter (config.json) and the parallel layout
+(a YAML's model_config) all read the model through `ModelDims`. Tools that only need shapes stay light:
+importing MindSpore and MindFormers costs ~600 MB of RSS and seconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Dict, Mapping, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a Mixtral model."""
+
+
+DROP_POLICIES = ("probs", "position")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDims:
+    """Mixtral hyper-parameters, Hugging Face field names plus the MoE-capacity knobs HF lacks; checked on
+    construction (one-line ConfigError naming the field).
+
+    `capacity_factor` bounds expert load in training (`<= 0`: dropless); `inference_capacity_factor`
+    does the same in eval mode and defaults to dropless, since capacity only matters for training
+    throughput. `moe_token_groups` splits the tokens into groups that get capacity separately (one per
+    data-parallel shard under the parallel plan). `num_key_value_heads` None means multi-head attention;
+    `head_dim` None means hidden_size // num_attention_heads.
+    """
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = 8
+    head_dim: Optional[int] = None
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    sliding_window: Optional[int] = None
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.02
+    router_z_loss_coef: float = 0.0
+    router_jitter_noise: float = 0.0
+    capacity_factor: float = 1.1
+    inference_capacity_factor: float = 0.0
+    drop_policy: str = "probs"
+    moe_token_groups: int = 1
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    seq_length: int = 4096
+    compute_dtype: str = "float32"
+    param_init_type: str = "float32"
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[int] = 2
+    pad_token_id: Optional[int] = 0
+    ignore_token_id: int = -100
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_attention_heads"):
+            _positive_int(name, getattr(self, name))
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        for name in ("vocab_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads", "head_dim",
+                     "num_local_experts", "num_experts_per_tok", "max_position_embeddings", "moe_token_groups",
+                     "seq_length"):
+            _positive_int(name, getattr(self, name))
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
+                              f"num_local_experts ({self.num_local_experts})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) is not divisible "
+                              f"by num_key_value_heads ({self.num_key_value_heads})")
+        if self.sliding_window is not None:
+            _positive_int("sliding_window", self.sliding_window, " or null")
+        if self.drop_policy not in DROP_POLICIES:
+            raise ConfigError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
+        for name in ("compute_dtype", "param_init_type"):
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in DTYPES:
+                raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        for name in ("capacity_factor", "inference_capacity_factor", "router_aux_loss_coef", "router_z_loss_coef",
+                     "router_jitter_noise", "rms_norm_eps", "rope_theta", "initializer_range"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(ModelDims))
+
+
+def _positive_int(name: str, value: Any, alternative: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer{alternative}, got {value!r}")
+
+
+def model_dims(model: Any) -> ModelDims:
+    """ModelDims from a MixtralConfig (or any object with its fields) or a mapping such as a YAML's
+    `model_config` (other keys, such as `type`, are ignored); missing fields take the defaults."""
+    if isinstance(model, ModelDims):
+        return model
+    if isinstance(model, Mapping):
+        return ModelDims(**{k: model[k] for k in FIELDS if k in model})
+    return ModelDims(**{k: getattr(model, k) for k in FIELDS if hasattr(model, k)})
+
+
+# Hugging Face config.json fields MixtralConfig takes as they are (rope_theta is read separately).
+_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "sliding_window",
+              "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise",
+              "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id")
+# Fields a config.json must name: they fix the parameter shapes and have no safe default.
+_HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_local_experts", "num_experts_per_tok")
+
+
+def hf_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
+    """MixtralConfig keyword arguments from a config.json dict: top-level `rope_theta` (released
+    checkpoints) or transformers-5 `rope_parameters`; only default RoPE."""
+    if not isinstance(hf, dict):
+        raise ConfigError("config.json must hold a JSON object")
+    if hf.get("model_type") != "mixtral":
+        raise ConfigError(f"not a Mixtral config: model_type is {hf.get('model_type')!r}, expected 'mixtral'")
+    for key in ("torch_dtype", "dtype"):
+        if hf.get(key) is not None and not isinstance(hf[key], str):
+            raise ConfigError(f"config.json {key} must be a dtype name such as 'bfloat16', got {hf[key]!r}")
+    kwargs = {k: hf[k] for k in _HF_FIELDS if hf.get(k) is not None}
+    if "sliding_window" in hf:
+        kwargs["sliding_window"] = hf["sliding_window"]
+    rope = hf.get("rope_parameters") or {}
+    if "rope_theta" in hf:
+        kwargs["rope_theta"] = hf["rope_theta"]
+    elif "rope_theta" in rope:
+        kwargs["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default":
+        raise ConfigError(f"unsupported rope_type {rope['rope_type']!r}; only 'default' RoPE is implemented")
+    return kwargs
+
+
+def read_hf_config(folder: str) -> Dict[str, Any]:
+    """`<folder>/config.json` as a dict, with one-line errors for a missing or malformed file."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in {folder}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: malformed JSON ({err})") from None
+
+
+def hf_dims(hf: Dict[str, Any]) -> ModelDims:
+    """The checked ModelDims of a config.json dict, which must name every shape-fixing field."""
+    fields = hf_fields(hf)
+    missing = [k for k in _HF_REQUIRED if k not in fields]
+    if missing:
+        raise ConfigError(f"config.json lacks {missing[0]!r}")
+    return ModelDims(**fields)
