@@ -1,11 +1,13 @@
 """Loading weights into a model from any checkpoint layout users arrive with, strictly checked.
 
-Every layout is checked by the checkpoint schema (name_map.hf_sources, name_map.ms_tensors), the same
-checks the converter runs, so a checkpoint the converter accepts is exactly one the model loads.
+Every layout is checked by the checkpoint schema (name_map.hf_sources, name_map.ms_tensors: names, shapes,
+dtypes), the same checks the converter runs, so a checkpoint the converter accepts is exactly one the
+model loads; NaN/inf weights are refused here as the converter refuses them.
 """
 from __future__ import annotations
 
 import os
+from typing import Dict
 
 import numpy as np
 
@@ -13,42 +15,70 @@ import mindspore as ms
 from mindspore import Parameter, Tensor
 
 from .name_map import TRAINING_STATE_PREFIXES, hf_sources, is_expert_stack, is_ms_layout, ms_tensors
-from .safetensors_io import CheckpointError, open_checkpoint, to_numpy
+from .safetensors_io import ArrayTensor, CheckpointError, f32_to_bf16, numpy_tag, open_checkpoint, to_numpy
+
+
+def read_ckpt(path: str) -> Dict[str, ArrayTensor]:
+    """The weights of a MindSpore .ckpt (optimizer moments and other training state skipped unread), as
+    raw bytes and dtype tags. MindSpore reads the file whole: a .ckpt cannot be read lazily."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint file {path}")
+    try:
+        state = ms.load_checkpoint(path, choice_func=lambda name: not name.startswith(TRAINING_STATE_PREFIXES))
+    except (ValueError, RuntimeError, TypeError, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable MindSpore checkpoint ({first})") from None
+    out = {}
+    for name, value in state.items():
+        if value.dtype == ms.bfloat16:  # numpy has no bf16: widen (exact) and narrow back (exact)
+            tag, data = "BF16", f32_to_bf16(value.astype(ms.float32).asnumpy()).tobytes()
+        else:
+            array = value.asnumpy()
+            tag, data = numpy_tag(array.dtype), np.ascontiguousarray(array).tobytes()
+        out[name] = ArrayTensor(name, tag, tuple(value.shape), data)
+    return out
+
+
+def _checked(info, allow_nonfinite: bool) -> np.ndarray:
+    """The tensor's values, refused (by its checkpoint name) if it holds NaN or inf."""
+    value = to_numpy(info)
+    if not allow_nonfinite and not np.isfinite(value).all():
+        bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+        raise CheckpointError(f"tensor {info.name!r} holds NaN or inf values ({bad} of {value.size}); refusing to "
+                              "load it (allow_nonfinite=True loads it anyway)")
+    return value
 
 
 def _set(param, value: np.ndarray) -> None:
     param.set_data(Tensor(value.astype(np.float32), dtype=param.dtype))
 
 
-def load_weights(model, path: str) -> None:
+def load_weights(model, path: str, allow_nonfinite: bool = False) -> None:
     """Fill `model` from a Hugging Face folder (per-expert tensors), a mixtral-ms folder or file
     (stacked experts; hf2ms output or a training .safetensors) or a MindSpore .ckpt. Every parameter
-    must be present with the model's shape; anything but weights and training state is an error."""
+    must be present with the model's shape and a float dtype (F32, BF16, F16) and, unless
+    `allow_nonfinite`, finite; anything but weights and training state is an error."""
     if path.endswith(".ckpt"):
-        _load_ckpt(model, path)
+        _load_ckpt(model, path, allow_nonfinite)
         return
     params = {p.name: p for p in model.get_parameters()}
     tensors = open_checkpoint(path)
     if is_ms_layout(tensors):
         for name, info in ms_tensors(tensors, model.config).items():
-            _set(params[name], to_numpy(info))
+            _set(params[name], _checked(info, allow_nonfinite))
         return
     for name, infos in hf_sources(tensors, model.config).items():
-        parts = [to_numpy(info) for info in infos]
+        parts = [_checked(info, allow_nonfinite) for info in infos]
         _set(params[name], np.stack(parts) if is_expert_stack(name) else parts[0])
 
 
-def _load_ckpt(model, path: str) -> None:
-    """A MindSpore training checkpoint: the weights are read (optimizer moments and other training state
-    are skipped unread), checked by the schema, cast to the model's dtypes and loaded strictly."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint file {path}")
-    state = ms.load_checkpoint(path, choice_func=lambda name: not name.startswith(TRAINING_STATE_PREFIXES))
-    state = ms_tensors(state, model.config, implied_by="the model config")
+def _load_ckpt(model, path: str, allow_nonfinite: bool) -> None:
+    """A MindSpore training checkpoint: the weights (read_ckpt), checked by the schema, cast to the model's
+    dtypes and loaded strictly."""
+    tensors = ms_tensors(read_ckpt(path), model.config, implied_by="the model config")
     params = {p.name: p for p in model.get_parameters()}
-    for name, value in state.items():
-        if value.dtype != params[name].dtype:  # strict_load converts no dtype
-            state[name] = Parameter(Tensor(value.astype(ms.float32).asnumpy(), dtype=params[name].dtype), name=name)
+    state = {name: Parameter(Tensor(_checked(info, allow_nonfinite).astype(np.float32), dtype=params[name].dtype),
+                             name=name) for name, info in tensors.items()}
     not_loaded, _ = ms.load_param_into_net(model, state, strict_load=True)
     if not_loaded:  # a parameter the schema does not know (the model grew one): never leave it at its init
         raise CheckpointError(f"the checkpoint schema has no entry for model parameter {not_loaded[0]!r}")

@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from fractions import Fraction
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .outputs import stale, temp_path
 
 IGNORE = -100
 PAD_ID = 0
@@ -205,23 +206,70 @@ def sft_samples(examples: Iterable[Sequence[Tuple[str, str]]], encode, seq_lengt
 
 # ----------------------------------------------------------------------------------------------- MindRecord
 
+def _is_mindrecord(path: str) -> bool:
+    """`path` and `path.db` look like a MindRecord pair (the .db is MindRecord's SQLite index)."""
+    try:
+        with open(path + ".db", "rb") as f:
+            return os.path.isfile(path) and f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
+
+
+def check_output(output: str, inputs: Sequence[str], overwrite: bool) -> None:
+    """Refuse an output that is (or is inside) an input, or that exists and is not a MindRecord pair
+    (`--overwrite` replaces only what this tool writes), or exists without `overwrite`."""
+    out = os.path.realpath(output)
+    for path in inputs:
+        real = os.path.realpath(path)
+        if out in (real, real + ".db") or out.startswith(real + os.sep) or real == out + ".db":
+            raise DataError(f"--output {output} is (or is inside) the input {path}; write it elsewhere")
+    if os.path.isdir(output):
+        raise DataError(f"{output} is a folder; name a .mindrecord file")
+    existing = [t for t in (output, output + ".db") if os.path.lexists(t)]
+    if existing and not _is_mindrecord(output):
+        raise DataError(f"{existing[0]} exists and is not a MindRecord file this tool wrote; refusing to replace it")
+    if existing and not overwrite:
+        raise DataError(f"{output} exists; pass --overwrite to replace it")
+
+
+def _writer_error(err: RuntimeError, output: str) -> "DataError":
+    """MindRecord's many-line C++ error as one line, with the free space (a full disk is the usual cause)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    message = next((line for line in lines if line.startswith("[ERROR]")), lines[0] if lines else "failed")
+    folder = os.path.dirname(os.path.abspath(output))
+    free = shutil.disk_usage(folder).free
+    return DataError(f"writing {output} failed: {message} ({free >> 20} MiB free in {folder}; disk full "
+                     "or a file size limit?)")
+
+
+def _check_space(folder: str, batch: List[Dict[str, np.ndarray]], output: str) -> None:
+    """Stop with a DataError before a batch that would fill the disk: MindRecord's writer crashes (SIGSEGV)
+    when a write fails, so a full disk must never reach it. Allows for a page and the index beside it."""
+    need = 2 * sum(np.asarray(v).nbytes for sample in batch for v in sample.values()) + (2 << 20)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise DataError(f"disk full: writing {output} needs about {need / 2**20:.1f} MiB more, "
+                        f"{free / 2**20:.1f} MiB free in {os.path.dirname(folder)}")
+
+
 def write_mindrecord(output: str, columns: Dict[str, dict], samples: Iterable[Dict[str, np.ndarray]],
                      overwrite: bool = False) -> int:
-    """Write samples to `output` (+ its `.db` index) in a temp folder beside it, then rename both into place.
-
-    Refuses an existing output unless `overwrite`; an interrupted or failed run leaves nothing behind.
+    """Write samples to `output` (+ its `.db` index) in the hidden temp folder `.<name>.tmp-<pid>` beside it,
+    then rename both into place. Refuses what check_output refuses; an interrupted or failed run leaves
+    nothing behind, and a killed run's temp folder is removed by the next run to the same output.
     Returns the sample count; zero samples is a DataError.
     """
     from mindspore.mindrecord import FileWriter
+    check_output(output, (), overwrite)
     targets = [output, output + ".db"]
-    if os.path.isdir(output):
-        raise DataError(f"{output} is a folder; name a .mindrecord file")
-    if any(os.path.exists(t) for t in targets) and not overwrite:
-        raise DataError(f"{output} exists; pass --overwrite to replace it")
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".mindrecord-", dir=parent)
     name = os.path.basename(output)
+    for old in stale(output, "tmp", hidden=True):
+        if all(entry in (name, name + ".db") for entry in os.listdir(old)):
+            shutil.rmtree(old)
+    tmp = temp_path(output, hidden=True)
+    os.makedirs(tmp)
     try:
         writer = FileWriter(os.path.join(tmp, name), shard_num=1, overwrite=True)
         writer.add_schema(columns, "mixtral_ms")
@@ -235,9 +283,11 @@ def write_mindrecord(output: str, columns: Dict[str, dict], samples: Iterable[Di
                 writer.set_page_size(min(max(1 << 20, need), 1 << 28))
             batch.append(sample)
             if len(batch) == 1024:
+                _check_space(tmp, batch, output)
                 writer.write_raw_data(batch)
                 count, batch = count + len(batch), []
         if batch:
+            _check_space(tmp, batch, output)
             writer.write_raw_data(batch)
             count += len(batch)
         if count == 0:
@@ -246,6 +296,8 @@ def write_mindrecord(output: str, columns: Dict[str, dict], samples: Iterable[Di
         writer.commit()
         for target in targets:
             os.replace(os.path.join(tmp, os.path.basename(target)), target)
+    except RuntimeError as err:
+        raise _writer_error(err, output) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return count
@@ -325,11 +377,14 @@ def split_heldout(items: Iterable, fraction: float) -> Tuple[Iterator, List]:
 
 def _write_split(output: str, heldout_output: str, columns, make_samples, items, fraction: float,
                  overwrite: bool, stats: dict) -> int:
-    """Write the training and held-out MindRecords into a temp folder beside `output`, then move all four
-    files into place: a failure in either split leaves the old outputs untouched."""
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=".split-", dir=parent)
+    """Write the training and held-out MindRecords into the hidden temp folder `.<name>.split.tmp-<pid>`
+    beside `output`, then move all four files into place: a failure in either split leaves the old outputs
+    untouched, and a killed run's folder is removed by the next split to the same output."""
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    for old in stale(output + ".split", "tmp", hidden=True):
+        shutil.rmtree(old)
+    stage = temp_path(output + ".split", hidden=True)
+    os.makedirs(stage)
     try:
         train, heldout = split_heldout(items, fraction)
         # MindRecord files know their own names (the .db index refers to them): stage under the final ones.
@@ -375,8 +430,7 @@ def preprocess(inputs: Sequence[str], fmt: str, tokenizer_path: str, seq_length:
         raise DataError(f"the held-out output {heldout_output} is the training output; name another file")
     files = input_files(inputs, fmt)  # fail on a missing input before anything is written
     for target in filter(None, (output, heldout_output)):
-        if os.path.exists(target) and not overwrite:
-            raise DataError(f"{target} exists; pass --overwrite to replace it")
+        check_output(target, inputs, overwrite)
     import sentencepiece as spm
     try:
         sp = spm.SentencePieceProcessor(model_file=tokenizer_path)

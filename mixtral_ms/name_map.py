@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
-from .safetensors_io import CheckpointError, TensorInfo
+from .safetensors_io import FLOAT_TAGS, CheckpointError, TensorInfo
 from .schema import hf_dims
 
 # Optimizer and training-loop state that a MindSpore training checkpoint carries beside the weights.
@@ -106,8 +106,18 @@ def count_parameters(config) -> Tuple[int, int]:
     return total, active
 
 
+def source_dtype(infos: List[TensorInfo]) -> str:
+    """The one float dtype tag (F32, BF16, F16) of a parameter's tensors (the experts of one layer stack)."""
+    tags = sorted({i.dtype for i in infos})
+    if len(tags) != 1:
+        raise CheckpointError(f"tensor {infos[0].name!r}: experts of one layer have mixed dtypes {tags}")
+    if tags[0] not in FLOAT_TAGS:
+        raise CheckpointError(f"tensor {infos[0].name!r} has dtype {tags[0]}; expected one of {list(FLOAT_TAGS)}")
+    return tags[0]
+
+
 def hf_sources(tensors: Dict[str, TensorInfo], config) -> Dict[str, List[TensorInfo]]:
-    """For each mixtral-ms parameter, its Hugging Face tensors, with every name and shape checked."""
+    """For each mixtral-ms parameter, its Hugging Face tensors, with every name, shape and dtype checked."""
     specs = parameter_specs(config)
     wanted = hf_shapes(config)
     unexpected = [n for n in tensors if n not in wanted]
@@ -124,12 +134,13 @@ def hf_sources(tensors: Dict[str, TensorInfo], config) -> Dict[str, List[TensorI
                 raise CheckpointError(f"tensor {src!r} has shape {list(tensors[src].shape)}, "
                                       f"config.json implies {list(wanted[src])}")
         out[name] = [tensors[s] for s in spec.sources]
+        source_dtype(out[name])
     return out
 
 
 def ms_tensors(tensors: Mapping[str, TensorInfo], config, implied_by: str = "config.json") -> Dict[str, TensorInfo]:
-    """The mixtral-ms parameters of a MindSpore checkpoint (training state dropped), names and shapes checked.
-    `tensors`: anything with a `.shape` (safetensors TensorInfo, the Parameters of a .ckpt)."""
+    """The mixtral-ms parameters of a MindSpore checkpoint (training state dropped), names, shapes and
+    dtypes checked. `tensors`: safetensors TensorInfo, or checkpoint.read_ckpt's ArrayTensor for a .ckpt."""
     tensors = {k: v for k, v in tensors.items() if not k.startswith(TRAINING_STATE_PREFIXES)}
     specs = parameter_specs(config)
     unexpected = [n for n in tensors if n not in specs]
@@ -142,6 +153,7 @@ def ms_tensors(tensors: Mapping[str, TensorInfo], config, implied_by: str = "con
         if tuple(tensors[name].shape) != spec.shape:
             raise CheckpointError(f"tensor {name!r} has shape {list(tensors[name].shape)}, "
                                   f"{implied_by} implies {list(spec.shape)}")
+        source_dtype([tensors[name]])
     return {name: tensors[name] for name in specs}
 
 

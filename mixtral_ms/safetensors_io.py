@@ -7,6 +7,9 @@ through bit for bit; `to_numpy` widens bf16 to float32 exactly when a caller nee
 Format (https://github.com/huggingface/safetensors): 8-byte little-endian header length N, N bytes of
 JSON `{name: {dtype, shape, data_offsets: [start, end]}, "__metadata__": {str: str}}`, then the data;
 offsets are relative to the end of the header, and the tensors tile the data with no gap or overlap.
+
+Not `safetensors.safe_open`: its numpy API has no bf16 and no byte offsets (needed to copy tensors file to
+file in constant memory), and it silently keeps one of two entries with the same name.
 """
 from __future__ import annotations
 
@@ -29,6 +32,16 @@ CHUNK_BYTES = 8 << 20  # streaming buffer: the most tensor data a conversion hol
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, corrupt or does not fit the model."""
+
+
+def _unique_keys(pairs):
+    """json object_pairs_hook: a name given twice is ambiguous (readers disagree on which copy wins)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise CheckpointError(f"{key!r} appears twice")
+        out[key] = value
+    return out
 
 
 def nbytes_of(dtype: str, shape: Sequence[int]) -> int:
@@ -79,6 +92,32 @@ class TensorInfo:
                 yield data
 
 
+class ArrayTensor:
+    """A tensor held in memory as raw bytes (one read from a format that cannot be read lazily, the .ckpt),
+    with TensorInfo's reading interface, so the same checks and writers take it."""
+    __slots__ = ("name", "dtype", "shape", "data")
+
+    def __init__(self, name: str, dtype: str, shape: Tuple[int, ...], data: bytes) -> None:
+        self.name, self.dtype, self.shape, self.data = name, dtype, tuple(shape), data
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def part(self, index: int, count: int, name: Optional[str] = None) -> "ArrayTensor":
+        step = self.nbytes // count
+        return ArrayTensor(name or f"{self.name}[{index}]", self.dtype, self.shape[1:],
+                           self.data[index * step:(index + 1) * step])
+
+    def read(self) -> bytes:
+        return self.data
+
+    def iter_chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+        view = memoryview(self.data)
+        for start in range(0, len(view), chunk_bytes):
+            yield bytes(view[start:start + chunk_bytes])
+
+
 def read_header(path: str) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
     """Parse and validate one safetensors file's header (reads no tensor data); returns its tensors
     (in file order) and metadata. Every inconsistency is a one-line CheckpointError naming the file."""
@@ -94,9 +133,11 @@ def read_header(path: str) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
             raise CheckpointError(f"{path}: corrupt or truncated header (declares {header_len} bytes, file has {size})")
         blob = f.read(header_len)
     try:
-        header = json.loads(blob)
+        header = json.loads(blob, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{path}: corrupt header (not JSON)") from None
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: corrupt header ({err})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
@@ -134,13 +175,16 @@ def read_header(path: str) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
     return tensors, metadata
 
 
-def _read_index(folder: str, index_name: str) -> Dict[str, str]:
+def read_index(folder: str, index_name: str) -> Dict[str, str]:
+    """The weight_map (tensor name -> shard file) of an index; a name given twice is an error."""
     index_path = os.path.join(folder, index_name)
     try:
         with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
+            weight_map = json.load(f, object_pairs_hook=_unique_keys)["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError
+    except CheckpointError as err:
+        raise CheckpointError(f"{index_path}: ambiguous index: {err}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{index_path}: malformed index (needs a 'weight_map' object of name -> file)") from None
     return weight_map
@@ -149,14 +193,18 @@ def _read_index(folder: str, index_name: str) -> Dict[str, str]:
 def open_checkpoint(folder_or_file: str) -> Dict[str, TensorInfo]:
     """Every tensor of a checkpoint, by name, reading headers only. Accepts one .safetensors file, or a
     folder with `model.safetensors`, or shards named by `model.safetensors.index.json` (any
-    `*.safetensors.index.json`; each indexed tensor must be in its shard, each named shard present),
-    or, without an index, a folder of shards (MindSpore/MindFormers layout) whose names do not repeat."""
+    `*.safetensors.index.json`), or, without an index, a folder of shards (MindSpore/MindFormers layout).
+    Whatever two readers could resolve differently is refused, naming the tensor: a name in two shards, a
+    shard holding a tensor its index does not put there, `model.safetensors` beside an index."""
     if os.path.isfile(folder_or_file):
         return read_header(folder_or_file)[0]
     if not os.path.isdir(folder_or_file):
         raise CheckpointError(f"no checkpoint at {folder_or_file} (neither a file nor a folder)")
     listing = sorted(os.listdir(folder_or_file))
     indexes = [f for f in listing if f.endswith(".safetensors.index.json")]
+    if indexes and "model.safetensors" in listing:
+        raise CheckpointError(f"{folder_or_file} holds both model.safetensors and {indexes[0]}; "
+                              "keep one (readers differ in which they load)")
     if not indexes:
         if "model.safetensors" in listing:
             return read_header(os.path.join(folder_or_file, "model.safetensors"))[0]
@@ -173,21 +221,27 @@ def open_checkpoint(folder_or_file: str) -> Dict[str, TensorInfo]:
                 tensors[name] = info
         return tensors
     index_name = "model.safetensors.index.json" if "model.safetensors.index.json" in indexes else indexes[0]
-    weight_map = _read_index(folder_or_file, index_name)
+    weight_map = read_index(folder_or_file, index_name)
     index_path = os.path.join(folder_or_file, index_name)
     by_shard: Dict[str, List[str]] = {}
     for name, shard in weight_map.items():
         by_shard.setdefault(shard, []).append(name)
+    for shard in sorted(by_shard):
+        if os.path.basename(shard) != shard or not os.path.isfile(os.path.join(folder_or_file, shard)):
+            raise CheckpointError(f"{index_path} names shard {shard}, which is missing")
     tensors = {}
     for shard in sorted(by_shard):
-        shard_path = os.path.join(folder_or_file, shard)
-        if os.path.basename(shard) != shard or not os.path.isfile(shard_path):
-            raise CheckpointError(f"{index_path} names shard {shard}, which is missing")
-        found = read_header(shard_path)[0]
+        found = read_header(os.path.join(folder_or_file, shard))[0]
         for name in by_shard[shard]:
             if name not in found:
                 raise CheckpointError(f"{index_path} puts tensor {name!r} in {shard}, which does not contain it")
             tensors[name] = found[name]
+        for name in found:
+            if name not in weight_map:
+                raise CheckpointError(f"{shard} holds tensor {name!r}, which {index_name} does not list")
+            if weight_map[name] != shard:
+                raise CheckpointError(f"tensor {name!r} is in both {shard} and {weight_map[name]} "
+                                      f"({index_name} names {weight_map[name]})")
     return tensors
 
 
@@ -218,7 +272,8 @@ def f32_to_bf16(values: np.ndarray) -> np.ndarray:
 
 
 def convert_bytes(data: bytes, src: str, dst: str) -> bytes:
-    """Raw little-endian floats of tag `src` as tag `dst` (F32, BF16, F16); unchanged when equal."""
+    """Raw little-endian floats of tag `src` as tag `dst` (F32, BF16, F16); unchanged when equal.
+    Overflow gives inf silently: callers check with `count_nonfinite`."""
     if src == dst:
         return data
     if src not in FLOAT_TAGS or dst not in FLOAT_TAGS:
@@ -229,7 +284,35 @@ def convert_bytes(data: bytes, src: str, dst: str) -> bytes:
         values = np.frombuffer(data, _NUMPY[src]).astype(np.float32)
     if dst == "BF16":
         return f32_to_bf16(values).tobytes()
-    return values.astype(_NUMPY[dst]).tobytes()
+    with np.errstate(over="ignore"):
+        return values.astype(_NUMPY[dst]).tobytes()
+
+
+_EXPONENT = {"F32": (np.uint32, 0x7F800000), "BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00)}
+
+
+def has_nonfinite(data: bytes, tag: str) -> bool:
+    """Whether raw floats of tag F32, BF16 or F16 hold a NaN or inf: one vectorised pass (~1 GB/s), as
+    the exponent bits are all set exactly when `bits << 1` (sign dropped) reaches `exponent << 1`."""
+    if tag == "F32":
+        return not np.isfinite(np.frombuffer(data, np.float32)).all()
+    kind, mask = _EXPONENT[tag]
+    return int(np.left_shift(np.frombuffer(data, kind), kind(1)).max(initial=0)) >= mask << 1
+
+
+def count_nonfinite(data: bytes, tag: str) -> int:
+    """NaN and inf values among raw floats of tag F32, BF16 or F16 (all exponent bits set)."""
+    kind, mask = _EXPONENT[tag]
+    bits = np.frombuffer(data, kind)
+    return int(np.count_nonzero((bits & kind(mask)) == kind(mask)))
+
+
+def numpy_tag(dtype) -> str:
+    """The safetensors tag of a numpy dtype (its name if safetensors has none)."""
+    for tag, kind in _NUMPY.items():
+        if np.dtype(kind) == np.dtype(dtype):
+            return tag
+    return str(np.dtype(dtype))
 
 
 def to_numpy(info: TensorInfo, data: Optional[bytes] = None) -> np.ndarray:

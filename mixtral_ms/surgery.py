@@ -33,17 +33,16 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .convert import (DEFAULT_SHARD, HF_METADATA, MS_METADATA, _copy_side_files, _finish, _prepare_dst,
-                      _source_dtype, write_sharded)
-from .name_map import hf_sources, is_expert_stack, is_ms_layout, ms_tensors, ms_to_hf, parameter_specs
+from .convert import (DEFAULT_SHARD, HF_METADATA, MS_METADATA, _copy_side_files, _finish, _open_source,
+                      _prepare_dst, write_sharded)
+from .name_map import (hf_sources, is_expert_stack, is_ms_layout, ms_tensors, ms_to_hf, parameter_specs,
+                       source_dtype)
 from .schema import hf_dims, read_hf_config
-from .safetensors_io import (CheckpointError, TensorInfo, convert_bytes, f32_to_bf16, nbytes_of, open_checkpoint,
-                             to_numpy, write_safetensors)
+from .safetensors_io import CHUNK_BYTES, CheckpointError, TensorInfo, convert_bytes, nbytes_of, to_numpy
 
 INITS = ("copy", "copy-noise", "random")
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -89,8 +88,8 @@ class Model:
 
     `path`: a folder with config.json (Hugging Face or mixtral-ms layout, or a dense Mistral), or one
     training checkpoint file (MindSpore .ckpt or .safetensors; optimizer state dropped) with `config`
-    (config.json, its folder or the run YAML). A .ckpt is read through MindSpore into a temporary
-    safetensors file first (the whole model in memory once); everything else is read lazily.
+    (config.json, its folder or the run YAML). A .ckpt is read whole through MindSpore (checkpoint.read_ckpt);
+    everything else is read lazily.
     `num_experts` is 1 and `gate()` is None for a dense Mistral; `expert(name, e)` is expert e of a stacked
     parameter name (`model.layers.{i}.block_sparse_moe.experts.w1`), `tensor(name)` any other parameter."""
 
@@ -105,11 +104,7 @@ class Model:
         if not self.dense and self.hf.get("model_type") != "mixtral":
             raise SurgeryError(f"{path}: model_type {self.hf.get('model_type')!r}; expected mixtral or mistral")
         self.shapes = hf_dims(mixtral_config(self.hf, 1, 1) if self.dense else self.hf)
-        self._staged = None
-        if path.endswith(".ckpt"):
-            self._staged = tempfile.TemporaryDirectory(prefix="experts-ckpt-")
-            path = _stage_ckpt(path, self._staged.name)
-        tensors = open_checkpoint(path)
+        tensors = _open_source(path)
         self.layout = "ms" if is_ms_layout(tensors) else "hf"
         if self.dense:
             self._params = _dense_sources(tensors, self.shapes, path)
@@ -138,26 +133,6 @@ class Model:
 
     def row(self, layer: int, e: int) -> TensorInfo:
         return self.gate(layer).part(e, self.num_experts)
-
-
-def _stage_ckpt(path: str, folder: str) -> str:
-    """A MindSpore .ckpt's weights (training state skipped) as one safetensors file in `folder`."""
-    import mindspore as ms
-    from .name_map import TRAINING_STATE_PREFIXES
-    try:
-        state = ms.load_checkpoint(path, choice_func=lambda name: not name.startswith(TRAINING_STATE_PREFIXES))
-    except (RuntimeError, ValueError) as err:
-        raise CheckpointError(f"cannot read {path} as a MindSpore checkpoint: {str(err).splitlines()[0]}") from None
-    tags = {ms.float32: "F32", ms.float16: "F16"}
-    items = []
-    for name, param in state.items():
-        value = param.asnumpy() if param.dtype in tags else param.astype(ms.float32).asnumpy()
-        tag = tags.get(param.dtype, "F32") if param.dtype != ms.bfloat16 else "BF16"
-        data = f32_to_bf16(value) if tag == "BF16" else value
-        items.append((name, tag, value.shape, np.ascontiguousarray(data).tobytes()))
-    staged = os.path.join(folder, "model.safetensors")
-    write_safetensors(staged, items, MS_METADATA)
-    return staged
 
 
 def mixtral_config(mistral: Dict, experts: int, top_k: int) -> Dict:
@@ -216,22 +191,15 @@ def _noisy(info: TensorInfo, noise: float, rng_args: Tuple) -> Callable[[], byte
     return make
 
 
-def _rows(info: TensorInfo, start: int, stop: int) -> TensorInfo:
-    row = info.nbytes // info.shape[0]
-    return TensorInfo(info.name, info.dtype, (stop - start,) + info.shape[1:], info.path,
-                      info.start + start * row, info.start + stop * row)
-
-
-def _average(infos: Sequence[TensorInfo], weights: Sequence[float], rows_per_chunk: int = 1024) -> Callable:
-    """sum_i w_i x_i / sum_i w_i in float64, narrowed to the dtype once, streamed by blocks of rows."""
-    total = float(sum(weights))
+def _average(infos: Sequence[TensorInfo], weights: Sequence[float]) -> Callable:
+    """sum_i w_i x_i / sum_i w_i in float64, narrowed to the dtype once, streamed chunk by chunk."""
+    total, tag = float(sum(weights)), infos[0].dtype
 
     def chunks():
-        n = infos[0].shape[0]
-        for start in range(0, n, rows_per_chunk):
-            parts = [_rows(i, start, min(n, start + rows_per_chunk)) for i in infos]
-            acc = sum(w * to_numpy(p).astype(np.float64) for w, p in zip(weights, parts))
-            yield _encode(acc / total, infos[0].dtype)
+        for parts in zip(*(i.iter_chunks(CHUNK_BYTES) for i in infos)):  # CHUNK_BYTES: whole elements
+            acc = sum(w * np.frombuffer(convert_bytes(p, tag, "F32"), np.float32).astype(np.float64)
+                      for w, p in zip(weights, parts))
+            yield _encode(acc / total, tag)
     return chunks
 
 
@@ -277,15 +245,15 @@ def _build(models: Sequence[Model], hf: Dict, record: Dict, origin: Callable[[in
         if stacked:
             layer = int(stacked.group(1))
             pairs = origin(layer)
-            dtype = _source_dtype([models[b].expert(name, e) for b, e in pairs])
+            dtype = source_dtype([models[b].expert(name, e) for b, e in pairs])
             plan.add(name, dtype, spec.shape, [expert_source(name, layer, j, b, e) for j, (b, e) in enumerate(pairs)])
         elif gate:
             layer = int(gate.group(1))
             like = [m.tensor(f"model.layers.{layer}.input_layernorm.weight") if m.dense else m.gate(layer)
                     for m in models]
-            plan.add(name, _source_dtype(like), spec.shape, gate_rows(layer, _source_dtype(like)))
+            plan.add(name, source_dtype(like), spec.shape, gate_rows(layer, source_dtype(like)))
         else:
-            plan.add(name, _source_dtype([m.tensor(name) for m in models]), spec.shape, [dense_source(name)])
+            plan.add(name, source_dtype([m.tensor(name) for m in models]), spec.shape, [dense_source(name)])
     return plan
 
 
@@ -449,7 +417,7 @@ def write(plan: Plan, dst: str, layout: str, overwrite: bool = False, shard_size
     _check_sources_apart(sources, dst)
     items = plan.items(layout)
     needed = sum(nbytes_of(d, s) for _, d, s, _ in items) + (1 << 20)
-    tmp, created_parents = _prepare_dst(sources[0], dst, overwrite, needed)
+    target, tmp, created_parents = _prepare_dst(sources[0], dst, overwrite, needed, progress)
     try:
         total = write_sharded(tmp, items, shard_size, MS_METADATA if layout == "ms" else HF_METADATA, progress)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
@@ -459,7 +427,7 @@ def write(plan: Plan, dst: str, layout: str, overwrite: bool = False, shard_size
             f.write("{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in record.items()) + "\n}\n")
         _copy_side_files(sources[0] if os.path.isdir(sources[0]) else os.path.dirname(sources[0]) or ".", tmp)
         files = sorted(os.listdir(tmp))
-        _finish(tmp, dst)
+        _finish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in created_parents:

@@ -36,7 +36,7 @@ WORKER_NUM=8 LOCAL_WORKER_NUM="" NODE_RANK="" MASTER_ADDR="127.0.0.1" MASTER_POR
 LOG_DIR="output/msrun_log" JOIN="True" TIME_OUT=600 VENV="${MIXTRAL_MS_VENV:-}" DRY_RUN=0
 EXTRA=()
 
-die() { echo "msrun_launcher: $*" >&2; exit 2; }
+die() { echo "error: msrun_launcher: $*" >&2; exit 2; }
 need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
 
 while [ $# -gt 0 ]; do
@@ -77,6 +77,13 @@ isint --worker_num "$WORKER_NUM"
 LOCAL_WORKER_NUM="${LOCAL_WORKER_NUM:-$WORKER_NUM}"
 isint --local_worker_num "$LOCAL_WORKER_NUM"
 isint --master_port "$MASTER_PORT"
+[ "$MASTER_PORT" -ge 1 ] && [ "$MASTER_PORT" -le 65535 ] || die "--master_port must be in 1..65535, got $MASTER_PORT"
+case "$JOIN" in
+  True|true) JOIN=True ;;
+  False|false) JOIN=False ;;
+  *) die "--join must be True or False, got $JOIN" ;;
+esac
+[[ "$TIME_OUT" =~ ^[0-9]+$ ]] && [ "$TIME_OUT" -ge 1 ] || die "--cluster_time_out must be a positive number of seconds, got $TIME_OUT"
 [ "$WORKER_NUM" -ge 1 ] || die "--worker_num must be at least 1"
 [ "$LOCAL_WORKER_NUM" -ge 1 ] && [ "$LOCAL_WORKER_NUM" -le "$WORKER_NUM" ] || \
   die "--local_worker_num must be in 1..worker_num ($WORKER_NUM)"

@@ -14,7 +14,9 @@ Formats:
   chat    {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]} per line.
 The instruction formats render Mixtral-Instruct's `<s>[INST] prompt [/INST] answer</s>` template into
 columns input_ids and labels (labels aligned with input_ids, -100 on prompt and padding; pad id 0).
-Bad input prints one line `error: ...` and exits with status 2.
+Bad input prints one line `error: ...` and exits with status 2. The output is written to a hidden temp
+folder beside it and renamed into place: Ctrl-C or SIGTERM leave nothing (exit 130 / 143), a killed run's
+temp folder is removed by the next run; --overwrite replaces only a MindRecord file (see docs/reliability.md).
 """
 import argparse
 import os
@@ -24,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mixtral_ms.data import FORMATS, TEXT_DOCS, DataError, heldout_path, preprocess  # noqa: E402
+from mixtral_ms.outputs import exit_status, interrupt_on_sigterm  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -41,6 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--heldout_output", help="the held-out MindRecord (default: X_heldout.mindrecord beside X)")
     args = parser.parse_args(argv)
     stats = {}
+    interrupt_on_sigterm()
     try:
         count = preprocess(args.input, args.format, args.tokenizer, args.seq_length, args.output,
                            args.overwrite, text_docs=args.text_docs, stats=stats,
@@ -48,6 +52,10 @@ def main(argv=None) -> int:
     except (DataError, OSError) as err:
         print(f"error: {err}".splitlines()[0], file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the temp folder is already removed
+        status, name = exit_status(err)
+        print(f"error: interrupted ({name}); no output written", file=sys.stderr)
+        return status
     extra = ", ".join(f"{k} {v}" for k, v in stats.items() if k not in ("samples", "heldout_samples") and v)
     print(f"wrote {count} samples of {args.seq_length + 1} tokens to {args.output}" + (f" ({extra})" if extra else ""))
     if args.heldout_fraction:

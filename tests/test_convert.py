@@ -151,7 +151,7 @@ def test_reader_and_writer_interoperate_with_the_safetensors_library(tmp_path):
 
 
 def _raw_file(path, header, data_len, header_len=None):
-    blob = json.dumps(header).encode()
+    blob = (header if isinstance(header, str) else json.dumps(header)).encode()
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob) if header_len is None else header_len) + blob + b"\0" * data_len)
 
@@ -167,6 +167,8 @@ def _raw_file(path, header, data_len, header_len=None):
     ({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 2]}}, 2, None, "'w' has unsupported dtype 'Q4'"),
     ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8, None, "corrupt header entry for tensor 'w'"),
     ([1, 2], 0, None, "not a JSON object"),
+    ('{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+     '"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', 4, None, "corrupt header ('w' appears twice)"),
 ])
 def test_reader_rejects_inconsistent_files(tmp_path, header, data_len, header_len, message):
     path = str(tmp_path / "bad.safetensors")
@@ -367,7 +369,39 @@ BAD_HF = {
     "mixed expert dtypes": (lambda d: _rewrite_shard(_shard_with(d, W2), lambda it: it.__setitem__(
         W2, ("F16", it[W2][1], np.frombuffer(it[W2][2], np.float32).astype(np.float16).tobytes()))), "mixed dtypes"),
     "not a mixtral config": (lambda d: _edit_config(d, model_type="llama"), "not a Mixtral config"),
+    # ambiguous: two readers could pick different copies
+    "duplicate index key": (lambda d: _duplicate_index_key(d, NORM), f"ambiguous index: '{NORM}' appears twice"),
+    "tensor in two shards": (lambda d: _rewrite_shard(_other_shard(d, NORM), lambda it: it.__setitem__(
+        NORM, ("F32", (16,), bytes(64)))), f"tensor '{NORM}' is in both"),
+    "tensor the index does not list": (lambda d: _rewrite_shard(_shard_with(d, NORM), lambda it: it.__setitem__(
+        "model.extra", it[NORM])), "holds tensor 'model.extra', which model.safetensors.index.json does not list"),
+    "model.safetensors beside an index": (lambda d: shutil.copy(_shard_with(d, NORM), d / "model.safetensors"),
+                                          "holds both model.safetensors and model.safetensors.index.json"),
+    # values and dtypes the model cannot take
+    "nan weight": (lambda d: _rewrite_shard(_shard_with(d, W2), lambda it: it.__setitem__(
+        W2, (it[W2][0], it[W2][1], _with_value(it[W2][2], 7, np.nan)))), f"tensor '{W2}' holds NaN or inf values"),
+    "int8 tensor": (lambda d: _rewrite_shard(_shard_with(d, NORM), lambda it: it.__setitem__(NORM, ("I8", (16,), bytes(16)))),
+                    f"tensor '{NORM}' has dtype I8; expected one of"),
+    "float64 tensor": (lambda d: _rewrite_shard(_shard_with(d, NORM), lambda it: it.__setitem__(
+        NORM, ("F64", (16,), np.ones(16).tobytes()))), f"tensor '{NORM}' has dtype F64; expected one of"),
 }
+
+
+def _other_shard(folder, tensor):
+    index = json.load(open(folder / "model.safetensors.index.json"))["weight_map"]
+    return folder / next(s for s in sorted(set(index.values())) if s != index[tensor])
+
+
+def _duplicate_index_key(folder, tensor):
+    path = folder / "model.safetensors.index.json"
+    text = path.read_text().replace('"weight_map": {', f'"weight_map": {{"{tensor}": "{_other_shard(folder, tensor).name}", ', 1)
+    path.write_text(text)
+
+
+def _with_value(data, position, value):
+    values = np.frombuffer(data, np.float32).copy()
+    values[position] = value
+    return values.tobytes()
 
 
 @pytest.mark.parametrize("case", list(BAD_HF))
@@ -423,7 +457,7 @@ def test_destination_rules(tmp_path):
         hf2ms(str(tmp_path / "hf"), str(tmp_path / "hf"), overwrite=True)
     os.makedirs(tmp_path / "notes")
     open(tmp_path / "notes" / "todo.txt", "w").write("keep me")
-    with pytest.raises(CheckpointError, match="non-empty folder without a checkpoint"):
+    with pytest.raises(CheckpointError, match="not a checkpoint this converter wrote .'todo.txt' is not a file"):
         hf2ms(str(tmp_path / "hf"), str(tmp_path / "notes"), overwrite=True)
     os.makedirs(tmp_path / "empty")
     hf2ms(str(tmp_path / "hf"), str(tmp_path / "empty"))  # an empty folder is fine
@@ -478,3 +512,78 @@ def test_cli_exit_codes_and_one_line_errors(tmp_path):
     planned = _cli("plan", "--src", tmp_path / "ms")
     assert planned.returncode == 0 and "active per token" in planned.stdout
     assert not (tmp_path / "new").exists() and not (tmp_path / "x").exists() and leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------ loader: the same checks
+
+@pytest.mark.parametrize("case", ["mixed expert dtypes", "int8 tensor", "float64 tensor", "nan weight",
+                                  "tensor in two shards", "duplicate index key"])
+def test_loader_refuses_what_the_converter_refuses(tmp_path, case):
+    from mixtral_ms import MixtralConfig, MixtralForCausalLM
+    from mixtral_ms.checkpoint import load_weights
+    breaker, message = BAD_HF[case]
+    src = tmp_path / "src"
+    make_hf(str(src))
+    breaker(src)
+    model = MixtralForCausalLM(MixtralConfig.from_hf_dir(str(src)))
+    with pytest.raises(CheckpointError) as converter_err:
+        hf2ms(str(src), str(tmp_path / "out"))
+    with pytest.raises(CheckpointError) as loader_err:
+        load_weights(model, str(src))
+    assert message in str(converter_err.value) and message.split(" holds NaN")[0] in str(loader_err.value)
+    if case == "nan weight":
+        load_weights(model, str(src), allow_nonfinite=True)
+        assert np.isnan(dict((p.name, p) for p in model.get_parameters())[
+            "model.layers.1.block_sparse_moe.experts.w2"].asnumpy()).sum() == 1
+
+
+def _save_ckpt(path, folder, dtype=None, extra=()):
+    """A MindSpore training .ckpt of a mixtral-ms folder's weights plus optimizer and step state."""
+    entries = [{"name": k, "data": Tensor(to_numpy(v).astype(np.float32), dtype=dtype or ms.float32)}
+               for k, v in open_checkpoint(str(folder)).items()]
+    entries += [{"name": "adam_m.model.norm.weight", "data": Tensor(np.ones(16, np.float32))},
+                {"name": "global_step", "data": Tensor(np.array([10], np.int32))}, *extra]
+    ms.save_checkpoint(entries, str(path))
+
+
+def test_ms2hf_of_a_training_ckpt_is_bit_exact(tmp_path):
+    make_hf(str(tmp_path / "hf"))
+    hf2ms(str(tmp_path / "hf"), str(tmp_path / "ms"))
+    _save_ckpt(tmp_path / "step_10.ckpt", tmp_path / "ms")
+    ms2hf(str(tmp_path / "step_10.ckpt"), str(tmp_path / "back"), config_path=str(tmp_path / "hf" / "config.json"))
+    assert tensors_bytes(tmp_path / "back") == tensors_bytes(tmp_path / "hf")
+    # bf16 training weights through the CLI, as users run it after training
+    make_hf(str(tmp_path / "hf16"), "BF16")
+    hf2ms(str(tmp_path / "hf16"), str(tmp_path / "ms16"))
+    _save_ckpt(tmp_path / "bf16.ckpt", tmp_path / "ms16", ms.bfloat16)
+    res = _cli("ms2hf", "--src", tmp_path / "bf16.ckpt", "--config", tmp_path / "hf16", "--dst", tmp_path / "back16")
+    assert res.returncode == 0, res.stderr
+    assert tensors_bytes(tmp_path / "back16") == tensors_bytes(tmp_path / "hf16")
+    # what the converter refuses in a .ckpt, the loader refuses too
+    _save_ckpt(tmp_path / "int8.ckpt", tmp_path / "ms", extra=[])
+    state = ms.load_checkpoint(str(tmp_path / "int8.ckpt"))
+    state[NORM] = ms.Parameter(Tensor(np.ones(16, np.int8)), name=NORM)
+    ms.save_checkpoint([{"name": k, "data": v} for k, v in state.items()], str(tmp_path / "int8.ckpt"))
+    with pytest.raises(CheckpointError, match=f"tensor '{NORM}' has dtype I8"):
+        ms2hf(str(tmp_path / "int8.ckpt"), str(tmp_path / "x"), config_path=str(tmp_path / "hf"))
+    from mixtral_ms import MixtralConfig, MixtralForCausalLM
+    from mixtral_ms.checkpoint import load_weights
+    with pytest.raises(CheckpointError, match=f"tensor '{NORM}' has dtype I8"):
+        load_weights(MixtralForCausalLM(MixtralConfig.from_hf_dir(str(tmp_path / "hf"))), str(tmp_path / "int8.ckpt"))
+    open(tmp_path / "junk.ckpt", "wb").write(b"\x00not a checkpoint" * 10)
+    junk = _cli("ms2hf", "--src", tmp_path / "junk.ckpt", "--config", tmp_path / "hf", "--dst", tmp_path / "x")
+    assert junk.returncode == 2 and len(junk.stderr.strip().splitlines()) == 1
+    assert junk.stderr.startswith(f"error: {tmp_path / 'junk.ckpt'}: not a readable MindSpore checkpoint")
+    assert not (tmp_path / "x").exists() and leftovers(tmp_path) == []
+
+
+def test_nonfinite_detection_over_every_16_bit_pattern():
+    from mixtral_ms.safetensors_io import count_nonfinite, has_nonfinite
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    for tag, values in (("BF16", bf16_to_f32(bits)), ("F16", bits.view(np.float16).astype(np.float32))):
+        bad = ~np.isfinite(values)
+        assert count_nonfinite(bits.tobytes(), tag) == bad.sum() == (2048 if tag == "F16" else 256)
+        assert [has_nonfinite(bits[i:i + 1].tobytes(), tag) for i in range(0, 1 << 16, 61)] == list(bad[::61])
+    f32 = np.array([0, -0.0, 1e-45, 3.4028235e38, -np.inf, np.nan], np.float32)
+    assert [has_nonfinite(f32[i:i + 1].tobytes(), "F32") for i in range(6)] == [False] * 4 + [True] * 2
+    assert count_nonfinite(f32.tobytes(), "F32") == 2 and not has_nonfinite(b"", "BF16")

@@ -74,12 +74,14 @@ def test_pack_exact_lengths_eos_between_docs_remainder_dropped():
 def test_text_preprocess_packs_documents(tmp_path, sp):
     docs = ["In the beginning God created the heaven and the earth.", "And God said, Let there be light.",
             "And there was light.", "And God saw the light, that it was good."]
-    (tmp_path / "a.txt").write_text("\n".join(docs[:2]) + "\n\n")
-    (tmp_path / "b.txt").write_text("\n".join(docs[2:]) + "\n")
-    (tmp_path / "skip.jsonl").write_text('{"text": "not read for --format text"}\n')
+    src = tmp_path / "docs"
+    src.mkdir()
+    (src / "a.txt").write_text("\n".join(docs[:2]) + "\n\n")
+    (src / "b.txt").write_text("\n".join(docs[2:]) + "\n")
+    (src / "skip.jsonl").write_text('{"text": "not read for --format text"}\n')
     out = str(tmp_path / "pt.mindrecord")
     stats = {}
-    count = D.preprocess([str(tmp_path)], "text", TOKENIZER, 8, out, stats=stats)
+    count = D.preprocess([str(src)], "text", TOKENIZER, 8, out, stats=stats)
     stream = [t for d in docs for t in [1, *sp.encode(d), 2]]
     assert count == len(stream) // 9 == stats["samples"] and stats["documents"] == 4
     rows = read(out)
@@ -232,7 +234,7 @@ def test_bad_input_one_line_error_exit_2(tmp_path, capsys, case, fmt, message):
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert re.search(message, err), err
-    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".mindrecord-")]
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
 
 # ------------------------------------------------------------------------------------------ held-out splits
@@ -280,7 +282,7 @@ def test_heldout_split_bad_input_writes_nothing(tmp_path, capsys):
     cases = [(["--heldout_fraction", 1.5], "must be in [0, 1)"),
              (["--heldout_fraction", 0.05], "holds out no document"),
              (["--heldout_fraction", 0.1], "held-out split (1 documents): the input gives zero samples"),
-             (["--heldout_fraction", 0.5, "--heldout_output", tmp_path / "old.mindrecord"], "exists; pass --overwrite"),
+             (["--heldout_fraction", 0.5, "--heldout_output", tmp_path / "old.mindrecord"], "old.mindrecord exists"),
              (["--heldout_fraction", 0.5, "--heldout_output", tmp_path / "new.mindrecord"], "is the training output")]
     for extra, message in cases:
         output = tmp_path / ("new.mindrecord" if "is the training" in message else "train.mindrecord")

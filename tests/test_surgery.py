@@ -268,7 +268,7 @@ def test_destination_rules(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     run = cli("extract", "--src", TINY8, "--dst", tmp_path / "notes", "--experts", "2,3", ok=False)
-    assert run.returncode == 2 and "non-empty folder without a checkpoint" in run.stderr
+    assert run.returncode == 2 and "non-empty folder but not a checkpoint" in run.stderr
     assert os.listdir(tmp_path / "notes") == ["todo.txt"]
     run = cli("extract", "--src", tmp_path / "out", "--dst", tmp_path / "out", "--experts", "0,1", "--overwrite",
               ok=False)

@@ -332,8 +332,15 @@ def from_run_config(config: Mapping, devices: Optional[int] = None) -> ParallelL
 def load_yaml(path: str) -> Dict[str, Any]:
     """A run config as a plain dict (PyYAML, no MindFormers)."""
     import yaml
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except UnicodeDecodeError as err:
+        raise ParallelConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise ParallelConfigError(f"{path}: malformed YAML{line} ({getattr(err, 'problem', None) or err})") from None
     if not isinstance(data, dict):
         raise ParallelConfigError(f"{path}: the YAML must be a mapping of sections")
     return data

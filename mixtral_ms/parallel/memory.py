@@ -26,10 +26,12 @@ import argparse
 import math
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from ..outputs import stale, temp_path
 from ..schema import ConfigError, ModelDims, model_dims
 from .config import ParallelConfigError, ParallelLayout, from_run_config, load_yaml
 from .plan import plan_spec, replication, sequence_tokens
@@ -239,13 +241,26 @@ def header_block(path: str, est: MemoryEstimate) -> str:
 
 
 def write_header(path: str, est: MemoryEstimate) -> None:
+    """Refresh the header block in place via a temp file + rename (the YAML is whole or untouched); a
+    read-only YAML is refused, not replaced."""
+    if not os.access(path, os.W_OK) or not os.stat(path).st_mode & 0o222:  # no write bit: read-only, even for root
+        raise ParallelConfigError(f"{path} is read-only; not writing the header (use --header to print it)")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     block = header_block(path, est)
     pattern = re.compile(re.escape(HEADER_START) + r".*?" + re.escape(HEADER_END), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else block + "\n" + text
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    for old in stale(path, "tmp", hidden=True):  # a killed run's half-written copy
+        os.remove(old)
+    tmp = temp_path(path, hidden=True)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def main(argv=None) -> int:
@@ -257,14 +272,14 @@ def main(argv=None) -> int:
     parser.add_argument("--header", action="store_true", help="print the YAML header comment block")
     parser.add_argument("--write_header", action="store_true", help="write the header block into the YAML")
     args = parser.parse_args(argv)
+    path = os.path.relpath(args.config) if os.path.isabs(args.config) else args.config
     try:
         est = from_config_file(args.config, args.devices, args.master_weights)
+        if args.write_header:
+            write_header(args.config, est)
     except (ParallelConfigError, ConfigError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
-    path = os.path.relpath(args.config) if os.path.isabs(args.config) else args.config
-    if args.write_header:
-        write_header(args.config, est)
     if args.header or args.write_header:
         print(header_block(path, est))
     else:
