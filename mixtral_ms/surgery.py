@@ -42,7 +42,7 @@ from .convert import (DEFAULT_SHARD, HF_METADATA, MS_METADATA, _copy_side_files,
 from .name_map import (hf_sources, is_expert_stack, is_ms_layout, ms_tensors, ms_to_hf, parameter_specs,
                        source_dtype)
 from .schema import hf_dims, read_hf_config
-from .safetensors_io import CHUNK_BYTES, CheckpointError, TensorInfo, convert_bytes, nbytes_of, to_numpy
+from .safetensors_io import CHUNK_BYTES, ArrayTensor, CheckpointError, TensorInfo, convert_bytes, nbytes_of, to_numpy
 
 INITS = ("copy", "copy-noise", "random")
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -214,6 +214,8 @@ class Plan:
         self.params: List[Tuple[str, str, Tuple[int, ...], List[Source]]] = []
 
     def add(self, name: str, dtype: str, shape: Sequence[int], sources: List[Source]) -> None:
+        # A .ckpt's tensors are in memory (ArrayTensor): written as their bytes; byte ranges are copied.
+        sources = [s.read if isinstance(s, ArrayTensor) else s for s in sources]
         self.params.append((name, dtype, tuple(shape), sources))
 
     def items(self, layout: str) -> List[Tuple[str, str, Tuple[int, ...], object]]:
