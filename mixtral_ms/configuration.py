@@ -79,4 +79,7 @@ class MixtralConfig(PretrainedConfig):
             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
             "torch_dtype": {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[self.param_init_type],
             "use_cache": True,
+            # Not Hugging Face fields: written only for the routers Hugging Face's Mixtral does not have.
+            **({"router_type": self.router_type, "rre_groups": self.rre_groups, "rre_seed": self.rre_seed}
+               if self.router_type != "mixtral" else {}),
         }

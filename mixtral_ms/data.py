@@ -30,6 +30,7 @@ FORMATS = ("text", "jsonl", "alpaca", "chat")
 TEXT_DOCS = ("line", "paragraph", "file")
 PRETRAIN_COLUMNS = {"input_ids": {"type": "int32", "shape": [-1]}}
 SFT_COLUMNS = {"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}}
+DOMAIN_COLUMN = "domain_ids"  # read by router_type rre (MixtralForCausalLM's domain_ids argument)
 
 
 class DataError(ValueError):
@@ -202,6 +203,18 @@ def sft_samples(examples: Iterable[Sequence[Tuple[str, str]]], encode, seq_lengt
             continue
         fill = size - len(ids)
         yield (np.asarray(ids + [pad] * fill, np.int32), np.asarray(labels + [IGNORE] * fill, np.int32))
+
+
+def with_domain(columns: Dict[str, dict], samples: Iterable[Dict[str, np.ndarray]],
+                domain: Optional[int]) -> Tuple[Dict[str, dict], Iterable[Dict[str, np.ndarray]]]:
+    """Tag every token of every sample with `domain` (a `domain_ids` column as long as input_ids, the
+    expert group of router_type rre); `domain` None leaves columns and samples as they are."""
+    if domain is None:
+        return columns, samples
+    if not isinstance(domain, int) or isinstance(domain, bool) or domain < 0:
+        raise DataError(f"domain id must be a non-negative integer, got {domain!r}")
+    tagged = ({**s, DOMAIN_COLUMN: np.full_like(s["input_ids"], domain)} for s in samples)
+    return {**columns, DOMAIN_COLUMN: {"type": "int32", "shape": [-1]}}, tagged
 
 
 # ----------------------------------------------------------------------------------------------- MindRecord
@@ -411,10 +424,12 @@ def _write_split(output: str, heldout_output: str, columns, make_samples, items,
 
 def preprocess(inputs: Sequence[str], fmt: str, tokenizer_path: str, seq_length: int, output: str,
                overwrite: bool = False, text_docs: str = "line", stats: Optional[dict] = None,
-               heldout_fraction: float = 0.0, heldout_output: Optional[str] = None) -> int:
-    """The whole pipeline; returns the number of samples written (`stats` gets extra counts). With
-    `heldout_fraction` > 0, whole documents (chapters; examples for the instruction formats) chosen by
-    is_heldout go to `heldout_output` (default heldout_path(output)) instead, never to `output`."""
+               domain: Optional[int] = None, heldout_fraction: float = 0.0,
+               heldout_output: Optional[str] = None) -> int:
+    """The whole pipeline; returns the number of samples written (`stats` gets extra counts).
+    `domain`: write a `domain_ids` column (with_domain). With `heldout_fraction` > 0, whole documents
+    (chapters; examples for the instruction formats) chosen by is_heldout go to `heldout_output` (default
+    heldout_path(output)) instead, never to `output`."""
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if text_docs not in TEXT_DOCS:
@@ -453,9 +468,12 @@ def preprocess(inputs: Sequence[str], fmt: str, tokenizer_path: str, seq_length:
         items, columns = conversations(files, fmt), SFT_COLUMNS
         make_samples = lambda examples: ({"input_ids": i, "labels": l} for i, l in  # noqa: E731
                                          sft_samples(examples, sp.encode, seq_length, bos, eos, PAD_ID, stats))
+    tagged_columns, _ = with_domain(columns, (), domain)
+    tagged = lambda part: with_domain(columns, make_samples(part), domain)[1]  # noqa: E731
     if heldout_output:
-        count = _write_split(output, heldout_output, columns, make_samples, items, heldout_fraction, overwrite, stats)
+        count = _write_split(output, heldout_output, tagged_columns, tagged, items, heldout_fraction, overwrite,
+                             stats)
     else:
-        count = write_mindrecord(output, columns, make_samples(items), overwrite)
+        count = write_mindrecord(output, tagged_columns, tagged(items), overwrite)
     stats["samples"] = count
     return count

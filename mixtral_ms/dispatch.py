@@ -31,7 +31,8 @@ def priority_order(topk_index: Tensor, topk_weight: Tensor, policy: str) -> Tens
 
 def dispatch(topk_index: Tensor, topk_weight: Tensor, token_mask: Tensor, num_experts: int, capacity: int,
              policy: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Assign slots. `topk_index`/`topk_weight`: [G, N, k]; `token_mask`: float [G, N], 0 for padding.
+    """Assign slots. `topk_index`/`topk_weight`: [G, N, k]; `token_mask`: float [G, N], 0 for padding,
+    or [G, N, k], 0 also for choices the router skipped (they take no slot, as padding).
 
     Returns, with indices flat over groups:
       slot_token      int32 [G*(E*C+1)]: row of the padded token table feeding each slot;
@@ -45,7 +46,7 @@ def dispatch(topk_index: Tensor, topk_weight: Tensor, token_mask: Tensor, num_ex
     order = priority_order(topk_index, topk_weight, policy)                      # [G, kN]
     rank = ops.cast(ops.argsort(ops.cast(order, ms.float32), axis=-1), ms.int32)  # inverse permutation
     flat_expert = topk_index.reshape(g, n * k)
-    valid = ops.broadcast_to(token_mask.reshape(g, n, 1), (g, n, k)).reshape(g, n * k)
+    valid = ops.broadcast_to(token_mask.reshape(g, n, -1), (g, n, k)).reshape(g, n * k)
     sorted_expert = ops.gather_elements(flat_expert, 1, order)
     sorted_valid = ops.gather_elements(valid, 1, order)
     one_hot = ops.one_hot(sorted_expert, e, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))

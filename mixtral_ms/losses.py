@@ -29,3 +29,14 @@ def load_balancing_loss(load: Tensor, prob_sum: Tensor, num_tokens: Tensor) -> T
 def router_z_loss(z_sum: Tensor, num_tokens: Tensor) -> Tensor:
     """ST-MoE z-loss: mean over tokens (and layers) of logsumexp(router logits)^2."""
     return z_sum / num_tokens
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float = 1.0,
+                      ignore_index: int = -100) -> Tensor:
+    """Mean KL(teacher || student) of the next-token distributions softened by `temperature`, over the
+    positions causal_lm_loss counts (position t, where labels[t+1] is not `ignore_index`)."""
+    student = ops.log_softmax(ops.cast(student_logits[:, :-1], ms.float32) / temperature, axis=-1)
+    teacher = ops.log_softmax(ops.cast(teacher_logits[:, :-1], ms.float32) / temperature, axis=-1)
+    kl = (ops.exp(teacher) * (teacher - student)).sum(axis=-1)
+    valid = ops.cast(labels[:, 1:] != ignore_index, ms.float32)
+    return (kl * valid).sum() / ops.maximum(valid.sum(), 1.0)

@@ -13,7 +13,7 @@ from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from .configuration import MixtralConfig
-from .inference.generation import generate
+from .inference.text_generation import text_generate
 from .dtypes import arange, embedding, emulated_dtype, matmul, native_dtype
 from .losses import causal_lm_loss, load_balancing_loss, router_z_loss
 from .moe import MixtralSparseMoeBlock
@@ -119,18 +119,18 @@ class MixtralAttention(nn.Cell):
 class MixtralDecoderLayer(nn.Cell):
     """Pre-norm attention and pre-norm sparse MoE, each with a residual."""
 
-    def __init__(self, config: MixtralConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype) -> None:
+    def __init__(self, config: MixtralConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype, layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = MixtralRMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
         self.self_attn = MixtralAttention(config, param_dtype, compute_dtype)
         self.post_attention_layernorm = MixtralRMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
-        self.block_sparse_moe = MixtralSparseMoeBlock(config, param_dtype, compute_dtype)
+        self.block_sparse_moe = MixtralSparseMoeBlock(config, param_dtype, compute_dtype, layer)
 
-    def construct(self, x, cos, sin, bias, token_mask, past_k=None, past_v=None):
+    def construct(self, x, cos, sin, bias, token_mask, past_k=None, past_v=None, token_ids=None, domain_ids=None):
         attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, bias, past_k, past_v)
         x = x + attn
         moe, logits, load, dropped, prob_sum, z_sum = self.block_sparse_moe(self.post_attention_layernorm(x),
-                                                                            token_mask)
+                                                                            token_mask, token_ids, domain_ids)
         return x + moe, k, v, logits, load, dropped, prob_sum, z_sum
 
 
@@ -166,17 +166,21 @@ class MixtralModel(MixtralPreTrainedModel):
             initializer(Normal(config.initializer_range), (config.vocab_size, config.hidden_size), param_dtype),
             name="weight")
         self.gather = ops.Gather()
-        self.layers = nn.CellList([MixtralDecoderLayer(config, param_dtype, compute_dtype)
-                                   for _ in range(config.num_hidden_layers)])
+        self.layers = nn.CellList([MixtralDecoderLayer(config, param_dtype, compute_dtype, i)
+                                   for i in range(config.num_hidden_layers)])
+        self.random_routed = config.router_type == "rre"
+        self.rre_groups = config.rre_groups
         self.norm = MixtralRMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
         cos, sin = rope_tables(config.head_dim, config.rope_theta, config.max_position_embeddings)
         self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)
 
     def construct(self, input_ids, attention_mask=None, position_ids=None, cols=None,
-                  past_keys=None, past_values=None, past_cols=None, past_valid=None):
+                  past_keys=None, past_values=None, past_cols=None, past_valid=None, domain_ids=None):
         """input_ids int [B, S]; attention_mask [B, S] (1 = token, 0 = padding); position_ids [B, S]
         (default 0..S-1); cols [S]: sequence slots of these tokens (default 0..S-1). With a KV cache:
         past_keys/values [L, B, KV, P, D], past_cols int [P] (-1 for empty slots), past_valid [B, P].
+        domain_ids int [B, S]: each token's domain, which picks its expert group under router_type rre
+        (optional with one group); other routers ignore it.
 
         Returns hidden [B, S, H], new keys and values [L, B, KV, S, D] and per-layer router outputs.
         """
@@ -196,6 +200,14 @@ class MixtralModel(MixtralPreTrainedModel):
         cos = ops.gather(self.rope_cos, position_ids, 0).expand_dims(1)
         sin = ops.gather(self.rope_sin, position_ids, 0).expand_dims(1)
 
+        token_ids = None
+        if self.random_routed:
+            token_ids = input_ids
+            if domain_ids is None:
+                if self.rre_groups > 1:
+                    raise ValueError(f"router_type rre with {self.rre_groups} expert groups needs domain_ids "
+                                     "(a dataset column); extract one group to run a single domain")
+                domain_ids = ops.zeros_like(input_ids)
         x = embedding(self.gather, self.embed_tokens.weight, input_ids, self.compute_dtype)
         keys, values, logits, loads, dropped, prob_sums, z_sums = (), (), (), (), (), (), ()
         if past_keys is not None:  # one Unstack each: indexing [i] is a strided copy per layer, far slower
@@ -203,7 +215,7 @@ class MixtralModel(MixtralPreTrainedModel):
         for i, layer in enumerate(self.layers):
             pk = past_keys[i] if past_keys is not None else None
             pv = past_values[i] if past_values is not None else None
-            x, k, v, lg, ld, dr, ps, zs = layer(x, cos, sin, bias, token_mask, pk, pv)
+            x, k, v, lg, ld, dr, ps, zs = layer(x, cos, sin, bias, token_mask, pk, pv, token_ids, domain_ids)
             keys += (k,)
             values += (v,)
             logits += (lg,)
@@ -223,7 +235,8 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
     expert load [L, E], dropped assignments [L, E]). With labels (Hugging Face semantics: same
     length as input_ids, shifted inside; -100 ignored), or in training mode where labels default to
     input_ids (MindFormers' pre-training samples of seq_length + 1 tokens), it returns
-    (loss, ce_loss, aux_loss, z_loss, expert load [L, E], dropped [L, E]).
+    (loss, ce_loss, aux_loss, z_loss, expert load [L, E], dropped [L, E]). `domain_ids` [B, S] (a
+    dataset column) picks each token's expert group under router_type rre.
     """
 
     def __init__(self, config: MixtralConfig, **_framework_args) -> None:
@@ -260,27 +273,34 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         load_weights(model, path)
         return model
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, **kwargs):
-        """Incremental decoding with a KV cache; see mixtral_ms.inference.generation.generate. MindFormers'
-        text-generation pipeline (Trainer.predict) calls with its own keywords:
-        see inference/text_generation.py."""
-        if "return_dict_in_generate" in kwargs or "max_length" in kwargs:
-            from .inference.text_generation import pipeline_generate
-            return pipeline_generate(self, input_ids, attention_mask, **kwargs)
-        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Incremental decoding with a KV cache, with Hugging Face's generate arguments as users and
+        MindFormers' text-generation pipeline (Trainer.predict) pass them: mixtral_ms/inference."""
+        return text_generate(self, input_ids, attention_mask, **kwargs)
 
-    def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None):
+    def forward_logits(self, input_ids, attention_mask=None, position_ids=None, domain_ids=None):
+        """(logits [B, S, V], router_logits [L, B*S, E], load [L, E], dropped [L, E], and the pooled
+        router sums the training loss needs: prob_sum [L, E], z_sum [L], valid token count)."""
         hidden, _, _, router_logits, load, dropped, prob_sum, z_sum, valid = self.model(
-            input_ids, attention_mask, position_ids)
-        logits = self.lm_logits(hidden)
-        if labels is None and not self.training:
-            return logits, router_logits, load, dropped
-        if labels is None:
-            labels = input_ids
-        num_layers = router_logits.shape[0]
+            input_ids, attention_mask, position_ids, domain_ids=domain_ids)
+        return self.lm_logits(hidden), router_logits, load, dropped, prob_sum, z_sum, valid
+
+    def training_loss(self, logits, labels, load, dropped, prob_sum, z_sum, valid, ce_coef):
+        """(loss, ce, aux, z, load, dropped) with loss = ce_coef * CE + aux_coef * aux + z_coef * z
+        (`ce_coef` below 1: distillation's alpha, training/distill.py)."""
+        num_layers = load.shape[0]
         ce = causal_lm_loss(logits, labels, self.ignore_index)
         pooled_tokens = valid * num_layers
         aux = load_balancing_loss(load.sum(axis=0), prob_sum.sum(axis=0), pooled_tokens)
         z = router_z_loss(z_sum.sum(), pooled_tokens)
-        loss = ce + self.aux_coef * aux + self.z_coef * z
+        loss = ce_coef * ce + self.aux_coef * aux + self.z_coef * z
         return loss, ce, aux, z, load, dropped
+
+    def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None, domain_ids=None):
+        logits, router_logits, load, dropped, prob_sum, z_sum, valid = self.forward_logits(
+            input_ids, attention_mask, position_ids, domain_ids)
+        if labels is None and not self.training:
+            return logits, router_logits, load, dropped
+        if labels is None:
+            labels = input_ids
+        return self.training_loss(logits, labels, load, dropped, prob_sum, z_sum, valid, 1.0)

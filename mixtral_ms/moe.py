@@ -9,13 +9,9 @@ from .capacity import dropless_capacities, expert_capacity
 from .configuration import MixtralConfig
 from .dispatch import dispatch
 from .dtypes import emulated_dtype, matmul, native_dtype
-from .router import TopKRouter
+from .router import RandomRouter, TopKRouter
 
 GROUPED_MIN_ROWS = 16  # mean rows per expert below which (decoding) the static capacity tiers are cheaper
-
-# The grouped (eval, unsharded) path's matmul: module-level, so the sharding plan, which shards every
-# primitive a cell holds, does not see it.
-_SEGMENT_MATMUL = ops.MatMul(transpose_b=True)
 
 
 class MixtralExperts(nn.Cell):
@@ -33,6 +29,7 @@ class MixtralExperts(nn.Cell):
         self.bmm_gate = ops.BatchMatMul(transpose_b=True)
         self.bmm_up = ops.BatchMatMul(transpose_b=True)
         self.bmm_down = ops.BatchMatMul(transpose_b=True)
+        self.segment_matmul = ops.MatMul(transpose_b=True)  # eval-mode segments only; the plan leaves it unsharded
 
     def segments(self, rows: tuple) -> tuple:
         """rows: per expert e, the [R_e, H] tokens routed to it (R_e varies) -> per expert [R_e, H].
@@ -44,9 +41,9 @@ class MixtralExperts(nn.Cell):
         w2 = ops.unstack(ops.cast(self.w2, dt))
         outs = ()
         for e in range(len(rows)):
-            gate = matmul(_SEGMENT_MATMUL, rows[e], w1[e], self.round_dtype)
-            up = matmul(_SEGMENT_MATMUL, rows[e], w3[e], self.round_dtype)
-            outs += (matmul(_SEGMENT_MATMUL, ops.silu(gate) * up, w2[e], self.round_dtype),)
+            gate = matmul(self.segment_matmul, rows[e], w1[e], self.round_dtype)
+            up = matmul(self.segment_matmul, rows[e], w3[e], self.round_dtype)
+            outs += (matmul(self.segment_matmul, ops.silu(gate) * up, w2[e], self.round_dtype),)
         return outs
 
     def construct(self, x: Tensor) -> Tensor:
@@ -58,7 +55,8 @@ class MixtralExperts(nn.Cell):
 
 
 class MixtralSparseMoeBlock(nn.Cell):
-    """Top-k routed experts with a per-group capacity (see dispatch.py).
+    """Routed experts with a per-group capacity (see dispatch.py); the router is `config.router_type`'s
+    (router.py). A choice the router skips (GShard's second expert) takes no capacity and adds nothing.
 
     A token whose assignments are all dropped gets zero from this block, so the decoder layer's
     residual carries it through unchanged. Returns the output and per-call router statistics:
@@ -67,7 +65,8 @@ class MixtralSparseMoeBlock(nn.Cell):
     load-balancing and z losses, which the model pools over layers as Hugging Face does).
     """
 
-    def __init__(self, config: MixtralConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype) -> None:
+    def __init__(self, config: MixtralConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype, layer: int = 0) -> None:
+        """`layer`: this block's depth, which seeds the random router's token -> expert map."""
         super().__init__()
         self.num_experts = config.num_local_experts
         self.top_k = config.num_experts_per_tok
@@ -77,26 +76,32 @@ class MixtralSparseMoeBlock(nn.Cell):
         self.drop_policy = config.drop_policy
         self.jitter = config.router_jitter_noise
         self.compute_dtype = native_dtype(compute_dtype)
-        self.gate = TopKRouter(config.hidden_size, self.num_experts, self.top_k, config.initializer_range,
-                               param_dtype, compute_dtype)
+        self.random_routed = config.router_type == "rre"
+        if self.random_routed:
+            self.gate = RandomRouter(config.hidden_size, config.vocab_size, self.num_experts, self.top_k,
+                                     config.rre_groups, config.rre_seed, layer, param_dtype, compute_dtype)
+        else:
+            self.gate = TopKRouter(config.hidden_size, self.num_experts, self.top_k, config.initializer_range,
+                                   param_dtype, compute_dtype, config.router_type)
         self.experts = MixtralExperts(self.num_experts, config.hidden_size, config.intermediate_size,
                                       config.initializer_range, param_dtype, compute_dtype)
         # Eval-mode dropless with at least GROUPED_MIN_ROWS rows per expert: per-expert segments of exactly
-        # the routed tokens (as Hugging Face's loop over experts), whatever the skew. apply_plan turns it
-        # off: sharded dispatch needs the static [E, C, H] layout.
-        self.grouped_inference = True
+        # the routed tokens (as Hugging Face's loop over experts), whatever the skew; not with
+        # static_dispatch (a sharded model: dispatch needs the static [E, C, H] layout).
+        self.grouped_inference = not config.static_dispatch
         # [G, E, C, H] <-> [E, G, C, H]: the expert-parallel AllToAll happens here (mixtral_ms/parallel/plan.py).
         self.to_experts = ops.Transpose()
         self.from_experts = ops.Transpose()
         self.combine = ops.BatchMatMul()
 
-    def _experts_at_capacity(self, flat, weights, index, token_mask, capacity: int):
-        """Dispatch into `[E, G*C, H]`, run the experts, combine: returns y [T, H], load and dropped [E]."""
+    def _experts_at_capacity(self, flat, weights, index, valid, capacity: int):
+        """Dispatch into `[E, G*C, H]`, run the experts, combine: returns y [T, H], load and dropped [E].
+        `valid`: float [T, k], 1 for the assignments to serve (valid tokens, choices the router kept)."""
         t, h = flat.shape
         e, k, g = self.num_experts, self.top_k, self.groups
         n = t // g
         slot_token, assignment_slot, load, dropped = dispatch(
-            index.reshape(g, n, k), weights.reshape(g, n, k), token_mask.reshape(g, n), e, capacity, self.drop_policy)
+            index.reshape(g, n, k), weights.reshape(g, n, k), valid.reshape(g, n, k), e, capacity, self.drop_policy)
         padded = ops.concat((flat.reshape(g, n, h), ops.zeros((g, 1, h), flat.dtype)), axis=1).reshape(-1, h)
         expert_in = ops.gather(padded, slot_token, 0).reshape(g, e * capacity + 1, h)
         expert_in = self.to_experts(expert_in[:, :e * capacity].reshape(g, e, capacity, h), (1, 0, 2, 3))
@@ -108,41 +113,41 @@ class MixtralSparseMoeBlock(nn.Cell):
         # middle axis (five times slower on CPU; slicing the k columns apart is slower still).
         return self.combine(weights.reshape(t, 1, k), picked).reshape(t, h), load, dropped
 
-    def _experts_grouped(self, flat, weights, index, token_mask):
+    def _experts_grouped(self, flat, weights, index, valid):
         """Dropless with no padding rows: each expert runs on exactly the assignments routed to it, and
         the weighted results are scatter-added to their tokens. Padding tokens get zero."""
         t, h = flat.shape
         e, k = self.num_experts, self.top_k
         expert = index.reshape(t * k)
-        weight = (weights * ops.cast(token_mask, weights.dtype).reshape(t, 1)).reshape(t * k, 1)
+        weight = (weights * ops.cast(valid, weights.dtype)).reshape(t * k, 1)
         picks = tuple(ops.nonzero(expert == i).reshape(-1) for i in range(e))  # dynamic length each
         outs = self.experts.segments(tuple(ops.gather(flat, p // k, 0) for p in picks))
         pick = ops.concat(picks)
         y = ops.unsorted_segment_sum(ops.concat(outs) * ops.gather(weight, pick, 0), pick // k, t)
-        return y, self._group_load(index, token_mask, 1)[0], ops.zeros((e,), ms.float32)
+        return y, self._group_load(index, valid, 1)[0], ops.zeros((e,), ms.float32)
 
-    def _group_load(self, index, token_mask, groups: int):
-        """Assignments of valid tokens to each expert, per token group: float32 [G, E]."""
-        t = token_mask.shape[0]
+    def _group_load(self, index, valid, groups: int):
+        """Valid assignments to each expert, per token group: float32 [G, E]."""
+        t = valid.shape[0]
         e, k = self.num_experts, self.top_k
         n = t // groups
-        valid = ops.broadcast_to(token_mask.reshape(groups, n, 1), (groups, n, k)).reshape(groups, n * k, 1)
         one_hot = ops.one_hot(index.reshape(groups, n * k), e, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
-        return (one_hot * valid).sum(axis=1)
+        return (one_hot * valid.reshape(groups, n * k, 1)).sum(axis=1)
 
-    def _dropless(self, flat, weights, index, token_mask):
+    def _dropless(self, flat, weights, index, valid):
         """Nothing dropped, at the cost of the smallest capacity tier that holds the busiest expert of
         every group (capacity.dropless_capacities, then N): one tensor condition per tier,
         compiled as branches in graph mode, and no layer is computed twice."""
         n = flat.shape[0] // self.groups
-        busiest = self._group_load(index, token_mask, self.groups).max()
+        busiest = self._group_load(index, valid, self.groups).max()
         for capacity in dropless_capacities(n, self.top_k, self.num_experts):
             if busiest <= capacity:
-                return self._experts_at_capacity(flat, weights, index, token_mask, capacity)
-        return self._experts_at_capacity(flat, weights, index, token_mask, n)
+                return self._experts_at_capacity(flat, weights, index, valid, capacity)
+        return self._experts_at_capacity(flat, weights, index, valid, n)
 
-    def construct(self, x: Tensor, token_mask: Tensor):
-        """x: [B, S, H]; token_mask: float32 [B, S], 0 for padding (padding takes no capacity)."""
+    def construct(self, x: Tensor, token_mask: Tensor, token_ids=None, domain_ids=None):
+        """x: [B, S, H]; token_mask: float32 [B, S], 0 for padding (padding takes no capacity);
+        token_ids, domain_ids: int [B, S], read by the random router only."""
         b, s, h = x.shape
         e, k = self.num_experts, self.top_k
         n = b * s // self.groups
@@ -151,16 +156,19 @@ class MixtralSparseMoeBlock(nn.Cell):
         if self.training and self.jitter > 0:
             flat = flat * ops.uniform(flat.shape, Tensor(1.0 - self.jitter, self.compute_dtype),
                                       Tensor(1.0 + self.jitter, self.compute_dtype), dtype=self.compute_dtype)
-        logits, probs, weights, index = self.gate(flat)
-        mask = token_mask.reshape(b * s)
-        if factor > 0:
-            y, load, dropped = self._experts_at_capacity(flat, weights, index, mask, expert_capacity(n, k, e, factor))
-        elif not self.training and self.grouped_inference and k * b * s >= GROUPED_MIN_ROWS * e:
-            y, load, dropped = self._experts_grouped(flat, weights, index, mask)
+        if self.random_routed:
+            logits, probs, weights, index, kept = self.gate(token_ids.reshape(b * s), domain_ids.reshape(b * s))
         else:
-            y, load, dropped = self._dropless(flat, weights, index, mask)
+            logits, probs, weights, index, kept = self.gate(flat)
+        mask = token_mask.reshape(b * s, 1)
+        valid = mask * kept
+        if factor > 0:
+            y, load, dropped = self._experts_at_capacity(flat, weights, index, valid, expert_capacity(n, k, e, factor))
+        elif not self.training and self.grouped_inference and k * b * s >= GROUPED_MIN_ROWS * e:
+            y, load, dropped = self._experts_grouped(flat, weights, index, valid)
+        else:
+            y, load, dropped = self._dropless(flat, weights, index, valid)
 
-        mask = mask.reshape(b * s, 1)
         prob_sum = (probs * mask).sum(axis=0)
         z_sum = (ops.square(ops.logsumexp(logits, -1, True)) * mask).sum()
         return y.reshape(b, s, h), logits, load, dropped, prob_sum, z_sum

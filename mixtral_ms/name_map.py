@@ -14,11 +14,12 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 from .safetensors_io import FLOAT_TAGS, CheckpointError, TensorInfo
 from .schema import hf_dims
 
-# Optimizer and training-loop state that a MindSpore training checkpoint carries beside the weights.
+# Optimizer and training-loop state that a MindSpore training checkpoint carries beside the weights
+# (and a distillation run's frozen teacher, training/distill.py).
 TRAINING_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "global_step", "learning_rate",
                            "scale_sense", "loss_scale", "epoch_num", "step_num", "current_iterator_step",
                            "last_overflow_iterator_step", "accu_grads.", "beta1_power", "beta2_power",
-                           "router_stats.", "global_batch_size")
+                           "router_stats.", "global_batch_size", "teacher.")
 
 _HF_EXPERT = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(\d+)\.(w[123])\.weight$")
 _MS_EXPERT = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(w[123])$")

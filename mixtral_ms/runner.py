@@ -52,12 +52,15 @@ def load_run(path: str, overrides: Optional[Dict[str, Any]] = None) -> Run:
         raise RunError(f"no config file {path}")
     try:
         raw = MindFormerConfig._file2dict(path)  # MindFormers' reader: the YAML plus its base_config files
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise RunError(f"{path}: malformed YAML{where}") from None
     except UnicodeDecodeError:
         raise RunError(f"{path}: not UTF-8 text") from None
+    except (yaml.YAMLError, ValueError) as err:  # the reader's nesting check wraps YAMLError in ValueError
+        cause = err if isinstance(err, yaml.YAMLError) else err.__cause__
+        if not isinstance(cause, yaml.YAMLError):
+            raise RunError(f"{path}: {err}") from None
+        mark = getattr(cause, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RunError(f"{path}: malformed YAML{where}") from None
     except AttributeError:  # the reader sorts the top-level items of what it loaded
         raise RunError(f"{path}: the YAML must be a mapping of sections") from None
     model_config = check_config(raw)
@@ -67,6 +70,14 @@ def load_run(path: str, overrides: Optional[Dict[str, Any]] = None) -> Run:
         if value is not None:
             config[key] = value
     return Run(config, model_config)
+
+
+def set_layout(run: Run, layout: ParallelLayout) -> None:
+    """Give the run its layout, and the model config the fields the layout fixes (before any model exists)."""
+    for key, value in layout.model_fields().items():
+        setattr(run.model_config, key, value)
+    run.model_config.validate()
+    run.layout = layout
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -128,6 +139,7 @@ def prepare_resume(config, model) -> int:
 
 
 def train(run: Run, finetune: bool) -> None:
+    """Trainer.train / finetune on the run's model, its checkpoint loaded strictly first (or resumed)."""
     from mindformers import Trainer
     from .data import check_dataset
     config = run.config
@@ -161,6 +173,7 @@ def generation_settings(config, requested: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def predict(run: Run, prompts: Sequence[str], settings: Dict[str, Any], instruct: bool = False) -> None:
+    """Print `> prompt + continuation` for each prompt (SentencePiece, left padding, KV-cache decoding)."""
     import sentencepiece as spm
     from .inference.generation import generate
     from .inference.prompts import continuation, left_pad
@@ -209,7 +222,7 @@ def execute(args: argparse.Namespace) -> None:
     ms.set_seed(int(config.seed or 0))  # before the model is built: initial weights follow the YAML's seed
     if config.use_parallel:  # validate the layout against the world size, set the auto-parallel context
         from .parallel.plan import prepare_parallel
-        run.layout = prepare_parallel(config)
+        set_layout(run, prepare_parallel(config))
     if config.run_mode in ("train", "finetune"):
         train(run, config.run_mode == "finetune")
     elif config.run_mode == "predict":

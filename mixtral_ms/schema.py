@@ -19,6 +19,7 @@ class ConfigError(ValueError):
 
 
 DROP_POLICIES = ("probs", "position")
+ROUTER_TYPES = ("mixtral", "switch", "gshard", "rre")  # mixtral_ms/router.py
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -30,8 +31,15 @@ class ModelDims:
     `capacity_factor` bounds expert load in training (`<= 0`: dropless); `inference_capacity_factor`
     does the same in eval mode and defaults to dropless, since capacity only matters for training
     throughput. `moe_token_groups` splits the tokens into groups that get capacity separately (one per
-    data-parallel shard under the parallel plan). `num_key_value_heads` None means multi-head attention;
+    data-parallel shard under the parallel plan); `static_dispatch` keeps eval mode on the static
+    `[E, C, H]` dispatch, as sharding needs (ParallelLayout.model_fields sets both). `num_key_value_heads`
+    None means multi-head attention;
     `head_dim` None means hidden_size // num_attention_heads.
+
+    `router_type` (router.py): `mixtral` (top-k, renormalised), `switch` (top-1, un-renormalised
+    probability), `gshard` (top-2, second choice sampled in training) or `rre` (Pangu-Sigma random
+    routed experts: `rre_groups` equal expert groups, one per domain id of the data, and inside a
+    group a fixed token-id -> expert map per layer drawn from `rre_seed`).
     """
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -53,6 +61,10 @@ class ModelDims:
     inference_capacity_factor: float = 0.0
     drop_policy: str = "probs"
     moe_token_groups: int = 1
+    static_dispatch: bool = False
+    router_type: str = "mixtral"
+    rre_groups: int = 1
+    rre_seed: int = 0
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     seq_length: int = 4096
@@ -84,6 +96,7 @@ class ModelDims:
             _positive_int("sliding_window", self.sliding_window, " or null")
         if self.drop_policy not in DROP_POLICIES:
             raise ConfigError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
+        self._check_router()
         for name in ("compute_dtype", "param_init_type"):
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
@@ -92,8 +105,28 @@ class ModelDims:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
-        if not isinstance(self.tie_word_embeddings, bool):
-            raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        for name in ("tie_word_embeddings", "static_dispatch"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    def _check_router(self) -> None:
+        kind, k, e, groups = self.router_type, self.num_experts_per_tok, self.num_local_experts, self.rre_groups
+        if kind not in ROUTER_TYPES:
+            raise ConfigError(f"router_type must be one of {ROUTER_TYPES}, got {kind!r}")
+        if kind == "switch" and k != 1:
+            raise ConfigError(f"router_type switch routes each token to one expert; num_experts_per_tok must be 1, "
+                              f"got {k}")
+        if kind == "gshard" and k != 2:
+            raise ConfigError(f"router_type gshard samples the second of two experts; num_experts_per_tok must be 2, "
+                              f"got {k}")
+        _positive_int("rre_groups", groups)
+        if not isinstance(self.rre_seed, int) or isinstance(self.rre_seed, bool) or self.rre_seed < 0:
+            raise ConfigError(f"rre_seed must be a non-negative integer, got {self.rre_seed!r}")
+        if kind != "rre" and groups != 1:
+            raise ConfigError(f"rre_groups {groups} needs router_type rre (got {kind!r})")
+        if kind == "rre" and (e % groups or k > e // groups):
+            raise ConfigError(f"router_type rre needs num_local_experts ({e}) divisible by rre_groups ({groups}) "
+                              f"and num_experts_per_tok ({k}) <= experts per group")
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(ModelDims))
@@ -118,7 +151,8 @@ def model_dims(model: Any) -> ModelDims:
 _HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "sliding_window",
               "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise",
-              "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id")
+              "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
+              "router_type", "rre_groups", "rre_seed")  # the last three: mixtral-ms routers, absent from HF's
 # Fields a config.json must name: they fix the parameter shapes and have no safe default.
 _HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_local_experts", "num_experts_per_tok")

@@ -37,23 +37,20 @@ LOG_DIR="output/msrun_log" JOIN="True" TIME_OUT=600 VENV="${MIXTRAL_MS_VENV:-}" 
 EXTRA=()
 
 die() { echo "error: msrun_launcher: $*" >&2; exit 2; }
-need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
+# Options that take a value, and the variable each sets.
+declare -A VAR_OF=([--config]=CONFIG [--run_mode]=RUN_MODE [--load_checkpoint]=LOAD_CKPT [--device]=DEVICE
+                   [--worker_num]=WORKER_NUM [--local_worker_num]=LOCAL_WORKER_NUM [--node_rank]=NODE_RANK
+                   [--master_addr]=MASTER_ADDR [--master_port]=MASTER_PORT [--log_dir]=LOG_DIR [--join]=JOIN
+                   [--cluster_time_out]=TIME_OUT [--venv]=VENV)
 
 while [ $# -gt 0 ]; do
+  if [ -n "${VAR_OF[$1]:-}" ]; then
+    [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"
+    printf -v "${VAR_OF[$1]}" '%s' "$2"
+    shift 2
+    continue
+  fi
   case "$1" in
-    --config) need "$@"; CONFIG="$2"; shift 2 ;;
-    --run_mode) need "$@"; RUN_MODE="$2"; shift 2 ;;
-    --load_checkpoint) need "$@"; LOAD_CKPT="$2"; shift 2 ;;
-    --device) need "$@"; DEVICE="$2"; shift 2 ;;
-    --worker_num) need "$@"; WORKER_NUM="$2"; shift 2 ;;
-    --local_worker_num) need "$@"; LOCAL_WORKER_NUM="$2"; shift 2 ;;
-    --node_rank) need "$@"; NODE_RANK="$2"; shift 2 ;;
-    --master_addr) need "$@"; MASTER_ADDR="$2"; shift 2 ;;
-    --master_port) need "$@"; MASTER_PORT="$2"; shift 2 ;;
-    --log_dir) need "$@"; LOG_DIR="$2"; shift 2 ;;
-    --join) need "$@"; JOIN="$2"; shift 2 ;;
-    --cluster_time_out) need "$@"; TIME_OUT="$2"; shift 2 ;;
-    --venv) need "$@"; VENV="$2"; shift 2 ;;
     --dry_run) DRY_RUN=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;

@@ -39,6 +39,8 @@ def main(argv=None) -> int:
                         help="the model's seq_length; samples hold seq_length + 1 tokens")
     parser.add_argument("--output", required=True, help="X.mindrecord (an X.mindrecord.db index goes beside it)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--domain_id", type=int, help="also write a domain_ids column holding this id for every "
+                                                      "token (the expert group of router_type rre)")
     parser.add_argument("--heldout_fraction", type=float, default=0.0,
                         help="hold out this share of whole documents (evenly spread), e.g. 0.1 (default 0)")
     parser.add_argument("--heldout_output", help="the held-out MindRecord (default: X_heldout.mindrecord beside X)")
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
     interrupt_on_sigterm()
     try:
         count = preprocess(args.input, args.format, args.tokenizer, args.seq_length, args.output,
-                           args.overwrite, text_docs=args.text_docs, stats=stats,
+                           args.overwrite, text_docs=args.text_docs, stats=stats, domain=args.domain_id,
                            heldout_fraction=args.heldout_fraction, heldout_output=args.heldout_output)
     except (DataError, OSError) as err:
         print(f"error: {err}".splitlines()[0], file=sys.stderr)

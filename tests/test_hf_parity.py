@@ -53,6 +53,23 @@ def test_greedy_generation_matches_hf(name):
     np.testing.assert_array_equal(out1[:, g["gen1_prompt_ids"].shape[1]:], g["gen1_tokens"])
 
 
+def test_right_padding_and_the_pipeline_call_give_the_same_tokens():
+    """MindFormers' text-generation pipeline pads on the right and calls generate(ids, max_length=...,
+    return_dict_in_generate=True): the rows are realigned to left padding, with or without a mask, and
+    the sequences are prompt + HF's greedy continuation."""
+    model, g = load("tiny8")
+    ids, mask = g["gen_prompt_ids"], g["gen_prompt_mask"]
+    prompts = [[int(t) for t, m in zip(row, keep) if m] for row, keep in zip(ids, mask)]
+    right = np.array([p + [0] * (ids.shape[1] - len(p)) for p in prompts], np.int32)  # pad_token_id 0
+    right_mask = np.array([[1] * len(p) + [0] * (ids.shape[1] - len(p)) for p in prompts], np.float32)
+    expected = [p + t.tolist() for p, t in zip(prompts, g["gen_tokens"])]
+    with_mask = model.generate(right, right_mask, max_new_tokens=8, eos_token_id=-1, return_dict_in_generate=True)
+    assert with_mask["sequences"] == expected
+    no_mask = model.generate(right, max_length=ids.shape[1] + 8, eos_token_id=-1, top_k=1,
+                             return_dict_in_generate=True, use_past=True)
+    assert no_mask["sequences"] == expected
+
+
 def test_greedy_generation_graph_mode():
     ms.set_context(mode=ms.GRAPH_MODE)
     try:

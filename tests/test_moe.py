@@ -170,7 +170,9 @@ def test_groups_equal_separate_runs():
     single = _block(1, 1.1)
     single.set_train(True)
     parts = [single(Tensor(x[i:i + 2]), Tensor(mask[i:i + 2])) for i in (0, 2)]
-    np.testing.assert_allclose(y.asnumpy(), np.concatenate([p[0].asnumpy() for p in parts]), atol=1e-6)
+    # Same routing and drops (exact, below); the outputs agree to float32 rounding of the expert matmuls,
+    # whose row counts differ ([E, 2C, H] against [E, C, H]): |y| reaches 13, an ulp there is 1e-6.
+    np.testing.assert_allclose(y.asnumpy(), np.concatenate([p[0].asnumpy() for p in parts]), atol=1e-5)
     np.testing.assert_array_equal(dropped.asnumpy(), parts[0][3].asnumpy() + parts[1][3].asnumpy())
 
 

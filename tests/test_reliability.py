@@ -334,6 +334,7 @@ def test_memory_estimator_bad_input_is_one_line(tmp_path):
     assert "not UTF-8 text" in _error_line(_estimate("--config", tmp_path / "latin1.yaml"))
     shipped = tmp_path / "ro.yaml"
     shutil.copy(os.path.join(ROOT, "configs", "parallel", "mixtral_8x7b_pretrain_8p.yaml"), shipped)
+    shutil.copytree(os.path.join(ROOT, "configs", "parallel", "base"), tmp_path / "base")  # its base_config
     os.chmod(shipped, stat.S_IRUSR | stat.S_IRGRP)
     before = shipped.read_bytes()
     assert _error_line(_estimate("--config", shipped, "--write_header")) == (

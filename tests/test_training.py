@@ -24,6 +24,7 @@ from mindspore import Tensor
 from conftest import FIXTURES, ROOT
 from mixtral_ms import MixtralConfig, MixtralForCausalLM, runner
 from mixtral_ms.data import write_mindrecord
+from mixtral_ms.parallel import load_yaml
 
 
 SEQ, BATCH, STEPS, SAVE_AT = 16, 4, 40, 20
@@ -334,8 +335,7 @@ def test_yaml_builds_through_the_mindformers_registry():
     for module_type, names in REGISTERED.items():
         assert all(MindFormerRegister.is_exist(module_type, name) for name in names), module_type
     for path in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True):  # every bundled YAML
-        with open(path) as f:
-            check_config(yaml.safe_load(f))
+        check_config(load_yaml(path))
     config = MindFormerConfig(os.path.join(ROOT, "configs", "mixtral_tiny_cpu.yaml"))
     network = build_network(config.model)
     assert type(network).__name__ == "MixtralForCausalLM"
@@ -353,6 +353,7 @@ def test_every_shipped_yaml_loads_as_mindformers_reads_it(path):
     run_config = runner.load_run(path)
     reference = MindFormerConfig(path)
     assert run_config.config == reference
+    assert load_yaml(path) == MindFormerConfig._file2dict(path)  # the light reader merges base_config alike
     for key, value in reference.model.model_config.items():
         if key != "type":
             assert getattr(run_config.model_config, key) == value, key

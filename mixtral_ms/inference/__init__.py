@@ -1,3 +1,3 @@
-"""Inference: KV-cache decoding (generation.py) and the adapter for MindFormers' text-generation
-pipeline (text_generation.py). Imports only the model's public surface; the model imports nothing here
-at module level."""
+"""Inference: KV-cache decoding (generation.py), `MixtralForCausalLM.generate`'s arguments as users and
+MindFormers' text-generation pipeline pass them (text_generation.py), and prompt padding and EOS
+trimming (prompts.py). A model is passed in; nothing here imports a model module."""

@@ -1,10 +1,13 @@
-"""`MixtralForCausalLM.generate` as MindFormers' text-generation pipeline calls it (`Trainer.predict`).
+"""`MixtralForCausalLM.generate`: Hugging Face's generate arguments, as callers and MindFormers'
+text-generation pipeline (`Trainer.predict`) pass them, turned into one call of
+mixtral_ms.inference.generation.generate (left-padded ids and mask).
 
-The pipeline tokenizes with `padding=True` (right padding, no attention mask passed on) and calls
-`network.generate(input_ids, max_length=..., top_k=..., return_dict_in_generate=True, **extras)`, then
-decodes `result["sequences"]` (prompt + continuation). This adapter turns that call into
-mixtral_ms.inference.generation.generate: trailing padding becomes left padding with a mask, `max_length`
-becomes `max_new_tokens`, and the sequences come back without padding or what follows EOS.
+One set of rules for every call: the rows are realigned to left padding when the mask is not
+(right padding, as the pipeline's `padding=True`); without a mask, trailing `pad_token_id`s are
+right padding; `max_length` (prompt + new) gives `max_new_tokens` when that is not set; with
+`return_dict_in_generate` the result is `{"sequences": [prompt + continuation up to EOS]}` (what the
+pipeline decodes), else the [B, W + new] ids. Keywords the pipeline forwards that say nothing about
+decoding are ignored; beam search and repetition penalty raise.
 """
 from __future__ import annotations
 
@@ -21,9 +24,8 @@ _IGNORED = ("audio_processor", "image_processor", "is_full_config", "streamer", 
 _DECODING = ("do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id", "seed")
 
 
-def pipeline_generate(model, input_ids, attention_mask=None, max_new_tokens: Optional[int] = None,
-                      max_length: Optional[int] = None, return_dict_in_generate: bool = False,
-                      **kwargs: Any):
+def text_generate(model, input_ids, attention_mask=None, max_new_tokens: Optional[int] = None,
+                  max_length: Optional[int] = None, return_dict_in_generate: bool = False, **kwargs: Any):
     """See the module docstring. Unsupported decoding requests (beam search, repetition penalty) raise."""
     for key in _IGNORED:
         kwargs.pop(key, None)
@@ -38,21 +40,24 @@ def pipeline_generate(model, input_ids, attention_mask=None, max_new_tokens: Opt
     if not decoding.get("do_sample"):
         decoding.pop("top_k", None)  # the pipeline always sends top_k (1 by default); greedy ignores it
 
-    rows = input_ids.asnumpy().tolist() if hasattr(input_ids, "asnumpy") else np.asarray(input_ids).tolist()
-    if rows and not isinstance(rows[0], list):
-        rows = [rows]
+    ids = np.asarray(input_ids.asnumpy() if hasattr(input_ids, "asnumpy") else input_ids)
+    ids = ids.reshape(1, -1) if ids.ndim == 1 else ids
     pad = model.config.pad_token_id if decoding.get("pad_token_id") is None else decoding["pad_token_id"]
-    masks = None if attention_mask is None else np.asarray(attention_mask).reshape(len(rows), -1)
-    prompts = []
-    for i, row in enumerate(rows):
-        if masks is not None:
-            prompts.append([t for t, m in zip(row, masks[i]) if m])
-        else:
-            end = len(row)
-            while end > 1 and row[end - 1] == pad:  # the pipeline's right padding
+    if attention_mask is None:
+        mask = np.ones(ids.shape, np.float32)
+        for row, tokens in zip(mask, ids):
+            end = len(tokens)
+            while end > 1 and tokens[end - 1] == pad:  # trailing padding (the pipeline's right padding)
                 end -= 1
-            prompts.append(row[:end])
-    ids, mask = left_pad(prompts, pad)
+            row[end:] = 0
+    else:
+        mask = np.asarray(attention_mask.asnumpy() if hasattr(attention_mask, "asnumpy") else attention_mask,
+                          np.float32)
+        mask = mask.reshape(1, -1) if mask.ndim == 1 else mask
+    prompts = [[int(t) for t, m in zip(tokens, row) if m] for tokens, row in zip(ids, mask)]
+    left_aligned = all(row[len(row) - len(p):].all() for row, p in zip(mask, prompts))
+    if not left_aligned:
+        ids, mask = left_pad(prompts, pad)
     width = ids.shape[1]
     if max_new_tokens is None:
         max_new_tokens = max(1, max_length - width) if max_length else 32
@@ -60,5 +65,4 @@ def pipeline_generate(model, input_ids, attention_mask=None, max_new_tokens: Opt
     if not return_dict_in_generate:
         return out
     eos = decoding.get("eos_token_id", model.config.eos_token_id)
-    return {"sequences": [list(prompt) + continuation(row, width, eos, keep_eos=True)
-                          for prompt, row in zip(prompts, out)]}
+    return {"sequences": [prompt + continuation(row, width, eos, keep_eos=True) for prompt, row in zip(prompts, out)]}

@@ -10,6 +10,7 @@ Every error is a one-line `ParallelConfigError` naming the offending key and val
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
@@ -127,6 +128,11 @@ class ParallelLayout:
         """Token groups with their own expert capacity: one per data-parallel shard."""
         return self.data_parallel
 
+    def model_fields(self) -> Dict[str, Any]:
+        """The model fields this layout fixes, set before the model is built: capacity per data-parallel
+        shard, and only the static [E, C, H] dispatch (the dynamic per-expert segments do not shard)."""
+        return {"moe_token_groups": self.moe_token_groups, "static_dispatch": True}
+
     @property
     def effective_vocab_emb_dp(self) -> bool:
         """MindFormers resets vocab_emb_dp to False under pipeline parallelism (core/parallel_config.py)."""
@@ -231,15 +237,10 @@ def validate(parallel_config: Optional[Mapping] = None, parallel: Optional[Mappi
     if dims.num_local_experts % ep:
         raise ParallelConfigError(f"expert_parallel ({ep}) must divide the number of experts "
                                   f"({dims.num_local_experts})")
-    if dims.num_hidden_layers % pp:
-        raise ParallelConfigError(f"num_hidden_layers ({dims.num_hidden_layers}) is not divisible by "
-                                  f"pipeline_stage ({pp})")
-    if dims.num_attention_heads % mp:
-        raise ParallelConfigError(f"num_attention_heads ({dims.num_attention_heads}) is not divisible by "
-                                  f"model_parallel ({mp})")
-    if dims.num_key_value_heads % mp:
-        raise ParallelConfigError(f"num_key_value_heads ({dims.num_key_value_heads}) is not divisible by "
-                                  f"model_parallel ({mp})")
+    for name, key, degree in (("num_hidden_layers", "pipeline_stage", pp), ("num_attention_heads", "model_parallel", mp),
+                              ("num_key_value_heads", "model_parallel", mp)):
+        if getattr(dims, name) % degree:
+            raise ParallelConfigError(f"{name} ({getattr(dims, name)}) is not divisible by {key} ({degree})")
     if pp > 1 and micro < pp:
         raise ParallelConfigError(f"micro_batch_num ({micro}) must be at least pipeline_stage ({pp})")
     if not (vocab_emb_dp and pp == 1) and dims.vocab_size % mp:
@@ -330,7 +331,9 @@ def from_run_config(config: Mapping, devices: Optional[int] = None) -> ParallelL
 
 
 def load_yaml(path: str) -> Dict[str, Any]:
-    """A run config as a plain dict (PyYAML, no MindFormers)."""
+    """A run config as a plain dict, its `base_config:` files merged under it as MindFormers' reader
+    (MindFormerConfig._file2dict) merges them: PyYAML only, since importing MindFormers costs seconds.
+    A test keeps the two equal on every shipped YAML."""
     import yaml
     try:
         with open(path, encoding="utf-8") as f:
@@ -343,4 +346,19 @@ def load_yaml(path: str) -> Dict[str, Any]:
         raise ParallelConfigError(f"{path}: malformed YAML{line} ({getattr(err, 'problem', None) or err})") from None
     if not isinstance(data, dict):
         raise ParallelConfigError(f"{path}: the YAML must be a mapping of sections")
-    return data
+    bases = data.pop("base_config", None)
+    if bases is None:
+        return data
+    merged: Dict[str, Any] = {}
+    for base in bases if isinstance(bases, list) else [bases]:
+        merged.update(load_yaml(os.path.join(os.path.dirname(path), base)))
+    return _merge(data, merged)
+
+
+def _merge(over: Mapping, under: Mapping) -> Dict[str, Any]:
+    """`under` with `over`'s keys set on it, mappings merged key by key."""
+    out = dict(under)
+    for key, value in over.items():
+        out[key] = _merge(value, out[key]) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) \
+            else value
+    return out

@@ -1,9 +1,11 @@
 """The sharding plan for MindSpore semi-auto parallel, applied from outside the model.
 
 The model holds its matmuls, batched matmuls, the embedding gather and the two MoE transposes as
-primitive attributes; `apply_plan` calls `.shard()` on each, assigns pipeline stages to cells, sets the
-MoE token groups to the data-parallel degree and returns a table (name -> Entry) of every sharded
-primitive and every parameter with its shape, strategy and stage. `plan_spec` builds the same table
+primitive attributes; it is built for the layout (`ParallelLayout.model_fields()`: MoE token groups =
+dp, static dispatch). `apply_plan` runs the plan's steps: `shard` calls `.shard()` on each primitive
+(all but those UNSHARDED names) and returns a table (name -> Entry) of every sharded primitive and
+every parameter with its shape, strategy and stage; `assign_stages` sets pipeline stages;
+`mark_recompute` marks decoder layers for recomputation. `plan_spec` builds the same table
 from the config alone (no weights), so the shipped 8x7B configs can be checked without materialising
 them; `check_table` verifies every strategy against its shapes.
 
@@ -30,6 +32,7 @@ embedding to stage 0, the final norm and the LM head to the last stage.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -126,7 +129,8 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train",
            note="heads over mp")
         param(p + "post_attention_layernorm.weight", (h,), (1,), st, "replicated")
         m = p + "block_sparse_moe."
-        op(m + "gate.matmul", [(tok, h), (e, h)], [(dp, 1), (1, 1)], st, note="router, tokens over dp")
+        if d.router_type != "rre":  # the random router has no matmul (router.RandomRouter)
+            op(m + "gate.matmul", [(tok, h), (e, h)], [(dp, 1), (1, 1)], st, note="router, tokens over dp")
         param(m + "gate.weight", (e, h), (1, 1), st, "replicated")
         op(m + "to_experts", [(g, e, c, h)], [(t, ep, a, 1)], st,
            note="AllToAll: dp token groups -> ep expert shards" + (" (group-wise)" if a > 1 else ""))
@@ -184,32 +188,37 @@ def replication(entry: Entry, layout: ParallelLayout) -> int:
 # Applying the plan to a model
 
 
-# Primitives MindFormers' base classes attach to the top-level model for their own text generator
-# (mindformers/generation/text_generator.py `self.gather`); never in mixtral-ms's training graph.
-FRAMEWORK_PRIMITIVES = frozenset({"gather"})
+# Primitives the plan leaves unsharded, by name (fnmatch patterns), and why.
+UNSHARDED = {
+    "gather": "MindFormers' text generator's (mindformers/generation/text_generator.py), never in mixtral-ms's graph",
+    "model.layers.*.block_sparse_moe.experts.segment_matmul":
+        "eval-mode per-expert segments (MixtralExperts.segments), never run with static_dispatch",
+}
 
 
 def _primitives(model) -> Dict[str, Any]:
-    """name -> primitive for every primitive a cell of `model` holds as an attribute."""
+    """name -> primitive for every primitive a cell of `model` holds as an attribute, but UNSHARDED's."""
     found = {}
     for cell_name, cell in model.cells_and_names():
         for attr, prim in getattr(cell, "_primitives", {}).items():
             name = f"{cell_name}.{attr}" if cell_name else attr
-            if prim is not None and name not in FRAMEWORK_PRIMITIVES:
+            if prim is not None and not any(fnmatch.fnmatchcase(name, pattern) for pattern in UNSHARDED):
                 found[name] = prim
     return found
 
 
-def apply_plan(model, layout: ParallelLayout, run_mode: str = "train") -> Dict[str, Entry]:
-    """Shard every primitive of a MixtralForCausalLM, assign pipeline stages, group MoE tokens per dp
-    shard, and mark decoder layers for recomputation (recompute_config.recompute). Returns the table.
+def shard(model, layout: ParallelLayout, run_mode: str = "train") -> Dict[str, Entry]:
+    """`.shard()` every primitive of a MixtralForCausalLM built for `layout` (its config holds
+    `layout.model_fields()`) and return the plan's table.
 
-    Raises ParallelConfigError if the model holds a primitive or a parameter the plan does not cover,
-    or if a strategy does not divide its shape.
+    Raises ParallelConfigError if the model was built for another layout, holds a primitive or a
+    parameter the plan does not cover, or if a strategy does not divide its shape.
     """
-    from ..moe import MixtralSparseMoeBlock
-
     config = model.config
+    wrong = {k: getattr(config, k) for k, v in layout.model_fields().items() if getattr(config, k) != v}
+    if wrong:
+        raise ParallelConfigError(f"the model was built with {wrong}; build it from a config with "
+                                  f"layout.model_fields() ({layout.model_fields()})")
     table = plan_spec(config, layout, run_mode)
     problems = check_table(table, layout)
     if problems:
@@ -232,23 +241,35 @@ def apply_plan(model, layout: ParallelLayout, run_mode: str = "train") -> Dict[s
     for name, prim in prims.items():
         entry = table[name]
         prim.shard(entry.strategy, entry.out_strategy) if entry.out_strategy else prim.shard(entry.strategy)
+    return table
 
-    config.moe_token_groups = layout.moe_token_groups
-    for _, cell in model.cells_and_names():
-        if isinstance(cell, MixtralSparseMoeBlock):
-            cell.groups = layout.moe_token_groups
-            cell.grouped_inference = False  # dynamic per-expert segments do not shard
-    if layout.pipeline_stage > 1:
-        inner = model.model
-        inner.embed_tokens.pipeline_stage = 0
-        for i, layer in enumerate(inner.layers):
-            layer.pipeline_stage = layout.stage_of_layer(i)
-        inner.norm.pipeline_stage = layout.pipeline_stage - 1
-        if not config.tie_word_embeddings:
-            model.lm_head.pipeline_stage = layout.pipeline_stage - 1
+
+def assign_stages(model, layout: ParallelLayout) -> None:
+    """Pipeline stages: layer i to stage i // (L/pp), the embedding to the first, norm and head to the last."""
+    if layout.pipeline_stage == 1:
+        return
+    inner = model.model
+    inner.embed_tokens.pipeline_stage = 0
+    for i, layer in enumerate(inner.layers):
+        layer.pipeline_stage = layout.stage_of_layer(i)
+    inner.norm.pipeline_stage = layout.pipeline_stage - 1
+    if not model.config.tie_word_embeddings:
+        model.lm_head.pipeline_stage = layout.pipeline_stage - 1
+
+
+def mark_recompute(model, layout: ParallelLayout) -> None:
+    """Every decoder layer recomputed in backward when the layout asks (recompute_config.recompute)."""
     if layout.recompute:
         for layer in model.model.layers:
             layer.recompute()
+
+
+def apply_plan(model, layout: ParallelLayout, run_mode: str = "train") -> Dict[str, Entry]:
+    """The plan's three steps on a model built for `layout`: shard, assign_stages, mark_recompute.
+    Returns the table."""
+    table = shard(model, layout, run_mode)
+    assign_stages(model, layout)
+    mark_recompute(model, layout)
     return table
 
 
@@ -294,9 +315,8 @@ def prepare_parallel(config, devices: Optional[int] = None, rank: Optional[int] 
     """For scripts/run_mixtral.py with `use_parallel: True`, after MindFormers' build_context(config)
     has initialised communication and before the model is built: validate the layout against the
     world size, set the auto-parallel context (strategy file `<output_dir>/strategy/
-    ckpt_strategy_rank_<rank>.ckpt`, MindFormers' naming), and write `moe_token_groups = dp` into
-    `config.model.model_config` so the model is built with per-data-parallel-shard capacity.
-    Then build the model and call `apply_plan(model, layout, config.run_mode)`.
+    ckpt_strategy_rank_<rank>.ckpt`, MindFormers' naming). Then build the model from a config with
+    `layout.model_fields()` and call `apply_plan(model, layout, config.run_mode)` (mixtral_ms/runner.py).
     """
     import os
     from .config import from_run_config
@@ -310,5 +330,4 @@ def prepare_parallel(config, devices: Optional[int] = None, rank: Optional[int] 
                                  name.replace(".ckpt", f"_rank_{rank}.ckpt"))
     os.makedirs(os.path.dirname(strategy_file), exist_ok=True)
     setup_context(layout, strategy_file)
-    config.model.model_config.moe_token_groups = layout.moe_token_groups
     return layout

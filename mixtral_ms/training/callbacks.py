@@ -84,7 +84,8 @@ class _StepCounter(Callback):
 
 @MindFormerRegister.register(MindFormerModuleType.CALLBACK)
 class MixtralProgressMonitor(_StepCounter):
-    """Every `log_interval` steps (and at the first and last): step, loss, CE, aux loss, z-loss, lr,
+    """Every `log_interval` steps (and at the first and last): step, loss, CE, aux loss, z-loss, the
+    distillation term (kd, when the wrapper distils), lr,
     gradient norm, tokens/s and ETA, one line on stdout. The first step of a run includes graph
     compilation, so it reports that time instead of a rate; rates and ETA come from later steps."""
 
@@ -107,7 +108,10 @@ class MixtralProgressMonitor(_StepCounter):
         net = _wrapper(cb)
         nan = float("nan")
         ce, aux, z = (_scalar(p) for p in (net.stat_ce, net.stat_aux, net.stat_z)) if net else (nan, nan, nan)
+        distilling = net is not None and getattr(net, "distilling", False)
+        kd = _scalar(net.stat_kd) if distilling else nan
         self.history.append({"step": step, "loss": loss, "ce_loss": ce, "aux_loss": aux, "z_loss": z,
+                             **({"kd_loss": kd} if distilling else {}),
                              "overflow": bool(overflow), "loss_scale": scale})
         if not self.is_log_step(cb, self.log_interval):
             return
@@ -123,7 +127,8 @@ class MixtralProgressMonitor(_StepCounter):
             per_step = (now - self.last) / steps
             speed = f"{tokens / max(per_step, 1e-9):,.0f} tokens/s | ETA {_duration((total - step) * per_step)}"
         flags = f" | overflow: step skipped, loss scale {scale:g}" if overflow else ""
-        print(f"step {step}/{total} | loss {loss:.4f} | ce {ce:.4f} | aux {aux:.4f} | z {z:.3f} | "
+        kd_field = f"kd {kd:.4f} | " if distilling else ""
+        print(f"step {step}/{total} | loss {loss:.4f} | ce {ce:.4f} | aux {aux:.4f} | z {z:.3f} | {kd_field}"
               f"lr {lr:.2e} | grad_norm {norm:.3f} | {speed}{flags}", flush=True)
         self.last, self.last_step = now, step
 
@@ -185,6 +190,7 @@ class RouterStatsMonitor(_StepCounter):
             "dropped_fraction": fraction.round(6).tolist(),
             "aux_loss": _scalar(net.stat_aux), "z_loss": _scalar(net.stat_z),
             "loss": loss, "ce_loss": _scalar(net.stat_ce), "overflow": overflow, "loss_scale": scale,
+            **({"kd_loss": _scalar(net.stat_kd)} if getattr(net, "distilling", False) else {}),
         }
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")

@@ -16,6 +16,8 @@ from mindspore.parallel._utils import _get_device_num, _get_gradients_mean, _get
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from ..schema import ConfigError
+from .distill import check_distill, install
+from .freeze import FrozenParameters
 
 _DYNAMIC_SCALE_DEFAULTS = {"loss_scale_value": 2.0 ** 16, "scale_factor": 2, "scale_window": 1000}
 
@@ -41,6 +43,11 @@ class MixtralTrainOneStepCell(nn.Cell):
     dropped assignments per layer are left in the `router_stats.*` parameters (stat_ce, stat_aux, stat_z,
     stat_load, stat_dropped) for MixtralProgressMonitor and RouterStatsMonitor.
 
+    `freeze`: experts, router rows and non-MoE weights that training must leave bit-identical
+    (training/freeze.py): their gradients are zeroed before the norm and their update is masked.
+    `distill`: a frozen teacher and the distillation term added to the loss (training/distill.py); the
+    step's KD term is left in `router_stats.kd_loss` (stat_kd).
+
     `scale_sense`: a fixed loss scale (1.0 for fp32/bf16), or a dict / `nn.DynamicLossScaleUpdateCell`
     for fp16 dynamic loss scaling (`loss_scale_value`, `scale_factor`, `scale_window`): on overflow the
     scale is divided by scale_factor (not below 1) and the update skipped; after scale_window finite
@@ -52,10 +59,16 @@ class MixtralTrainOneStepCell(nn.Cell):
 
     def __init__(self, network: nn.Cell, optimizer: nn.Optimizer,
                  scale_sense: Union[float, dict, nn.Cell, Tensor] = 1.0, max_grad_norm: Optional[float] = 1.0,
-                 use_clip_grad: bool = True, lr_scheduler=None, **_framework_args) -> None:
+                 use_clip_grad: bool = True, lr_scheduler=None, freeze: Optional[dict] = None,
+                 distill: Optional[dict] = None, **_framework_args) -> None:
         """`_framework_args`: what MindFormers' trainer passes every wrapper (calculate_per_token_loss,
         print_separate_loss, grouped_lr_scheduler, ...); YAML keys are checked by yaml_check.check_config."""
         super().__init__(auto_prefix=False)
+        model = network
+        while not hasattr(model, "config") and hasattr(model, "network"):  # MindFormers' DataOrderWrapperCell
+            model = model.network
+        self.distilling = distill is not None
+        network = install(network, model, check_distill(distill, model.config))
         self.network = network
         self.optimizer = optimizer
         self.weights = optimizer.parameters
@@ -82,14 +95,13 @@ class MixtralTrainOneStepCell(nn.Cell):
             self.grad_reducer = nn.DistributedGradReducer(self.weights, _get_gradients_mean(), _get_device_num())
             self.stats_sum = ops.AllReduce()  # router statistics of the global batch, not one rank's
             self.device_num = float(_get_device_num())
-        model = network
-        while not hasattr(model, "config") and hasattr(model, "network"):  # MindFormers' DataOrderWrapperCell
-            model = model.network
         layers, experts = model.config.num_hidden_layers, model.config.num_local_experts
+        self.freeze = FrozenParameters(self.weights, model.config, freeze)
         zeros = lambda *shape: Tensor(ops.zeros(shape, ms.float32))  # noqa: E731
         self.stat_ce = Parameter(zeros(), name="router_stats.ce_loss", requires_grad=False)
         self.stat_aux = Parameter(zeros(), name="router_stats.aux_loss", requires_grad=False)
         self.stat_z = Parameter(zeros(), name="router_stats.z_loss", requires_grad=False)
+        self.stat_kd = Parameter(zeros(), name="router_stats.kd_loss", requires_grad=False)
         self.stat_load = Parameter(zeros(layers, experts), name="router_stats.expert_load", requires_grad=False)
         self.stat_dropped = Parameter(zeros(layers, experts), name="router_stats.dropped", requires_grad=False)
 
@@ -97,8 +109,9 @@ class MixtralTrainOneStepCell(nn.Cell):
         # A fixed scale of 1 stays 1 even if a resumed checkpoint carries another `scale_sense`.
         scale = self.one if self.unit_scale else self.scale_sense
         (_, outputs), grads = self.grad_fn(scale, *inputs)
-        loss, ce, aux, z, load, dropped = outputs
-        grads = self.grad_reducer(grads)
+        loss, ce, aux, z, load, dropped = outputs[:6]
+        kd = outputs[6] if self.distilling else self.stat_kd
+        grads = self.freeze.mask(self.grad_reducer(grads))
         if not self.unit_scale:  # unscale in fp32 first: squares of scaled gradients could overflow
             grads = tuple(ops.cast(ops.cast(g, ms.float32) / scale, g.dtype) for g in grads)
         # One fused reduction per gradient (L2Loss = sum(g^2) / 2) gives the norm and the overflow check:
@@ -112,13 +125,14 @@ class MixtralTrainOneStepCell(nn.Cell):
             grads = tuple(g * ops.cast(factor, g.dtype) for g in grads)
         lr = self._learning_rate()
         if not overflow:
-            loss = ops.depend(loss, self.optimizer(grads))
+            loss = ops.depend(loss, self.freeze.update(self.optimizer, grads))
         if self.reducer_flag:
-            ce, aux, z = (self.stats_sum(v) / self.device_num for v in (ce, aux, z))
+            ce, aux, z, kd = (self.stats_sum(v) / self.device_num for v in (ce, aux, z, kd))
             load, dropped = self.stats_sum(load), self.stats_sum(dropped)
         loss = ops.depend(loss, ops.assign(self.stat_ce, ce))
         loss = ops.depend(loss, ops.assign(self.stat_aux, aux))
         loss = ops.depend(loss, ops.assign(self.stat_z, z))
+        loss = ops.depend(loss, ops.assign(self.stat_kd, kd))
         loss = ops.depend(loss, ops.assign(self.stat_load, load))
         loss = ops.depend(loss, ops.assign(self.stat_dropped, dropped))
         # The scale the next step will use: what CheckpointMonitor saves as loss_scale for a resume.

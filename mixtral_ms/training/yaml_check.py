@@ -24,6 +24,8 @@ from .. import modeling  # noqa: F401  (registers MixtralConfig, MixtralModel, M
 from ..configuration import MixtralConfig
 from ..schema import ConfigError
 from .callbacks import MixtralProgressMonitor, RouterStatsMonitor
+from .distill import check_distill
+from .freeze import check_freeze
 from .wrapper import MixtralTrainOneStepCell
 
 REGISTERED = {
@@ -146,6 +148,8 @@ def check_config(config: Any) -> MixtralConfig:
         if interleave != 1 and pipeline == 1:
             raise ConfigError(f"micro_batch_interleave_num {interleave} is not supported with "
                               "MixtralTrainOneStepCell (set it to 1)")
+        check_freeze(wrapper.get("freeze"), mixtral)
+        check_distill(wrapper.get("distill"), mixtral)
     scale = wrapper.get("scale_sense")
     if wrapper.get("type") == "MixtralTrainOneStepCell" and isinstance(scale, dict) and "type" not in scale:
         unknown = sorted(set(scale) - {"loss_scale_value", "scale_factor", "scale_window"})

@@ -11,19 +11,17 @@ MindFormers' AdamW. It writes `rank<r>.npz` (final parameters) and `rank<r>.json
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+import mindspore as ms
+from mindspore import Tensor, nn
 
-import mindspore as ms  # noqa: E402
-from mindspore import Tensor, nn  # noqa: E402
-from mindspore.communication import get_group_size, get_rank, init  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also imported from tests/test_parallel.py
+from worker import finish, start  # noqa: E402
 
 
 class LossOnly(nn.Cell):
@@ -50,33 +48,24 @@ class TrainStep(nn.Cell):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--workdir", required=True)
-    args = parser.parse_args()
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-    init()
-    rank, world = get_rank(), get_group_size()
-    ms.set_auto_parallel_context(parallel_mode="data_parallel", gradients_mean=True, device_num=world)
+    workdir, rank, world = start()
     from mindformers.core.optim import AdamW
     from mixtral_ms import MixtralConfig, MixtralForCausalLM
 
-    with open(os.path.join(args.workdir, "setup.json"), encoding="utf-8") as f:
+    with open(os.path.join(workdir, "setup.json"), encoding="utf-8") as f:
         setup = json.load(f)
     model = MixtralForCausalLM(MixtralConfig(**setup["model"], moe_token_groups=1))
-    init_params = np.load(os.path.join(args.workdir, "init.npz"))
+    init_params = np.load(os.path.join(workdir, "init.npz"))
     ms.load_param_into_net(model, {k: ms.Parameter(Tensor(init_params[k]), name=k) for k in init_params.files},
                            strict_load=True)
     model.set_train(True)
     optimizer = AdamW(model.trainable_params(), **setup["optimizer"])
     step = TrainStep(model, optimizer, nn.DistributedGradReducer(optimizer.parameters, mean=True, degree=world))
     losses = []
-    for batch in np.load(os.path.join(args.workdir, "batch.npy")):
+    for batch in np.load(os.path.join(workdir, "batch.npy")):
         rows = batch.shape[0] // world
         losses.append(float(step(Tensor(batch[rank * rows:(rank + 1) * rows])).asnumpy()))
-    np.savez(os.path.join(args.workdir, f"rank{rank}.npz"), **{p.name: p.asnumpy() for p in model.trainable_params()})
-    with open(os.path.join(args.workdir, f"rank{rank}.json"), "w", encoding="utf-8") as f:
-        json.dump({"rank": rank, "world": world, "losses": losses}, f)
-    print(f"rank {rank}/{world} done: losses {losses}", flush=True)
+    finish(workdir, model, {"rank": rank, "world": world, "losses": losses})
 
 
 if __name__ == "__main__":

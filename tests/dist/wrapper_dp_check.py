@@ -11,18 +11,16 @@ router statistics the wrapper all-reduced: tokens per expert, CE).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+import mindspore as ms
+from mindspore import Tensor
 
-import mindspore as ms  # noqa: E402
-from mindspore import Tensor  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also imported from tests/test_training.py
+from worker import finish, start  # noqa: E402
 
 STEPS, BATCH, TOKENS = 3, 4, 9
 
@@ -47,14 +45,7 @@ def wrapper_dp_setup():
 
 
 def main() -> None:
-    from mindspore.communication import get_group_size, get_rank, init
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--workdir", required=True)
-    args = parser.parse_args()
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-    init()
-    rank, world = get_rank(), get_group_size()
-    ms.set_auto_parallel_context(parallel_mode="data_parallel", gradients_mean=True, device_num=world)
+    workdir, rank, world = start()
     model, step, batches = wrapper_dp_setup()
     assert step.reducer_flag
     rows = BATCH // world
@@ -66,10 +57,7 @@ def main() -> None:
         record["overflow"].append(bool(overflow))
         record.setdefault("load", []).append(step.stat_load.asnumpy().tolist())
         record.setdefault("ce", []).append(float(step.stat_ce.asnumpy()))
-    np.savez(os.path.join(args.workdir, f"rank{rank}.npz"), **{p.name: p.asnumpy() for p in model.trainable_params()})
-    with open(os.path.join(args.workdir, f"rank{rank}.json"), "w", encoding="utf-8") as f:
-        json.dump(record, f)
-    print(f"rank {rank}/{world} done", flush=True)
+    finish(workdir, model, record)
 
 
 if __name__ == "__main__":

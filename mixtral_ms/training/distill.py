@@ -1,0 +1,156 @@
+"""Output distillation against a frozen teacher in the same training graph: Lifelong-MoE's
+`CE + lambda * KL(teacher || student)` against the pre-growth model, and classic distillation into a
+smaller (dense: one expert) student, `alpha * CE + (1 - alpha) * T^2 * KL_T`. One loss serves both:
+
+  loss = ce_coef * CE + aux_coef * aux + z_coef * z + kd_coef * T^2 * KL(softmax(t / T) || softmax(s / T))
+
+  runner_wrapper:
+    type: MixtralTrainOneStepCell
+    distill:
+      teacher: runs/tiny/checkpoint     # checkpoint file or folder (any layout run_mixtral loads; the
+                                        # newest file of a folder of training checkpoints)
+      teacher_config: configs/mixtral_tiny_cpu.yaml   # its run YAML, or a folder with config.json;
+                                        # default: the teacher folder's own config.json
+      kd_coef: 0.5                      # lambda; (1 - alpha) for classic distillation
+      ce_coef: 1.0                      # alpha for classic distillation
+      temperature: 1.0
+
+The teacher may have another config (fewer experts, one expert, other sizes) but the same vocabulary.
+It always runs in eval mode (dropless, no jitter, deterministic routing) and is never trained; its
+parameters are named `teacher.*` in training checkpoints, so a resumed run gets it back.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+from mindspore import nn, ops
+
+from ..configuration import MixtralConfig
+from ..schema import ConfigError
+from ..losses import distillation_loss
+
+DISTILL_KEYS = ("teacher", "teacher_config", "kd_coef", "ce_coef", "temperature")
+TEACHER_PREFIX = "teacher."
+
+
+def teacher_config(spec: dict, where: str = "runner_wrapper.distill") -> MixtralConfig:
+    """The teacher's MixtralConfig from `teacher_config` (a run YAML or a folder with config.json), or
+    from the teacher folder's config.json."""
+    source = spec.get("teacher_config") or spec["teacher"]
+    if os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, "config.json")):
+            raise ConfigError(f"{where}: no config.json in {source}; name the teacher's run YAML in teacher_config")
+        return MixtralConfig.from_hf_dir(source)
+    if not source.endswith((".yaml", ".yml")) or not os.path.isfile(source):
+        raise ConfigError(f"{where}.teacher_config: {source!r} is neither a run YAML nor a folder with config.json")
+    import yaml
+    with open(source, encoding="utf-8") as f:
+        run = yaml.safe_load(f)
+    fields = ((run or {}).get("model") or {}).get("model_config") if isinstance(run, dict) else None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{where}.teacher_config: {source} has no model.model_config")
+    return MixtralConfig(**{k: v for k, v in fields.items() if k != "type"})
+
+
+def check_distill(spec: Optional[dict], student: MixtralConfig, where: str = "runner_wrapper.distill") -> Optional[dict]:
+    """The distill section with defaults filled in (None when absent), and the teacher's config;
+    ConfigError naming the YAML path for anything wrong."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be a mapping with keys {list(DISTILL_KEYS)}, got {spec!r}")
+    unknown = sorted(set(spec) - set(DISTILL_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown} (known: {list(DISTILL_KEYS)})")
+    if not isinstance(spec.get("teacher"), str) or not spec["teacher"]:
+        raise ConfigError(f"{where}.teacher must name the teacher's checkpoint file or folder")
+    if not os.path.exists(spec["teacher"]):
+        raise ConfigError(f"{where}.teacher: no checkpoint at {spec['teacher']}")
+    out = {"teacher": spec["teacher"], "teacher_config": spec.get("teacher_config"),
+           "kd_coef": spec.get("kd_coef", 1.0), "ce_coef": spec.get("ce_coef", 1.0),
+           "temperature": spec.get("temperature", 1.0)}
+    for key in ("kd_coef", "ce_coef", "temperature"):
+        value = out[key]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{where}.{key} must be a non-negative number, got {value!r}")
+    if out["temperature"] == 0:
+        raise ConfigError(f"{where}.temperature must be positive")
+    config = teacher_config(out, where)
+    if config.vocab_size != student.vocab_size:
+        raise ConfigError(f"{where}: the teacher's vocab_size {config.vocab_size} differs from the student's "
+                          f"{student.vocab_size}")
+    out["config"] = config
+    return out
+
+
+class _EvalOnly(nn.Cell):
+    """Holds the teacher; training-mode flags set on the network above never reach it."""
+
+    def __init__(self, model) -> None:
+        super().__init__(auto_prefix=False)
+        self.model = model
+        model.set_train(False)
+
+    def add_flags_recursive(self, **flags):
+        if "training" in flags:
+            flags = {**flags, "training": False}
+        return super().add_flags_recursive(**flags)
+
+    def construct(self, input_ids, attention_mask=None, position_ids=None, domain_ids=None):
+        return ops.stop_gradient(self.model.forward_logits(input_ids, attention_mask, position_ids, domain_ids)[0])
+
+
+def build_teacher(spec: dict):
+    """The frozen teacher: its config, its checkpoint strictly loaded, parameters renamed `teacher.*`."""
+    from ..checkpoint import load_weights
+    from ..modeling import MixtralForCausalLM
+    from ..runner import resolve_checkpoint
+    teacher = MixtralForCausalLM(spec["config"])
+    load_weights(teacher, resolve_checkpoint(spec["teacher"]))
+    for param in teacher.get_parameters():
+        param.requires_grad = False
+        param.name = TEACHER_PREFIX + param.name
+    return teacher
+
+
+class Distillation(nn.Cell):
+    """The student's training forward plus the distillation term. Takes the student's inputs and
+    returns its training outputs with the KD term appended: (loss, ce, aux, z, load, dropped, kd)."""
+
+    def __init__(self, student, teacher, kd_coef: float, ce_coef: float, temperature: float) -> None:
+        super().__init__(auto_prefix=False)
+        self.student = student
+        self.teacher = _EvalOnly(teacher)
+        self.config = student.config
+        self.kd_scale = float(kd_coef) * float(temperature) ** 2
+        self.ce_coef = float(ce_coef)
+        self.temperature = float(temperature)
+        self.ignore_index = student.ignore_index
+
+    def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None, domain_ids=None):
+        logits, _, load, dropped, prob_sum, z_sum, valid = self.student.forward_logits(
+            input_ids, attention_mask, position_ids, domain_ids)
+        if labels is None:
+            labels = input_ids
+        loss, ce, aux, z, load, dropped = self.student.training_loss(logits, labels, load, dropped, prob_sum, z_sum,
+                                                                     valid, self.ce_coef)
+        kd = distillation_loss(logits, self.teacher(input_ids, attention_mask, position_ids, domain_ids), labels,
+                               self.temperature, self.ignore_index)
+        return loss + self.kd_scale * kd, ce, aux, z, load, dropped, kd
+
+
+def install(network, model, spec: Optional[dict]):
+    """`network` (the model, or MindFormers' cells around it) with the model replaced by
+    Distillation(model, teacher) when `spec` (check_distill's output) asks for it."""
+    if spec is None:
+        return network
+    distilled = Distillation(model, build_teacher(spec), spec["kd_coef"], spec["ce_coef"], spec["temperature"])
+    if network is model:
+        return distilled
+    holder = network
+    while holder.network is not model:
+        holder = holder.network
+    holder.network = distilled
+    return network

@@ -1,0 +1,134 @@
+"""Output distillation (mixtral_ms/training/distill.py) through MindFormers' Trainer from a YAML: a frozen
+teacher with another config (4 experts, top-1) in the same graph, the loss alpha*CE + aux + z +
+lambda*T^2*KL (alpha 0.1, lambda 1, T 2), kd on the progress line and in router_stats.jsonl, the teacher untouched; the KL against
+numpy; bad distill sections fail with one line."""
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+import mindspore as ms
+from mindspore import Tensor
+
+from mixtral_ms import MixtralConfig, MixtralForCausalLM
+from mixtral_ms.checkpoint import load_weights
+from mixtral_ms.data import write_mindrecord
+from mixtral_ms.losses import distillation_loss
+from mixtral_ms import runner
+from test_training import BATCH, SEQ, error_line, run, stats, write_yaml
+
+STEPS = 16
+DISTILL = {"kd_coef": 1.0, "ce_coef": 0.1, "temperature": 2.0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_context():
+    yield
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ms.reset_auto_parallel_context()
+
+
+def test_distillation_loss_is_the_softened_kl_over_counted_positions():
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(2, 5, 7)).astype(np.float32), 3 * rng.normal(size=(2, 5, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, (2, 5)).astype(np.int32)
+    labels[1, 3] = -100
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    kl = (np.exp(log_softmax(t[:, :-1] / 2)) * (log_softmax(t[:, :-1] / 2) - log_softmax(s[:, :-1] / 2))).sum(-1)
+    valid = labels[:, 1:] != -100
+    got = float(distillation_loss(Tensor(s), Tensor(t), Tensor(labels), 2.0))
+    assert got == pytest.approx(kl[valid].mean(), rel=1e-5)
+    assert float(distillation_loss(Tensor(t), Tensor(t), Tensor(labels), 2.0)) == pytest.approx(0, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distill")
+    data = tmp / "data.mindrecord"
+    cycle = np.random.default_rng(1).permutation(np.arange(3, 2000))[:40].astype(np.int32)
+    rng = np.random.default_rng(2)
+    write_mindrecord(str(data), {"input_ids": {"type": "int32", "shape": [-1]}},
+                     ({"input_ids": cycle[(rng.integers(0, 40) + np.arange(SEQ + 1)) % 40]} for _ in range(BATCH * STEPS)))
+    teacher_yaml = write_yaml(tmp, data, name="teacher.yaml", **{
+        "model.model_config.num_local_experts": 4, "model.model_config.num_experts_per_tok": 1,
+        "model.model_config.initializer_range": 0.2})  # peaked next-token distributions to learn from
+    with open(teacher_yaml) as f:
+        teacher_config = MixtralConfig(**{k: v for k, v in yaml.safe_load(f)["model"]["model_config"].items()
+                                          if k != "type"})
+    ms.set_seed(5)
+    teacher = MixtralForCausalLM(teacher_config)
+    ms.save_checkpoint(teacher, str(tmp / "teacher.ckpt"))
+    return tmp, data, teacher_yaml, teacher_config
+
+
+def test_distillation_through_the_trainer(setup):
+    tmp, data, teacher_yaml, teacher_config = setup
+    out = tmp / "run"
+    out.mkdir()
+    start = out / "start.ckpt"
+    distill = {**DISTILL, "teacher": str(tmp / "teacher.ckpt"), "teacher_config": teacher_yaml}
+    callbacks = [{"type": "MixtralProgressMonitor", "log_interval": 4},
+                 {"type": "RouterStatsMonitor", "log_interval": 1, "verbose": False},
+                 {"type": "CheckpointMonitor", "prefix": "d", "save_checkpoint_steps": STEPS, "integrated_save": False,
+                  "async_save": False}]
+    cfg = write_yaml(out, data, **{"runner_wrapper.distill": distill, "callbacks": callbacks,
+                                   "load_checkpoint": str(start)})
+    config = runner.load_run(cfg).model_config
+    ms.set_seed(6)
+    student = MixtralForCausalLM(config)
+    ms.save_checkpoint(student, str(start))
+    status, stdout, stderr = run("--config", cfg, "--run_mode", "train")
+    assert status == 0, stderr[-3000:]
+
+    records = stats(out / "router_stats.jsonl")
+    assert sorted(records) == list(range(1, STEPS + 1))
+    for r in records.values():
+        expected = 0.1 * r["ce_loss"] + 0.02 * r["aux_loss"] + 0.001 * r["z_loss"] + 1.0 * 4.0 * r["kd_loss"]
+        assert r["loss"] == pytest.approx(expected, rel=1e-5)
+    kd = [records[s]["kd_loss"] for s in sorted(records)]
+    assert np.mean(kd[-4:]) < 0.9 * np.mean(kd[:4]), kd  # the student moves towards the teacher (observed -15%)
+    lines = [line for line in stdout.splitlines() if line.startswith("step ")]
+    assert lines and all("| ce " in line and "| aux " in line and "| kd " in line for line in lines)
+
+    # Step 1's KD term is the KL between this teacher (its own config, eval mode) and the starting student.
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    teacher = MixtralForCausalLM(teacher_config)
+    load_weights(teacher, str(tmp / "teacher.ckpt"))
+    teacher.set_train(False)
+    student.set_train(True)
+    import mindspore.dataset as ds
+    rows = ds.MindDataset(str(data), shuffle=False).create_dict_iterator(num_epochs=1, output_numpy=True)
+    ids = Tensor(np.stack([next(rows)["input_ids"] for _ in range(BATCH)]))
+    kd = distillation_loss(student.forward_logits(ids)[0], teacher(ids)[0], ids, 2.0)
+    assert records[1]["kd_loss"] == pytest.approx(float(kd), rel=1e-4)
+
+    final = out / "checkpoint" / "rank_0" / f"d_rank_0-1_{STEPS}.ckpt"
+    saved = ms.load_checkpoint(str(final))
+    for p in teacher.get_parameters():  # the teacher travels in the checkpoint, untouched
+        assert np.array_equal(saved["teacher." + p.name].asnumpy(), p.asnumpy()), p.name
+    trained = MixtralForCausalLM(config)
+    load_weights(trained, str(final))  # the student loads alone from it
+    assert not np.array_equal(trained.lm_head.weight.asnumpy(), student.lm_head.weight.asnumpy())
+
+
+def test_bad_distill_sections_fail_with_one_line(setup, tmp_path):
+    tmp, data, teacher_yaml, _ = setup
+    good = {"teacher": str(tmp / "teacher.ckpt"), "teacher_config": teacher_yaml}
+    other_vocab = write_yaml(tmp_path, data, name="vocab.yaml", **{"model.model_config.vocab_size": 3000})
+    cases = [
+        ({**good, "lambda": 1.0}, "runner_wrapper.distill: unknown key(s) ['lambda']"),
+        ({**good, "teacher": str(tmp / "nope.ckpt")}, "runner_wrapper.distill.teacher: no checkpoint at"),
+        ({"teacher": str(tmp / "teacher.ckpt")}, "is neither a run YAML nor a folder with config.json"),
+        ({**good, "temperature": 0}, "runner_wrapper.distill.temperature must be positive"),
+        ({**good, "kd_coef": -1}, "runner_wrapper.distill.kd_coef must be a non-negative number"),
+        ({**good, "teacher_config": other_vocab}, "the teacher's vocab_size 3000 differs from the student's 2000"),
+    ]
+    for i, (distill, message) in enumerate(cases):
+        cfg = write_yaml(tmp_path, data, name=f"bad{i}.yaml", **{"runner_wrapper.distill": distill})
+        assert message in error_line("--config", cfg, "--run_mode", "train"), distill
+    assert not os.path.exists(tmp_path / "checkpoint")

@@ -1,0 +1,179 @@
+"""Router options (mixtral_ms/router.py): Switch top-1, GShard's sampled second expert and Pangu-Sigma's
+random routed experts, against numpy references; RRE's domain group extracted as a model of its own
+computes the full model's logits on that domain; the domain_ids column written at preprocessing."""
+import os
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import Tensor
+
+from conftest import ROOT
+from mixtral_ms import ConfigError, MixtralConfig, MixtralForCausalLM
+from mixtral_ms import data as D
+from mixtral_ms.moe import MixtralSparseMoeBlock
+from mixtral_ms.router import random_expert_map
+from mixtral_ms.rre import group_config, group_experts, group_state
+
+
+def _config(**kw):
+    base = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, num_local_experts=4, max_position_embeddings=64, initializer_range=0.5,
+                capacity_factor=0.0)
+    return MixtralConfig(**{**base, **kw})
+
+
+def _experts_out(block, tokens):
+    """Every expert's output on every token, numpy [E, T, H]."""
+    w1, w3, w2 = (p.asnumpy() for p in (block.experts.w1, block.experts.w3, block.experts.w2))
+    gate = np.einsum("th,efh->etf", tokens, w1)
+    return np.einsum("etf,ehf->eth", gate / (1 + np.exp(-gate)) * np.einsum("th,efh->etf", tokens, w3), w2)
+
+
+def _probs(block, tokens):
+    logits = tokens @ block.gate.weight.asnumpy().T
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+def test_switch_weights_are_the_unrenormalised_top1_probability():
+    ms.set_seed(0)
+    block = MixtralSparseMoeBlock(_config(num_experts_per_tok=1, router_type="switch"), ms.float32, ms.float32)
+    block.set_train(True)
+    x = np.random.default_rng(0).normal(size=(2, 8, 16)).astype(np.float32)
+    y = block(Tensor(x), Tensor(np.ones((2, 8), np.float32)))[0].asnumpy().reshape(16, 16)
+    tokens = x.reshape(16, 16)
+    probs, outs = _probs(block, tokens), _experts_out(block, tokens)
+    top = probs.argmax(-1)
+    ref = probs[np.arange(16), top, None] * outs[top, np.arange(16)]
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    assert probs.max(-1).max() < 0.99  # the weight is not 1, as renormalised top-1 would give
+
+
+def test_gshard_samples_the_second_expert_in_training_only(mode):
+    """Training: each token gets w1*E1 + kept*w2*E2 (w renormalised top-2), with kept drawn with
+    probability 2*w2; the load counts served choices only. Eval: Mixtral's deterministic top-2.
+    Both modes: the draw is a graph op."""
+    ms.set_seed(0)
+    block = MixtralSparseMoeBlock(_config(router_type="gshard"), ms.float32, ms.float32)
+    x = np.random.default_rng(1).normal(size=(8, 64, 16)).astype(np.float32)
+    mask = Tensor(np.ones((8, 64), np.float32))
+    tokens = x.reshape(-1, 16)
+    t = tokens.shape[0]
+    probs, outs = _probs(block, tokens), _experts_out(block, tokens)
+    index = np.argsort(-probs, -1, kind="stable")[:, :2]
+    w = np.take_along_axis(probs, index, -1)
+    w /= w.sum(-1, keepdims=True)
+    first = w[:, :1] * outs[index[:, 0], np.arange(t)]
+    second = w[:, 1:] * outs[index[:, 1], np.arange(t)]
+
+    block.set_train(False)
+    np.testing.assert_allclose(block(Tensor(x), mask)[0].asnumpy().reshape(t, 16), first + second, rtol=1e-5, atol=1e-4)
+
+    block.set_train(True)
+    y, _, load, _, _, _ = block(Tensor(x), mask)
+    y = y.asnumpy().reshape(t, 16)
+    with_second = np.abs(y - (first + second)).max(-1) < 1e-3
+    without = np.abs(y - first).max(-1) < 1e-3
+    assert (with_second | without).all()  # every token: its second expert served fully or not at all
+    kept = with_second & ~without
+    assert load.asnumpy().sum() == t + kept.sum()  # skipped choices are not routed load
+    expected = np.minimum(2 * w[:, 1], 1).mean()
+    assert 0.2 < expected < 0.95
+    assert abs(kept.mean() - expected) < 4 * np.sqrt(expected * (1 - expected) / t), (kept.mean(), expected)
+
+
+def test_rre_routes_token_ids_inside_their_domain_group():
+    """Identical token ids go to identical experts (per layer, whatever the context), always inside
+    the group of the token's domain; the map is fixed by (rre_seed, layer), not learned."""
+    config = _config(num_local_experts=6, num_experts_per_tok=1, router_type="rre", rre_groups=3, rre_seed=7)
+    ms.set_seed(0)
+    model = MixtralForCausalLM(config)
+    model.set_train(True)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 64, (3, 12)).astype(np.int32)
+    ids[1, :6] = ids[0, :6]  # the same ids in another sequence and another domain
+    domains = np.array([[0] * 12, [2] * 12, [1] * 12], np.int32)
+    for layer, block in enumerate(model.model.layers):
+        assert not block.block_sparse_moe.gate.weight.requires_grad
+        h = Tensor(rng.normal(size=(3, 12, 16)).astype(np.float32))
+        _, probs, _, _, _ = block.block_sparse_moe.gate(Tensor(ids.reshape(-1)), Tensor(domains.reshape(-1)))
+        expert = probs.asnumpy().argmax(-1).reshape(3, 12)
+        local = random_expert_map(64, 2, 1, 7, layer)[ids, 0]
+        np.testing.assert_array_equal(expert, domains * 2 + local)
+        load = block.block_sparse_moe(h, Tensor(np.ones((3, 12), np.float32)), Tensor(ids), Tensor(domains))[2]
+        np.testing.assert_array_equal(load.asnumpy(), np.bincount(expert.ravel(), minlength=6))
+    assert not np.array_equal(random_expert_map(64, 2, 1, 7, 0), random_expert_map(64, 2, 1, 7, 1))
+    np.testing.assert_array_equal(random_expert_map(64, 2, 1, 7, 1), random_expert_map(64, 2, 1, 7, 1))
+    with pytest.raises(ValueError, match="needs domain_ids"):
+        model(Tensor(ids))
+
+
+def test_rre_group_extracted_alone_gives_the_full_models_logits():
+    """The sub-model of domain 1 (shared weights + group 1's experts, rre_groups 1) computes the full
+    model's logits on domain-1 text: bit-exact in eval mode (each expert runs on exactly its routed rows),
+    within float rounding in dropless training (capacity tiers, so matmul shapes, differ with E)."""
+    config = _config(num_local_experts=4, num_experts_per_tok=1, router_type="rre", rre_groups=2, rre_seed=3)
+    ms.set_seed(0)
+    full = MixtralForCausalLM(config)
+    assert group_experts(config, 1) == [2, 3]
+    sub_config = group_config(config, 1)
+    assert (sub_config.num_local_experts, sub_config.rre_groups, sub_config.rre_seed) == (2, 1, 3)
+    sub = MixtralForCausalLM(sub_config)
+    state = group_state({p.name: p.asnumpy() for p in full.get_parameters()}, config, 1)
+    for p in sub.get_parameters():
+        assert state[p.name].shape == p.shape, p.name
+        p.set_data(Tensor(state[p.name]))
+    ids = Tensor(np.random.default_rng(4).integers(0, 64, (2, 40)).astype(np.int32))
+    domain = Tensor(np.ones((2, 40), np.int32))
+    full.set_train(False)
+    sub.set_train(False)
+    np.testing.assert_array_equal(sub(ids)[0].asnumpy(), full(ids, domain_ids=domain)[0].asnumpy())
+    other = full(ids, domain_ids=Tensor(np.zeros((2, 40), np.int32)))[0].asnumpy()
+    assert np.abs(other - sub(ids)[0].asnumpy()).max() > 1e-3  # the domain id does pick the group
+    full.set_train(True)
+    sub.set_train(True)
+    np.testing.assert_allclose(float(sub(ids)[1]), float(full(ids, domain_ids=domain)[1]), rtol=1e-6)
+    with pytest.raises(ConfigError, match="out of range"):
+        group_experts(config, 2)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"router_type": "expert_choice"}, "router_type must be one of"),
+    ({"router_type": "switch"}, "num_experts_per_tok must be 1, got 2"),
+    ({"router_type": "gshard", "num_experts_per_tok": 1}, "num_experts_per_tok must be 2, got 1"),
+    ({"router_type": "rre", "rre_groups": 3}, "divisible by rre_groups (3)"),
+    ({"router_type": "rre", "rre_groups": 4}, "num_experts_per_tok (2) <= experts per group"),
+    ({"rre_groups": 2}, "rre_groups 2 needs router_type rre"),
+    ({"router_type": "rre", "rre_seed": -1}, "rre_seed must be a non-negative integer"),
+    ({"router_type": "rre", "rre_groups": 0}, "rre_groups must be a positive integer"),
+])
+def test_bad_router_configs(change, message):
+    with pytest.raises(ConfigError) as err:
+        _config(**change)
+    assert message in str(err.value)
+
+
+def test_router_fields_round_trip_through_config_json():
+    config = _config(num_experts_per_tok=1, router_type="rre", rre_groups=2, rre_seed=5)
+    again = MixtralConfig.from_hf_config(config.to_hf_config())
+    assert (again.router_type, again.rre_groups, again.rre_seed) == ("rre", 2, 5)
+    assert "router_type" not in _config().to_hf_config()  # a Mixtral stays a plain Hugging Face config
+
+
+def test_preprocess_writes_a_domain_column(tmp_path):
+    import mindspore.dataset as ds
+    text = tmp_path / "b.txt"
+    text.write_text("And he said unto them, Go ye into all the world.\n" * 40)
+    out = tmp_path / "b.mindrecord"
+    tokenizer = os.path.join(ROOT, "data", "tokenizer", "tokenizer.model")
+    count = D.preprocess([str(text)], "text", tokenizer, 16, str(out), domain=1)
+    rows = list(ds.MindDataset(str(out), shuffle=False).create_dict_iterator(num_epochs=1, output_numpy=True))
+    assert len(rows) == count > 0
+    assert all(r["domain_ids"].tolist() == [1] * 17 and len(r["input_ids"]) == 17 for r in rows)
+    assert D.check_dataset(str(out), 16, ["input_ids", "domain_ids"])["columns"] == ["domain_ids", "input_ids"] \
+        or set(D.mindrecord_info(str(out))["columns"]) == {"input_ids", "domain_ids"}
+    with pytest.raises(D.DataError, match="domain id must be a non-negative integer"):
+        D.preprocess([str(text)], "text", tokenizer, 16, str(tmp_path / "c.mindrecord"), domain=-1)
+    assert not (tmp_path / "c.mindrecord").exists()
