@@ -15,13 +15,13 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .data import IGNORE, DataError, check_dataset, mindrecord_info
+from .data import DOMAIN_COLUMN, IGNORE, DataError, check_dataset, mindrecord_info
 from .safetensors_io import CheckpointError
 
 
 def evaluate(model, dataset: str, batch_size: int, max_samples: Optional[int] = None) -> Dict[str, object]:
-    """CE and perplexity of `model` on the MindRecord `dataset` (columns input_ids, optional labels),
-    reading its first `max_samples` samples (all by default) in order, `batch_size` at a time."""
+    """CE and perplexity of `model` on the MindRecord `dataset` (columns input_ids, optional labels and
+    domain_ids), reading its first `max_samples` samples (all by default) in order, `batch_size` at a time."""
     import mindspore as ms
     import mindspore.dataset as ds
     from mindspore import Tensor
@@ -36,12 +36,13 @@ def evaluate(model, dataset: str, batch_size: int, max_samples: Optional[int] = 
     data = ds.MindDataset(dataset, shuffle=False, num_samples=max_samples)
     model.set_train(False)
     nll = tokens = samples = dropped = 0.0
-    has_labels = "labels" in info["columns"]
+    has_labels, has_domains = "labels" in info["columns"], DOMAIN_COLUMN in info["columns"]
     for batch in data.batch(batch_size).create_dict_iterator(num_epochs=1, output_numpy=True):
         ids = batch["input_ids"].astype(np.int32)
         labels = batch["labels"].astype(np.int32) if has_labels else ids
+        domains = Tensor(batch[DOMAIN_COLUMN].astype(np.int32)) if has_domains else None  # router_type rre
         count = int((labels[:, 1:] != IGNORE).sum())
-        _, ce, _, _, _, drop = model(Tensor(ids), labels=Tensor(labels))
+        _, ce, _, _, _, drop = model(Tensor(ids), labels=Tensor(labels), domain_ids=domains)
         nll += float(ce.asnumpy().astype(np.float64)) * count
         tokens, samples, dropped = tokens + count, samples + len(ids), dropped + float(drop.asnumpy().sum())
     if tokens == 0:

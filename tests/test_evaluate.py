@@ -44,6 +44,9 @@ def data(tmp_path_factory):
     labels = ids[:5].copy()
     labels[:, :6] = -100
     labels[2, 10:] = -100
+    write_mindrecord(str(tmp / "domain.mindrecord"), {"input_ids": {"type": "int32", "shape": [-1]},
+                                                      "domain_ids": {"type": "int32", "shape": [-1]}},
+                     ({"input_ids": row, "domain_ids": np.ones_like(row)} for row in ids[:3]))
     write_mindrecord(str(tmp / "sft.mindrecord"), {"input_ids": {"type": "int32", "shape": [-1]},
                                                    "labels": {"type": "int32", "shape": [-1]}},
                      ({"input_ids": i, "labels": l} for i, l in zip(ids[:5], labels)))
@@ -96,6 +99,8 @@ def test_eval_masks_labels_and_does_not_depend_on_the_batch_size(data, model):
     first = evaluate(model, str(folder / "pt.mindrecord"), 4, max_samples=3)
     np.testing.assert_allclose(first["ce"], reference_ce(model, ids[:3], ids[:3])[0], rtol=1e-5)
     assert first["samples"] == 3
+    tagged = evaluate(model, str(folder / "domain.mindrecord"), 4)  # a domain_ids column reaches the model
+    assert tagged["ce"] == first["ce"]  # (top-k routing ignores it)
 
 
 def test_bad_eval_runs_fail_with_one_line(data, tmp_path):
