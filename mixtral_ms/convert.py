@@ -411,7 +411,8 @@ def plan(src: str, dtype: Optional[str] = None) -> str:
         if size_out > largest[1]:
             largest = (name, size_out)
         hf = specs[name].sources
-        hf_text = hf[0] if not is_expert_stack(name) else hf[0].replace(".experts.0.", ".experts.{0..%d}." % (len(hf) - 1)) + \
+        hf_text = hf[0] if not is_expert_stack(name) else \
+            hf[0].replace(".experts.0.", ".experts.{0..%d}." % (len(hf) - 1)) + \
             f" [{', '.join(map(str, shape[1:]))}] x{len(hf)} stacked on axis 0"
         lines.append(f"{name:{width}} {str(list(shape)):>20} {src_tag:>5}  <-> {hf_text}")
     total, active = count_parameters(config)
