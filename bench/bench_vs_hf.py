@@ -7,19 +7,29 @@
 Measures training steps (forward with the load-balancing loss, backward, clipping to global norm 1,
 AdamW: what MixtralTrainOneStepCell does, asked of HF too), prefill, decode at batch 1 and 8 with a KV cache,
 and the MoE layer alone (training mode at capacity 1.1, and the dropless eval path) against a dense
-SwiGLU FFN with the same active parameters (intermediate k*F).
+SwiGLU FFN with the same active parameters (intermediate k*F), and MindFormers' Trainer on the same
+config (scripts/run_mixtral.py, as users train) beside the bare training step.
+Each row also gets its fraction of this machine's limit, measured in the same run: compute-bound rows
+(training, prefill) FLOP/s over MindSpore's own MatMul rate on the bench's matmul shapes; decode rows
+tokens/s over (memory read bandwidth / bytes one token must read: the weights of the layers and of the
+experts routed to, and the filled KV cache). The machine (CPU model, cores) is recorded with the results.
 HF runs in a separate interpreter that has torch and transformers (`--hf-python`); without one, HF is
-skipped. Medians of `--repeats` runs; writes bench/results/vs_hf.json and docs/performance.png.
+skipped. Medians of `--repeats` runs; writes bench/results/vs_hf.json, the table of docs/performance.md
+(bench/results/vs_hf.md) and docs/performance.png.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -29,7 +39,8 @@ sys.path.insert(0, ROOT)
 CONFIG = dict(vocab_size=8000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
               num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024,
               rope_theta=1e6, rms_norm_eps=1e-5)
-SEQ, BATCH, DECODE_STEPS = 256, 4, 16
+SEQ, BATCH, DECODE_STEPS, PROMPT = 256, 4, 16, 32
+THREADS = 2
 
 
 def flops_per_token(cfg: dict, seq: int) -> float:
@@ -53,11 +64,75 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def peak_flops(repeats: int) -> float:
-    """The machine's float32 matmul peak as numpy's BLAS reaches it (n = 2048)."""
-    a = np.random.rand(2048, 2048).astype(np.float32)
-    t = median_time(lambda: a @ a, repeats)
-    return 2 * 2048 ** 3 / t
+def machine() -> dict:
+    """What the figures were measured on."""
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import mindspore
+    return {"cpu": model, "logical_cpus": os.cpu_count(), "threads": THREADS, "system": platform.platform(),
+            "python": platform.python_version(), "mindspore": mindspore.__version__, "numpy": np.__version__}
+
+
+def matmul_shapes(cfg: dict, tokens: int) -> list:
+    """(M, K, N, count) of the forward's matmuls over `tokens` tokens, experts at their mean load."""
+    h, f, v, e, k = (cfg[n] for n in ("hidden_size", "intermediate_size", "vocab_size", "num_local_experts",
+                                      "num_experts_per_tok"))
+    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
+    rows, layers = tokens * k // e, cfg["num_hidden_layers"]
+    return [(tokens, h, h, 2 * layers), (tokens, h, kv, 2 * layers), (rows, h, f, 2 * e * layers),
+            (rows, f, h, e * layers), (tokens, h, v, 1)]
+
+
+def matmul_limit(repeats: int) -> float:
+    """MindSpore's own float32 MatMul rate (graph mode, x W^T as the model runs it) on the bench's shapes:
+    their FLOPs over the time the matmuls alone take, each shape timed separately."""
+    import mindspore as ms
+    from mindspore import Tensor, nn, ops
+
+    class Mm(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.mm = ops.MatMul(transpose_b=True)
+
+        def construct(self, a, b):
+            return self.mm(a, b).sum()  # a scalar back to the host, not the product (1% of the time at most)
+
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    rng = np.random.default_rng(0)
+    flops = seconds = 0.0
+    for m, kdim, n, count in matmul_shapes(CONFIG, BATCH * SEQ):
+        a = Tensor(rng.random((m, kdim), dtype=np.float32))
+        b = Tensor(rng.random((n, kdim), dtype=np.float32))
+        cell = Mm()
+        t = median_time(lambda: cell(a, b).asnumpy(), repeats, warmup=2)
+        flops, seconds = flops + 2 * m * kdim * n * count, seconds + t * count
+    return flops / seconds
+
+
+def read_bandwidth(repeats: int, size: int = 1 << 27) -> float:
+    """Bytes/s a THREADS-way read (numpy sum) reaches over a 512 MB float32 array, larger than caches."""
+    parts = np.array_split(np.ones(size, np.float32), THREADS)
+    with ThreadPoolExecutor(THREADS) as pool:
+        t = median_time(lambda: list(pool.map(np.sum, parts)), repeats)
+    return 4 * size / t
+
+
+def decode_bytes_per_token(cfg: dict, batch: int) -> float:
+    """Bytes one decode step must read, per token: every layer's attention and router weights, the experts
+    routed to (expected distinct experts of `batch` tokens under uniform routing: E (1 - (1 - k/E)^batch)),
+    the LM head and the filled KV cache (mean over the bench's decode steps), in float32."""
+    h, f, v, e, k, layers = (cfg[n] for n in ("hidden_size", "intermediate_size", "vocab_size", "num_local_experts",
+                                              "num_experts_per_tok", "num_hidden_layers"))
+    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
+    experts = e * (1 - (1 - k / e) ** batch)
+    weights = layers * (2 * h * h + 2 * h * kv + e * h + experts * 3 * h * f) + v * h
+    filled = PROMPT + (DECODE_STEPS + 1) / 2
+    cache = layers * 2 * batch * filled * kv
+    return 4 * (weights + cache) / batch
 
 
 def bench_ours(repeats: int) -> dict:
@@ -81,7 +156,7 @@ def bench_ours(repeats: int) -> dict:
     model.set_train(False)
     out["prefill_tokens_per_s"] = BATCH * SEQ / median_time(lambda: model(ids)[0].asnumpy(), repeats)
     for b in (1, 8):
-        prompt = rng.integers(0, CONFIG["vocab_size"], (b, 32)).astype(np.int32)
+        prompt = rng.integers(0, CONFIG["vocab_size"], (b, PROMPT)).astype(np.int32)
         model.generate(prompt, max_new_tokens=2, eos_token_id=-1)  # compile prefill and decode graphs
         t_prefill = median_time(lambda: model.generate(prompt, max_new_tokens=1, eos_token_id=-1), repeats)
         t_all = median_time(lambda: model.generate(prompt, max_new_tokens=DECODE_STEPS + 1, eos_token_id=-1), repeats)
@@ -115,12 +190,48 @@ def bench_ours(repeats: int) -> dict:
     return out
 
 
+def bench_trainer(steps: int) -> dict:
+    """MindFormers' Trainer as users run it (scripts/run_mixtral.py --run_mode train, the shipped tiny YAML
+    with the bench's model config): samples of SEQ tokens, so each step does the bare step's work, plus
+    the dataset pipeline and callbacks. tokens/s is MixtralProgressMonitor's per-step rate, median over
+    the steps after the first two (compile, warm-up)."""
+    import yaml
+    from mixtral_ms.data import PRETRAIN_COLUMNS, write_mindrecord
+    with open(os.path.join(ROOT, "configs", "mixtral_tiny_cpu.yaml"), encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
+        rng = np.random.default_rng(0)
+        data = os.path.join(tmp, "train.mindrecord")
+        write_mindrecord(data, PRETRAIN_COLUMNS, ({"input_ids": rng.integers(0, CONFIG["vocab_size"], SEQ)
+                                                   .astype(np.int32)} for _ in range(BATCH * (steps + 2))))
+        config["output_dir"] = os.path.join(tmp, "run")
+        config["runner_config"].update(epochs=1, batch_size=BATCH)
+        config["train_dataset"].update(batch_size=BATCH)
+        config["train_dataset"]["data_loader"].update(dataset_dir=data, shuffle=False)
+        config["train_dataset_task"]["dataset_config"] = config["train_dataset"]
+        config["model"]["model_config"] = {"type": "MixtralConfig", **CONFIG, "capacity_factor": 1.1,
+                                           "seq_length": SEQ - 1}
+        config["callbacks"] = [{"type": "MixtralProgressMonitor", "log_interval": 1}]
+        path = os.path.join(tmp, "bench.yaml")
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(config, f)
+        env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_mixtral.py"), "--config", path,
+                               "--run_mode", "train"], capture_output=True, text=True, env=env, cwd=tmp)
+    if proc.returncode != 0:
+        raise SystemExit(f"Trainer benchmark failed: {proc.stderr.strip().splitlines()[-1:]}")
+    rates = [float(m.replace(",", "")) for m in re.findall(r"\| ([\d,.]+) tokens/s", proc.stdout)]
+    if len(rates) < 2:
+        raise SystemExit(f"Trainer benchmark: no per-step rates in its output:\n{proc.stdout[-2000:]}")
+    return {"trainer_tokens_per_s": statistics.median(rates[1:])}
+
+
 HF_WORKER = r'''
 import json, statistics, sys, time
 import numpy as np, torch
 from transformers import MixtralConfig, MixtralForCausalLM
-cfg, seq, batch, steps, repeats = json.loads(sys.argv[1])
-torch.set_num_threads(2); torch.manual_seed(0)
+cfg, seq, batch, steps, prompt_len, threads, repeats = json.loads(sys.argv[1])
+torch.set_num_threads(threads); torch.manual_seed(0)
 model = MixtralForCausalLM(MixtralConfig(**cfg, attn_implementation="sdpa", output_router_logits=True))
 rng = np.random.default_rng(0)
 ids = torch.tensor(rng.integers(0, cfg["vocab_size"], (batch, seq)))
@@ -138,13 +249,14 @@ model.eval()
 with torch.no_grad():
     out["prefill_tokens_per_s"] = batch * seq / med(lambda: model(input_ids=ids))
     for b in (1, 8):
-        prompt = torch.tensor(rng.integers(0, cfg["vocab_size"], (b, 32)))
+        prompt = torch.tensor(rng.integers(0, cfg["vocab_size"], (b, prompt_len)))
         gen = lambda n: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         t1 = med(lambda: gen(1)); tn = med(lambda: gen(steps + 1))
         out[f"decode_b{b}_tokens_per_s"] = b * steps / max(tn - t1, 1e-9)
     x = torch.randn(batch, seq, cfg["hidden_size"])
     moe = model.model.layers[0].mlp if hasattr(model.model.layers[0], "mlp") else model.model.layers[0].block_sparse_moe
     out["moe_layer_ms"] = 1e3 * med(lambda: moe(x))
+out["torch"] = torch.__version__
 print(json.dumps(out))
 '''
 
@@ -157,8 +269,8 @@ def bench_hf(python: str, repeats: int) -> dict | None:
     if check.returncode != 0:
         print(f"HF skipped: {python} cannot import torch and transformers")
         return None
-    args = json.dumps([CONFIG, SEQ, BATCH, DECODE_STEPS, repeats])
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    args = json.dumps([CONFIG, SEQ, BATCH, DECODE_STEPS, PROMPT, THREADS, repeats])
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
     proc = subprocess.run([python, "-c", HF_WORKER, args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"HF benchmark failed: {proc.stderr[-2000:]}")
@@ -187,23 +299,75 @@ def plot(results: dict, path: str) -> None:
     os.replace(path + ".tmp.png", path)
 
 
+def limits(results: dict, side: str) -> dict:
+    """Each row's fraction of this machine's limit (see the module docstring)."""
+    row, fpt = results[side], flops_per_token(CONFIG, SEQ)
+    out = {"train": 3 * fpt * row["train_tokens_per_s"] / results["matmul_flops_per_s"],
+           "prefill": fpt * row["prefill_tokens_per_s"] / results["matmul_flops_per_s"]}
+    for b in (1, 8):
+        out[f"decode_b{b}"] = row[f"decode_b{b}_tokens_per_s"] * decode_bytes_per_token(CONFIG, b) / \
+            results["read_bytes_per_s"]
+    if "trainer_tokens_per_s" in row:
+        out["trainer"] = 3 * fpt * row["trainer_tokens_per_s"] / results["matmul_flops_per_s"]
+    return out
+
+
+def markdown(results: dict) -> str:
+    """The results table of docs/performance.md, from this run's results."""
+    ours, hf = results["mixtral_ms"], results.get("hf") or {}
+    frac = results["fraction_of_limit"]
+    m = results["machine"]
+    lines = [f"{m['cpu']}, {m['logical_cpus']} logical CPUs, {m['threads']} threads; MindSpore {m['mindspore']}"
+             + (f", torch {hf['torch']}" if hf.get("torch") else "") + f"; MatMul limit "
+             f"{results['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, read bandwidth {results['read_bytes_per_s'] / 1e9:.1f} GB/s",
+             "", "| row | HF | mixtral-ms | mixtral-ms / HF | HF, fraction of limit | mixtral-ms, fraction of limit |",
+             "|---|---|---|---|---|---|"]
+    for key, name, limit in (("train_tokens_per_s", "training step, tokens/s", "train"),
+                             ("trainer_tokens_per_s", "MindFormers Trainer, tokens/s", "trainer"),
+                             ("prefill_tokens_per_s", "prefill, tokens/s", "prefill"),
+                             ("decode_b1_tokens_per_s", "decode batch 1, tokens/s", "decode_b1"),
+                             ("decode_b8_tokens_per_s", "decode batch 8, tokens/s", "decode_b8")):
+        if key not in ours:
+            continue
+        theirs = hf.get(key)
+        cells = [f"{theirs:.0f}" if theirs else "", f"{ours[key]:.1f}", f"{ours[key] / theirs:.2f}x" if theirs else "",
+                 f"{frac['hf'][limit]:.0%}" if theirs and "hf" in frac else "", f"{frac['mixtral_ms'][limit]:.0%}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"Trainer overhead over the bare step: {ours['trainer_overhead']:+.1%}" if "trainer_overhead" in ours
+              else "", f"MoE layer (train, cf 1.1) {ours['moe_layer_ms']:.0f} ms"
+              + (f" (HF's layer {hf['moe_layer_ms']:.0f} ms)" if hf.get("moe_layer_ms") else "")
+              + f"; dense SwiGLU FFN with the same active parameters {ours['dense_ffn_ms']:.0f} ms; "
+              f"MoE / dense {ours['moe_over_dense']:.2f}x; eval (dropless) MoE / dense {ours['moe_eval_over_dense']:.2f}x"]
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-python", default=os.path.expanduser("~/.cache/mixtral-ms/devref/bin/python"))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-trainer", action="store_true", help="skip the MindFormers Trainer row")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
-    results = {"config": {**CONFIG, "seq": SEQ, "batch": BATCH, "threads": 2, "capacity_factor": 1.1},
-               "peak_flops": peak_flops(args.repeats)}
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    results = {"machine": machine(),
+               "config": {**CONFIG, "seq": SEQ, "batch": BATCH, "prompt": PROMPT, "decode_steps": DECODE_STEPS,
+                          "threads": THREADS, "capacity_factor": 1.1},
+               "matmul_flops_per_s": matmul_limit(args.repeats), "read_bytes_per_s": read_bandwidth(args.repeats)}
     results["hf"] = bench_hf(args.hf_python, args.repeats)
     results["mixtral_ms"] = bench_ours(args.repeats)
+    if not args.no_trainer:
+        results["mixtral_ms"].update(bench_trainer(args.repeats + 3))
     fpt = flops_per_token(CONFIG, SEQ)
     ours = results["mixtral_ms"]
     ours["train_flops_per_s"] = 3 * fpt * ours["train_tokens_per_s"]
     ours["prefill_flops_per_s"] = fpt * ours["prefill_tokens_per_s"]
     ours["moe_over_dense"] = ours["moe_layer_ms"] / ours["dense_ffn_ms"]
     ours["moe_eval_over_dense"] = ours["moe_layer_eval_ms"] / ours["dense_ffn_ms"]
+    if "trainer_tokens_per_s" in ours:
+        ours["trainer_overhead"] = ours["train_tokens_per_s"] / ours["trainer_tokens_per_s"] - 1
+    results["decode_bytes_per_token"] = {f"b{b}": decode_bytes_per_token(CONFIG, b) for b in (1, 8)}
+    results["fraction_of_limit"] = {"mixtral_ms": limits(results, "mixtral_ms")}
     if results["hf"]:
+        results["fraction_of_limit"]["hf"] = limits(results, "hf")
         results["ratios_ours_over_hf"] = {k: ours[k] / results["hf"][k] for k in
                                           ("train_tokens_per_s", "prefill_tokens_per_s", "decode_b1_tokens_per_s",
                                            "decode_b8_tokens_per_s")}
@@ -212,6 +376,10 @@ def main() -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=2)
     os.replace(path + ".tmp", path)
+    table = os.path.join(ROOT, "bench", "results", "vs_hf.md")
+    with open(table + ".tmp", "w") as f:
+        f.write(markdown(results))
+    os.replace(table + ".tmp", table)
     plot(results, os.path.join(ROOT, "docs", "performance.png"))
     print(json.dumps(results, indent=2))
 

@@ -13,6 +13,7 @@ from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from .configuration import MixtralConfig
+from .inference.prompts import check_batch
 from .inference.text_generation import text_generate
 from .dtypes import arange, embedding, emulated_dtype, matmul, native_dtype
 from .losses import causal_lm_loss, load_balancing_loss, router_z_loss
@@ -85,13 +86,6 @@ class MixtralAttention(nn.Cell):
         self.bmm_qk = ops.BatchMatMul(transpose_b=True)
         self.bmm_pv = ops.BatchMatMul()
 
-    def _repeat_kv(self, x: Tensor) -> Tensor:
-        b, kv, s, d = x.shape
-        rep = self.num_heads // kv
-        if rep == 1:
-            return x
-        return ops.broadcast_to(x.reshape(b, kv, 1, s, d), (b, kv, rep, s, d)).reshape(b, kv * rep, s, d)
-
     def construct(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, past_k=None, past_v=None):
         """x [B, S, H]; cos/sin [B, 1, S, D]; bias fp32 [B, 1, S, P+S]; past_k/v [B, KV, P, D] or None.
 
@@ -109,9 +103,14 @@ class MixtralAttention(nn.Cell):
         if past_k is not None:
             keys = ops.concat((past_k, k), axis=2)
             values = ops.concat((past_v, v), axis=2)
-        scores = matmul(self.bmm_qk, q, self._repeat_kv(keys), self.round_dtype) * self.scale
+        # Grouped-query attention without repeating keys and values: the heads sharing a KV head are
+        # stacked as rows of one batched matmul against it (head h uses KV head h // (heads / KV)).
+        kv, p = self.num_kv_heads, keys.shape[2]
+        q = q.reshape(b, kv, self.num_heads // kv * s, d)
+        scores = matmul(self.bmm_qk, q, keys, self.round_dtype).reshape(b, self.num_heads, s, p) * self.scale
         probs = ops.softmax(ops.cast(scores, ms.float32) + bias, axis=-1)
-        out = matmul(self.bmm_pv, ops.cast(probs, q.dtype), self._repeat_kv(values), self.round_dtype)
+        probs = ops.cast(probs, q.dtype).reshape(b, kv, self.num_heads // kv * s, p)
+        out = matmul(self.bmm_pv, probs, values, self.round_dtype).reshape(b, self.num_heads, s, d)
         out = out.transpose(0, 2, 1, 3).reshape(b, s, self.num_heads * d)
         return self.o_proj(out), k, v
 
@@ -277,6 +276,15 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         """Incremental decoding with a KV cache, with Hugging Face's generate arguments as users and
         MindFormers' text-generation pipeline (Trainer.predict) pass them: mixtral_ms/inference."""
         return text_generate(self, input_ids, attention_mask, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        """A call from Python (not one compiled inside a train step) checks its batch first
+        (inference.prompts.check_batch): a bad id never reaches the graph, which stays usable."""
+        named = dict(zip(("input_ids", "labels", "attention_mask"), args), **kwargs)
+        if named.get("input_ids") is not None:
+            check_batch(self.config.vocab_size, named["input_ids"], named.get("attention_mask"), named.get("labels"),
+                        self.ignore_index)
+        return super().__call__(*args, **kwargs)
 
     def forward_logits(self, input_ids, attention_mask=None, position_ids=None, domain_ids=None):
         """(logits [B, S, V], router_logits [L, B*S, E], load [L, E], dropped [L, E], and the pooled

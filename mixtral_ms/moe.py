@@ -8,10 +8,13 @@ from mindspore.common.initializer import Normal, initializer
 from .capacity import dropless_capacities, expert_capacity
 from .configuration import MixtralConfig
 from .dispatch import dispatch
-from .dtypes import emulated_dtype, matmul, native_dtype
+from .dtypes import embedding, emulated_dtype, matmul, native_dtype
 from .router import RandomRouter, TopKRouter
 
 GROUPED_MIN_ROWS = 16  # mean rows per expert below which (decoding) the static capacity tiers are cheaper
+# Routed assignments per expert at or below which (decoding a few rows) the gathered path reads less: it
+# copies each routed expert's weights out (read + write) and reads the copy, against reading all E once.
+GATHER_MAX_SHARE = 0.25
 
 
 class MixtralExperts(nn.Cell):
@@ -30,6 +33,8 @@ class MixtralExperts(nn.Cell):
         self.bmm_up = ops.BatchMatMul(transpose_b=True)
         self.bmm_down = ops.BatchMatMul(transpose_b=True)
         self.segment_matmul = ops.MatMul(transpose_b=True)  # eval-mode segments only; the plan leaves it unsharded
+        self.gathered_weights = ops.Gather()  # eval-mode decoding only (gathered); unsharded too
+        self.gathered_bmm = ops.BatchMatMul(transpose_b=True)
 
     def segments(self, rows: tuple) -> tuple:
         """rows: per expert e, the [R_e, H] tokens routed to it (R_e varies) -> per expert [R_e, H].
@@ -45,6 +50,18 @@ class MixtralExperts(nn.Cell):
             up = matmul(self.segment_matmul, rows[e], w3[e], self.round_dtype)
             outs += (matmul(self.segment_matmul, ops.silu(gate) * up, w2[e], self.round_dtype),)
         return outs
+
+    def gathered(self, x: Tensor, expert: Tensor) -> Tensor:
+        """x: [A, H], row a routed to expert[a] -> [A, H]. Reads only the routed experts' weights (one
+        Gather each): at a few rows per step, what decoding costs is the weight bytes it reads."""
+        dt, a, bmm = self.compute_dtype, x.shape[0], self.gathered_bmm
+        w1 = embedding(self.gathered_weights, self.w1, expert, dt)
+        w3 = embedding(self.gathered_weights, self.w3, expert, dt)
+        w2 = embedding(self.gathered_weights, self.w2, expert, dt)
+        x = x.reshape(a, 1, -1)
+        gate = matmul(bmm, x, w1, self.round_dtype)
+        up = matmul(bmm, x, w3, self.round_dtype)
+        return matmul(bmm, ops.silu(gate) * up, w2, self.round_dtype).reshape(a, -1)
 
     def construct(self, x: Tensor) -> Tensor:
         """x: [E, M, H] (M token slots per expert) -> [E, M, H]."""
@@ -85,9 +102,10 @@ class MixtralSparseMoeBlock(nn.Cell):
                                    param_dtype, compute_dtype, config.router_type)
         self.experts = MixtralExperts(self.num_experts, config.hidden_size, config.intermediate_size,
                                       config.initializer_range, param_dtype, compute_dtype)
-        # Eval-mode dropless with at least GROUPED_MIN_ROWS rows per expert: per-expert segments of exactly
-        # the routed tokens (as Hugging Face's loop over experts), whatever the skew; not with
-        # static_dispatch (a sharded model: dispatch needs the static [E, C, H] layout).
+        # Eval-mode dropless, exact paths: with at least GROUPED_MIN_ROWS rows per expert, per-expert
+        # segments of exactly the routed tokens (as Hugging Face's loop over experts), whatever the skew;
+        # with at most GATHER_MAX_SHARE rows per expert (decoding), the routed experts' weights gathered.
+        # Neither with static_dispatch (a sharded model: dispatch needs the static [E, C, H] layout).
         self.grouped_inference = not config.static_dispatch
         # [G, E, C, H] <-> [E, G, C, H]: the expert-parallel AllToAll happens here (mixtral_ms/parallel/plan.py).
         self.to_experts = ops.Transpose()
@@ -124,6 +142,17 @@ class MixtralSparseMoeBlock(nn.Cell):
         outs = self.experts.segments(tuple(ops.gather(flat, p // k, 0) for p in picks))
         pick = ops.concat(picks)
         y = ops.unsorted_segment_sum(ops.concat(outs) * ops.gather(weight, pick, 0), pick // k, t)
+        return y, self._group_load(index, valid, 1)[0], ops.zeros((e,), ms.float32)
+
+    def _experts_gathered(self, flat, weights, index, valid):
+        """Dropless for a few tokens: each (token, choice) runs its expert with that expert's weights
+        gathered, so only the routed experts are read. Padding tokens get zero."""
+        t, h = flat.shape
+        e, k = self.num_experts, self.top_k
+        rows = ops.broadcast_to(flat.reshape(t, 1, h), (t, k, h)).reshape(t * k, h)
+        out = self.experts.gathered(rows, index.reshape(t * k)).reshape(t, k, h)
+        weight = weights * ops.cast(valid, weights.dtype)
+        y = self.combine(weight.reshape(t, 1, k), out).reshape(t, h)
         return y, self._group_load(index, valid, 1)[0], ops.zeros((e,), ms.float32)
 
     def _group_load(self, index, valid, groups: int):
@@ -166,6 +195,8 @@ class MixtralSparseMoeBlock(nn.Cell):
             y, load, dropped = self._experts_at_capacity(flat, weights, index, valid, expert_capacity(n, k, e, factor))
         elif not self.training and self.grouped_inference and k * b * s >= GROUPED_MIN_ROWS * e:
             y, load, dropped = self._experts_grouped(flat, weights, index, valid)
+        elif not self.training and self.grouped_inference and k * b * s <= GATHER_MAX_SHARE * e:
+            y, load, dropped = self._experts_gathered(flat, weights, index, valid)
         else:
             y, load, dropped = self._dropless(flat, weights, index, valid)
 

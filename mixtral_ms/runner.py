@@ -12,21 +12,22 @@ import argparse
 import dataclasses
 import glob
 import os
-from typing import Any, Dict, Optional, Sequence
+import signal
+import sys
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
 
-from .configuration import MixtralConfig
+from . import outputs, run_checks
 from .data import DataError
 from .parallel.config import ParallelConfigError, ParallelLayout
+from .run_checks import RunError
 from .safetensors_io import CheckpointError
 from .schema import ConfigError
 
+if TYPE_CHECKING:  # importing MixtralConfig imports MindFormers (seconds): not before the checks
+    from .configuration import MixtralConfig
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATION_KEYS = {"max_new_tokens": int, "do_sample": bool, "temperature": float, "top_k": int, "top_p": float}
-
-
-class RunError(Exception):
-    """A run that cannot start: bad YAML, dataset or checkpoint."""
-
 
 # Every error a run reports as one line `error: ...` (exit status 2).
 RUN_ERRORS = (RunError, ConfigError, DataError, CheckpointError, ParallelConfigError)
@@ -37,7 +38,7 @@ class Run:
     """One run: the MindFormers config (YAML, MindFormers' template, command-line overrides), the
     MixtralConfig it describes and, with `use_parallel`, the validated layout."""
     config: Any
-    model_config: MixtralConfig
+    model_config: "MixtralConfig"
     layout: Optional[ParallelLayout] = None
 
 
@@ -138,45 +139,80 @@ def prepare_resume(config, model) -> int:
     return int(state["step_num"].asnumpy().reshape(-1)[0])
 
 
-def train(run: Run, finetune: bool) -> None:
-    """Trainer.train / finetune on the run's model, its checkpoint loaded strictly first (or resumed)."""
-    from mindformers import Trainer
+def training_data(run: Run) -> int:
+    """Check the training set against the config (sequence length, columns, at least one batch);
+    returns the steps in an epoch."""
     from .data import check_dataset
     config = run.config
+    loader = (config.get("train_dataset") or {}).get("data_loader") or {}
+    path = loader.get("dataset_dir")
+    if not path:
+        raise RunError(f"run_mode {config.run_mode} needs train_dataset.data_loader.dataset_dir (or --train_dataset)")
     columns = list(config.train_dataset.get("input_columns") or ["input_ids"])
-    check_dataset(config.train_dataset.data_loader.dataset_dir, run.model_config.seq_length, columns)
+    samples = check_dataset(path, run.model_config.seq_length, columns)["num_samples"]
+    batch = int(config.runner_config.batch_size)
+    world = int(os.environ.get("MS_WORKER_NUM") or os.environ.get("RANK_SIZE") or 1) if config.use_parallel else 1
+    steps = samples // (batch * world)
+    if steps == 0:
+        per_step = f"{batch} x {world} ranks" if world > 1 else str(batch)
+        raise RunError(f"{path} holds {samples} samples, fewer than one batch ({per_step}): no step would run; "
+                       f"lower runner_config.batch_size")
+    return steps
+
+
+def _set_callbacks(config, initial_step: int) -> None:
+    """Our callbacks count steps from `initial_step` (a resume's); MindFormers' CheckpointMonitor runs as
+    its subclass MixtralCheckpointMonitor, which names files by that step and saves only healthy weights."""
+    for callback in config.callbacks or []:
+        if callback.get("type") == "CheckpointMonitor":
+            callback["type"] = "MixtralCheckpointMonitor"
+        if callback.get("type") in ("MixtralProgressMonitor", "RouterStatsMonitor", "MixtralCheckpointMonitor"):
+            callback["initial_step"] = initial_step
+
+
+def train(run: Run, finetune: bool, steps_per_epoch: int) -> None:
+    """Trainer.train / finetune on the run's model, its checkpoint loaded strictly first (or resumed)."""
+    from mindformers import Trainer
+    config = run.config
     if config.resume_training:
         model = build_model(run, None)
         step = prepare_resume(config, model)
-        for callback in config.callbacks or []:
-            if callback.get("type") in ("MixtralProgressMonitor", "RouterStatsMonitor"):
-                callback["initial_step"] = step
+        epochs = int(config.runner_config.epochs)
+        if step >= epochs * steps_per_epoch:
+            raise RunError(f"the checkpoint is at step {step}, the end of this run ({epochs} epoch(s) of "
+                           f"{steps_per_epoch} steps); raise --epochs to train further")
+        _set_callbacks(config, step)
         print(f"resuming from step {step}", flush=True)
         Trainer(args=config, model=model).train()  # MindFormers restores weights, optimizer, step, data position
         return
     model = build_model(run, config.load_checkpoint or None)
     config.load_checkpoint = ""  # loaded above, strictly; MindFormers must not load it again
+    _set_callbacks(config, 0)
     trainer = Trainer(args=config, model=model)
     (trainer.finetune if finetune else trainer.train)()
 
 
-def generation_settings(config, requested: Dict[str, Any]) -> Dict[str, Any]:
-    """Decoding settings: defaults, then the YAML's `generation:` section, then the non-None `requested`."""
+def generation_settings(config: Mapping, requested: Dict[str, Any]) -> Dict[str, Any]:
+    """Decoding settings: defaults, then the YAML's `generation:` section, then the non-None `requested`;
+    checked (run_checks.check_generation)."""
     settings = {"max_new_tokens": 40, "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
     section = config.get("generation") or {}
     unknown = sorted(set(section) - set(GENERATION_KEYS))
     if unknown:
         raise RunError(f"unknown key(s) {unknown} in generation (known: {sorted(GENERATION_KEYS)})")
-    settings.update({k: GENERATION_KEYS[k](v) for k, v in section.items()})
+    for key, value in section.items():
+        if not isinstance(value, GENERATION_KEYS[key]) and not (GENERATION_KEYS[key] is float and
+                                                                run_checks.is_number(value)):
+            raise RunError(f"generation.{key} must be a {GENERATION_KEYS[key].__name__}, got {value!r}")
+        settings[key] = value
     settings.update({k: v for k, v in requested.items() if v is not None})
+    run_checks.check_generation(settings)
     return settings
 
 
 def predict(run: Run, prompts: Sequence[str], settings: Dict[str, Any], instruct: bool = False) -> None:
     """Print `> prompt + continuation` for each prompt (SentencePiece, left padding, KV-cache decoding)."""
     import sentencepiece as spm
-    from .inference.generation import generate
-    from .inference.prompts import continuation, left_pad
     config = run.config
     tokenizer_path = config.get("tokenizer") or os.path.join(ROOT, "data", "tokenizer", "tokenizer.model")
     if not os.path.isabs(tokenizer_path) and not os.path.isfile(tokenizer_path):
@@ -186,13 +222,19 @@ def predict(run: Run, prompts: Sequence[str], settings: Dict[str, Any], instruct
     sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
     if not config.load_checkpoint:
         raise RunError("predict needs --load_checkpoint (or load_checkpoint in the YAML)")
-    model = build_model(run, config.load_checkpoint)
-    if sp.get_piece_size() > model.config.vocab_size:
+    if sp.get_piece_size() > run.model_config.vocab_size:
         raise RunError(f"the tokenizer {tokenizer_path} has {sp.get_piece_size()} pieces but the model's "
-                       f"vocab_size is {model.config.vocab_size}")
+                       f"vocab_size is {run.model_config.vocab_size}")
     if instruct:  # the Mixtral-Instruct template the fine-tuning data was rendered with (mixtral_ms/data.py)
         prompts = [f"[INST] {p} [/INST]" for p in prompts]
     encoded = [[sp.bos_id()] + sp.encode(p) for p in prompts]
+    longest, limit = max(map(len, encoded)), run.model_config.max_position_embeddings
+    if longest + settings["max_new_tokens"] > limit:
+        raise RunError(f"a prompt of {longest} tokens + max_new_tokens {settings['max_new_tokens']} exceeds "
+                       f"max_position_embeddings {limit}")
+    from .inference.generation import generate
+    from .inference.prompts import continuation, left_pad
+    model = build_model(run, config.load_checkpoint)
     pad = max(sp.pad_id(), 0)
     ids, mask = left_pad(encoded, pad)
     out = generate(model, ids, mask, eos_token_id=sp.eos_id(), pad_token_id=pad, seed=int(config.seed or 0),
@@ -201,11 +243,35 @@ def predict(run: Run, prompts: Sequence[str], settings: Dict[str, Any], instruct
         print("> " + sp.decode(tokens[1:] + continuation(row, ids.shape[1], sp.eos_id())), flush=True)
 
 
+def _check_before_import(args: argparse.Namespace, config: Mapping) -> Dict[str, Any]:
+    """What a plain read of the YAML can refuse; returns the decoding settings."""
+    run_checks.check_values(config)
+    run_checks.check_distributed_launch(config)
+    settings = generation_settings(config, {k: getattr(args, k) for k in GENERATION_KEYS})
+    mode = args.run_mode or config.get("run_mode")
+    positions = ((config.get("model") or {}).get("model_config") or {}).get("max_position_embeddings")
+    if mode == "predict" and isinstance(positions, int) and settings["max_new_tokens"] >= positions:
+        raise RunError(f"max_new_tokens {settings['max_new_tokens']} leaves no room for a prompt within "
+                       f"max_position_embeddings {positions}")
+    return settings
+
+
 def execute(args: argparse.Namespace) -> None:
-    """Run what the parsed command line asks; raises one of RUN_ERRORS for bad input."""
+    """Run what the parsed command line asks; raises one of RUN_ERRORS for bad input.
+
+    Flags override the YAML (`--run_mode` over `run_mode`, as in MindFormers' run_mindformer.py). The
+    YAML's values, the arguments and the output folder are checked before MindFormers is imported;
+    MindFormers' log folder (LOCAL_DEFAULT_PATH, read at import) is put under the run's output_dir."""
+    raw = run_checks.read_yaml(args.config)
+    inherits = "base_config" in raw  # values may come from another file: checked once MindFormers merged them
+    settings = None if inherits else _check_before_import(args, raw)
+    output_dir = run_checks.prepare_output_dir(run_checks.output_dir(args.output_dir, raw))
+    os.environ.setdefault("LOCAL_DEFAULT_PATH", os.path.abspath(output_dir))
     run = load_run(args.config, {"run_mode": args.run_mode, "load_checkpoint": args.load_checkpoint,
                                  "resume_training": args.resume_training, "output_dir": args.output_dir})
     config = run.config
+    if inherits:
+        settings = _check_before_import(args, config)
     if args.train_dataset:
         config.train_dataset.data_loader.dataset_dir = args.train_dataset
     if args.epochs:
@@ -213,7 +279,9 @@ def execute(args: argparse.Namespace) -> None:
     for callback in config.callbacks or []:
         if callback.get("type") == "RouterStatsMonitor" and (args.output_dir or "output_dir" not in callback):
             callback["output_dir"] = config.output_dir
-    settings = generation_settings(config, {k: getattr(args, k) for k in GENERATION_KEYS})
+    if config.run_mode not in ("train", "finetune", "predict", "eval"):
+        raise RunError(f"run_mode must be train, finetune, predict or eval, got {config.run_mode!r}")
+    steps_per_epoch = training_data(run) if config.run_mode in ("train", "finetune") else 0
     import mindspore as ms
     from mindformers.core.context import build_context
     build_context(config)
@@ -224,21 +292,33 @@ def execute(args: argparse.Namespace) -> None:
         from .parallel.plan import prepare_parallel
         set_layout(run, prepare_parallel(config))
     if config.run_mode in ("train", "finetune"):
-        train(run, config.run_mode == "finetune")
-    elif config.run_mode == "predict":
-        predict(run, args.predict_data, settings, args.instruct)
+        train(run, config.run_mode == "finetune", steps_per_epoch)
     elif config.run_mode == "eval":
         from .evaluate import run_eval
         run_eval(config, lambda checkpoint: build_model(run, checkpoint), args.eval_dataset, args.eval_output,
                  args.eval_samples)
     else:
-        raise RunError(f"run_mode must be train, finetune, predict or eval, got {config.run_mode!r}")
+        predict(run, args.predict_data, settings, args.instruct)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line `error: ...` and status 2, like every other bad input (argparse prints usage first)."""
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None) -> int:
-    """The command line of scripts/run_mixtral.py (`description`: its usage text); 2 on bad input."""
-    import sys
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line of scripts/run_mixtral.py (`description`: its usage text); 2 on bad input,
+    128 + the signal number after SIGINT / SIGTERM."""
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--run_mode", choices=["train", "finetune", "predict", "eval"])
     parser.add_argument("--load_checkpoint", help="checkpoint file or folder (overrides the YAML)")
@@ -246,21 +326,37 @@ def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None
                         help="also restore optimizer state, step and data position from load_checkpoint")
     parser.add_argument("--train_dataset", help="MindRecord file (overrides train_dataset.data_loader.dataset_dir)")
     parser.add_argument("--output_dir")
-    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--epochs", type=_positive)
     parser.add_argument("--predict_data", nargs="+", default=["In the beginning"])
     parser.add_argument("--instruct", action="store_true",
                         help="wrap each prompt in Mixtral-Instruct's [INST] ... [/INST] (fine-tuned models)")
     parser.add_argument("--eval_dataset", help="eval: the MindRecord to score (CE and perplexity, no gradients)")
     parser.add_argument("--eval_output", help="eval: the JSON written (default <output_dir>/eval.json)")
-    parser.add_argument("--eval_samples", type=int, help="eval: only the first N samples")
+    parser.add_argument("--eval_samples", type=_positive, help="eval: only the first N samples")
     parser.add_argument("--max_new_tokens", type=int)
     parser.add_argument("--do_sample", action="store_true", default=None)
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top_k", type=int)
     parser.add_argument("--top_p", type=float)
     try:
-        execute(parser.parse_args(argv))
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0) or a bad flag (2, one line): a status, also when called in-process
+        return int(done.code or 0)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:  # SIGTERM unwinds like Ctrl-C: a checkpoint being written is removed (MixtralCheckpointMonitor)
+        outputs.interrupt_on_sigterm()
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        execute(args)
     except RUN_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        status, name = outputs.exit_status(err)
+        print(f"error: interrupted by {name}", file=sys.stderr)
+        return status
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0

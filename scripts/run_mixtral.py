@@ -21,8 +21,10 @@ continues exactly where the checkpoint left off. Predict tokenizes with the Sent
 YAML's `tokenizer`), left-pads the prompts and calls `model.generate` (KV cache). Eval prints and writes
 (JSON) the per-token cross-entropy and perplexity on a MindRecord, forward passes only (evaluate.py).
 
-Bad input (YAML, dataset, checkpoint) prints one line `error: ...` and exits with status 2. The logic
-lives in mixtral_ms/runner.py.
+Bad input (YAML values, flags, dataset, checkpoint, token ids) prints one line `error: ...` and exits
+with status 2, as does a run that diverges (too many skipped steps, exploded weights at a save); SIGTERM
+and Ctrl-C stop with status 143 / 130 and leave no partial checkpoint. What is refused and what survives
+which fault: docs/reliability.md. The logic lives in mixtral_ms/runner.py.
 """
 import os
 import sys

@@ -274,3 +274,23 @@ def test_dropless_is_exact_even_when_every_tier_overflows(mode):
     ref, ref_dropped = numpy_moe(block, x, mask, 1, training=False)
     assert ref_dropped.sum() == 0
     np.testing.assert_allclose(y.asnumpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gathered_decode_equals_capacity_path_and_reference(mode):
+    """Eval mode on a few tokens (decoding) gathers the routed experts' weights: same output and load
+    as the static capacity path and the numpy reference; a padding token gets zero."""
+    from mixtral_ms.moe import GATHER_MAX_SHARE
+    block = _block(1, 1.1, experts=16)
+    block.set_train(False)
+    x = np.random.default_rng(5).normal(size=(2, 1, 16)).astype(np.float32)
+    mask = np.array([[1.0], [0.0]], np.float32)
+    assert 2 * 2 <= GATHER_MAX_SHARE * 16, "fixture must take the gathered path"
+    y, _, load, dropped, _, _ = block(Tensor(x), Tensor(mask))
+    block.grouped_inference = False
+    y_tiers, _, load_tiers, _, _, _ = block(Tensor(x), Tensor(mask))
+    ref, _ = numpy_moe(block, x, mask, 1, training=False)
+    np.testing.assert_allclose(y.asnumpy(), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y.asnumpy(), y_tiers.asnumpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(load.asnumpy(), load_tiers.asnumpy())
+    assert load.asnumpy().sum() == 2 and dropped.asnumpy().sum() == 0
+    assert np.abs(y.asnumpy()[1]).max() == 0

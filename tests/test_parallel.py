@@ -367,7 +367,7 @@ def test_expert_parallel_exchange_matches_grouped_block():
     sent, routes = [], []
     for r in range(dp):  # each data-parallel rank: router and dispatch on its own tokens
         flat = x[r * rows:(r + 1) * rows].reshape(n, h)
-        _, _, weights, index = block.gate(Tensor(flat))
+        _, _, weights, index, _ = block.gate(Tensor(flat))
         slot_token, assignment_slot, _, _ = dispatch(index.reshape(1, n, k), weights.reshape(1, n, k),
                                                      Tensor(np.ones((1, n), np.float32)), e, cap, "probs")
         padded = np.concatenate([flat, np.zeros((1, h), np.float32)])

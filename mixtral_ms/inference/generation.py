@@ -16,19 +16,25 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from .prompts import check_batch
+
 
 class CachedStep(nn.Cell):
-    """One forward over new tokens against the cache; returns last-token logits and the updated cache."""
+    """One forward over new tokens against the cache; returns the last token's logits (or, greedy, its
+    argmax: only the token ids cross to the host) and the updated cache."""
 
-    def __init__(self, model: nn.Cell) -> None:
+    def __init__(self, model: nn.Cell, greedy: bool) -> None:
         super().__init__(auto_prefix=False)
         self.lm = model
+        self.greedy = greedy
 
     def construct(self, input_ids, attention_mask, position_ids, cols, past_keys, past_values, past_cols,
                   past_valid):
         hidden, keys, values, _, _, _, _, _, _ = self.lm.model(input_ids, attention_mask, position_ids, cols,
                                                                past_keys, past_values, past_cols, past_valid)
         logits = ops.cast(self.lm.lm_logits(hidden[:, -1:]), ms.float32)[:, 0]
+        if self.greedy:
+            logits = ops.argmax(logits, dim=-1).astype(ms.int32)
         slots = past_keys.shape[3]
         s = input_ids.shape[1]
         if s > slots:  # a prompt longer than a rolling cache: only its last `slots` tokens are kept
@@ -45,9 +51,10 @@ class CachedStep(nn.Cell):
         return logits, past_keys, past_values, past_cols, past_valid
 
 
-# One CachedStep per model, so graph mode compiles prefill and decode once, not on every generate call.
-# Weak keys: holding the model in a Cell attribute would make a Cell cycle and re-prefix its parameters.
-_STEPS: "weakref.WeakKeyDictionary[nn.Cell, CachedStep]" = weakref.WeakKeyDictionary()
+# One CachedStep per model and mode (greedy or sampling), so graph mode compiles prefill and decode once,
+# not on every generate call. Weak keys: holding the model in a Cell attribute would make a Cell cycle
+# and re-prefix its parameters.
+_STEPS: "weakref.WeakKeyDictionary[nn.Cell, dict]" = weakref.WeakKeyDictionary()
 
 
 def _filter_logits(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
@@ -81,13 +88,15 @@ def generate(model, input_ids: Union[np.ndarray, Sequence[Sequence[int]], Tensor
     every row has finished. Position ids follow Hugging Face: cumsum(attention_mask) - 1.
     """
     config = model.config
+    check_batch(config.vocab_size, input_ids, attention_mask)
     ids = np.asarray(input_ids.asnumpy() if isinstance(input_ids, Tensor) else input_ids, dtype=np.int32)
     if ids.ndim == 1:
         ids = ids[None]
     b, p = ids.shape
     mask = np.ones((b, p), np.float32) if attention_mask is None else np.asarray(attention_mask, np.float32)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
+    mask = mask.reshape(ids.shape)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
     eos = config.eos_token_id if eos_token_id is None else eos_token_id
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
     total = p + max_new_tokens
@@ -101,9 +110,11 @@ def generate(model, input_ids: Union[np.ndarray, Sequence[Sequence[int]], Tensor
     past_values = ops.zeros((layers, b, kv, slots, d), dtype)
     past_cols = Tensor(np.full((slots,), -1, np.int32))
     past_valid = Tensor(np.zeros((b, slots), np.float32))
-    step = _STEPS.get(model)
+    steps = _STEPS.setdefault(model, {})
+    greedy = not do_sample
+    step = steps.get(greedy)
     if step is None:
-        step = _STEPS[model] = CachedStep(model)
+        step = steps[greedy] = CachedStep(model, greedy)
     was_training = model.training
     model.set_train(False)
     rng = np.random.default_rng(seed)
@@ -114,17 +125,16 @@ def generate(model, input_ids: Union[np.ndarray, Sequence[Sequence[int]], Tensor
     out = [ids]
     finished = np.zeros(b, bool)
     for _ in range(max_new_tokens):
-        logits, past_keys, past_values, past_cols, past_valid = step(
+        head, past_keys, past_values, past_cols, past_valid = step(
             Tensor(new_ids), Tensor(new_mask), Tensor(new_pos), Tensor(cols), past_keys, past_values, past_cols,
             past_valid)
-        scores = logits.asnumpy()
-        if do_sample:
-            scores = _filter_logits(scores, temperature, top_k, top_p)
+        if greedy:
+            token = head.asnumpy()  # the argmax, taken in the step
+        else:
+            scores = _filter_logits(head.asnumpy(), temperature, top_k, top_p)
             probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
             probs /= probs.sum(axis=-1, keepdims=True)
             token = np.array([rng.choice(probs.shape[-1], p=row) for row in probs], np.int32)
-        else:
-            token = scores.argmax(axis=-1).astype(np.int32)
         token = np.where(finished, pad, token).astype(np.int32)
         out.append(token[:, None])
         if eos is not None:

@@ -16,7 +16,7 @@ ParallelLayout.expert_token_split / expert_ffn_split; G = dp token groups, C = c
 |---|---|---|
 | q/k/v_proj.matmul (column parallel) | x [T, H], W [heads*D, H] | ((dp, 1), (mp, 1)) |
 | o_proj.matmul (row parallel) | x [T, nH*D], W [H, nH*D] | ((dp, mp), (1, mp)); out ((dp*mp, 1),) if seq-par |
-| self_attn.bmm_qk / bmm_pv | [B, nH, S, *] | ((dp, mp, 1, 1), (dp, mp, 1, 1)) |
+| self_attn.bmm_qk / bmm_pv | [B, nKV, nH/nKV*S, *] (a KV head's query heads stacked) | ((dp, mp, 1, 1), (dp, mp, 1, 1)) |
 | block_sparse_moe.gate.matmul (router) | x [T, H], W [E, H] | ((dp, 1), (1, 1)) |
 | block_sparse_moe.to_experts (Transpose) | [G, E, C, H] | ((t, ep, a, 1),): dp-sharded groups -> AllToAll over ep |
 | experts.bmm_gate / bmm_up | [E, G*C, H], W [E, F, H] | ((ep, t, 1), (ep, f, 1)) |
@@ -123,10 +123,11 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train",
            out=[(dp * mp, 1)] if layout.use_seq_parallel else None,
            note="row parallel: AllReduce" + (" -> ReduceScatter (use_seq_parallel)" if layout.use_seq_parallel else ""))
         param(p + "self_attn.o_proj.weight", (h, nh * hd), (1, mp), st)
-        op(p + "self_attn.bmm_qk", [(b, nh, s, hd), (b, nh, s, hd)], [(dp, mp, 1, 1), (dp, mp, 1, 1)], st,
-           note="heads over mp")
-        op(p + "self_attn.bmm_pv", [(b, nh, s, s), (b, nh, s, hd)], [(dp, mp, 1, 1), (dp, mp, 1, 1)], st,
-           note="heads over mp")
+        q_rows = nh // nkv * s  # the query heads sharing a KV head, stacked
+        op(p + "self_attn.bmm_qk", [(b, nkv, q_rows, hd), (b, nkv, s, hd)], [(dp, mp, 1, 1), (dp, mp, 1, 1)], st,
+           note="KV heads over mp")
+        op(p + "self_attn.bmm_pv", [(b, nkv, q_rows, s), (b, nkv, s, hd)], [(dp, mp, 1, 1), (dp, mp, 1, 1)], st,
+           note="KV heads over mp")
         param(p + "post_attention_layernorm.weight", (h,), (1,), st, "replicated")
         m = p + "block_sparse_moe."
         if d.router_type != "rre":  # the random router has no matmul (router.RandomRouter)
@@ -193,6 +194,8 @@ UNSHARDED = {
     "gather": "MindFormers' text generator's (mindformers/generation/text_generator.py), never in mixtral-ms's graph",
     "model.layers.*.block_sparse_moe.experts.segment_matmul":
         "eval-mode per-expert segments (MixtralExperts.segments), never run with static_dispatch",
+    "model.layers.*.block_sparse_moe.experts.gathered_*":
+        "eval-mode decoding on the routed experts' weights (MixtralExperts.gathered), never with static_dispatch",
 }
 
 

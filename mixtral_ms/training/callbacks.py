@@ -1,4 +1,5 @@
-"""Training callbacks: progress (loss, aux losses, tokens/s, ETA) and router statistics to JSONL.
+"""Training callbacks: progress (loss, aux losses, tokens/s, ETA), router statistics to JSONL, and
+checkpoints named by their step that are saved only with healthy weights.
 
 Both read what MixtralTrainOneStepCell leaves behind: its outputs (loss, overflow, loss scale, lr,
 global norm) and its `router_stats.*` parameters (CE, aux and z loss, tokens per expert and dropped
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from typing import Optional
@@ -20,8 +22,12 @@ from typing import Optional
 import numpy as np
 
 import mindspore as ms
+from mindspore import ops
 from mindspore.train.callback import Callback
+from mindformers.core.callback import CheckpointMonitor
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from ..run_checks import RunError
 
 
 def _wrapper(cb_params):
@@ -50,6 +56,17 @@ def _scalar(value) -> float:
     return float(np.asarray(value).reshape(-1)[0])
 
 
+def _start_step(cb, initial_step: Optional[int]) -> int:
+    """The global step before this run's first (see the module docstring)."""
+    if initial_step is not None:
+        return int(initial_step)
+    if cb.get("initial_step", None):
+        return int(cb.initial_step)
+    optimizer = cb.get("optimizer", None) or getattr(cb.get("train_network", None), "optimizer", None)
+    step = getattr(optimizer, "global_step", None)
+    return int(_scalar(step)) if step is not None else 0
+
+
 class _StepCounter(Callback):
     """Global step numbers (see the module docstring) and the run's total."""
 
@@ -59,15 +76,7 @@ class _StepCounter(Callback):
         self.offset = 0
 
     def on_train_begin(self, run_context):
-        cb = run_context.original_args()
-        if self.initial_step is not None:
-            self.offset = int(self.initial_step)
-        elif cb.get("initial_step", None):
-            self.offset = int(cb.initial_step)
-        else:
-            optimizer = cb.get("optimizer", None) or getattr(cb.get("train_network", None), "optimizer", None)
-            step = getattr(optimizer, "global_step", None)
-            self.offset = int(_scalar(step)) if step is not None else 0
+        self.offset = _start_step(run_context.original_args(), self.initial_step)
 
     def step(self, cb) -> int:
         return self.offset + int(cb.cur_step_num)
@@ -201,3 +210,95 @@ class RouterStatsMonitor(_StepCounter):
                 counts = " ".join(f"{int(c):>{width}d}" for c in row)
                 lines.append(f"    layer {layer}: tokens/expert [{counts}] | dropped {100 * frac:.1f}%")
             print("\n".join(lines), file=sys.stdout, flush=True)
+
+
+@MindFormerRegister.register(MindFormerModuleType.CALLBACK)
+class MixtralCheckpointMonitor(CheckpointMonitor):
+    """MindFormers' CheckpointMonitor (same arguments, same files: `<prefix>_rank_<r>-<epoch>_<step in epoch>.ckpt`
+    with step_num, epoch_num, global_step and loss_scale for a resume), fixed for resumed and interrupted runs:
+
+    - files are named and triggered by the global step, also after a resume (MindFormers restarts the count
+      at 1 and names step 32 `-4_8` after resuming from step 24); `initial_step` as in MixtralProgressMonitor;
+    - a resumed run keeps the prefix (MindSpore would switch to `<prefix>_1` beside the existing files, which
+      then escape keep_checkpoint_max); a fresh run in a folder with checkpoints still gets `<prefix>_1`, so
+      it never overwrites another run's files;
+    - at most `keep_checkpoint_max` of the prefix stay in the folder after every save (the oldest go, as
+      many as needed, not one per save);
+    - before saving, every weight must be finite and at most `max_weight_abs` in magnitude: otherwise the
+      run stops with RunError (one line) instead of saving a diverged model over the good ones;
+    - MindSpore writes `<name>.tmp` and renames it; a save interrupted by an exception (SIGTERM, see
+      outputs.Interrupted) removes its `.tmp`, and a run starting in the folder removes the `.tmp` files of
+      this prefix that a killed run (SIGKILL) left.
+
+    run_mixtral.py runs every `CheckpointMonitor` of a YAML as this class.
+    """
+
+    def __init__(self, *args, initial_step: Optional[int] = None, max_weight_abs: float = 1.0e4, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.run_prefix = f"{self.origin_prefix}_rank_{self.rank_id}"  # before MindSpore's `_<n>` suffix
+        self.initial_step = initial_step
+        self.max_weight_abs = float(max_weight_abs)
+        self.offset = 0
+        self._append_step_num = 0  # the global step comes from `offset`, not from MindFormers' append_info
+
+    def on_train_begin(self, run_context):
+        super().on_train_begin(run_context)
+        self.offset = _start_step(run_context.original_args(), self.initial_step)
+        if self.offset:
+            self._prefix = self.run_prefix
+        if os.path.isdir(self._directory):
+            for name in os.listdir(self._directory):
+                if name.startswith(self.run_prefix) and name.endswith(".tmp"):
+                    os.remove(os.path.join(self._directory, name))
+
+    def _check_save_ckpt(self, cb_params, force_to_save):
+        every = self._config.save_checkpoint_steps
+        if every and not force_to_save:
+            return (self.offset + cb_params.cur_step_num) % every == 0
+        return super()._check_save_ckpt(cb_params, force_to_save)
+
+    def _check_weights(self, cb_params, step: int) -> None:
+        net = _wrapper(cb_params)
+        params = (net.network if net is not None else cb_params.train_network).trainable_params()
+        peak, peak_name = 0.0, None
+        for param in params:
+            if not bool(ops.isfinite(param).all()):
+                raise RunError(f"not saving the step {step} checkpoint: {param.name} holds NaN or inf; training "
+                               f"diverged (lower the learning rate); last saved: {self._last_saved()}")
+            value = float(ops.abs(param).max())
+            if value > peak:
+                peak, peak_name = value, param.name
+        if peak > self.max_weight_abs:
+            raise RunError(f"not saving the step {step} checkpoint: |{peak_name}| reaches {peak:.3g} > max_weight_abs "
+                           f"{self.max_weight_abs:g}; training diverged (lower the learning rate); "
+                           f"last saved: {self._last_saved()}")
+
+    def _last_saved(self) -> str:
+        return getattr(self, "_latest_ckpt_file_name", "") or "none"
+
+    def save_checkpoint(self, cb_params):
+        step = self.offset + cb_params.cur_step_num
+        self._check_weights(cb_params, step)
+        # The parent names the file after cur_epoch_num / cur_step_num: give it the global ones meanwhile.
+        relative = cb_params.cur_step_num, cb_params.cur_epoch_num
+        epoch, in_epoch = (step - 1) // cb_params.batch_num + 1, (step - 1) % cb_params.batch_num + 1
+        partial = os.path.join(self._directory, f"{self._prefix}-{epoch}_{in_epoch}.tmp")
+        cb_params.cur_step_num, cb_params.cur_epoch_num = step, epoch
+        try:
+            super().save_checkpoint(cb_params)
+        except BaseException:
+            if os.path.exists(partial):
+                os.remove(partial)
+            raise
+        finally:
+            cb_params.cur_step_num, cb_params.cur_epoch_num = relative
+            self._last_triggered_step = relative[0]
+        self._keep_newest()
+
+    def _keep_newest(self) -> None:
+        keep = self._config.keep_checkpoint_max
+        pattern = re.compile(re.escape(self._prefix) + r"-\d+_\d+\." + re.escape(self._config.format) + "$")
+        files = [os.path.join(self._directory, n) for n in os.listdir(self._directory) if pattern.match(n)]
+        files.sort(key=lambda f: (os.path.getmtime(f), f))
+        for old in files[:-keep] if keep and keep > 0 else []:
+            os.remove(old)

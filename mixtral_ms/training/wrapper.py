@@ -15,6 +15,7 @@ from mindspore.context import ParallelMode
 from mindspore.parallel._utils import _get_device_num, _get_gradients_mean, _get_parallel_mode
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+from ..run_checks import RunError
 from ..schema import ConfigError
 from .distill import check_distill, install
 from .freeze import FrozenParameters
@@ -52,6 +53,9 @@ class MixtralTrainOneStepCell(nn.Cell):
     for fp16 dynamic loss scaling (`loss_scale_value`, `scale_factor`, `scale_window`): on overflow the
     scale is divided by scale_factor (not below 1) and the update skipped; after scale_window finite
     steps it is multiplied by scale_factor. `max_grad_norm` (with `use_clip_grad`): clip by global norm.
+    `max_skipped_steps`: after that many skipped steps in a row (default 10; 0 never) the run stops with
+    RunError instead of finishing with exit 0 on unchanged weights; each call checks it, so with sink_mode
+    only the last step of each sink counts.
     In DATA_PARALLEL / HYBRID_PARALLEL mode gradients are all-reduced (mean when `gradients_mean`) before
     the overflow check, so every rank skips the same steps, and the router statistics are summed (load,
     dropped) or averaged (CE, aux, z) over ranks; the returned loss stays the rank's own, as in MindFormers.
@@ -60,7 +64,7 @@ class MixtralTrainOneStepCell(nn.Cell):
     def __init__(self, network: nn.Cell, optimizer: nn.Optimizer,
                  scale_sense: Union[float, dict, nn.Cell, Tensor] = 1.0, max_grad_norm: Optional[float] = 1.0,
                  use_clip_grad: bool = True, lr_scheduler=None, freeze: Optional[dict] = None,
-                 distill: Optional[dict] = None, **_framework_args) -> None:
+                 distill: Optional[dict] = None, max_skipped_steps: int = 10, **_framework_args) -> None:
         """`_framework_args`: what MindFormers' trainer passes every wrapper (calculate_per_token_loss,
         print_separate_loss, grouped_lr_scheduler, ...); YAML keys are checked by yaml_check.check_config."""
         super().__init__(auto_prefix=False)
@@ -89,6 +93,8 @@ class MixtralTrainOneStepCell(nn.Cell):
         self.clip = use_clip_grad and max_grad_norm is not None and max_grad_norm > 0
         self.max_grad_norm = float(max_grad_norm or 0.0)
         self.lr_scheduler = lr_scheduler
+        self.max_skipped_steps = int(max_skipped_steps)
+        self.skipped_in_row = 0
         self.reducer_flag = _get_parallel_mode() in (ParallelMode.DATA_PARALLEL, ParallelMode.HYBRID_PARALLEL)
         self.grad_reducer = ops.identity
         if self.reducer_flag:
@@ -104,6 +110,17 @@ class MixtralTrainOneStepCell(nn.Cell):
         self.stat_kd = Parameter(zeros(), name="router_stats.kd_loss", requires_grad=False)
         self.stat_load = Parameter(zeros(layers, experts), name="router_stats.expert_load", requires_grad=False)
         self.stat_dropped = Parameter(zeros(layers, experts), name="router_stats.dropped", requires_grad=False)
+
+    def __call__(self, *inputs):
+        """The step (compiled in graph mode), then the count of skipped steps in a row, in Python."""
+        outputs = super().__call__(*inputs)
+        if self.max_skipped_steps:
+            self.skipped_in_row = self.skipped_in_row + 1 if bool(outputs[1]) else 0
+            if self.skipped_in_row >= self.max_skipped_steps:
+                raise RunError(f"training diverged: {self.skipped_in_row} steps in a row skipped for a non-finite "
+                               f"gradient (loss {float(outputs[0]):.4g}, loss scale {float(outputs[2]):g}); lower "
+                               f"the learning rate or check the data (runner_wrapper.max_skipped_steps)")
+        return outputs
 
     def construct(self, *inputs):
         # A fixed scale of 1 stays 1 even if a resumed checkpoint carries another `scale_sense`.

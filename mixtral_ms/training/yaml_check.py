@@ -5,7 +5,7 @@ Importing this module (`import mixtral_ms.training` does) registers:
   CONFIG    MixtralConfig
   MODELS    MixtralModel, MixtralForCausalLM
   WRAPPER   MixtralTrainOneStepCell
-  CALLBACK  MixtralProgressMonitor, RouterStatsMonitor
+  CALLBACK  MixtralProgressMonitor, RouterStatsMonitor, MixtralCheckpointMonitor
 
 so a YAML `model: {model_config: {type: MixtralConfig, ...}, arch: {type: MixtralForCausalLM}}` builds
 through `mindformers.Trainer`. `check_config` turns the typos MindFormers reports late and obscurely
@@ -23,7 +23,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from .. import modeling  # noqa: F401  (registers MixtralConfig, MixtralModel, MixtralForCausalLM)
 from ..configuration import MixtralConfig
 from ..schema import ConfigError
-from .callbacks import MixtralProgressMonitor, RouterStatsMonitor
+from .callbacks import MixtralCheckpointMonitor, MixtralProgressMonitor, RouterStatsMonitor
 from .distill import check_distill
 from .freeze import check_freeze
 from .wrapper import MixtralTrainOneStepCell
@@ -32,7 +32,7 @@ REGISTERED = {
     MindFormerModuleType.CONFIG: ["MixtralConfig"],
     MindFormerModuleType.MODELS: ["MixtralModel", "MixtralForCausalLM"],
     MindFormerModuleType.WRAPPER: ["MixtralTrainOneStepCell"],
-    MindFormerModuleType.CALLBACK: ["MixtralProgressMonitor", "RouterStatsMonitor"],
+    MindFormerModuleType.CALLBACK: ["MixtralProgressMonitor", "RouterStatsMonitor", "MixtralCheckpointMonitor"],
 }
 
 # Top-level YAML keys that run_mixtral.py and MindFormers' trainer understand; anything else is a typo.
@@ -93,7 +93,8 @@ def _known_types(module_type: MindFormerModuleType) -> list:
 def _accepted_keys(cls) -> Optional[set]:
     """The YAML keys `cls` takes, or None when it forwards **kwargs we cannot see through (MindFormers'
     own factories such as AdamW). Our own classes swallow only the framework's arguments, so their named
-    parameters are the whole vocabulary."""
+    parameters are the whole vocabulary; one that also takes *args extends a MindFormers class and forwards
+    both (MixtralCheckpointMonitor): its vocabulary adds the parent's."""
     try:
         params = inspect.signature(cls.__init__).parameters
     except (TypeError, ValueError):
@@ -102,6 +103,9 @@ def _accepted_keys(cls) -> Optional[set]:
     open_ended = any(p.kind == p.VAR_KEYWORD for p in params.values())
     if open_ended and not cls.__module__.startswith("mixtral_ms."):
         return None
+    if any(p.kind == p.VAR_POSITIONAL for p in params.values()):
+        parent = _accepted_keys(cls.__mro__[1])
+        return None if parent is None else named | parent
     return named
 
 
@@ -176,5 +180,5 @@ def check_config(config: Any) -> MixtralConfig:
     return mixtral
 
 
-__all__ = ["REGISTERED", "TOP_LEVEL_KEYS", "check_config", "MixtralConfig", "MixtralProgressMonitor",
-           "MixtralTrainOneStepCell", "RouterStatsMonitor"]
+__all__ = ["REGISTERED", "TOP_LEVEL_KEYS", "check_config", "MixtralConfig", "MixtralCheckpointMonitor",
+           "MixtralProgressMonitor", "MixtralTrainOneStepCell", "RouterStatsMonitor"]
