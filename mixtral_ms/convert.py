@@ -34,7 +34,8 @@ import shutil
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .schema import hf_dims, read_hf_config
-from .name_map import count_parameters, hf_sources, is_ms_layout, ms_tensors, parameter_specs, source_dtype
+from .name_map import (count_parameters, hf_sources, is_ms_layout, ms_tensors, parameter_specs,
+                       source_dtype)
 from .outputs import backup_path, stale, temp_path
 from .safetensors_io import (CHUNK_BYTES, CheckpointError, TensorInfo, convert_bytes, count_nonfinite, has_nonfinite,
                              nbytes_of, open_checkpoint, read_index, write_safetensors)
@@ -42,7 +43,7 @@ from .safetensors_io import (CHUNK_BYTES, CheckpointError, TensorInfo, convert_b
 DTYPE_TAGS = {"fp32": "F32", "float32": "F32", "bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16"}
 TORCH_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "generation_config.json")
+              "generation_config.json", "surgery.json")  # surgery.json: experts.py's record of a model's experts
 INDEX = "model.safetensors.index.json"
 COMPRESSION_RECORD = "compression.json"  # what scripts/compress.py did to make a checkpoint (mixtral_ms/compress)
 MS_METADATA = {"format": "ms", "remove_redundancy": "False"}  # what mindspore.save_checkpoint writes
@@ -434,7 +435,8 @@ def plan(src: str, dtype: Optional[str] = None) -> str:
         if size_out > largest[1]:
             largest = (name, size_out)
         hf = specs[name].sources
-        hf_text = hf[0] if len(hf) == 1 else hf[0].replace(".experts.0.", ".experts.{0..%d}." % (len(hf) - 1)) + \
+        hf_text = hf[0] if not specs[name].stacked else \
+            hf[0].replace(".experts.0.", ".experts.{0..%d}." % (len(hf) - 1)) + \
             f" [{', '.join(map(str, shape[1:]))}] x{len(hf)} stacked on axis 0"
         lines.append(f"{name:{width}} {str(list(shape)):>20} {src_tag:>5}  <-> {hf_text}")
     total, active = count_parameters(config)

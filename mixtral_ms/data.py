@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from fractions import Fraction
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -361,11 +362,74 @@ def check_dataset(path: str, seq_length: int, columns: Optional[Sequence[str]] =
 
 # ----------------------------------------------------------------------------------------------- pipeline
 
+def heldout_path(output: str) -> str:
+    """The held-out split's default file beside the training one: `X.mindrecord` -> `X_heldout.mindrecord`."""
+    stem = output[:-len(".mindrecord")] if output.endswith(".mindrecord") else output
+    return stem + "_heldout.mindrecord"
+
+
+def is_heldout(index: int, fraction: Fraction) -> bool:
+    """Whether document `index` (0-based, in reading order) is held out: exactly floor(N * fraction) of N
+    documents, spread evenly (with 0.1 the 10th, 20th, ... document), so every part of the corpus is seen."""
+    return (index + 1) * fraction.numerator // fraction.denominator > index * fraction.numerator // fraction.denominator
+
+
+def split_heldout(items: Iterable, fraction: float) -> Tuple[Iterator, List]:
+    """(training items, held-out items): the first a generator, the second a list that fills as it runs."""
+    share = Fraction(str(fraction)).limit_denominator(10 ** 6)
+    heldout: List = []
+
+    def train():
+        for index, item in enumerate(items):
+            if is_heldout(index, share):
+                heldout.append(item)
+            else:
+                yield item
+    return train(), heldout
+
+
+def _write_split(output: str, heldout_output: str, columns, make_samples, items, fraction: float,
+                 overwrite: bool, stats: dict) -> int:
+    """Write the training and held-out MindRecords into the hidden temp folder `.<name>.split.tmp-<pid>`
+    beside `output`, then move all four files into place: a failure in either split leaves the old outputs
+    untouched, and a killed run's folder is removed by the next split to the same output."""
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    for old in stale(output + ".split", "tmp", hidden=True):
+        shutil.rmtree(old)
+    stage = temp_path(output + ".split", hidden=True)
+    os.makedirs(stage)
+    try:
+        train, heldout = split_heldout(items, fraction)
+        # MindRecord files know their own names (the .db index refers to them): stage under the final ones.
+        staged_train = os.path.join(stage, "train", os.path.basename(output))
+        count = write_mindrecord(staged_train, columns, make_samples(train))
+        if not heldout:
+            raise DataError(f"--heldout_fraction {fraction} holds out no document of the input; raise it")
+        train_counts = dict(stats)  # make_samples counts documents and tokens; keep the training split's
+        staged_heldout = os.path.join(stage, "heldout", os.path.basename(heldout_output))
+        try:
+            heldout_count = write_mindrecord(staged_heldout, columns, make_samples(iter(heldout)))
+        except DataError as err:
+            raise DataError(f"held-out split ({len(heldout)} documents): {err}") from None
+        stats.clear()
+        stats.update(train_counts, heldout_documents=len(heldout), heldout_samples=heldout_count)
+        os.makedirs(os.path.dirname(os.path.abspath(heldout_output)), exist_ok=True)
+        for staged, target in ((staged_train, output), (staged_heldout, heldout_output)):
+            for suffix in ("", ".db"):
+                os.replace(staged + suffix, target + suffix)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return count
+
+
 def preprocess(inputs: Sequence[str], fmt: str, tokenizer_path: str, seq_length: int, output: str,
                overwrite: bool = False, text_docs: str = "line", stats: Optional[dict] = None,
-               domain: Optional[int] = None) -> int:
+               domain: Optional[int] = None, heldout_fraction: float = 0.0,
+               heldout_output: Optional[str] = None) -> int:
     """The whole pipeline; returns the number of samples written (`stats` gets extra counts).
-    `domain`: write a `domain_ids` column (with_domain)."""
+    `domain`: write a `domain_ids` column (with_domain). With `heldout_fraction` > 0, whole documents
+    (chapters; examples for the instruction formats) chosen by is_heldout go to `heldout_output` (default
+    heldout_path(output)) instead, never to `output`."""
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if text_docs not in TEXT_DOCS:
@@ -374,8 +438,14 @@ def preprocess(inputs: Sequence[str], fmt: str, tokenizer_path: str, seq_length:
         raise DataError(f"seq_length must be at least 1, got {seq_length}")
     if not os.path.isfile(tokenizer_path):
         raise DataError(f"no tokenizer at {tokenizer_path}")
+    if not 0 <= heldout_fraction < 1:
+        raise DataError(f"--heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    heldout_output = (heldout_output or heldout_path(output)) if heldout_fraction else None
+    if heldout_output and os.path.abspath(heldout_output) == os.path.abspath(output):
+        raise DataError(f"the held-out output {heldout_output} is the training output; name another file")
     files = input_files(inputs, fmt)  # fail on a missing input before anything is written
-    check_output(output, inputs, overwrite)
+    for target in filter(None, (output, heldout_output)):
+        check_output(target, inputs, overwrite)
     import sentencepiece as spm
     try:
         sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
@@ -392,13 +462,18 @@ def preprocess(inputs: Sequence[str], fmt: str, tokenizer_path: str, seq_length:
                 ids = sp.encode(doc)
                 stats["tokens"] = stats.get("tokens", 0) + len(ids) + 2
                 yield ids
-        samples = ({"input_ids": s} for s in pack(counted(documents(files, fmt, text_docs)), seq_length, bos, eos))
-        columns = PRETRAIN_COLUMNS
+        items, columns = documents(files, fmt, text_docs), PRETRAIN_COLUMNS
+        make_samples = lambda docs: ({"input_ids": s} for s in pack(counted(docs), seq_length, bos, eos))  # noqa: E731
     else:
-        samples = ({"input_ids": i, "labels": l} for i, l in
-                   sft_samples(conversations(files, fmt), sp.encode, seq_length, bos, eos, PAD_ID, stats))
-        columns = SFT_COLUMNS
-    columns, samples = with_domain(columns, samples, domain)
-    count = write_mindrecord(output, columns, samples, overwrite)
+        items, columns = conversations(files, fmt), SFT_COLUMNS
+        make_samples = lambda examples: ({"input_ids": i, "labels": l} for i, l in  # noqa: E731
+                                         sft_samples(examples, sp.encode, seq_length, bos, eos, PAD_ID, stats))
+    tagged_columns, _ = with_domain(columns, (), domain)
+    tagged = lambda part: with_domain(columns, make_samples(part), domain)[1]  # noqa: E731
+    if heldout_output:
+        count = _write_split(output, heldout_output, tagged_columns, tagged, items, heldout_fraction, overwrite,
+                             stats)
+    else:
+        count = write_mindrecord(output, tagged_columns, tagged(items), overwrite)
     stats["samples"] = count
     return count

@@ -45,6 +45,11 @@ def hf_to_ms(hf_name: str) -> Tuple[str, Optional[int]]:
     return hf_name, None
 
 
+def is_expert_stack(ms_name: str) -> bool:
+    """Whether a mixtral-ms parameter stacks the experts on axis 0 (true even for a single expert)."""
+    return _MS_EXPERT.match(ms_name) is not None
+
+
 def ms_to_hf(ms_name: str, num_experts: int) -> List[str]:
     """The Hugging Face names a mixtral-ms parameter is made of (E names for stacked experts, in order)."""
     m = _MS_EXPERT.match(ms_name)
@@ -96,7 +101,7 @@ def parameter_specs(config) -> Dict[str, ParamSpec]:
 def hf_shapes(config) -> Dict[str, Tuple[int, ...]]:
     """Every Hugging Face tensor the config implies, with its shape."""
     out = {}
-    for spec in parameter_specs(config).values():
+    for name, spec in parameter_specs(config).items():
         for src in spec.sources:
             out[src] = spec.shape[1:] if spec.stacked else spec.shape
     return out

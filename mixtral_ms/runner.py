@@ -286,8 +286,8 @@ def execute(args: argparse.Namespace) -> None:
     for callback in config.callbacks or []:
         if callback.get("type") == "RouterStatsMonitor" and (args.output_dir or "output_dir" not in callback):
             callback["output_dir"] = config.output_dir
-    if config.run_mode not in ("train", "finetune", "predict"):
-        raise RunError(f"run_mode must be train, finetune or predict, got {config.run_mode!r}")
+    if config.run_mode not in ("train", "finetune", "predict", "eval"):
+        raise RunError(f"run_mode must be train, finetune, predict or eval, got {config.run_mode!r}")
     steps_per_epoch = training_data(run) if config.run_mode in ("train", "finetune") else 0
     import mindspore as ms
     from mindformers.core.context import build_context
@@ -300,6 +300,10 @@ def execute(args: argparse.Namespace) -> None:
         set_layout(run, prepare_parallel(config))
     if config.run_mode in ("train", "finetune"):
         train(run, config.run_mode == "finetune", steps_per_epoch)
+    elif config.run_mode == "eval":
+        from .evaluate import run_eval
+        run_eval(config, lambda checkpoint: build_model(run, checkpoint), args.eval_dataset, args.eval_output,
+                 args.eval_samples)
     else:
         predict(run, args.predict_data, settings, args.instruct)
 
@@ -323,7 +327,7 @@ def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None
     128 + the signal number after SIGINT / SIGTERM."""
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--run_mode", choices=["train", "finetune", "predict"])
+    parser.add_argument("--run_mode", choices=["train", "finetune", "predict", "eval"])
     parser.add_argument("--load_checkpoint", help="checkpoint file or folder (overrides the YAML)")
     parser.add_argument("--resume_training", action="store_true", default=None,
                         help="also restore optimizer state, step and data position from load_checkpoint")
@@ -333,6 +337,9 @@ def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None
     parser.add_argument("--predict_data", nargs="+", default=["In the beginning"])
     parser.add_argument("--instruct", action="store_true",
                         help="wrap each prompt in Mixtral-Instruct's [INST] ... [/INST] (fine-tuned models)")
+    parser.add_argument("--eval_dataset", help="eval: the MindRecord to score (CE and perplexity, no gradients)")
+    parser.add_argument("--eval_output", help="eval: the JSON written (default <output_dir>/eval.json)")
+    parser.add_argument("--eval_samples", type=_positive, help="eval: only the first N samples")
     parser.add_argument("--max_new_tokens", type=int)
     parser.add_argument("--do_sample", action="store_true", default=None)
     parser.add_argument("--temperature", type=float)

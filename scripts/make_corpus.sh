@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Rebuilds data/corpus/kjv_genesis_to_ruth.txt from Debian's public-domain KJV text (needs apt).
+# Rebuilds the bundled corpora from Debian's public-domain KJV text (needs apt): one chapter per line,
+# verse numbers and headings removed.
+#   data/corpus/kjv_genesis_to_ruth.txt          domain A (the default pre-training corpus)
+#   data/corpus_nt/kjv_matthew_to_revelation.txt  domain B (the New Testament)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v bible >/dev/null || apt-get install -y bible-kjv
-bible "gen1:1-ruth4:22" | python3 -c '
+
+reflow() {  # bible's verse-per-paragraph dump on stdin -> one chapter per line
+    python3 -c '
 import re, sys
 docs, cur = [], []
 for line in sys.stdin:
@@ -17,4 +22,9 @@ for line in sys.stdin:
         cur.append(text)
 docs.append(" ".join(cur))
 print("\n".join(re.sub(r"\s+", " ", d) for d in docs))
-' > data/corpus/kjv_genesis_to_ruth.txt
+'
+}
+
+bible "gen1:1-ruth4:22" | reflow > data/corpus/kjv_genesis_to_ruth.txt
+mkdir -p data/corpus_nt
+bible "matt1:1-rev22:21" | reflow > data/corpus_nt/kjv_matthew_to_revelation.txt

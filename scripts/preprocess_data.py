@@ -25,7 +25,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mixtral_ms.data import FORMATS, TEXT_DOCS, DataError, preprocess  # noqa: E402
+from mixtral_ms.data import FORMATS, TEXT_DOCS, DataError, heldout_path, preprocess  # noqa: E402
 from mixtral_ms.outputs import exit_status, interrupt_on_sigterm  # noqa: E402
 
 
@@ -41,12 +41,16 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--domain_id", type=int, help="also write a domain_ids column holding this id for every "
                                                       "token (the expert group of router_type rre)")
+    parser.add_argument("--heldout_fraction", type=float, default=0.0,
+                        help="hold out this share of whole documents (evenly spread), e.g. 0.1 (default 0)")
+    parser.add_argument("--heldout_output", help="the held-out MindRecord (default: X_heldout.mindrecord beside X)")
     args = parser.parse_args(argv)
     stats = {}
     interrupt_on_sigterm()
     try:
         count = preprocess(args.input, args.format, args.tokenizer, args.seq_length, args.output,
-                           args.overwrite, text_docs=args.text_docs, stats=stats, domain=args.domain_id)
+                           args.overwrite, text_docs=args.text_docs, stats=stats, domain=args.domain_id,
+                           heldout_fraction=args.heldout_fraction, heldout_output=args.heldout_output)
     except (DataError, OSError) as err:
         print(f"error: {err}".splitlines()[0], file=sys.stderr)
         return 2
@@ -54,8 +58,11 @@ def main(argv=None) -> int:
         status, name = exit_status(err)
         print(f"error: interrupted ({name}); no output written", file=sys.stderr)
         return status
-    extra = ", ".join(f"{k} {v}" for k, v in stats.items() if k != "samples" and v)
+    extra = ", ".join(f"{k} {v}" for k, v in stats.items() if k not in ("samples", "heldout_samples") and v)
     print(f"wrote {count} samples of {args.seq_length + 1} tokens to {args.output}" + (f" ({extra})" if extra else ""))
+    if args.heldout_fraction:
+        heldout = args.heldout_output or heldout_path(args.output)
+        print(f"wrote {stats['heldout_samples']} held-out samples to {heldout}")
     return 0
 
 

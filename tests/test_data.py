@@ -235,3 +235,60 @@ def test_bad_input_one_line_error_exit_2(tmp_path, capsys, case, fmt, message):
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert re.search(message, err), err
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+# ------------------------------------------------------------------------------------------ held-out splits
+
+def test_heldout_split_by_whole_chapters_never_trained_on(tmp_path, sp):
+    import subprocess
+    import sys
+    from fractions import Fraction
+    inputs = []
+    for corpus in ("corpus/kjv_genesis_to_ruth.txt", "corpus_nt/kjv_matthew_to_revelation.txt"):  # both domains
+        path = tmp_path / os.path.basename(corpus)
+        path.write_text("\n".join(open(os.path.join(ROOT, "data", corpus)).read().splitlines()[:10]) + "\n")
+        inputs += ["--input", path]
+    chapters = [line for path in inputs[1::2] for line in path.read_text().splitlines()]
+    out = tmp_path / "out" / "train.mindrecord"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "preprocess_data.py"), *map(str, inputs),
+                          "--seq_length", "64", "--output", str(out), "--heldout_fraction", "0.25"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    held = [i for i in range(20) if D.is_heldout(i, Fraction(1, 4))]
+    assert held == [3, 7, 11, 15, 19]  # every 4th chapter: exactly floor(20 * 0.25), spread over both domains
+    heldout = tmp_path / "out" / "train_heldout.mindrecord"
+    assert f"held-out samples to {heldout}" in run.stdout and "heldout_documents 5" in run.stdout
+    for path, docs in ((out, [c for i, c in enumerate(chapters) if i not in held]),
+                       (heldout, [chapters[i] for i in held])):
+        stream = [t for d in docs for t in [1, *sp.encode(d), 2]]
+        flat = [t for r in read(str(path)) for t in r["input_ids"]]
+        assert flat == stream[:len(stream) // 65 * 65]  # exactly the pack of its own chapters
+    train_text = " ".join(c for i, c in enumerate(chapters) if i not in held)
+    assert not any(chapters[i][:200] in train_text for i in held)
+    assert sorted(os.listdir(tmp_path / "out")) == ["train.mindrecord", "train.mindrecord.db",
+                                                     "train_heldout.mindrecord", "train_heldout.mindrecord.db"]
+    stats = {}  # deterministic: the library call gives the same samples
+    D.preprocess([str(p) for p in inputs[1::2]], "text", TOKENIZER, 64, str(tmp_path / "again.mindrecord"),
+                 stats=stats, heldout_fraction=0.25, heldout_output=str(tmp_path / "again_h.mindrecord"))
+    assert read(str(tmp_path / "again.mindrecord")) == read(str(out))
+    assert read(str(tmp_path / "again_h.mindrecord")) == read(str(heldout))
+    assert (stats["documents"], stats["heldout_documents"], stats["heldout_samples"]) == \
+        (15, 5, D.mindrecord_info(str(heldout))["num_samples"])
+
+
+def test_heldout_split_bad_input_writes_nothing(tmp_path, capsys):
+    (tmp_path / "in.txt").write_text("\n".join(["a long enough line of text for one sample " * 4] * 9 + ["short"]))
+    (tmp_path / "old.mindrecord").write_text("previous")  # stands for an earlier output; must survive
+    cases = [(["--heldout_fraction", 1.5], "must be in [0, 1)"),
+             (["--heldout_fraction", 0.05], "holds out no document"),
+             (["--heldout_fraction", 0.1], "held-out split (1 documents): the input gives zero samples"),
+             (["--heldout_fraction", 0.5, "--heldout_output", tmp_path / "old.mindrecord"], "old.mindrecord exists"),
+             (["--heldout_fraction", 0.5, "--heldout_output", tmp_path / "new.mindrecord"], "is the training output")]
+    for extra, message in cases:
+        output = tmp_path / ("new.mindrecord" if "is the training" in message else "train.mindrecord")
+        code = preprocess_cli.main([str(a) for a in ["--input", tmp_path / "in.txt", "--seq_length", 16,
+                                                     "--output", output, *extra]])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (extra, lines)
+        assert sorted(os.listdir(tmp_path)) == ["in.txt", "old.mindrecord"]
+    assert (tmp_path / "old.mindrecord").read_text() == "previous"

@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Expert surgery on Mixtral checkpoints (mixtral-ms or Hugging Face folders); see mixtral_ms/surgery.py.
+
+  python scripts/experts.py grow --src MIXTRAL --dst OUT --add 2 --init copy|copy-noise|random [--noise 0.01] [--seed 0]
+  python scripts/experts.py extract --src MIXTRAL --dst OUT --experts 0,3,5      (or per layer: '0,3;1,2')
+  python scripts/experts.py upcycle --src DENSE_MISTRAL --dst OUT --experts 8 [--top-k 2] [--seed 0]
+  python scripts/experts.py mix --branches A B ... --dst OUT [--weights 0.5,0.5] [--router new|average|concat]
+
+grow: new expert E + j copies expert j mod E (weights and router row; copy-noise adds N(0, (noise * rms)^2)
+to each copied tensor; random draws N(0, initializer_range)); top-k unchanged.
+mix: per layer the branches' FFNs (dense Mistral branches) or experts (Mixtral branches) in branch order,
+every other weight the weighted average; router rows new (random, seeded), concat (each branch's own) or
+average (of the branches' rows). Output layout: --layout ms (stacked experts) or hf (per-expert tensors),
+default the source's (hf for dense sources; ms for a training checkpoint file, which needs --config: the
+run YAML or a config.json). The output holds config.json and surgery.json (where each expert came from).
+Bad input exits with status 2 and one line `error: ...`; nothing is written (SIGINT/SIGTERM clean up too).
+"""
+import argparse
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mixtral_ms.convert import DEFAULT_SHARD, parse_size  # noqa: E402
+from mixtral_ms.safetensors_io import CheckpointError  # noqa: E402
+from mixtral_ms.surgery import (INITS, LAYOUTS, ROUTERS, Model, parse_expert_lists, plan_extract,  # noqa: E402
+                                plan_grow, plan_mix, plan_upcycle, write)
+
+
+def _floats(text: str):
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--weights must be comma-separated numbers, got {text!r}") from None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = {name: sub.add_parser(name) for name in ("grow", "extract", "upcycle", "mix")}
+    for name, p in commands.items():
+        if name == "mix":
+            p.add_argument("--branches", nargs="+", required=True, help="branch folders (one seed, same shapes)")
+        else:
+            p.add_argument("--src", required=True)
+        p.add_argument("--dst", required=True)
+        p.add_argument("--config", help="config.json, its folder or the run YAML, for a checkpoint FILE source "
+                                        "(.ckpt or .safetensors, e.g. runs/tiny/checkpoint/rank_0/x.ckpt)")
+        p.add_argument("--layout", choices=LAYOUTS, help="ms: stacked experts, hf: per expert (default: the source's)")
+        p.add_argument("--seed", type=int, default=0, help="for new router rows and new experts (default 0)")
+        p.add_argument("--shard-size", default=str(DEFAULT_SHARD), help="largest output shard (default 5GB)")
+        p.add_argument("--overwrite", action="store_true", help="replace a destination that holds a checkpoint")
+        p.add_argument("--quiet", action="store_true", help="no per-shard progress on stderr")
+    commands["grow"].add_argument("--add", type=int, required=True, help="experts (and router rows) to add per layer")
+    commands["grow"].add_argument("--init", choices=INITS, default="copy")
+    commands["grow"].add_argument("--noise", type=float, default=0.01, help="copy-noise: std relative to the rms")
+    commands["extract"].add_argument("--experts", required=True, help="ids to keep: '0,3,5' or per layer '0,3;1,2'")
+    commands["upcycle"].add_argument("--experts", type=int, required=True, help="copies of each FFN")
+    for name in ("upcycle", "mix"):
+        commands[name].add_argument("--top-k", type=int, help="num_experts_per_tok (default 2; mix of Mixtrals: "
+                                                               "the branches')")
+    commands["mix"].add_argument("--weights", help="per-branch averaging weights, e.g. 0.7,0.3 (default equal)")
+    commands["mix"].add_argument("--router", choices=ROUTERS, default="new")
+    args = parser.parse_args(argv)
+
+    def interrupted(signum, _frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        if args.command == "mix":
+            models = [Model(b, args.config) for b in args.branches]
+            weights = _floats(args.weights) if args.weights else None
+            plan = plan_mix(models, weights, args.router, args.top_k, args.seed)
+        else:
+            model = Model(args.src, args.config)
+            models = [model]
+            if args.command == "grow":
+                plan = plan_grow(model, args.add, args.init, args.seed, args.noise)
+            elif args.command == "extract":
+                plan = plan_extract(model, parse_expert_lists(args.experts))
+            else:
+                plan = plan_upcycle(model, args.experts, args.top_k or 2, args.seed)
+        progress = None if args.quiet else (lambda line: print(f"{args.command}: {line}", file=sys.stderr, flush=True))
+        result = write(plan, args.dst, args.layout or models[0].layout, args.overwrite, parse_size(args.shard_size),
+                       progress)
+        print(f"{args.command}: {result['experts']} experts per layer (top-{result['top_k']}), {result['tensors']} "
+              f"tensors, {result['bytes'] / 2**20:.1f} MiB -> {args.dst}")
+        return 0
+    except (CheckpointError, FileNotFoundError, ValueError, OSError) as err:  # SurgeryError is a ValueError
+        print(f"error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no output written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
