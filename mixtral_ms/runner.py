@@ -253,7 +253,6 @@ def predict(run: Run, prompts: Sequence[str], settings: Dict[str, Any], instruct
 def _check_before_import(args: argparse.Namespace, config: Mapping) -> Dict[str, Any]:
     """What a plain read of the YAML can refuse; returns the decoding settings."""
     run_checks.check_values(config)
-    run_checks.check_distributed_launch(config)
     settings = generation_settings(config, {k: getattr(args, k) for k in GENERATION_KEYS})
     mode = args.run_mode or config.get("run_mode")
     positions = ((config.get("model") or {}).get("model_config") or {}).get("max_position_embeddings")
@@ -279,6 +278,7 @@ def execute(args: argparse.Namespace) -> None:
     config = run.config
     if inherits:
         settings = _check_before_import(args, config)
+    run_checks.check_distributed_launch(config)  # after the YAML check: a bad layout is named first
     if args.train_dataset:
         config.train_dataset.data_loader.dataset_dir = args.train_dataset
     if args.epochs:

@@ -18,6 +18,7 @@ takes rows r*B/2 .. (r+1)*B/2-1). In order:
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -25,8 +26,8 @@ import traceback
 
 import numpy as np
 
-import mindspore as ms
-from mindspore import Tensor, nn
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
 
 import mindspore as ms  # noqa: E402
 from mindspore import Tensor, nn  # noqa: E402
@@ -106,14 +107,14 @@ def main() -> None:
     with open(os.path.join(args.workdir, "setup.json"), encoding="utf-8") as f:
         setup = json.load(f)
     model = MixtralForCausalLM(MixtralConfig(**setup["model"], moe_token_groups=1))
-    init_params = np.load(os.path.join(workdir, "init.npz"))
+    init_params = np.load(os.path.join(args.workdir, "init.npz"))
     ms.load_param_into_net(model, {k: ms.Parameter(Tensor(init_params[k]), name=k) for k in init_params.files},
                            strict_load=True)
     model.set_train(True)
     optimizer = AdamW(model.trainable_params(), **setup["optimizer"])
     step = TrainStep(model, optimizer, nn.DistributedGradReducer(optimizer.parameters, mean=True, degree=world))
     losses = []
-    for batch in np.load(os.path.join(workdir, "batch.npy")):
+    for batch in np.load(os.path.join(args.workdir, "batch.npy")):
         rows = batch.shape[0] // world
         losses.append(float(step(Tensor(batch[rank * rows:(rank + 1) * rows])).asnumpy()))
     save(args.workdir, "", rank, world, model, {"losses": losses})
