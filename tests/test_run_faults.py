@@ -198,11 +198,13 @@ def test_resume_names_by_step_and_keeps_keep_checkpoint_max(tmp_path, data):
 SLOW_SAVE = """
 import runpy, sys, time
 import mindspore.train.serialization as serialization
-write = serialization._write_parameter_data
-def slow(*args, **kwargs):
-    time.sleep(0.03)
-    return write(*args, **kwargs)
-serialization._write_parameter_data = slow
+def slowed(write):
+    def slow(*args, **kwargs):
+        time.sleep(0.03)
+        return write(*args, **kwargs)
+    return slow
+for name in ("_write_parameter_data", "_write_parameter_bytes_data"):  # numpy values / tensors (async_save False)
+    setattr(serialization, name, slowed(getattr(serialization, name)))
 sys.argv = [sys.argv[0]] + sys.argv[1:]
 runpy.run_path({script!r}, run_name="__main__")
 """
