@@ -19,3 +19,12 @@ def mode(request):
     ms.set_context(mode=request.param)
     yield request.param
     ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@pytest.fixture(scope="module")
+def trainer_context():
+    """For modules that run MindFormers' Trainer (`pytestmark = pytest.mark.usefixtures("trainer_context")`):
+    its build_context switches to GRAPH_MODE and sets the parallel context; later modules expect PyNative."""
+    yield
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ms.reset_auto_parallel_context()

@@ -23,11 +23,7 @@ STEPS = 16
 DISTILL = {"kd_coef": 1.0, "ce_coef": 0.1, "temperature": 2.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_context():
-    yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    ms.reset_auto_parallel_context()
+pytestmark = pytest.mark.usefixtures("trainer_context")  # PyNative and no parallel context after
 
 
 def test_distillation_loss_is_the_softened_kl_over_counted_positions():

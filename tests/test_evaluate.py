@@ -26,11 +26,7 @@ TINY8_SHAPES = {"model.model_config.vocab_size": 128, "model.model_config.hidden
                 "runner_config.batch_size": 4, "context.mode": 1}  # PyNative: graph compilation costs a minute here
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_context():
-    yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    ms.reset_auto_parallel_context()
+pytestmark = pytest.mark.usefixtures("trainer_context")  # PyNative and no parallel context after
 
 
 @pytest.fixture(scope="module")

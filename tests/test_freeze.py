@@ -20,11 +20,7 @@ FREEZE = {"experts": {0: [0, 1], 1: [5]}, "router_rows": [0, 1, 2], "non_moe": T
 STEPS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_context():
-    yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    ms.reset_auto_parallel_context()
+pytestmark = pytest.mark.usefixtures("trainer_context")  # PyNative and no parallel context after
 
 
 @pytest.fixture(scope="module")

@@ -235,6 +235,19 @@ def test_dropless_takes_the_smallest_tier_that_holds_the_busiest_expert(mode):
     np.testing.assert_allclose(y.asnumpy(), ref, rtol=1e-5, atol=1e-5)
 
 
+def _eval_path_equals_tiers_and_reference(block, x, mask):
+    """The eval path the block picks for (x, mask) against the static capacity tiers (same output and
+    load) and the numpy reference; returns its (y, load, dropped) as numpy arrays."""
+    y, _, load, dropped, _, _ = block(Tensor(x), Tensor(mask))
+    block.grouped_inference = False
+    y_tiers, _, load_tiers, _, _, _ = block(Tensor(x), Tensor(mask))
+    ref, _ = numpy_moe(block, x, mask, 1, training=False)
+    np.testing.assert_allclose(y.asnumpy(), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y.asnumpy(), y_tiers.asnumpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(load.asnumpy(), load_tiers.asnumpy())
+    return y, load, dropped
+
+
 @pytest.mark.parametrize("push", [0.0, 3.0])
 def test_grouped_inference_equals_capacity_tiers_and_reference(mode, push):
     """Eval-mode dropless on enough tokens runs per-expert segments: same output and load as the
@@ -247,13 +260,7 @@ def test_grouped_inference_equals_capacity_tiers_and_reference(mode, push):
     mask = np.ones((2, 32), np.float32)
     mask[1, :7] = 0
     assert 2 * 64 >= GROUPED_MIN_ROWS * 4, "fixture must take the grouped path"
-    y, _, load, dropped, _, _ = block(Tensor(x), Tensor(mask))
-    block.grouped_inference = False
-    y_tiers, _, load_tiers, _, _, _ = block(Tensor(x), Tensor(mask))
-    ref, _ = numpy_moe(block, x, mask, 1, training=False)
-    np.testing.assert_allclose(y.asnumpy(), ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(y.asnumpy(), y_tiers.asnumpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(load.asnumpy(), load_tiers.asnumpy())
+    y, load, dropped = _eval_path_equals_tiers_and_reference(block, x, mask)
     assert load.asnumpy().sum() == 2 * mask.sum() and dropped.asnumpy().sum() == 0
     assert np.abs(y.asnumpy()[1, :7]).max() == 0  # padding gets nothing from the block
     if push:
@@ -285,12 +292,6 @@ def test_gathered_decode_equals_capacity_path_and_reference(mode):
     x = np.random.default_rng(5).normal(size=(2, 1, 16)).astype(np.float32)
     mask = np.array([[1.0], [0.0]], np.float32)
     assert 2 * 2 <= GATHER_MAX_SHARE * 16, "fixture must take the gathered path"
-    y, _, load, dropped, _, _ = block(Tensor(x), Tensor(mask))
-    block.grouped_inference = False
-    y_tiers, _, load_tiers, _, _, _ = block(Tensor(x), Tensor(mask))
-    ref, _ = numpy_moe(block, x, mask, 1, training=False)
-    np.testing.assert_allclose(y.asnumpy(), ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(y.asnumpy(), y_tiers.asnumpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(load.asnumpy(), load_tiers.asnumpy())
+    y, load, dropped = _eval_path_equals_tiers_and_reference(block, x, mask)
     assert load.asnumpy().sum() == 2 and dropped.asnumpy().sum() == 0
     assert np.abs(y.asnumpy()[1]).max() == 0
