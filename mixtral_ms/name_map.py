@@ -11,7 +11,7 @@ router. int8 experts (mixtral_ms/quant.py) add one `experts.w1_scale [E, out, in
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 from .safetensors_io import FLOAT_TAGS, CheckpointError, TensorInfo
 from .schema import hf_dims
@@ -132,14 +132,18 @@ def source_dtype(infos: List[TensorInfo]) -> str:
     return tags[0]
 
 
+def _refuse_unexpected(tensors: Mapping[str, Any], wanted: Mapping[str, Any], what: str) -> None:
+    unexpected = [n for n in tensors if n not in wanted]
+    if unexpected:
+        raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in checkpoint ({len(unexpected)} in all; "
+                              f"not {what}?)")
+
+
 def hf_sources(tensors: Dict[str, TensorInfo], config) -> Dict[str, List[TensorInfo]]:
     """For each mixtral-ms parameter, its Hugging Face tensors, with every name, shape and dtype checked."""
     specs = parameter_specs(config)
     wanted = hf_shapes(config)
-    unexpected = [n for n in tensors if n not in wanted]
-    if unexpected:
-        raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in checkpoint ({len(unexpected)} in all; "
-                              "not a Mixtral with this config.json?)")
+    _refuse_unexpected(tensors, wanted, "a Mixtral with this config.json")
     out = {}
     for name, spec in specs.items():
         for src in spec.sources:
@@ -161,10 +165,7 @@ def ms_tensors(tensors: Mapping[str, TensorInfo], config, implied_by: str = "con
     tensors = {k: v for k, v in tensors.items() if not k.startswith(TRAINING_STATE_PREFIXES)}
     config = _shapes(config)
     specs = parameter_specs(config)
-    unexpected = [n for n in tensors if n not in specs]
-    if unexpected:
-        raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in checkpoint ({len(unexpected)} in all; "
-                              "not a mixtral-ms checkpoint of this config?)")
+    _refuse_unexpected(tensors, specs, "a mixtral-ms checkpoint of this config")
     for name, spec in specs.items():
         if name not in tensors:
             raise CheckpointError(f"checkpoint is missing tensor {name!r}")
