@@ -131,9 +131,15 @@ def prepare_resume(config, model) -> int:
         raise RunError(f"resume_training needs a MindSpore training checkpoint (.ckpt with optimizer state), "
                        f"got {path}")
     load_weights(model, path)
-    state = ms.load_checkpoint(path, choice_func=lambda name: name in ("step_num", "epoch_num"))
+    state = ms.load_checkpoint(path, choice_func=lambda name: name in ("step_num", "epoch_num", "loss_scale"))
     if "step_num" not in state:
         raise RunError(f"{path} holds no training state (step_num); it cannot be resumed, only fine-tuned from")
+    # MindFormers restores a dynamic loss scale only for a callback typed `CheckpointMonitor`, which
+    # _set_callbacks renames to MixtralCheckpointMonitor: restore it here, or the run resumes at the YAML's
+    # initial scale (and overflows and skips steps the uninterrupted run did not).
+    scale = (config.get("runner_wrapper") or {}).get("scale_sense")
+    if "loss_scale" in state and isinstance(scale, dict):  # dynamic scaling (a fixed scale is unchanged anyway)
+        scale["loss_scale_value"] = float(state["loss_scale"].asnumpy().reshape(-1)[0])
     folder = os.path.join(config.output_dir, "resume_from", "rank_0")
     os.makedirs(folder, exist_ok=True)
     for old in os.listdir(folder):
