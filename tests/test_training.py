@@ -28,13 +28,7 @@ SEQ, BATCH, STEPS, SAVE_AT = 16, 4, 40, 20
 CYCLE = np.random.default_rng(0).permutation(np.arange(3, 2000))[:48].astype(np.int32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_context():
-    """MindFormers' build_context switches to GRAPH_MODE and sets the parallel context; later test
-    modules expect conftest's PyNative default."""
-    yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    ms.reset_auto_parallel_context()
+pytestmark = pytest.mark.usefixtures("trainer_context")  # PyNative and no parallel context after
 
 
 def run(*argv):
