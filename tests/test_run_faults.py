@@ -25,11 +25,7 @@ SCRIPT = os.path.join(ROOT, "scripts", "run_mixtral.py")
 SEQ, BATCH, SAMPLES = 16, 4, 12  # 3 steps an epoch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_context():
-    yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    ms.reset_auto_parallel_context()
+pytestmark = pytest.mark.usefixtures("trainer_context")  # PyNative and no parallel context after
 
 
 @pytest.fixture(scope="module")
