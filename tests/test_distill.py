@@ -2,7 +2,6 @@
 teacher with another config (4 experts, top-1) in the same graph, the loss alpha*CE + aux + z +
 lambda*T^2*KL (alpha 0.1, lambda 1, T 2), kd on the progress line and in router_stats.jsonl, the teacher untouched; the KL against
 numpy; bad distill sections fail with one line."""
-import json
 import os
 
 import numpy as np

@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 
-import mindspore as ms
 from mindspore import Tensor
 
 from conftest import FIXTURES, ROOT
