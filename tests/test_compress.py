@@ -5,6 +5,7 @@ Calibration runs in-process (one per model, a few hundred tokens); every method 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -19,6 +20,8 @@ from mixtral_ms.compress.calibration import calibrate
 from mixtral_ms.compress.int8 import dequantize_int8
 from mixtral_ms.data import write_mindrecord
 from mixtral_ms.safetensors_io import open_checkpoint, to_numpy, write_safetensors
+from test_convert import snapshot
+from test_reliability import _leftovers, _paused
 
 CLI = [sys.executable, os.path.join(ROOT, "scripts", "compress.py")]
 TINY8 = os.path.join(FIXTURES, "tiny8")  # 2 layers, 8 experts, top-2, vocab 128
@@ -170,6 +173,20 @@ def test_bad_input_one_line_exit_2_nothing_written(work, tmp_path):
         (["quantize", "--model", TINY8, "--bits", 8, "--group_size", 7], "--group_size 7"),
         (["prune", "--model", work / "int8_None", "--calibration", calib, "--keep", 4], "int8 experts"),
     ]
+    rre = work / "rre"  # tiny8 routed by Pangu-Sigma's RRE: nothing reads its router
+    if not rre.exists():
+        rre.mkdir()
+        for name in os.listdir(TINY8):
+            if ".safetensors" in name:
+                os.symlink(os.path.join(TINY8, name), rre / name)
+        json.dump({**json.load(open(os.path.join(TINY8, "config.json"))), "router_type": "rre"},
+                  open(rre / "config.json", "w"))
+    refused = "routes with router_type rre"
+    cases += [(["calibrate", "--model", rre, "--data", work / "calib.mindrecord"], refused),
+              (["prune", "--model", rre, "--calibration", calib, "--keep", 4], refused),
+              (["merge", "--model", rre, "--calibration", calib, "--keep", 4], refused),
+              (["densify", "--model", rre, "--calibration", calib], refused),
+              (["skip", "--model", rre, "--calibration", calib], refused)]
     for args, message in cases:
         result = compress(*args, "--out", tmp_path / "out")
         assert result.returncode == 2, (args, result.stderr)
@@ -191,3 +208,20 @@ def test_bad_input_one_line_exit_2_nothing_written(work, tmp_path):
     result = compress("calibrate", "--model", TINY8, "--data", tmp_path / "x.mindrecord", "--out", calib)
     assert result.returncode == 2 and "exists; pass --overwrite" in result.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_sigterm_mid_write_keeps_the_old_output_and_leaves_no_temp(work, tmp_path):
+    """compress.py quantize --overwrite over an earlier output, stopped by SIGTERM after its first shard:
+    exit 143, one line, the earlier output byte for byte, no temp folder (convert.write_checkpoint's temp +
+    rename, as the converter's own SIGTERM test in test_reliability)."""
+    dst = work / "int8_None"
+    dst.exists() or ok("quantize", "--model", TINY8, "--bits", 8, "--out", dst)
+    before = snapshot(dst)
+    proc = _paused(tmp_path / "ready", "mixtral_ms.convert", "write_safetensors", CLI[1],
+                   ["quantize", "--model", TINY8, "--bits", 8, "--group_size", 32, "--out", dst, "--overwrite",
+                    "--shard-size", "20KB"])
+    assert _leftovers(work) == [f"int8_None.tmp-{proc.pid}"]  # a shard is written, the run waits
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip().splitlines() == ["error: interrupted (SIGTERM); nothing written"]
+    assert snapshot(dst) == before and _leftovers(work) == []

@@ -120,6 +120,7 @@ def calibrate(model_dir: str, data: str, out: str, max_tokens: int = 32768, samp
     if max_tokens <= 0 or sample_tokens <= 0 or batch_size <= 0:
         raise CompressionError("--max_tokens, --sample_tokens and --batch_size must be positive")
     source = SourceModel(model_dir)
+    source.check_learned_router("calibrate")
     if os.path.isdir(out):
         raise CompressionError(f"calibration output {out} is a folder; give a file name (X.npz)")
     if os.path.exists(out) and not overwrite:

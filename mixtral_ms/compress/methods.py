@@ -52,6 +52,9 @@ def _quantized(source: SourceModel, name: str, index: int, group_size: Optional[
 
 
 def _check_float_moe(source: SourceModel, what: str) -> None:
+    """int8 experts and dense models are refused (and, but for quantize, a router that is not learned)."""
+    if what != "quantize":
+        source.check_learned_router(what)
     if source.config.expert_quantization is not None:
         raise CompressionError(f"{source.folder} holds int8 experts; {what} needs float experts: compress the "
                                "float checkpoint first, then quantize")
@@ -214,6 +217,7 @@ def quantize(source: SourceModel, dst: str, bits: int = 8, group_size: Optional[
 def skip(source: SourceModel, calib_path: str, dst: str, overwrite: bool = False,
          shard_size: int = DEFAULT_SHARD, progress=None) -> dict:
     """Dynamic skipping (Lu et al. 2024): beta per layer = the median w_2 / w_1 on the calibration data."""
+    source.check_learned_router("skip")
     k = source.config.num_experts_per_tok
     if k < 2:
         raise CompressionError(f"dynamic skipping drops the second expert; {source.folder} routes top-{k}")

@@ -44,6 +44,13 @@ class SourceModel:
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
 
+    def check_learned_router(self, what: str) -> None:
+        """Calibration and every method built on it read the learned router (its logits, weights, usage);
+        Pangu-Sigma's RRE routes by token id inside the domain's group and never reads it."""
+        if self.config.router_type == "rre":
+            raise CompressionError(f"{self.folder} routes with router_type rre (a fixed token-id -> expert map per "
+                                   f"domain group; the router weight is unread): {what} needs a learned router")
+
     def array(self, name: str) -> np.ndarray:
         """A parameter as float32 (stacked experts stacked again)."""
         parts = [to_numpy(info).astype(np.float32) for info in self.params[name]]
