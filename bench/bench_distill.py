@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""How much of the sparse model's quality gain distillation keeps in a dense student (Switch Transformer's
+measurement, docs/compression.md "Distillation into the dense model").
+
+    source scripts/env.sh
+    python bench/bench_distill.py [--work runs/distill] [--epochs 1]
+
+Every run is the user's command (scripts/run_mixtral.py, scripts/compress.py) on the bundled corpus,
+tokenized once with a held-out split of whole chapters (scripts/preprocess_data.py --heldout_fraction),
+each trained for the same steps (--epochs of the training split) with the same data order:
+1. teacher: configs/mixtral_tiny_cpu.yaml (8 experts, top-2) trained from scratch;
+2. dense: configs/compress/dense_tiny_cpu.yaml (the student's size: one expert) trained from scratch;
+3. distilled: configs/compress/distill_dense_tiny.yaml, the same student with the frozen teacher,
+   initialised as the dense baseline (same seed);
+4. densified: the teacher exported, calibrated and densified (scripts/compress.py densify), untrained;
+5. distilled_from_densified: (3) starting from (4).
+Each is then scored on the first --eval_samples held-out samples (run_mixtral.py --run_mode eval). A rerun
+does only what is missing. Writes bench/results/distill.json and prints the table (`--table` reprints it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_compress import export, run  # noqa: E402
+
+TEACHER_YAML = os.path.join(ROOT, "configs", "mixtral_tiny_cpu.yaml")
+DENSE_YAML = os.path.join(ROOT, "configs", "compress", "dense_tiny_cpu.yaml")
+DISTILL_YAML = os.path.join(ROOT, "configs", "compress", "distill_dense_tiny.yaml")
+RESULTS = os.path.join(ROOT, "bench", "results", "distill.json")
+HELDOUT_FRACTION = 0.1
+
+
+def newest_checkpoint(run_dir: str) -> str:
+    folder = os.path.join(run_dir, "checkpoint", "rank_0")
+    return max((os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".ckpt")), key=os.path.getmtime)
+
+
+def train(work: str, name: str, config: str, epochs: int, load: str = None) -> str:
+    """run_mixtral.py --run_mode train into work/name (skipped when it finished before); its last checkpoint."""
+    out = os.path.join(work, name)
+    done = os.path.join(out, "done")
+    if not os.path.isfile(done):
+        cmd = [sys.executable, "scripts/run_mixtral.py", "--config", config, "--run_mode", "train", "--output_dir",
+               out, "--train_dataset", os.path.join(work, "train.mindrecord"), "--epochs", str(epochs)]
+        with open(os.path.join(work, f"{name}.log"), "w", encoding="utf-8") as log:
+            run(cmd + (["--load_checkpoint", load] if load else []), stdout=log, stderr=subprocess.STDOUT)
+        open(done, "w").close()
+    return newest_checkpoint(out)
+
+
+def distill_config(work: str, teacher_ckpt: str) -> str:
+    """The shipped distillation YAML with this run's teacher (MindFormers merges it over the shipped one)."""
+    path = os.path.join(work, "distill.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump({"base_config": DISTILL_YAML, "runner_wrapper": {"distill": {"teacher": teacher_ckpt}}}, f)
+    return path
+
+
+def evaluate(work: str, name: str, config: str, checkpoint: str, samples: int) -> dict:
+    path = os.path.join(work, "eval", f"{name}.json")
+    if not os.path.isfile(path):
+        run([sys.executable, "scripts/run_mixtral.py", "--config", config, "--run_mode", "eval", "--load_checkpoint",
+             checkpoint, "--eval_dataset", os.path.join(work, "train_heldout.mindrecord"), "--eval_samples",
+             str(samples), "--eval_output", path, "--output_dir", os.path.join(work, "eval", name)])
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def kd_log(work: str, name: str) -> dict:
+    """First and last logged CE and KD terms of a distillation run (router_stats.jsonl)."""
+    with open(os.path.join(work, name, "router_stats.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    return {"steps": records[-1]["step"], "first": {k: records[0][k] for k in ("loss", "ce_loss", "kd_loss")},
+            "last": {k: records[-1][k] for k in ("loss", "ce_loss", "kd_loss")}}
+
+
+def fractions(results: dict, student: str) -> dict:
+    """The share of the teacher's gain over the dense baseline the student keeps, in log-perplexity (per-token
+    CE, Switch Transformer's quality measure) and in perplexity."""
+    dense, teacher, got = results["dense"], results["teacher"], results[student]
+    return {"log_ppl": (dense["ce"] - got["ce"]) / (dense["ce"] - teacher["ce"]),
+            "ppl": (dense["ppl"] - got["ppl"]) / (dense["ppl"] - teacher["ppl"])}
+
+
+def table(record: dict) -> str:
+    results = record["results"]
+    lines = ["| model | trained | held-out CE (log ppl) | held-out ppl | gain kept (log ppl) | gain kept (ppl) |",
+             "|---|---|---|---|---|---|"]
+    for name, what in (("dense", "from scratch"), ("teacher", "from scratch"), ("densified", "not trained"),
+                       ("distilled", "distilled, dense init"), ("distilled_from_densified", "distilled")):
+        r = results[name]
+        kept = record["fractions"].get(name)
+        cells = (f"{100 * kept['log_ppl']:.1f}%", f"{100 * kept['ppl']:.1f}%") if kept else ("", "")
+        lines.append(f"| {name} | {what} | {r['ce']:.4f} | {r['ppl']:.2f} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default=os.path.join(ROOT, "runs", "distill"))
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of the training split, for every model")
+    parser.add_argument("--eval_samples", type=int, default=128)
+    parser.add_argument("--table", action="store_true", help="print the table from bench/results/distill.json")
+    args = parser.parse_args(argv)
+    if args.table:
+        with open(RESULTS, encoding="utf-8") as f:
+            print(table(json.load(f)))
+        return 0
+    work = os.path.abspath(args.work)
+    os.makedirs(work, exist_ok=True)
+    data = os.path.join(work, "train.mindrecord")
+    if not os.path.isfile(data):
+        run([sys.executable, "scripts/preprocess_data.py", "--input", "data/corpus", "--format", "text",
+             "--seq_length", "128", "--output", data, "--heldout_fraction", str(HELDOUT_FRACTION)])
+    teacher = train(work, "teacher", TEACHER_YAML, args.epochs)
+    dense = train(work, "dense", DENSE_YAML, args.epochs)
+    distill = distill_config(work, teacher)
+    distilled = train(work, "distilled", distill, args.epochs)
+    teacher_folder, densified = os.path.join(work, "models", "teacher"), os.path.join(work, "models", "densified")
+    if not os.path.isdir(teacher_folder):
+        export(teacher, teacher_folder)
+    calibration = os.path.join(work, "models", "teacher.calibration.npz")
+    if not os.path.isfile(calibration):
+        run([sys.executable, "scripts/compress.py", "calibrate", "--model", teacher_folder, "--data", data,
+             "--out", calibration, "--max_tokens", "16384", "--batch_size", "16"])
+    if not os.path.isdir(densified):
+        run([sys.executable, "scripts/compress.py", "densify", "--model", teacher_folder, "--calibration",
+             calibration, "--out", densified])
+    from_densified = train(work, "distilled_from_densified", distill, args.epochs, load=densified)
+
+    results = {"teacher": evaluate(work, "teacher", TEACHER_YAML, teacher, args.eval_samples),
+               "dense": evaluate(work, "dense", DENSE_YAML, dense, args.eval_samples),
+               "densified": evaluate(work, "densified", DENSE_YAML, densified, args.eval_samples),
+               "distilled": evaluate(work, "distilled", DENSE_YAML, distilled, args.eval_samples),
+               "distilled_from_densified": evaluate(work, "distilled_from_densified", DENSE_YAML, from_densified,
+                                                    args.eval_samples)}
+    with open(DISTILL_YAML, encoding="utf-8") as f:
+        settings = yaml.safe_load(f)["runner_wrapper"]["distill"]
+    record = {"steps": kd_log(work, "distilled")["steps"], "epochs": args.epochs,
+              "distill": {k: settings[k] for k in ("ce_coef", "kd_coef", "temperature")},
+              "heldout_fraction": HELDOUT_FRACTION, "eval_samples": args.eval_samples, "results": results,
+              "fractions": {name: fractions(results, name) for name in ("densified", "distilled",
+                                                                         "distilled_from_densified")},
+              "kd_terms": {name: kd_log(work, name) for name in ("distilled", "distilled_from_densified")},
+              "machine": os.uname().nodename, "cpus": os.cpu_count(), "load_average": os.getloadavg()}
+    tmp = RESULTS + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, RESULTS)
+    print(table(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
