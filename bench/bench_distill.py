@@ -3,7 +3,7 @@
 measurement, docs/compression.md "Distillation into the dense model").
 
     source scripts/env.sh
-    python bench/bench_distill.py [--work runs/distill] [--epochs 1]
+    python bench/bench_distill.py [--epochs 1] [--work runs/distill_1ep]
 
 Every run is the user's command (scripts/run_mixtral.py, scripts/compress.py) on the bundled corpus,
 tokenized once with a held-out split of whole chapters (scripts/preprocess_data.py --heldout_fraction),
@@ -15,8 +15,8 @@ each trained for the same steps (--epochs of the training split) with the same d
 4. densified: the teacher exported, calibrated and densified (scripts/compress.py densify), untrained;
 5. distilled_from_densified: (3) starting from (4).
 Each is then scored on the first --eval_samples held-out samples (run_mixtral.py --run_mode eval). A rerun
-does only what is missing. Writes bench/results/distill.json and prints the table (`--table` reprints it).
-"""
+does only what is missing. Writes the run under its epochs in bench/results/distill.json and prints the
+tables (`--table` reprints them). """
 from __future__ import annotations
 
 import argparse
@@ -94,7 +94,8 @@ def fractions(results: dict, student: str) -> dict:
 
 def table(record: dict) -> str:
     results = record["results"]
-    lines = ["| model | trained | held-out CE (log ppl) | held-out ppl | gain kept (log ppl) | gain kept (ppl) |",
+    lines = [f"{record['steps']} steps ({record['epochs']} epoch(s)), held-out: {record['eval_samples']} samples",
+             "", "| model | trained | held-out CE (log ppl) | held-out ppl | gain kept (log ppl) | gain kept (ppl) |",
              "|---|---|---|---|---|---|"]
     for name, what in (("dense", "from scratch"), ("teacher", "from scratch"), ("densified", "not trained"),
                        ("distilled", "distilled, dense init"), ("distilled_from_densified", "distilled")):
@@ -107,16 +108,19 @@ def table(record: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default=os.path.join(ROOT, "runs", "distill"))
+    parser.add_argument("--work", help="the runs' folder (default runs/distill_<epochs>ep)")
     parser.add_argument("--epochs", type=int, default=1, help="epochs of the training split, for every model")
     parser.add_argument("--eval_samples", type=int, default=128)
     parser.add_argument("--table", action="store_true", help="print the table from bench/results/distill.json")
     args = parser.parse_args(argv)
-    if args.table:
+    runs = {}
+    if os.path.isfile(RESULTS):
         with open(RESULTS, encoding="utf-8") as f:
-            print(table(json.load(f)))
+            runs = json.load(f)["runs"]
+    if args.table:
+        print("\n\n".join(table(record) for _, record in sorted(runs.items())))
         return 0
-    work = os.path.abspath(args.work)
+    work = os.path.abspath(args.work or os.path.join(ROOT, "runs", f"distill_{args.epochs}ep"))
     os.makedirs(work, exist_ok=True)
     data = os.path.join(work, "train.mindrecord")
     if not os.path.isfile(data):
@@ -153,9 +157,10 @@ def main(argv=None) -> int:
                                                                          "distilled_from_densified")},
               "kd_terms": {name: kd_log(work, name) for name in ("distilled", "distilled_from_densified")},
               "machine": os.uname().nodename, "cpus": os.cpu_count(), "load_average": os.getloadavg()}
+    runs[str(args.epochs)] = record
     tmp = RESULTS + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
+        json.dump({"runs": runs}, f, indent=2)
     os.replace(tmp, RESULTS)
     print(table(record))
     return 0
