@@ -16,6 +16,7 @@ from mixtral_ms import MixtralConfig, MixtralForCausalLM
 from mixtral_ms.checkpoint import load_weights
 from mixtral_ms.data import write_mindrecord
 from mixtral_ms.losses import distillation_loss
+from mixtral_ms.training.distill import Distillation, build_teacher
 from mixtral_ms import runner
 from conftest import ROOT
 from test_training import BATCH, SEQ, error_line, run, stats, write_yaml
@@ -136,6 +137,28 @@ def test_distillation_into_the_dense_student_through_the_trainer(setup):
     trained = MixtralForCausalLM(config)
     load_weights(trained, str(final))  # the student loads alone from it
     assert not np.array_equal(trained.lm_head.weight.asnumpy(), student.lm_head.weight.asnumpy())
+
+
+def test_lifelong_form_with_a_moe_student_adds_aux_and_z(setup):
+    """Lifelong-MoE's CE + aux + z + lambda * T^2 * KL (ce_coef 1) for an MoE student (8 experts, top-2) of the
+    4-expert teacher: one training forward of the Distillation cell, its loss against its logged terms and
+    the KL recomputed from the two models' logits."""
+    tmp, data, teacher_yaml, teacher_config = setup
+    with open(write_yaml(tmp, data, name="moe_student.yaml")) as f:
+        fields = yaml.safe_load(f)["model"]["model_config"]
+    student = MixtralForCausalLM(MixtralConfig(**{k: v for k, v in fields.items() if k != "type"}))
+    teacher = build_teacher({"config": teacher_config, "teacher": str(tmp / "teacher.ckpt")})
+    cell = Distillation(student, teacher, kd_coef=0.5, ce_coef=1.0, temperature=2.0)
+    cell.set_train(True)
+    ids = Tensor(np.random.default_rng(3).integers(3, 2000, (BATCH, SEQ + 1)).astype(np.int32))
+    loss = float(cell(ids))
+    terms = student.router_stats.read_and_reset()["terms"]
+    assert loss == pytest.approx(terms["ce_loss"] + 0.02 * terms["aux_loss"] + 0.001 * terms["z_loss"]
+                                 + 0.5 * 4.0 * terms["kd_loss"], rel=1e-5)
+    assert terms["aux_loss"] > 1.0 and terms["z_loss"] > 0  # an MoE's terms, in the loss
+    teacher.set_train(False)
+    kd = distillation_loss(student.forward_logits(ids)[0], teacher(ids)[0], ids, 2.0)
+    assert terms["kd_loss"] == pytest.approx(float(kd), rel=1e-5)
 
 
 def test_bad_distill_sections_fail_with_one_line(setup, tmp_path):
