@@ -13,7 +13,9 @@ each trained for the same steps (--epochs of the training split) with the same d
 3. distilled: configs/compress/distill_dense_tiny.yaml, the same student with the frozen teacher,
    initialised as the dense baseline (same seed);
 4. densified: the teacher exported, calibrated and densified (scripts/compress.py densify), untrained;
-5. distilled_from_densified: (3) starting from (4).
+5. distilled_from_densified: (3) starting from (4);
+6. dense_seed1: (2) with seed 1 (initialisation and data order): the seed-to-seed spread the gains are read
+   against.
 Each is then scored on the first --eval_samples held-out samples (run_mixtral.py --run_mode eval). A rerun
 does only what is missing. Writes the run under its epochs in bench/results/distill.json and prints the
 tables (`--table` reprints them). """
@@ -58,11 +60,11 @@ def train(work: str, name: str, config: str, epochs: int, load: str = None) -> s
     return newest_checkpoint(out)
 
 
-def distill_config(work: str, teacher_ckpt: str) -> str:
-    """The shipped distillation YAML with this run's teacher (MindFormers merges it over the shipped one)."""
-    path = os.path.join(work, "distill.yaml")
+def derived_config(work: str, name: str, base: str, changes: dict) -> str:
+    """A shipped YAML with `changes` on top (MindFormers merges this file over it: base_config)."""
+    path = os.path.join(work, f"{name}.yaml")
     with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump({"base_config": DISTILL_YAML, "runner_wrapper": {"distill": {"teacher": teacher_ckpt}}}, f)
+        yaml.safe_dump({"base_config": base, **changes}, f)
     return path
 
 
@@ -86,8 +88,10 @@ def kd_log(work: str, name: str) -> dict:
 
 def fractions(results: dict, student: str) -> dict:
     """The share of the teacher's gain over the dense baseline the student keeps, in log-perplexity (per-token
-    CE, Switch Transformer's quality measure) and in perplexity."""
+    CE, Switch Transformer's quality measure) and in perplexity; None where the teacher gained nothing."""
     dense, teacher, got = results["dense"], results["teacher"], results[student]
+    if teacher["ce"] >= dense["ce"]:
+        return None
     return {"log_ppl": (dense["ce"] - got["ce"]) / (dense["ce"] - teacher["ce"]),
             "ppl": (dense["ppl"] - got["ppl"]) / (dense["ppl"] - teacher["ppl"])}
 
@@ -97,11 +101,17 @@ def table(record: dict) -> str:
     lines = [f"{record['steps']} steps ({record['epochs']} epoch(s)), held-out: {record['eval_samples']} samples",
              "", "| model | trained | held-out CE (log ppl) | held-out ppl | gain kept (log ppl) | gain kept (ppl) |",
              "|---|---|---|---|---|---|"]
-    for name, what in (("dense", "from scratch"), ("teacher", "from scratch"), ("densified", "not trained"),
-                       ("distilled", "distilled, dense init"), ("distilled_from_densified", "distilled")):
+    steps = record["steps"]
+    for name, what in (("dense", "from scratch"), ("dense_seed1", "from scratch, seed 1"),
+                       ("teacher", "from scratch"), ("densified", "the teacher densified, not trained"),
+                       ("distilled", "distilled, the dense baseline's init"),
+                       ("distilled_from_densified", "distilled from the densified teacher")):
         r = results[name]
         kept = record["fractions"].get(name)
-        cells = (f"{100 * kept['log_ppl']:.1f}%", f"{100 * kept['ppl']:.1f}%") if kept else ("", "")
+        no_gain = name in record["fractions"] and kept is None
+        cells = (f"{100 * kept['log_ppl']:.1f}%", f"{100 * kept['ppl']:.1f}%") if kept else \
+            ("n/a: no teacher gain",) * 2 if no_gain else ("", "")
+        what = what if name == "densified" else f"{steps} steps {what}"
         lines.append(f"| {name} | {what} | {r['ce']:.4f} | {r['ppl']:.2f} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
@@ -128,7 +138,7 @@ def main(argv=None) -> int:
              "--seq_length", "128", "--output", data, "--heldout_fraction", str(HELDOUT_FRACTION)])
     teacher = train(work, "teacher", TEACHER_YAML, args.epochs)
     dense = train(work, "dense", DENSE_YAML, args.epochs)
-    distill = distill_config(work, teacher)
+    distill = derived_config(work, "distill", DISTILL_YAML, {"runner_wrapper": {"distill": {"teacher": teacher}}})
     distilled = train(work, "distilled", distill, args.epochs)
     teacher_folder, densified = os.path.join(work, "models", "teacher"), os.path.join(work, "models", "densified")
     if not os.path.isdir(teacher_folder):
@@ -141,9 +151,11 @@ def main(argv=None) -> int:
         run([sys.executable, "scripts/compress.py", "densify", "--model", teacher_folder, "--calibration",
              calibration, "--out", densified])
     from_densified = train(work, "distilled_from_densified", distill, args.epochs, load=densified)
+    dense_seed1 = train(work, "dense_seed1", derived_config(work, "dense_seed1", DENSE_YAML, {"seed": 1}), args.epochs)
 
     results = {"teacher": evaluate(work, "teacher", TEACHER_YAML, teacher, args.eval_samples),
                "dense": evaluate(work, "dense", DENSE_YAML, dense, args.eval_samples),
+               "dense_seed1": evaluate(work, "dense_seed1", DENSE_YAML, dense_seed1, args.eval_samples),
                "densified": evaluate(work, "densified", DENSE_YAML, densified, args.eval_samples),
                "distilled": evaluate(work, "distilled", DENSE_YAML, distilled, args.eval_samples),
                "distilled_from_densified": evaluate(work, "distilled_from_densified", DENSE_YAML, from_densified,
