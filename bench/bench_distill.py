@@ -14,8 +14,8 @@ each trained for the same steps (--epochs of the training split) with the same d
    initialised as the dense baseline (same seed);
 4. densified: the teacher exported, calibrated and densified (scripts/compress.py densify), untrained;
 5. distilled_from_densified: (3) starting from (4);
-6. dense_seed1: (2) with seed 1 (initialisation and data order): the seed-to-seed spread the gains are read
-   against.
+6. dense_seed1, distilled_seed1: (2) and (3) with seed 1 (initialisation and data order): the seed-to-seed
+   spread the gains are read against, and distillation's gain on a second seed.
 Each is then scored on the first --eval_samples held-out samples (run_mixtral.py --run_mode eval). A rerun
 does only what is missing. Writes the run under its epochs in bench/results/distill.json and prints the
 tables (`--table` reprints them). """
@@ -96,6 +96,19 @@ def fractions(results: dict, student: str) -> dict:
             "ppl": (dense["ppl"] - got["ppl"]) / (dense["ppl"] - teacher["ppl"])}
 
 
+def seed_mean_fraction(results: dict) -> dict:
+    """With both seeds of the dense and distilled arms: the gain kept by the seed means (log ppl), and the
+    range over the pairings of a distilled run with its own seed's baseline."""
+    if "distilled_seed1" not in results:
+        return None
+    dense = [results["dense"]["ce"], results["dense_seed1"]["ce"]]
+    distilled = [results["distilled"]["ce"], results["distilled_seed1"]["ce"]]
+    teacher = results["teacher"]["ce"]
+    paired = [(d - s) / (d - teacher) for d, s in zip(dense, distilled)]
+    return {"log_ppl_of_means": (sum(dense) - sum(distilled)) / (sum(dense) - 2 * teacher),
+            "log_ppl_per_seed": paired, "distillation_gain_per_seed": [d - s for d, s in zip(dense, distilled)]}
+
+
 def table(record: dict) -> str:
     results = record["results"]
     lines = [f"{record['steps']} steps ({record['epochs']} epoch(s)), held-out: {record['eval_samples']} samples",
@@ -105,7 +118,10 @@ def table(record: dict) -> str:
     for name, what in (("dense", "from scratch"), ("dense_seed1", "from scratch, seed 1"),
                        ("teacher", "from scratch"), ("densified", "the teacher densified, not trained"),
                        ("distilled", "distilled, the dense baseline's init"),
+                       ("distilled_seed1", "distilled, the seed-1 baseline's init, seed 1"),
                        ("distilled_from_densified", "distilled from the densified teacher")):
+        if name not in results:  # recorded before the bench measured it
+            continue
         r = results[name]
         kept = record["fractions"].get(name)
         no_gain = name in record["fractions"] and kept is None
@@ -113,6 +129,10 @@ def table(record: dict) -> str:
             ("n/a: no teacher gain",) * 2 if no_gain else ("", "")
         what = what if name == "densified" else f"{steps} steps {what}"
         lines.append(f"| {name} | {what} | {r['ce']:.4f} | {r['ppl']:.2f} | {cells[0]} | {cells[1]} |")
+    both = record.get("seed_mean_fraction")
+    if both:
+        lines += ["", f"Gain kept by the two seeds' means (log ppl): {100 * both['log_ppl_of_means']:.1f}% (per seed, "
+                      f"against that seed's baseline: {', '.join(f'{100 * f:.1f}%' for f in both['log_ppl_per_seed'])})"]
     return "\n".join(lines)
 
 
@@ -152,12 +172,16 @@ def main(argv=None) -> int:
              calibration, "--out", densified])
     from_densified = train(work, "distilled_from_densified", distill, args.epochs, load=densified)
     dense_seed1 = train(work, "dense_seed1", derived_config(work, "dense_seed1", DENSE_YAML, {"seed": 1}), args.epochs)
+    distilled_seed1 = train(work, "distilled_seed1", derived_config(
+        work, "distill_seed1", DISTILL_YAML, {"seed": 1, "runner_wrapper": {"distill": {"teacher": teacher}}}),
+        args.epochs)
 
     results = {"teacher": evaluate(work, "teacher", TEACHER_YAML, teacher, args.eval_samples),
                "dense": evaluate(work, "dense", DENSE_YAML, dense, args.eval_samples),
                "dense_seed1": evaluate(work, "dense_seed1", DENSE_YAML, dense_seed1, args.eval_samples),
                "densified": evaluate(work, "densified", DENSE_YAML, densified, args.eval_samples),
                "distilled": evaluate(work, "distilled", DENSE_YAML, distilled, args.eval_samples),
+               "distilled_seed1": evaluate(work, "distilled_seed1", DENSE_YAML, distilled_seed1, args.eval_samples),
                "distilled_from_densified": evaluate(work, "distilled_from_densified", DENSE_YAML, from_densified,
                                                     args.eval_samples)}
     with open(DISTILL_YAML, encoding="utf-8") as f:
@@ -167,6 +191,7 @@ def main(argv=None) -> int:
               "heldout_fraction": HELDOUT_FRACTION, "eval_samples": args.eval_samples, "results": results,
               "fractions": {name: fractions(results, name) for name in ("densified", "distilled",
                                                                          "distilled_from_densified")},
+              "seed_mean_fraction": seed_mean_fraction(results),
               "kd_terms": {name: kd_log(work, name) for name in ("distilled", "distilled_from_densified")},
               "machine": os.uname().nodename, "cpus": os.cpu_count(), "load_average": os.getloadavg()}
     runs[str(args.epochs)] = record
