@@ -7,15 +7,17 @@ and the same `rre_seed`: the random router maps each token id to the same local 
 from __future__ import annotations
 
 import copy
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List
 
 import numpy as np
 
-from .configuration import MixtralConfig
-from .schema import ConfigError
+from .schema import ConfigError, ModelDims
+
+if TYPE_CHECKING:  # group_experts takes ModelDims too, so expert surgery (numpy only) shares it
+    from .configuration import MixtralConfig
 
 
-def group_experts(config: MixtralConfig, group: int) -> List[int]:
+def group_experts(config: MixtralConfig | ModelDims, group: int) -> List[int]:
     """The experts of domain group `group` (the same in every layer)."""
     if config.router_type != "rre":
         raise ConfigError(f"expert groups need router_type rre, the model has {config.router_type!r}")

@@ -14,7 +14,9 @@ computed is ever in memory and unchanged weights are copied byte for byte.
   Identity: with top-1 routing a `copy`-grown model computes the source's function exactly (a token whose
   expert has a twin picks either, with weight 1); with top-k > 1 a twin takes the second slot, so the
   function changes and the old experts' outputs stay as they were.
-- extract: keep a subset of experts (one list for every layer, or one per layer) with their router rows.
+- extract: keep a subset of experts (one list for every layer, or one per layer) with their router rows. Of a
+  `router_type: rre` model only one whole domain group (rre.group_experts), which becomes a model of
+  rre_groups 1 that routes that domain's tokens as the full model did; any other subset is refused.
 - upcycle (Komatsuzaki et al. 2023): a dense Mistral into a Mixtral of E copies of each FFN and a new
   router, N(0, initializer_range); identical experts with renormalised top-k weights compute the dense FFN.
 - mix (Branch-Train-MiX, Sukhbaatar et al. 2024): N branches of one seed into one Mixtral; per layer the
@@ -41,6 +43,7 @@ from .convert import (DEFAULT_SHARD, HF_METADATA, MS_METADATA, _copy_side_files,
                       _prepare_dst, write_sharded)
 from .name_map import (hf_sources, is_expert_stack, is_ms_layout, ms_tensors, ms_to_hf, parameter_specs,
                        source_dtype)
+from .rre import group_experts
 from .schema import hf_dims, read_hf_config
 from .safetensors_io import CHUNK_BYTES, ArrayTensor, CheckpointError, TensorInfo, convert_bytes, nbytes_of, to_numpy
 
@@ -291,10 +294,27 @@ def plan_extract(model: Model, keep: Sequence[Sequence[int]]) -> Plan:
     _check_top_k(model.shapes.num_experts_per_tok, count, "extract")
     hf = {**model.hf, "num_local_experts": count}
     record = {"operation": "extract", "sources": [model.path], "experts": [[[0, e] for e in ids] for ids in lists]}
+    if model.shapes.router_type == "rre":
+        group = _rre_group(model, lists)
+        hf["rre_groups"], record["rre_group"] = 1, group
     return _build([model], hf, record, lambda i: [(0, e) for e in lists[i]],
                   lambda name, layer, j, b, e: model.expert(name, e),
                   lambda layer, dtype: [model.row(layer, e) for e in lists[layer]],
                   model.tensor)
+
+
+def _rre_group(model: Model, lists: Sequence[Sequence[int]]) -> int:
+    """The domain group that `lists` keeps in every layer, in order: with rre_groups 1 and the same
+    rre_seed the extract then routes that domain's tokens to the same experts (rre.py); else refused."""
+    dims = model.shapes
+    groups = [group_experts(dims, g) for g in range(dims.rre_groups)]
+    for g, ids in enumerate(groups):
+        if all(list(kept) == ids for kept in lists):
+            return g
+    named = " or ".join(",".join(map(str, ids)) for ids in groups)
+    got = lists[:1] if all(list(k) == list(lists[0]) for k in lists) else lists
+    raise SurgeryError(f"router_type rre routes by domain group: --experts must be one whole group, in order, "
+                       f"in every layer ({named}); got {';'.join(','.join(map(str, k)) for k in got)}")
 
 
 def plan_grow(model: Model, add: int, init: str, seed: int = 0, noise: float = 0.01) -> Plan:

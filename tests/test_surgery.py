@@ -116,6 +116,40 @@ def test_extract_of_a_subset_equals_slicing(tmp_path):
     assert logits(tmp_path / "sub", ids).shape == (2, 12, 128)  # our model loads the smaller Mixtral
 
 
+def test_rre_extract_of_a_domain_group_gives_the_full_models_logits_on_that_domain(tmp_path):
+    """extract of an RRE model's group 1 (experts 4-7 of 2 groups), through the CLI: a model of rre_groups 1,
+    same rre_seed, whose logits on domain-1 tokens equal the full model's bit for bit (eval mode, dropless;
+    enough tokens that every expert runs on exactly its routed rows). The domain column a domain-1 dataset
+    carries reaches the one-group model too (evaluate.py passes it) and changes nothing."""
+    full = with_config(TINY8, tmp_path / "rre", router_type="rre", rre_groups=2, rre_seed=3)
+    cli("extract", "--src", full, "--dst", tmp_path / "b", "--experts", "4,5,6,7")
+    config = json.load(open(tmp_path / "b" / "config.json"))
+    assert (config["num_local_experts"], config["rre_groups"], config["rre_seed"], config["router_type"]) == \
+        (4, 1, 3, "rre")
+    assert json.load(open(tmp_path / "b" / "surgery.json"))["rre_group"] == 1
+    ids = Tensor(np.random.default_rng(5).integers(0, 128, (2, 64)).astype(np.int32))
+    domain_b = Tensor(np.ones((2, 64), np.int32))
+    big, small = MixtralForCausalLM.from_pretrained(str(full)), MixtralForCausalLM.from_pretrained(str(tmp_path / "b"))
+    big.set_train(False)
+    small.set_train(False)
+    want = big(ids, domain_ids=domain_b)[0].asnumpy()
+    np.testing.assert_array_equal(small(ids)[0].asnumpy(), want)
+    np.testing.assert_array_equal(small(ids, domain_ids=domain_b)[0].asnumpy(), want)
+    other = big(ids, domain_ids=Tensor(np.zeros((2, 64), np.int32)))[0].asnumpy()
+    assert np.abs(other - want).max() > 1e-3  # the domain does pick the group: the identity is not trivial
+
+
+@pytest.mark.parametrize("experts", ["0,1", "5,4,6,7", "0,1,2,3;4,5,6,7", "2,3,4,5"])
+def test_rre_extract_refuses_anything_but_one_whole_group(tmp_path, experts):
+    full = with_config(TINY8, tmp_path / "rre", router_type="rre", rre_groups=2)
+    run = cli("extract", "--src", full, "--dst", tmp_path / "out", "--experts", experts, ok=False)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: router_type rre routes by domain group") and \
+        "(0,1,2,3 or 4,5,6,7)" in lines[0] and lines[0].endswith(f"got {experts}"), run.stderr
+    assert sorted(os.listdir(tmp_path)) == ["rre"]
+
+
 # ------------------------------------------------------------------------------------------ grow
 
 def test_grow_copy_keeps_old_experts_and_with_top1_the_function(tmp_path):
