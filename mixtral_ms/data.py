@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from fractions import Fraction
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -316,19 +317,37 @@ def write_mindrecord(output: str, columns: Dict[str, dict], samples: Iterable[Di
     return count
 
 
+_MINDRECORD = re.compile(r"mindrecord\d*$")  # the files MindFormers reads from a dataset_dir folder
+
+
+def mindrecord_files(path: str) -> List[str]:
+    """The MindRecord files of a dataset as MindFormers' `dataset_dir` names it: one file, or every file
+    under a folder whose name ends in `mindrecord` (recursively, sorted), e.g. one per domain."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
+                       if _MINDRECORD.search(f))
+        if not files:
+            raise DataError(f"no MindRecord file (*.mindrecord) under {path}")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise DataError(f"no dataset at {path}")
+    for file in files:
+        if not os.path.isfile(file + ".db"):
+            raise DataError(f"{file} has no index file {file}.db beside it; is it a MindRecord file?")
+    return files
+
+
 def mindrecord_info(path: str) -> Dict[str, object]:
-    """Columns, tokens per sample and sample count of a MindRecord file.
+    """Columns, tokens per sample and sample count of a MindRecord file (or folder: mindrecord_files).
 
     Returns {"columns": [...], "seq_length": tokens per sample (seq_length + 1 of the config that fits),
     "num_samples": n}. Raises DataError for a missing or unreadable file, ragged or empty data.
     """
-    if not os.path.isfile(path):
-        raise DataError(f"no dataset at {path}")
-    if not os.path.isfile(path + ".db"):
-        raise DataError(f"{path} has no index file {path}.db beside it; is it a MindRecord file?")
+    files = mindrecord_files(path)
     import mindspore.dataset as ds
     try:
-        dataset = ds.MindDataset(path, shuffle=False)
+        dataset = ds.MindDataset(files, shuffle=False)
         rows = dataset.create_dict_iterator(num_epochs=1, output_numpy=True)
         row = next(rows, None)
         size = dataset.get_dataset_size()

@@ -15,7 +15,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .data import DOMAIN_COLUMN, IGNORE, DataError, check_dataset, mindrecord_info
+from .data import DOMAIN_COLUMN, IGNORE, DataError, check_dataset, mindrecord_files, mindrecord_info
 from .safetensors_io import CheckpointError
 
 
@@ -33,7 +33,7 @@ def evaluate(model, dataset: str, batch_size: int, max_samples: Optional[int] = 
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     if max_samples is not None and max_samples < 1:
         raise DataError(f"--eval_samples must be at least 1, got {max_samples}")
-    data = ds.MindDataset(dataset, shuffle=False, num_samples=max_samples)
+    data = ds.MindDataset(mindrecord_files(dataset), shuffle=False, num_samples=max_samples)
     model.set_train(False)
     nll = tokens = samples = dropped = 0.0
     has_labels, has_domains = "labels" in info["columns"], DOMAIN_COLUMN in info["columns"]

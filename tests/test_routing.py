@@ -181,3 +181,19 @@ def test_preprocess_writes_a_domain_column(tmp_path):
     with pytest.raises(D.DataError, match="domain id must be a non-negative integer"):
         D.preprocess([str(text)], "text", tokenizer, 16, str(tmp_path / "c.mindrecord"), domain=-1)
     assert not (tmp_path / "c.mindrecord").exists()
+
+
+def test_a_folder_of_domain_mindrecords_is_one_dataset(tmp_path):
+    """dataset_dir may name a folder (MindFormers reads every *.mindrecord under it): one file per domain,
+    as the RRE run of bench/bench_experts.py trains on; an empty folder is refused in one line."""
+    tokenizer = os.path.join(ROOT, "data", "tokenizer", "tokenizer.model")
+    text = tmp_path / "t.txt"
+    text.write_text("And he said unto them, Go ye into all the world.\n" * 40)
+    counts = [D.preprocess([str(text)], "text", tokenizer, 16, str(tmp_path / "ab" / d / f"{d}.mindrecord"), domain=i)
+              for i, d in enumerate("ab")]
+    info = D.check_dataset(str(tmp_path / "ab"), 16, ["input_ids", "domain_ids"])
+    assert info["num_samples"] == sum(counts) and info["seq_length"] == 17
+    assert D.mindrecord_files(str(tmp_path / "ab")) == [str(tmp_path / "ab" / d / f"{d}.mindrecord") for d in "ab"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(D.DataError, match="no MindRecord file"):
+        D.mindrecord_info(str(tmp_path / "empty"))
