@@ -227,7 +227,8 @@ class Experiment:
         rre_b_yaml = self.yaml("rre_b", {**rre_model, "num_local_experts": size, "rre_groups": 1},
                                columns=["input_ids", "domain_ids"])
         out["rre"] = {
-            "full": {"params": param_counts(rre_yaml, {})[0], **self.record["runs"]["rre"],
+            "full": {"params": param_counts(rre_yaml, {})[0], "trainable_params": param_counts(rre_yaml, {})[1],
+                     **self.record["runs"]["rre"],
                      "ppl_a": self.eval("rre", rre_yaml, rre, "a"), "ppl_b": self.eval("rre", rre_yaml, rre, "b")},
             "extract_b": {"params": param_counts(rre_b_yaml, {})[0], "experts": group_b,
                           "ppl_b": self.eval("rre_b", rre_b_yaml, rre_b, "b")}}
@@ -380,10 +381,8 @@ def main() -> int:
     parser.add_argument("--eval_samples", type=int, default=96)
     parser.add_argument("--points", type=int, default=3, help="checkpoints scored per continual arm")
     args = parser.parse_args()
-    started = time.time()
     out = Experiment(args.run_dir, args.eval_samples, args.points).run()
     out["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    out["wall_s"] = round(time.time() - started, 1)
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
