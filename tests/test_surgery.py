@@ -354,3 +354,40 @@ def test_training_checkpoint_file_with_the_run_yaml(tmp_path):
     assert sorted(open_checkpoint(str(tmp_path / "g"))) == sorted(params)  # stacked names, no optimizer state
     assert json.load(open(tmp_path / "g" / "config.json"))["num_local_experts"] == 9
     assert logits(tmp_path / "g", np.arange(3, 15).reshape(1, 12)).shape == (1, 12, 2000)
+
+
+def refused(run, message, tmp_path, left):
+    """One `error:` line holding `message`, exit 2, nothing written beside the inputs `left`."""
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], run.stderr
+    assert sorted(os.listdir(tmp_path)) == sorted(left)
+
+
+@pytest.mark.parametrize("other,message", [
+    ({"router_type": "switch", "num_experts_per_tok": 1}, "router_type is 'mixtral' in "),
+    ({"router_type": "rre", "rre_groups": 2}, "router_type is 'mixtral' in "),
+    ({"num_experts_per_tok": 1}, "num_experts_per_tok is 2 in "),
+])
+def test_mix_refuses_branches_that_route_differently(tmp_path, other, message):
+    b = with_config(TINY8, tmp_path / "b", **other)
+    run = cli("mix", "--branches", TINY8, b, "--dst", tmp_path / "out", ok=False)
+    refused(run, message, tmp_path, ["b"])
+    value = other.get("router_type", other.get("num_experts_per_tok"))
+    assert run.stderr.strip().endswith(f"but {value!r} in {b}" + ("" if "router_type" in other else "; pass --top-k"))
+
+
+def test_mix_with_top_k_reconciles_branches_of_different_top_k(tmp_path):
+    b = with_config(TINY8, tmp_path / "b", num_experts_per_tok=1)
+    cli("mix", "--branches", TINY8, b, "--dst", tmp_path / "out", "--top-k", 1)
+    assert json.load(open(tmp_path / "out" / "config.json"))["num_experts_per_tok"] == 1
+
+
+@pytest.mark.parametrize("command", ["grow", "mix"])
+def test_grow_and_mix_refuse_an_rre_model(tmp_path, command):
+    """Both change the expert count, so the equal domain groups would change size: refused in one line."""
+    full = with_config(TINY8, tmp_path / "rre", router_type="rre", rre_groups=2)
+    args = ["--src", full, "--add", 2] if command == "grow" else ["--branches", full, full]
+    run = cli(command, *args, "--dst", tmp_path / "out", ok=False)
+    refused(run, f"{command} of a router_type rre model would change its domain groups (2 groups of 4 experts)",
+            tmp_path, ["rre"])
