@@ -24,9 +24,9 @@ SCRIPT = os.path.join(ROOT, "scripts", "experts.py")
 E = 8  # tiny8's experts
 
 
-def cli(*args, ok=True):
+def cli(*args, ok=True, cwd=None):
     run = subprocess.run([sys.executable, SCRIPT, *map(str, args), "--quiet"], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, cwd=cwd)
     if ok:
         assert run.returncode == 0, run.stderr
     return run
@@ -341,9 +341,17 @@ def test_training_checkpoint_file_with_the_run_yaml(tmp_path):
     state += [{"name": "adam_m." + n, "data": ms.Tensor(np.ones_like(v))} for n, v in params.items()]
     state.append({"name": "global_step", "data": ms.Tensor(np.array([7], np.int32))})
     ms.save_checkpoint(state, str(tmp_path / "step.ckpt"))
+    before = sorted(os.listdir(tmp_path))
     run = cli("grow", "--src", tmp_path / "step.ckpt", "--dst", tmp_path / "g", "--add", 1, ok=False)
-    assert run.returncode == 2 and "name its model with --config" in run.stderr
-    cli("grow", "--src", tmp_path / "step.ckpt", "--config", cfg, "--dst", tmp_path / "g", "--add", 1)
+    refused(run, "name its model with --config", tmp_path, before)
+    # The .ckpt is read through MindSpore alone: no MindFormers warnings on stderr, no ./output/log in the cwd.
+    (tmp_path / "cwd").mkdir()
+    run = cli("grow", "--src", tmp_path / "step.ckpt", "--config", cfg, "--dst", tmp_path / "g", "--add", 0,
+              ok=False, cwd=tmp_path / "cwd")
+    refused(run, "--add must be at least 1", tmp_path, before + ["cwd"])
+    cli("grow", "--src", tmp_path / "step.ckpt", "--config", cfg, "--dst", tmp_path / "g", "--add", 1,
+        cwd=tmp_path / "cwd")
+    assert os.listdir(tmp_path / "cwd") == []
     grown = arrays(tmp_path / "g")
     experts = params["model.layers.0.block_sparse_moe.experts.w1"]
     np.testing.assert_array_equal(grown["model.layers.0.block_sparse_moe.experts.w1"],
