@@ -363,9 +363,26 @@ def mindrecord_info(path: str) -> Dict[str, object]:
     return {"columns": list(row), "seq_length": lengths["input_ids"], "num_samples": int(size)}
 
 
-def check_dataset(path: str, seq_length: int, columns: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    """Raise DataError unless samples hold seq_length + 1 tokens (the YAML's model seq_length) and carry
-    `columns` (e.g. the YAML's input_columns); returns mindrecord_info's dict."""
+def check_domain_ids(path: str, groups: int) -> None:
+    """router_type rre with `groups` > 1 expert groups picks each token's group by its domain id, which the
+    graph does not bound-check: raise DataError unless every id of the `domain_ids` column is in
+    0..groups-1. Reads that one column once, before the model is built."""
+    import mindspore.dataset as ds
+    dataset = ds.MindDataset(mindrecord_files(path), columns_list=[DOMAIN_COLUMN], shuffle=False)
+    low, high = 0, 0
+    for (ids,) in dataset.batch(1024).create_tuple_iterator(num_epochs=1, output_numpy=True):
+        low, high = min(low, int(ids.min())), max(high, int(ids.max()))
+    if low < 0 or high >= groups:
+        raise DataError(f"{path} holds domain id {low if low < 0 else high}, but router_type rre has rre_groups "
+                        f"{groups} (domain ids 0..{groups - 1}); re-run scripts/preprocess_data.py with --domain_id "
+                        f"in that range or raise rre_groups")
+
+
+def check_dataset(path: str, seq_length: int, columns: Optional[Sequence[str]] = None,
+                  domain_groups: int = 1) -> Dict[str, object]:
+    """Raise DataError unless samples hold seq_length + 1 tokens (the YAML's model seq_length), carry
+    `columns` (e.g. the YAML's input_columns) and, for `domain_groups` > 1 (router_type rre's rre_groups),
+    domain ids of those groups (check_domain_ids); returns mindrecord_info's dict."""
     info = mindrecord_info(path)
     length = info["seq_length"]
     if length != seq_length + 1:
@@ -376,6 +393,11 @@ def check_dataset(path: str, seq_length: int, columns: Optional[Sequence[str]] =
     if missing:
         raise DataError(f"{path} lacks column(s) {', '.join(missing)} (it has {', '.join(info['columns'])}); "
                         f"fine-tuning data needs --format alpaca or chat")
+    if domain_groups > 1:
+        if DOMAIN_COLUMN not in info["columns"]:
+            raise DataError(f"{path} has no {DOMAIN_COLUMN} column, which router_type rre with {domain_groups} "
+                            f"expert groups routes by; re-run scripts/preprocess_data.py with --domain_id")
+        check_domain_ids(path, domain_groups)
     return info
 
 

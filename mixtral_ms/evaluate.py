@@ -76,7 +76,8 @@ def run_eval(config, build_model, dataset: Optional[str], output: Optional[str],
         raise DataError("eval needs --eval_dataset (a MindRecord file, e.g. a preprocess_data.py held-out split)")
     if not config.load_checkpoint:
         raise CheckpointError("eval needs --load_checkpoint (or load_checkpoint in the YAML)")
-    check_dataset(dataset, int(config.model.model_config.seq_length))  # before the model is built
+    model_config = config.model.model_config  # the data is checked before the model is built
+    check_dataset(dataset, int(model_config.seq_length), domain_groups=int(model_config.get("rre_groups") or 1))
     model = build_model(config.load_checkpoint)
     record = {"checkpoint": os.path.abspath(config.load_checkpoint),
               **evaluate(model, dataset, int(config.runner_config.batch_size), max_samples)}

@@ -162,7 +162,7 @@ def training_data(run: Run) -> int:
         raise RunError(f"run_mode {config.run_mode} needs train_dataset.data_loader.dataset_dir (or --train_dataset)")
     prepare_wrapper(config)  # gradient accumulation by MixtralTrainOneStepCell
     columns = list(config.train_dataset.get("input_columns") or ["input_ids"])
-    samples = check_dataset(path, run.model_config.seq_length, columns)["num_samples"]
+    samples = check_dataset(path, run.model_config.seq_length, columns, run.model_config.rre_groups)["num_samples"]
     batch = int(config.runner_config.batch_size)
     world = int(os.environ.get("MS_WORKER_NUM") or os.environ.get("RANK_SIZE") or 1) if config.use_parallel else 1
     steps = samples // (batch * world)

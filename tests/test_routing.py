@@ -197,3 +197,32 @@ def test_a_folder_of_domain_mindrecords_is_one_dataset(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(D.DataError, match="no MindRecord file"):
         D.mindrecord_info(str(tmp_path / "empty"))
+
+
+def test_domain_ids_outside_the_rre_groups_are_refused_before_the_run(tmp_path):
+    """The graph does not bound-check a domain id: with rre_groups 2 a dataset holding domain id 2 (or no
+    domain_ids column) is refused in one line by run_mixtral.py before any model is built, train and eval."""
+    from test_training import error_line, write_yaml
+    ids = np.random.default_rng(0).integers(3, 100, (8, 17)).astype(np.int32)
+    columns = {"input_ids": {"type": "int32", "shape": [-1]}, "domain_ids": {"type": "int32", "shape": [-1]}}
+    D.write_mindrecord(str(tmp_path / "d" / "a.mindrecord"), columns,
+                       ({"input_ids": r, "domain_ids": np.zeros_like(r)} for r in ids))
+    D.write_mindrecord(str(tmp_path / "d" / "c.mindrecord"), columns,  # one sample of domain 2 among domain 1
+                       ({"input_ids": r, "domain_ids": np.full_like(r, 2 if i == 3 else 1)} for i, r in enumerate(ids)))
+    D.write_mindrecord(str(tmp_path / "plain.mindrecord"), {"input_ids": columns["input_ids"]},
+                       ({"input_ids": r} for r in ids))
+    rre = {"model.model_config.router_type": "rre", "model.model_config.rre_groups": 2,
+           "train_dataset.input_columns": ["input_ids", "domain_ids"]}
+    cfg = write_yaml(str(tmp_path), tmp_path / "d", **rre)
+    want = f"error: {tmp_path / 'd'} holds domain id 2, but router_type rre has rre_groups 2 (domain ids 0..1)"
+    assert error_line("--config", cfg, "--run_mode", "train").startswith(want)
+    assert error_line("--config", cfg, "--run_mode", "eval", "--load_checkpoint", tmp_path / "none",
+                      "--eval_dataset", tmp_path / "d").startswith(want)
+    assert "has no domain_ids column, which router_type rre with 2 expert groups routes by" in \
+        error_line("--config", cfg, "--run_mode", "eval", "--load_checkpoint", tmp_path / "none",
+                   "--eval_dataset", tmp_path / "plain.mindrecord")
+    # nothing written but MindFormers' log in the YAML's output_dir (tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["d", "log", "plain.mindrecord", "plain.mindrecord.db", "run.yaml"]
+    assert sorted(os.listdir(tmp_path / "d")) == ["a.mindrecord", "a.mindrecord.db", "c.mindrecord", "c.mindrecord.db"]
+    D.check_dataset(str(tmp_path / "d" / "a.mindrecord"), 16, domain_groups=2)  # ids in range pass
+    D.check_dataset(str(tmp_path / "d"), 16, domain_groups=3)
