@@ -1,6 +1,7 @@
 """Router options (mixtral_ms/router.py): Switch top-1, GShard's sampled second expert and Pangu-Sigma's
-random routed experts, against numpy references; RRE's domain group extracted as a model of its own
+random routed experts, against numpy references; RRE's domain group extracted by expert surgery
 computes the full model's logits on that domain; the domain_ids column written at preprocessing."""
+import json
 import os
 
 import numpy as np
@@ -14,8 +15,8 @@ from mixtral_ms import ConfigError, MixtralConfig, MixtralForCausalLM
 from mixtral_ms import data as D
 from mixtral_ms.moe import MixtralSparseMoeBlock
 from mixtral_ms.router import random_expert_map
-from mixtral_ms.name_map import TRAINING_STATE_PREFIXES
-from mixtral_ms.rre import group_config, group_experts, group_state
+from mixtral_ms.rre import group_experts
+from mixtral_ms.surgery import Model, plan_extract, write
 
 
 def _config(**kw):
@@ -111,24 +112,23 @@ def test_rre_routes_token_ids_inside_their_domain_group():
         model(Tensor(ids))
 
 
-def test_rre_group_extracted_alone_gives_the_full_models_logits():
-    """The sub-model of domain 1 (shared weights + group 1's experts, rre_groups 1) computes the full
-    model's logits on domain-1 text: bit-exact in eval mode (each expert runs on exactly its routed rows),
-    within float rounding in dropless training (capacity tiers, so matmul shapes, differ with E)."""
+def test_rre_group_extracted_alone_gives_the_full_models_logits(tmp_path):
+    """expert surgery's extract of domain 1's group (shared weights + group 1's experts, rre_groups 1), from
+    the .ckpt a run saves, computes the full model's logits on domain-1 text: bit-exact in eval mode (each
+    expert runs on exactly its routed rows), within float rounding in dropless training (capacity tiers, so
+    matmul shapes, differ with E)."""
     config = _config(num_local_experts=4, num_experts_per_tok=1, router_type="rre", rre_groups=2, rre_seed=3,
                      router_aux_loss_coef=0.0)  # the training loss is then the CE alone (E differs)
     ms.set_seed(0)
     full = MixtralForCausalLM(config)
     assert group_experts(config, 1) == [2, 3]
-    sub_config = group_config(config, 1)
-    assert (sub_config.num_local_experts, sub_config.rre_groups, sub_config.rre_seed) == (2, 1, 3)
-    sub = MixtralForCausalLM(sub_config)
-    state = group_state({p.name: p.asnumpy() for p in full.get_parameters()}, config, 1)
-    for p in sub.get_parameters():
-        if p.name.startswith(TRAINING_STATE_PREFIXES):  # the side channel's statistics, not weights
-            continue
-        assert state[p.name].shape == p.shape, p.name
-        p.set_data(Tensor(state[p.name]))
+    ms.save_checkpoint([{"name": p.name, "data": p.value()} for p in full.get_parameters()], str(tmp_path / "f.ckpt"))
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config.to_hf_config(), f)
+    plan = plan_extract(Model(str(tmp_path / "f.ckpt"), str(tmp_path / "config.json")), [group_experts(config, 1)])
+    write(plan, str(tmp_path / "sub"), "ms")
+    sub = MixtralForCausalLM.from_pretrained(str(tmp_path / "sub"), capacity_factor=0.0)
+    assert (sub.config.num_local_experts, sub.config.rre_groups, sub.config.rre_seed) == (2, 1, 3)
     ids = Tensor(np.random.default_rng(4).integers(0, 64, (2, 40)).astype(np.int32))
     domain = Tensor(np.ones((2, 40), np.int32))
     full.set_train(False)
