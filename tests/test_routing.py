@@ -221,8 +221,15 @@ def test_domain_ids_outside_the_rre_groups_are_refused_before_the_run(tmp_path):
     assert "has no domain_ids column, which router_type rre with 2 expert groups routes by" in \
         error_line("--config", cfg, "--run_mode", "eval", "--load_checkpoint", tmp_path / "none",
                    "--eval_dataset", tmp_path / "plain.mindrecord")
+    del rre["train_dataset.input_columns"]  # in-range data, but MindFormers would not feed the column
+    (tmp_path / "d" / "c.mindrecord").rename(tmp_path / "c.mindrecord")
+    (tmp_path / "d" / "c.mindrecord.db").rename(tmp_path / "c.mindrecord.db")
+    assert error_line("--config", write_yaml(str(tmp_path), tmp_path / "d", **rre), "--run_mode", "train") == \
+        ("error: router_type rre with 2 expert groups routes by domain_ids, but train_dataset.input_columns "
+         "(input_ids) leaves it out; add domain_ids")
     # nothing written but MindFormers' log in the YAML's output_dir (tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["d", "log", "plain.mindrecord", "plain.mindrecord.db", "run.yaml"]
-    assert sorted(os.listdir(tmp_path / "d")) == ["a.mindrecord", "a.mindrecord.db", "c.mindrecord", "c.mindrecord.db"]
+    assert sorted(os.listdir(tmp_path)) == ["c.mindrecord", "c.mindrecord.db", "d", "log", "plain.mindrecord",
+                                            "plain.mindrecord.db", "run.yaml"]
+    assert sorted(os.listdir(tmp_path / "d")) == ["a.mindrecord", "a.mindrecord.db"]
     D.check_dataset(str(tmp_path / "d" / "a.mindrecord"), 16, domain_groups=2)  # ids in range pass
     D.check_dataset(str(tmp_path / "d"), 16, domain_groups=3)
