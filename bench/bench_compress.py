@@ -3,7 +3,7 @@
 
     source scripts/env.sh
     python bench/bench_compress.py [--work runs/compress] [--retrain] [--eval_samples 128]
-    python bench/bench_compress.py --measure-speed [--repeats 9]   # only the timing columns, again
+    python bench/bench_compress.py --measure-speed [--repeats 20]   # only the timing columns, again
 
 1. Tokenizes the bundled corpus (data/corpus) and the second domain (data/corpus_nt), each with its
    held-out split (scripts/preprocess_data.py --heldout_fraction 0.1: every 10th chapter, never trained on).
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=os.path.join(ROOT, "runs", "compress"))
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--eval_samples", type=int, default=128, help="held-out samples per domain (default 128)")
-    parser.add_argument("--repeats", type=int, default=9, help="timed generations per model (median; default 9)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed generations per model (median; default 20)")
     parser.add_argument("--measure-speed", dest="measure_speed", action="store_true",
                         help="time every model folder again (decode tok/s, peak RSS); nothing else is redone")
     parser.add_argument("--table", action="store_true", help="print the table and redraw the plot from the results")
