@@ -1,12 +1,20 @@
 """Shared test setup: CPU context, the repo on sys.path, and a fixture that runs a test in both modes."""
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+# MindFormers' logger writes to $LOCAL_DEFAULT_PATH/log (default ./output, read when mindformers is first
+# imported): not into the checkout. Subprocesses inherit it; a run's build_context points it at its output_dir.
+_LOG_ROOT = tempfile.mkdtemp(prefix="mixtral-ms-tests-")
+atexit.register(shutil.rmtree, _LOG_ROOT, ignore_errors=True)
+os.environ.setdefault("LOCAL_DEFAULT_PATH", _LOG_ROOT)
 
 import mindspore as ms  # noqa: E402
 
