@@ -35,7 +35,8 @@ SEMI = {"parallel_mode": 1, "enable_alltoall": True, "full_batch": True}
 
 # ----------------------------------------------------------------------------------------------------------------
 # The 2-process launch starts with the module (autouse fixture) so that its 15-25 s overlap the other
-# tests; the tests that read its results come last.
+# tests; the tests that read its results (test_msrun_*) run last in the session (conftest.py moves them),
+# so the launch and its references live for the session.
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, capacity_factor=1.1,
@@ -55,7 +56,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def dp_launch(tmp_path_factory):
     """Writes the initial parameters and the global batches, starts msrun; yields (workdir, process)."""
     work = tmp_path_factory.mktemp("dp")
@@ -120,7 +121,7 @@ def _train_graph(optimizer_cls, groups, init, batches):
         ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def references(dp_launch):
     """MindFormers AdamW and OffloadAdamW on the global batch with moe_token_groups = 2 (= dp)."""
     from mindformers.core.optim import AdamW
