@@ -7,7 +7,7 @@ from typing import Any
 from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from .schema import FIELDS, ConfigError, ModelDims, hf_fields, model_dims, read_hf_config
+from .schema import FIELDS, ConfigError, ModelDims, hf_config, hf_fields, model_dims, read_hf_config
 
 # Keys MindFormers' trainer or PretrainedConfig attach to every model config; accepted, not validated.
 _FRAMEWORK_KEYS = {
@@ -64,33 +64,5 @@ class MixtralConfig(PretrainedConfig):
         return cls.from_hf_config(read_hf_config(path), **overrides)
 
     def to_hf_config(self) -> dict:
-        """The Hugging Face config.json dict (top-level `rope_theta`, as the released checkpoints); a
-        MistralForCausalLM config for a dense (hf_model_type mistral) model."""
-        hf = {
-            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim, "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta, "sliding_window": self.sliding_window,
-            "num_local_experts": self.num_local_experts, "num_experts_per_tok": self.num_experts_per_tok,
-            "router_aux_loss_coef": self.router_aux_loss_coef, "router_jitter_noise": self.router_jitter_noise,
-            "output_router_logits": False, "tie_word_embeddings": self.tie_word_embeddings,
-            "initializer_range": self.initializer_range, "hidden_act": "silu", "attention_dropout": 0.0,
-            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
-            "torch_dtype": {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[self.param_init_type],
-            "use_cache": True,
-            # Not Hugging Face fields: written only for the routers Hugging Face's Mixtral does not have.
-            **({"router_type": self.router_type, "rre_groups": self.rre_groups, "rre_seed": self.rre_seed}
-               if self.router_type != "mixtral" else {}),
-        }
-        if self.dynamic_skip_betas is not None:
-            hf["dynamic_skip_betas"] = list(self.dynamic_skip_betas)
-        if self.expert_quantization is not None:
-            hf["expert_quantization"] = dict(self.expert_quantization)
-        if self.hf_model_type == "mistral":
-            for key in ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise",
-                        "output_router_logits"):
-                del hf[key]
-            hf.update(architectures=["MistralForCausalLM"], model_type="mistral")
-        return hf
+        """The Hugging Face config.json dict (schema.hf_config)."""
+        return hf_config(model_dims(self))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from fractions import Fraction
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -316,19 +317,37 @@ def write_mindrecord(output: str, columns: Dict[str, dict], samples: Iterable[Di
     return count
 
 
+_MINDRECORD = re.compile(r"mindrecord\d*$")  # the files MindFormers reads from a dataset_dir folder
+
+
+def mindrecord_files(path: str) -> List[str]:
+    """The MindRecord files of a dataset as MindFormers' `dataset_dir` names it: one file, or every file
+    under a folder whose name ends in `mindrecord` (recursively, sorted), e.g. one per domain."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
+                       if _MINDRECORD.search(f))
+        if not files:
+            raise DataError(f"no MindRecord file (*.mindrecord) under {path}")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise DataError(f"no dataset at {path}")
+    for file in files:
+        if not os.path.isfile(file + ".db"):
+            raise DataError(f"{file} has no index file {file}.db beside it; is it a MindRecord file?")
+    return files
+
+
 def mindrecord_info(path: str) -> Dict[str, object]:
-    """Columns, tokens per sample and sample count of a MindRecord file.
+    """Columns, tokens per sample and sample count of a MindRecord file (or folder: mindrecord_files).
 
     Returns {"columns": [...], "seq_length": tokens per sample (seq_length + 1 of the config that fits),
     "num_samples": n}. Raises DataError for a missing or unreadable file, ragged or empty data.
     """
-    if not os.path.isfile(path):
-        raise DataError(f"no dataset at {path}")
-    if not os.path.isfile(path + ".db"):
-        raise DataError(f"{path} has no index file {path}.db beside it; is it a MindRecord file?")
+    files = mindrecord_files(path)
     import mindspore.dataset as ds
     try:
-        dataset = ds.MindDataset(path, shuffle=False)
+        dataset = ds.MindDataset(files, shuffle=False)
         rows = dataset.create_dict_iterator(num_epochs=1, output_numpy=True)
         row = next(rows, None)
         size = dataset.get_dataset_size()
@@ -344,9 +363,26 @@ def mindrecord_info(path: str) -> Dict[str, object]:
     return {"columns": list(row), "seq_length": lengths["input_ids"], "num_samples": int(size)}
 
 
-def check_dataset(path: str, seq_length: int, columns: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    """Raise DataError unless samples hold seq_length + 1 tokens (the YAML's model seq_length) and carry
-    `columns` (e.g. the YAML's input_columns); returns mindrecord_info's dict."""
+def check_domain_ids(path: str, groups: int) -> None:
+    """router_type rre with `groups` > 1 expert groups picks each token's group by its domain id, which the
+    graph does not bound-check: raise DataError unless every id of the `domain_ids` column is in
+    0..groups-1. Reads that one column once, before the model is built."""
+    import mindspore.dataset as ds
+    dataset = ds.MindDataset(mindrecord_files(path), columns_list=[DOMAIN_COLUMN], shuffle=False)
+    low, high = 0, 0
+    for (ids,) in dataset.batch(1024).create_tuple_iterator(num_epochs=1, output_numpy=True):
+        low, high = min(low, int(ids.min())), max(high, int(ids.max()))
+    if low < 0 or high >= groups:
+        raise DataError(f"{path} holds domain id {low if low < 0 else high}, but router_type rre has rre_groups "
+                        f"{groups} (domain ids 0..{groups - 1}); re-run scripts/preprocess_data.py with --domain_id "
+                        f"in that range or raise rre_groups")
+
+
+def check_dataset(path: str, seq_length: int, columns: Optional[Sequence[str]] = None,
+                  domain_groups: int = 1) -> Dict[str, object]:
+    """Raise DataError unless samples hold seq_length + 1 tokens (the YAML's model seq_length), carry
+    `columns` (e.g. the YAML's input_columns) and, for `domain_groups` > 1 (router_type rre's rre_groups),
+    domain ids of those groups (check_domain_ids); returns mindrecord_info's dict."""
     info = mindrecord_info(path)
     length = info["seq_length"]
     if length != seq_length + 1:
@@ -357,6 +393,11 @@ def check_dataset(path: str, seq_length: int, columns: Optional[Sequence[str]] =
     if missing:
         raise DataError(f"{path} lacks column(s) {', '.join(missing)} (it has {', '.join(info['columns'])}); "
                         f"fine-tuning data needs --format alpaca or chat")
+    if domain_groups > 1:
+        if DOMAIN_COLUMN not in info["columns"]:
+            raise DataError(f"{path} has no {DOMAIN_COLUMN} column, which router_type rre with {domain_groups} "
+                            f"expert groups routes by; re-run scripts/preprocess_data.py with --domain_id")
+        check_domain_ids(path, domain_groups)
     return info
 
 

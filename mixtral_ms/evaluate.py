@@ -15,7 +15,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .data import DOMAIN_COLUMN, IGNORE, DataError, check_dataset, mindrecord_info
+from .data import DOMAIN_COLUMN, IGNORE, DataError, check_dataset, mindrecord_files, mindrecord_info
 from .safetensors_io import CheckpointError
 
 
@@ -33,7 +33,7 @@ def evaluate(model, dataset: str, batch_size: int, max_samples: Optional[int] = 
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     if max_samples is not None and max_samples < 1:
         raise DataError(f"--eval_samples must be at least 1, got {max_samples}")
-    data = ds.MindDataset(dataset, shuffle=False, num_samples=max_samples)
+    data = ds.MindDataset(mindrecord_files(dataset), shuffle=False, num_samples=max_samples)
     model.set_train(False)
     nll = tokens = samples = dropped = 0.0
     has_labels, has_domains = "labels" in info["columns"], DOMAIN_COLUMN in info["columns"]
@@ -76,7 +76,8 @@ def run_eval(config, build_model, dataset: Optional[str], output: Optional[str],
         raise DataError("eval needs --eval_dataset (a MindRecord file, e.g. a preprocess_data.py held-out split)")
     if not config.load_checkpoint:
         raise CheckpointError("eval needs --load_checkpoint (or load_checkpoint in the YAML)")
-    check_dataset(dataset, int(config.model.model_config.seq_length))  # before the model is built
+    model_config = config.model.model_config  # the data is checked before the model is built
+    check_dataset(dataset, int(model_config.seq_length), domain_groups=int(model_config.get("rre_groups") or 1))
     model = build_model(config.load_checkpoint)
     record = {"checkpoint": os.path.abspath(config.load_checkpoint),
               **evaluate(model, dataset, int(config.runner_config.batch_size), max_samples)}

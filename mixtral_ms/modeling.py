@@ -179,7 +179,7 @@ class MixtralModel(MixtralPreTrainedModel):
         (default 0..S-1); cols [S]: sequence slots of these tokens (default 0..S-1). With a KV cache:
         past_keys/values [L, B, KV, P, D], past_cols int [P] (-1 for empty slots), past_valid [B, P].
         domain_ids int [B, S]: each token's domain, which picks its expert group under router_type rre
-        (optional with one group); other routers ignore it.
+        (optional, and ignored, with one group); other routers ignore it.
 
         Returns hidden [B, S, H], new keys and values [L, B, KV, S, D] and per-layer router outputs.
         """
@@ -202,11 +202,11 @@ class MixtralModel(MixtralPreTrainedModel):
         token_ids = None
         if self.random_routed:
             token_ids = input_ids
-            if domain_ids is None:
-                if self.rre_groups > 1:
-                    raise ValueError(f"router_type rre with {self.rre_groups} expert groups needs domain_ids "
-                                     "(a dataset column); extract one group to run a single domain")
+            if self.rre_groups == 1:  # one group serves every domain id (an extracted group keeps its data's ids)
                 domain_ids = ops.zeros_like(input_ids)
+            elif domain_ids is None:
+                raise ValueError(f"router_type rre with {self.rre_groups} expert groups needs domain_ids "
+                                 "(a dataset column); extract one group to run a single domain")
         x = embedding(self.embed_tokens.gather, self.embed_tokens.weight, input_ids, self.compute_dtype)
         keys, values, logits, loads, dropped, prob_sums, z_sums = (), (), (), (), (), (), ()
         if past_keys is not None:  # one Unstack each: indexing [i] is a strided copy per layer, far slower

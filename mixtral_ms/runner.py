@@ -153,7 +153,7 @@ def prepare_resume(config, model) -> int:
 def training_data(run: Run) -> int:
     """Check the training set against the config (sequence length, columns, at least one batch);
     returns the steps in an epoch."""
-    from .data import check_dataset
+    from .data import DOMAIN_COLUMN, check_dataset
     from .training.wrapper import prepare_wrapper
     config = run.config
     loader = (config.get("train_dataset") or {}).get("data_loader") or {}
@@ -162,7 +162,11 @@ def training_data(run: Run) -> int:
         raise RunError(f"run_mode {config.run_mode} needs train_dataset.data_loader.dataset_dir (or --train_dataset)")
     prepare_wrapper(config)  # gradient accumulation by MixtralTrainOneStepCell
     columns = list(config.train_dataset.get("input_columns") or ["input_ids"])
-    samples = check_dataset(path, run.model_config.seq_length, columns)["num_samples"]
+    groups = run.model_config.rre_groups
+    if groups > 1 and DOMAIN_COLUMN not in columns:  # else MindFormers never feeds the column the router needs
+        raise RunError(f"router_type rre with {groups} expert groups routes by {DOMAIN_COLUMN}, but "
+                       f"train_dataset.input_columns ({', '.join(columns)}) leaves it out; add {DOMAIN_COLUMN}")
+    samples = check_dataset(path, run.model_config.seq_length, columns, groups)["num_samples"]
     batch = int(config.runner_config.batch_size)
     world = int(os.environ.get("MS_WORKER_NUM") or os.environ.get("RANK_SIZE") or 1) if config.use_parallel else 1
     steps = samples // (batch * world)

@@ -217,6 +217,41 @@ def hf_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
     return kwargs
 
 
+def hf_config(dims: ModelDims) -> Dict[str, Any]:
+    """The Hugging Face config.json dict (top-level `rope_theta`, as the released checkpoints); a
+    MistralForCausalLM config for a dense (hf_model_type mistral) model. MindSpore-free: expert surgery reads
+    a run YAML's model through it without importing MindFormers (MixtralConfig.to_hf_config is this)."""
+    hf = {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "vocab_size": dims.vocab_size, "hidden_size": dims.hidden_size,
+        "intermediate_size": dims.intermediate_size, "num_hidden_layers": dims.num_hidden_layers,
+        "num_attention_heads": dims.num_attention_heads, "num_key_value_heads": dims.num_key_value_heads,
+        "head_dim": dims.head_dim, "max_position_embeddings": dims.max_position_embeddings,
+        "rms_norm_eps": dims.rms_norm_eps, "rope_theta": float(dims.rope_theta),
+        "sliding_window": dims.sliding_window,
+        "num_local_experts": dims.num_local_experts, "num_experts_per_tok": dims.num_experts_per_tok,
+        "router_aux_loss_coef": dims.router_aux_loss_coef, "router_jitter_noise": dims.router_jitter_noise,
+        "output_router_logits": False, "tie_word_embeddings": dims.tie_word_embeddings,
+        "initializer_range": dims.initializer_range, "hidden_act": "silu", "attention_dropout": 0.0,
+        "bos_token_id": dims.bos_token_id, "eos_token_id": dims.eos_token_id, "pad_token_id": dims.pad_token_id,
+        "torch_dtype": {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dims.param_init_type],
+        "use_cache": True,
+        # Not Hugging Face fields: written only for the routers Hugging Face's Mixtral does not have.
+        **({"router_type": dims.router_type, "rre_groups": dims.rre_groups, "rre_seed": dims.rre_seed}
+           if dims.router_type != "mixtral" else {}),
+    }
+    if dims.dynamic_skip_betas is not None:
+        hf["dynamic_skip_betas"] = list(dims.dynamic_skip_betas)
+    if dims.expert_quantization is not None:
+        hf["expert_quantization"] = dict(dims.expert_quantization)
+    if dims.hf_model_type == "mistral":
+        for key in ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise",
+                    "output_router_logits"):
+            del hf[key]
+        hf.update(architectures=["MistralForCausalLM"], model_type="mistral")
+    return hf
+
+
 def read_hf_config(folder: str) -> Dict[str, Any]:
     """`<folder>/config.json` as a dict, with one-line errors for a missing or malformed file."""
     path = os.path.join(folder, "config.json")

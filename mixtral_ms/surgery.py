@@ -14,7 +14,10 @@ computed is ever in memory and unchanged weights are copied byte for byte.
   Identity: with top-1 routing a `copy`-grown model computes the source's function exactly (a token whose
   expert has a twin picks either, with weight 1); with top-k > 1 a twin takes the second slot, so the
   function changes and the old experts' outputs stay as they were.
-- extract: keep a subset of experts (one list for every layer, or one per layer) with their router rows.
+- extract: keep a subset of experts (one list for every layer, or one per layer) with their router rows. Of a
+  `router_type: rre` model only one whole domain group (rre.group_experts), which becomes a model of
+  rre_groups 1 that routes that domain's tokens as the full model did; any other subset is refused.
+  grow and mix of an rre model are refused: they would change the size of its domain groups.
 - upcycle (Komatsuzaki et al. 2023): a dense Mistral into a Mixtral of E copies of each FFN and a new
   router, N(0, initializer_range); identical experts with renormalised top-k weights compute the dense FFN.
 - mix (Branch-Train-MiX, Sukhbaatar et al. 2024): N branches of one seed into one Mixtral; per layer the
@@ -41,7 +44,8 @@ from .convert import (DEFAULT_SHARD, HF_METADATA, MS_METADATA, _copy_side_files,
                       _prepare_dst, write_sharded)
 from .name_map import (hf_sources, is_expert_stack, is_ms_layout, ms_tensors, ms_to_hf, parameter_specs,
                        source_dtype)
-from .schema import hf_dims, read_hf_config
+from .rre import group_experts
+from .schema import hf_config, hf_dims, model_dims, read_hf_config
 from .safetensors_io import CHUNK_BYTES, ArrayTensor, CheckpointError, TensorInfo, convert_bytes, nbytes_of, to_numpy
 
 INITS = ("copy", "copy-noise", "random")
@@ -66,12 +70,11 @@ def read_config(path: str) -> Dict:
     """A Hugging Face config dict from a config.json, its folder, or a run YAML (its model.model_config)."""
     if path.endswith((".yaml", ".yml")) and os.path.isfile(path):
         import yaml
-        from .configuration import MixtralConfig
         with open(path, encoding="utf-8") as f:
             section = ((yaml.safe_load(f) or {}).get("model") or {}).get("model_config")
         if not isinstance(section, dict):
             raise SurgeryError(f"{path} has no model.model_config section")
-        return MixtralConfig(**{k: v for k, v in section.items() if k != "type"}).to_hf_config()
+        return hf_config(model_dims(section))  # schema only: MindFormers' import logs to stderr and ./output
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as f:
@@ -291,15 +294,42 @@ def plan_extract(model: Model, keep: Sequence[Sequence[int]]) -> Plan:
     _check_top_k(model.shapes.num_experts_per_tok, count, "extract")
     hf = {**model.hf, "num_local_experts": count}
     record = {"operation": "extract", "sources": [model.path], "experts": [[[0, e] for e in ids] for ids in lists]}
+    if model.shapes.router_type == "rre":
+        group = _rre_group(model, lists)
+        hf["rre_groups"], record["rre_group"] = 1, group
     return _build([model], hf, record, lambda i: [(0, e) for e in lists[i]],
                   lambda name, layer, j, b, e: model.expert(name, e),
                   lambda layer, dtype: [model.row(layer, e) for e in lists[layer]],
                   model.tensor)
 
 
+def _rre_group(model: Model, lists: Sequence[Sequence[int]]) -> int:
+    """The domain group that `lists` keeps in every layer, in order: with rre_groups 1 and the same
+    rre_seed the extract then routes that domain's tokens to the same experts (rre.py); else refused."""
+    dims = model.shapes
+    groups = [group_experts(dims, g) for g in range(dims.rre_groups)]
+    for g, ids in enumerate(groups):
+        if all(list(kept) == ids for kept in lists):
+            return g
+    named = " or ".join(",".join(map(str, ids)) for ids in groups)
+    got = lists[:1] if all(list(k) == list(lists[0]) for k in lists) else lists
+    raise SurgeryError(f"router_type rre routes by domain group: --experts must be one whole group, in order, "
+                       f"in every layer ({named}); got {';'.join(','.join(map(str, k)) for k in got)}")
+
+
+def _refuse_rre(model: Model, operation: str) -> None:
+    """grow and mix change the expert count, so rre's equal domain groups (rre.group_experts) would change
+    size and mix the old experts across groups: refused rather than silently re-routing every domain."""
+    if model.shapes.router_type == "rre":
+        raise SurgeryError(f"{operation} of a router_type rre model would change its domain groups "
+                           f"({model.shapes.rre_groups} groups of {model.num_experts // model.shapes.rre_groups} "
+                           f"experts) and re-route every domain; {operation} is for the other routers")
+
+
 def plan_grow(model: Model, add: int, init: str, seed: int = 0, noise: float = 0.01) -> Plan:
     if model.dense:
         raise SurgeryError(f"{model.path} is a dense Mistral; grow needs a Mixtral (upcycle it first)")
+    _refuse_rre(model, "grow")
     if add < 1:
         raise SurgeryError(f"--add must be at least 1, got {add}")
     if init not in INITS:
@@ -366,6 +396,13 @@ def plan_mix(models: Sequence[Model], weights: Optional[Sequence[float]] = None,
         if diff:
             raise SurgeryError(f"branches of different shapes: {diff[0]} is {getattr(first.shapes, diff[0])} in "
                                f"{first.path} but {getattr(m.shapes, diff[0])} in {m.path}")
+        routing = [k for k in ("router_type",) + (() if top_k else ("num_experts_per_tok",))
+                   if getattr(m.shapes, k) != getattr(first.shapes, k)]
+        if routing:
+            raise SurgeryError(f"branches route differently: {routing[0]} is {getattr(first.shapes, routing[0])!r} "
+                               f"in {first.path} but {getattr(m.shapes, routing[0])!r} in {m.path}"
+                               + ("; pass --top-k" if routing[0] == "num_experts_per_tok" else ""))
+    _refuse_rre(first, "mix")
     weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
     if len(weights) != len(models):
         raise SurgeryError(f"--weights gives {len(weights)} weight(s) for {len(models)} branches")

@@ -6,6 +6,10 @@
   python scripts/experts.py upcycle --src DENSE_MISTRAL --dst OUT --experts 8 [--top-k 2] [--seed 0]
   python scripts/experts.py mix --branches A B ... --dst OUT [--weights 0.5,0.5] [--router new|average|concat]
 
+extract of a router_type rre model: exactly one domain group (e.g. 4,5,6,7 of 8 experts in 2 groups), which
+becomes a model of rre_groups 1 routing that domain's tokens as the full model did; anything else is refused.
+grow and mix refuse rre models (their domain groups would change size); mix refuses branches whose router_type
+(or, without --top-k, num_experts_per_tok) differ.
 grow: new expert E + j copies expert j mod E (weights and router row; copy-noise adds N(0, (noise * rms)^2)
 to each copied tensor; random draws N(0, initializer_range)); top-k unchanged.
 mix: per layer the branches' FFNs (dense Mistral branches) or experts (Mixtral branches) in branch order,

@@ -1,6 +1,7 @@
 """Router options (mixtral_ms/router.py): Switch top-1, GShard's sampled second expert and Pangu-Sigma's
-random routed experts, against numpy references; RRE's domain group extracted as a model of its own
+random routed experts, against numpy references; RRE's domain group extracted by expert surgery
 computes the full model's logits on that domain; the domain_ids column written at preprocessing."""
+import json
 import os
 
 import numpy as np
@@ -14,8 +15,8 @@ from mixtral_ms import ConfigError, MixtralConfig, MixtralForCausalLM
 from mixtral_ms import data as D
 from mixtral_ms.moe import MixtralSparseMoeBlock
 from mixtral_ms.router import random_expert_map
-from mixtral_ms.name_map import TRAINING_STATE_PREFIXES
-from mixtral_ms.rre import group_config, group_experts, group_state
+from mixtral_ms.rre import group_experts
+from mixtral_ms.surgery import Model, plan_extract, write
 
 
 def _config(**kw):
@@ -111,24 +112,23 @@ def test_rre_routes_token_ids_inside_their_domain_group():
         model(Tensor(ids))
 
 
-def test_rre_group_extracted_alone_gives_the_full_models_logits():
-    """The sub-model of domain 1 (shared weights + group 1's experts, rre_groups 1) computes the full
-    model's logits on domain-1 text: bit-exact in eval mode (each expert runs on exactly its routed rows),
-    within float rounding in dropless training (capacity tiers, so matmul shapes, differ with E)."""
+def test_rre_group_extracted_alone_gives_the_full_models_logits(tmp_path):
+    """expert surgery's extract of domain 1's group (shared weights + group 1's experts, rre_groups 1), from
+    the .ckpt a run saves, computes the full model's logits on domain-1 text: bit-exact in eval mode (each
+    expert runs on exactly its routed rows), within float rounding in dropless training (capacity tiers, so
+    matmul shapes, differ with E)."""
     config = _config(num_local_experts=4, num_experts_per_tok=1, router_type="rre", rre_groups=2, rre_seed=3,
                      router_aux_loss_coef=0.0)  # the training loss is then the CE alone (E differs)
     ms.set_seed(0)
     full = MixtralForCausalLM(config)
     assert group_experts(config, 1) == [2, 3]
-    sub_config = group_config(config, 1)
-    assert (sub_config.num_local_experts, sub_config.rre_groups, sub_config.rre_seed) == (2, 1, 3)
-    sub = MixtralForCausalLM(sub_config)
-    state = group_state({p.name: p.asnumpy() for p in full.get_parameters()}, config, 1)
-    for p in sub.get_parameters():
-        if p.name.startswith(TRAINING_STATE_PREFIXES):  # the side channel's statistics, not weights
-            continue
-        assert state[p.name].shape == p.shape, p.name
-        p.set_data(Tensor(state[p.name]))
+    ms.save_checkpoint([{"name": p.name, "data": p.value()} for p in full.get_parameters()], str(tmp_path / "f.ckpt"))
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config.to_hf_config(), f)
+    plan = plan_extract(Model(str(tmp_path / "f.ckpt"), str(tmp_path / "config.json")), [group_experts(config, 1)])
+    write(plan, str(tmp_path / "sub"), "ms")
+    sub = MixtralForCausalLM.from_pretrained(str(tmp_path / "sub"), capacity_factor=0.0)
+    assert (sub.config.num_local_experts, sub.config.rre_groups, sub.config.rre_seed) == (2, 1, 3)
     ids = Tensor(np.random.default_rng(4).integers(0, 64, (2, 40)).astype(np.int32))
     domain = Tensor(np.ones((2, 40), np.int32))
     full.set_train(False)
@@ -181,3 +181,55 @@ def test_preprocess_writes_a_domain_column(tmp_path):
     with pytest.raises(D.DataError, match="domain id must be a non-negative integer"):
         D.preprocess([str(text)], "text", tokenizer, 16, str(tmp_path / "c.mindrecord"), domain=-1)
     assert not (tmp_path / "c.mindrecord").exists()
+
+
+def test_a_folder_of_domain_mindrecords_is_one_dataset(tmp_path):
+    """dataset_dir may name a folder (MindFormers reads every *.mindrecord under it): one file per domain,
+    as the RRE run of bench/bench_experts.py trains on; an empty folder is refused in one line."""
+    tokenizer = os.path.join(ROOT, "data", "tokenizer", "tokenizer.model")
+    text = tmp_path / "t.txt"
+    text.write_text("And he said unto them, Go ye into all the world.\n" * 40)
+    counts = [D.preprocess([str(text)], "text", tokenizer, 16, str(tmp_path / "ab" / d / f"{d}.mindrecord"), domain=i)
+              for i, d in enumerate("ab")]
+    info = D.check_dataset(str(tmp_path / "ab"), 16, ["input_ids", "domain_ids"])
+    assert info["num_samples"] == sum(counts) and info["seq_length"] == 17
+    assert D.mindrecord_files(str(tmp_path / "ab")) == [str(tmp_path / "ab" / d / f"{d}.mindrecord") for d in "ab"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(D.DataError, match="no MindRecord file"):
+        D.mindrecord_info(str(tmp_path / "empty"))
+
+
+def test_domain_ids_outside_the_rre_groups_are_refused_before_the_run(tmp_path):
+    """The graph does not bound-check a domain id: with rre_groups 2 a dataset holding domain id 2 (or no
+    domain_ids column) is refused in one line by run_mixtral.py before any model is built, train and eval."""
+    from test_training import error_line, write_yaml
+    ids = np.random.default_rng(0).integers(3, 100, (8, 17)).astype(np.int32)
+    columns = {"input_ids": {"type": "int32", "shape": [-1]}, "domain_ids": {"type": "int32", "shape": [-1]}}
+    D.write_mindrecord(str(tmp_path / "d" / "a.mindrecord"), columns,
+                       ({"input_ids": r, "domain_ids": np.zeros_like(r)} for r in ids))
+    D.write_mindrecord(str(tmp_path / "d" / "c.mindrecord"), columns,  # one sample of domain 2 among domain 1
+                       ({"input_ids": r, "domain_ids": np.full_like(r, 2 if i == 3 else 1)} for i, r in enumerate(ids)))
+    D.write_mindrecord(str(tmp_path / "plain.mindrecord"), {"input_ids": columns["input_ids"]},
+                       ({"input_ids": r} for r in ids))
+    rre = {"model.model_config.router_type": "rre", "model.model_config.rre_groups": 2,
+           "train_dataset.input_columns": ["input_ids", "domain_ids"]}
+    cfg = write_yaml(str(tmp_path), tmp_path / "d", **rre)
+    want = f"error: {tmp_path / 'd'} holds domain id 2, but router_type rre has rre_groups 2 (domain ids 0..1)"
+    assert error_line("--config", cfg, "--run_mode", "train").startswith(want)
+    assert error_line("--config", cfg, "--run_mode", "eval", "--load_checkpoint", tmp_path / "none",
+                      "--eval_dataset", tmp_path / "d").startswith(want)
+    assert "has no domain_ids column, which router_type rre with 2 expert groups routes by" in \
+        error_line("--config", cfg, "--run_mode", "eval", "--load_checkpoint", tmp_path / "none",
+                   "--eval_dataset", tmp_path / "plain.mindrecord")
+    del rre["train_dataset.input_columns"]  # in-range data, but MindFormers would not feed the column
+    (tmp_path / "d" / "c.mindrecord").rename(tmp_path / "c.mindrecord")
+    (tmp_path / "d" / "c.mindrecord.db").rename(tmp_path / "c.mindrecord.db")
+    assert error_line("--config", write_yaml(str(tmp_path), tmp_path / "d", **rre), "--run_mode", "train") == \
+        ("error: router_type rre with 2 expert groups routes by domain_ids, but train_dataset.input_columns "
+         "(input_ids) leaves it out; add domain_ids")
+    # nothing written but MindFormers' log in the YAML's output_dir (tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["c.mindrecord", "c.mindrecord.db", "d", "log", "plain.mindrecord",
+                                            "plain.mindrecord.db", "run.yaml"]
+    assert sorted(os.listdir(tmp_path / "d")) == ["a.mindrecord", "a.mindrecord.db"]
+    D.check_dataset(str(tmp_path / "d" / "a.mindrecord"), 16, domain_groups=2)  # ids in range pass
+    D.check_dataset(str(tmp_path / "d"), 16, domain_groups=3)

@@ -24,9 +24,9 @@ SCRIPT = os.path.join(ROOT, "scripts", "experts.py")
 E = 8  # tiny8's experts
 
 
-def cli(*args, ok=True):
+def cli(*args, ok=True, cwd=None):
     run = subprocess.run([sys.executable, SCRIPT, *map(str, args), "--quiet"], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, cwd=cwd)
     if ok:
         assert run.returncode == 0, run.stderr
     return run
@@ -114,6 +114,40 @@ def test_extract_of_a_subset_equals_slicing(tmp_path):
         [[[0, 7], [0, 1], [0, 2]], [[0, 4], [0, 0], [0, 6]]]
     ids = np.load(os.path.join(TINY8, "golden.npz"))["input_ids"]
     assert logits(tmp_path / "sub", ids).shape == (2, 12, 128)  # our model loads the smaller Mixtral
+
+
+def test_rre_extract_of_a_domain_group_gives_the_full_models_logits_on_that_domain(tmp_path):
+    """extract of an RRE model's group 1 (experts 4-7 of 2 groups), through the CLI: a model of rre_groups 1,
+    same rre_seed, whose logits on domain-1 tokens equal the full model's bit for bit (eval mode, dropless;
+    enough tokens that every expert runs on exactly its routed rows). The domain column a domain-1 dataset
+    carries reaches the one-group model too (evaluate.py passes it) and changes nothing."""
+    full = with_config(TINY8, tmp_path / "rre", router_type="rre", rre_groups=2, rre_seed=3)
+    cli("extract", "--src", full, "--dst", tmp_path / "b", "--experts", "4,5,6,7")
+    config = json.load(open(tmp_path / "b" / "config.json"))
+    assert (config["num_local_experts"], config["rre_groups"], config["rre_seed"], config["router_type"]) == \
+        (4, 1, 3, "rre")
+    assert json.load(open(tmp_path / "b" / "surgery.json"))["rre_group"] == 1
+    ids = Tensor(np.random.default_rng(5).integers(0, 128, (2, 64)).astype(np.int32))
+    domain_b = Tensor(np.ones((2, 64), np.int32))
+    big, small = MixtralForCausalLM.from_pretrained(str(full)), MixtralForCausalLM.from_pretrained(str(tmp_path / "b"))
+    big.set_train(False)
+    small.set_train(False)
+    want = big(ids, domain_ids=domain_b)[0].asnumpy()
+    np.testing.assert_array_equal(small(ids)[0].asnumpy(), want)
+    np.testing.assert_array_equal(small(ids, domain_ids=domain_b)[0].asnumpy(), want)
+    other = big(ids, domain_ids=Tensor(np.zeros((2, 64), np.int32)))[0].asnumpy()
+    assert np.abs(other - want).max() > 1e-3  # the domain does pick the group: the identity is not trivial
+
+
+@pytest.mark.parametrize("experts", ["0,1", "5,4,6,7", "0,1,2,3;4,5,6,7", "2,3,4,5"])
+def test_rre_extract_refuses_anything_but_one_whole_group(tmp_path, experts):
+    full = with_config(TINY8, tmp_path / "rre", router_type="rre", rre_groups=2)
+    run = cli("extract", "--src", full, "--dst", tmp_path / "out", "--experts", experts, ok=False)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: router_type rre routes by domain group") and \
+        "(0,1,2,3 or 4,5,6,7)" in lines[0] and lines[0].endswith(f"got {experts}"), run.stderr
+    assert sorted(os.listdir(tmp_path)) == ["rre"]
 
 
 # ------------------------------------------------------------------------------------------ grow
@@ -307,9 +341,17 @@ def test_training_checkpoint_file_with_the_run_yaml(tmp_path):
     state += [{"name": "adam_m." + n, "data": ms.Tensor(np.ones_like(v))} for n, v in params.items()]
     state.append({"name": "global_step", "data": ms.Tensor(np.array([7], np.int32))})
     ms.save_checkpoint(state, str(tmp_path / "step.ckpt"))
+    before = sorted(os.listdir(tmp_path))
     run = cli("grow", "--src", tmp_path / "step.ckpt", "--dst", tmp_path / "g", "--add", 1, ok=False)
-    assert run.returncode == 2 and "name its model with --config" in run.stderr
-    cli("grow", "--src", tmp_path / "step.ckpt", "--config", cfg, "--dst", tmp_path / "g", "--add", 1)
+    refused(run, "name its model with --config", tmp_path, before)
+    # The .ckpt is read through MindSpore alone: no MindFormers warnings on stderr, no ./output/log in the cwd.
+    (tmp_path / "cwd").mkdir()
+    run = cli("grow", "--src", tmp_path / "step.ckpt", "--config", cfg, "--dst", tmp_path / "g", "--add", 0,
+              ok=False, cwd=tmp_path / "cwd")
+    refused(run, "--add must be at least 1", tmp_path, before + ["cwd"])
+    cli("grow", "--src", tmp_path / "step.ckpt", "--config", cfg, "--dst", tmp_path / "g", "--add", 1,
+        cwd=tmp_path / "cwd")
+    assert os.listdir(tmp_path / "cwd") == []
     grown = arrays(tmp_path / "g")
     experts = params["model.layers.0.block_sparse_moe.experts.w1"]
     np.testing.assert_array_equal(grown["model.layers.0.block_sparse_moe.experts.w1"],
@@ -320,3 +362,40 @@ def test_training_checkpoint_file_with_the_run_yaml(tmp_path):
     assert sorted(open_checkpoint(str(tmp_path / "g"))) == sorted(params)  # stacked names, no optimizer state
     assert json.load(open(tmp_path / "g" / "config.json"))["num_local_experts"] == 9
     assert logits(tmp_path / "g", np.arange(3, 15).reshape(1, 12)).shape == (1, 12, 2000)
+
+
+def refused(run, message, tmp_path, left):
+    """One `error:` line holding `message`, exit 2, nothing written beside the inputs `left`."""
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], run.stderr
+    assert sorted(os.listdir(tmp_path)) == sorted(left)
+
+
+@pytest.mark.parametrize("other,message", [
+    ({"router_type": "switch", "num_experts_per_tok": 1}, "router_type is 'mixtral' in "),
+    ({"router_type": "rre", "rre_groups": 2}, "router_type is 'mixtral' in "),
+    ({"num_experts_per_tok": 1}, "num_experts_per_tok is 2 in "),
+])
+def test_mix_refuses_branches_that_route_differently(tmp_path, other, message):
+    b = with_config(TINY8, tmp_path / "b", **other)
+    run = cli("mix", "--branches", TINY8, b, "--dst", tmp_path / "out", ok=False)
+    refused(run, message, tmp_path, ["b"])
+    value = other.get("router_type", other.get("num_experts_per_tok"))
+    assert run.stderr.strip().endswith(f"but {value!r} in {b}" + ("" if "router_type" in other else "; pass --top-k"))
+
+
+def test_mix_with_top_k_reconciles_branches_of_different_top_k(tmp_path):
+    b = with_config(TINY8, tmp_path / "b", num_experts_per_tok=1)
+    cli("mix", "--branches", TINY8, b, "--dst", tmp_path / "out", "--top-k", 1)
+    assert json.load(open(tmp_path / "out" / "config.json"))["num_experts_per_tok"] == 1
+
+
+@pytest.mark.parametrize("command", ["grow", "mix"])
+def test_grow_and_mix_refuse_an_rre_model(tmp_path, command):
+    """Both change the expert count, so the equal domain groups would change size: refused in one line."""
+    full = with_config(TINY8, tmp_path / "rre", router_type="rre", rre_groups=2)
+    args = ["--src", full, "--add", 2] if command == "grow" else ["--branches", full, full]
+    run = cli(command, *args, "--dst", tmp_path / "out", ok=False)
+    refused(run, f"{command} of a router_type rre model would change its domain groups (2 groups of 4 experts)",
+            tmp_path, ["rre"])
