@@ -10,11 +10,15 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-# MindFormers' logger writes to $LOCAL_DEFAULT_PATH/log (default ./output, read when mindformers is first
-# imported): not into the checkout. Subprocesses inherit it; a run's build_context points it at its output_dir.
+# MindFormers' logger takes its folder from $LOCAL_DEFAULT_PATH (default ./output) when mindformers is first
+# imported: a temp folder, not the checkout. Unset again afterwards, so that a run puts its log under its
+# output_dir as scripts/run_mixtral.py does (runner.execute).
 _LOG_ROOT = tempfile.mkdtemp(prefix="mixtral-ms-tests-")
 atexit.register(shutil.rmtree, _LOG_ROOT, ignore_errors=True)
-os.environ.setdefault("LOCAL_DEFAULT_PATH", _LOG_ROOT)
+if "LOCAL_DEFAULT_PATH" not in os.environ:
+    os.environ["LOCAL_DEFAULT_PATH"] = _LOG_ROOT
+    import mindformers  # noqa: E402,F401
+    del os.environ["LOCAL_DEFAULT_PATH"]
 
 import mindspore as ms  # noqa: E402
 
