@@ -12,11 +12,11 @@ sys.path.insert(0, ROOT)
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 # MindFormers' logger takes its folder from $LOCAL_DEFAULT_PATH (default ./output) when mindformers is first
 # imported: a temp folder, not the checkout. Unset again afterwards, so that a run puts its log under its
-# output_dir as scripts/run_mixtral.py does (runner.execute).
-_LOG_ROOT = tempfile.mkdtemp(prefix="mixtral-ms-tests-")
-atexit.register(shutil.rmtree, _LOG_ROOT, ignore_errors=True)
+# output_dir as scripts/run_mixtral.py does (runner.execute). Tests of the other CLIs pass it to them.
+LOG_ROOT = tempfile.mkdtemp(prefix="mixtral-ms-tests-")
+atexit.register(shutil.rmtree, LOG_ROOT, ignore_errors=True)
 if "LOCAL_DEFAULT_PATH" not in os.environ:
-    os.environ["LOCAL_DEFAULT_PATH"] = _LOG_ROOT
+    os.environ["LOCAL_DEFAULT_PATH"] = LOG_ROOT
     import mindformers  # noqa: E402,F401
     del os.environ["LOCAL_DEFAULT_PATH"]
 
