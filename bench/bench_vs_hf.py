@@ -10,7 +10,8 @@ and the MoE layer alone (training mode at capacity 1.1, and the dropless eval pa
 SwiGLU FFN with the same active parameters (intermediate k*F), and MindFormers' Trainer on the same
 config (scripts/run_mixtral.py, as users train) beside the bare training step.
 Each row also gets its fraction of this machine's limit, measured in the same run: compute-bound rows
-(training, prefill) FLOP/s over MindSpore's own MatMul rate on the bench's matmul shapes; decode rows
+(training, prefill) FLOP/s over MindSpore's own MatMul rate on the bench's matmul shapes (torch's rate on
+the same shapes is recorded beside it: HF's rows are bounded by that one, not MindSpore's); decode rows
 tokens/s over (memory read bandwidth / bytes one token must read: the weights of the layers and of the
 experts routed to, and the filled KV cache). The machine (CPU model, cores) is recorded with the results.
 HF runs in a separate interpreter that has torch and transformers (`--hf-python`); without one, HF is
@@ -89,27 +90,32 @@ def matmul_shapes(cfg: dict, tokens: int) -> list:
 
 def matmul_limit(repeats: int) -> float:
     """MindSpore's own float32 MatMul rate (graph mode, x W^T as the model runs it) on the bench's shapes:
-    their FLOPs over the time the matmuls alone take, each shape timed separately."""
+    their FLOPs over the time the matmuls alone take. Each shape runs as one graph of its `count` matmuls
+    on distinct weights, as in the model's graph: one matmul per call would add a graph launch (about a
+    millisecond of host time) to each, which at these sizes is up to half the matmul and halves the rate."""
     import mindspore as ms
-    from mindspore import Tensor, nn, ops
+    from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-    class Mm(nn.Cell):
-        def __init__(self):
+    class Matmuls(nn.Cell):
+        def __init__(self, weights: list):
             super().__init__()
             self.mm = ops.MatMul(transpose_b=True)
+            self.weights = ParameterTuple(Parameter(Tensor(w), name=f"w{i}") for i, w in enumerate(weights))
 
-        def construct(self, a, b):
-            return self.mm(a, b).sum()  # a scalar back to the host, not the product (1% of the time at most)
+        def construct(self, a):
+            total = 0.0
+            for w in self.weights:  # a scalar each back, not the products (1% of the time at most)
+                total = total + self.mm(a, w).sum()
+            return total
 
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     rng = np.random.default_rng(0)
     flops = seconds = 0.0
     for m, kdim, n, count in matmul_shapes(CONFIG, BATCH * SEQ):
         a = Tensor(rng.random((m, kdim), dtype=np.float32))
-        b = Tensor(rng.random((n, kdim), dtype=np.float32))
-        cell = Mm()
-        t = median_time(lambda: cell(a, b).asnumpy(), repeats, warmup=2)
-        flops, seconds = flops + 2 * m * kdim * n * count, seconds + t * count
+        cell = Matmuls([rng.random((n, kdim), dtype=np.float32) for _ in range(count)])
+        t = median_time(lambda: cell(a).asnumpy(), repeats, warmup=2)
+        flops, seconds = flops + 2 * m * kdim * n * count, seconds + t
     return flops / seconds
 
 
@@ -151,7 +157,8 @@ def bench_ours(repeats: int) -> dict:
 
     step = MixtralTrainOneStepCell(model, FusedAdamW(model.trainable_params(), learning_rate=1e-4))
     step.set_train(True)
-    out["train_tokens_per_s"] = BATCH * SEQ / median_time(lambda: step(ids)[0].asnumpy(), repeats)
+    # compile, then one step more, as the Trainer row skips its first two steps
+    out["train_tokens_per_s"] = BATCH * SEQ / median_time(lambda: step(ids)[0].asnumpy(), repeats, warmup=2)
 
     model.set_train(False)
     out["prefill_tokens_per_s"] = BATCH * SEQ / median_time(lambda: model(ids)[0].asnumpy(), repeats)
@@ -230,7 +237,7 @@ HF_WORKER = r'''
 import json, statistics, sys, time
 import numpy as np, torch
 from transformers import MixtralConfig, MixtralForCausalLM
-cfg, seq, batch, steps, prompt_len, threads, repeats = json.loads(sys.argv[1])
+cfg, seq, batch, steps, prompt_len, threads, repeats, shapes = json.loads(sys.argv[1])
 torch.set_num_threads(threads); torch.manual_seed(0)
 model = MixtralForCausalLM(MixtralConfig(**cfg, attn_implementation="sdpa", output_router_logits=True))
 rng = np.random.default_rng(0)
@@ -256,6 +263,12 @@ with torch.no_grad():
     x = torch.randn(batch, seq, cfg["hidden_size"])
     moe = model.model.layers[0].mlp if hasattr(model.model.layers[0], "mlp") else model.model.layers[0].block_sparse_moe
     out["moe_layer_ms"] = 1e3 * med(lambda: moe(x))
+flops = seconds = 0.0  # torch's float32 matmul rate (x W^T) on the shapes MindSpore's limit is measured on
+for m, kdim, n, count in shapes:
+    a = torch.rand(m, kdim); ws = [torch.rand(n, kdim) for _ in range(count)]
+    seconds += med(lambda: [torch.nn.functional.linear(a, w) for w in ws])
+    flops += 2 * m * kdim * n * count
+out["torch_matmul_flops_per_s"] = flops / seconds
 out["torch"] = torch.__version__
 print(json.dumps(out))
 '''
@@ -269,7 +282,7 @@ def bench_hf(python: str, repeats: int) -> dict | None:
     if check.returncode != 0:
         print(f"HF skipped: {python} cannot import torch and transformers")
         return None
-    args = json.dumps([CONFIG, SEQ, BATCH, DECODE_STEPS, PROMPT, THREADS, repeats])
+    args = json.dumps([CONFIG, SEQ, BATCH, DECODE_STEPS, PROMPT, THREADS, repeats, matmul_shapes(CONFIG, BATCH * SEQ)])
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
     proc = subprocess.run([python, "-c", HF_WORKER, args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -318,8 +331,11 @@ def markdown(results: dict) -> str:
     frac = results["fraction_of_limit"]
     m = results["machine"]
     lines = [f"{m['cpu']}, {m['logical_cpus']} logical CPUs, {m['threads']} threads; MindSpore {m['mindspore']}"
-             + (f", torch {hf['torch']}" if hf.get("torch") else "") + f"; MatMul limit "
-             f"{results['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, read bandwidth {results['read_bytes_per_s'] / 1e9:.1f} GB/s",
+             + (f", torch {hf['torch']}" if hf.get("torch") else "") + f"; MatMul limit (MindSpore's) "
+             f"{results['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s"
+             + (f" (torch's on the same shapes {hf['torch_matmul_flops_per_s'] / 1e9:.0f})"
+                if hf.get("torch_matmul_flops_per_s") else "")
+             + f", read bandwidth {results['read_bytes_per_s'] / 1e9:.1f} GB/s",
              "", "| row | HF | mixtral-ms | mixtral-ms / HF | HF, fraction of limit | mixtral-ms, fraction of limit |",
              "|---|---|---|---|---|---|"]
     for key, name, limit in (("train_tokens_per_s", "training step, tokens/s", "train"),
