@@ -33,13 +33,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_compress import export, run  # noqa: E402
+from _common import HELDOUT_FRACTION, run, split  # noqa: E402
+from bench_compress import export  # noqa: E402
 
 TEACHER_YAML = os.path.join(ROOT, "configs", "mixtral_tiny_cpu.yaml")
 DENSE_YAML = os.path.join(ROOT, "configs", "compress", "dense_tiny_cpu.yaml")
 DISTILL_YAML = os.path.join(ROOT, "configs", "compress", "distill_dense_tiny.yaml")
 RESULTS = os.path.join(ROOT, "bench", "results", "distill.json")
-HELDOUT_FRACTION = 0.1
 
 
 def newest_checkpoint(run_dir: str) -> str:
@@ -153,9 +153,7 @@ def main(argv=None) -> int:
     work = os.path.abspath(args.work or os.path.join(ROOT, "runs", f"distill_{args.epochs}ep"))
     os.makedirs(work, exist_ok=True)
     data = os.path.join(work, "train.mindrecord")
-    if not os.path.isfile(data):
-        run([sys.executable, "scripts/preprocess_data.py", "--input", "data/corpus", "--format", "text",
-             "--seq_length", "128", "--output", data, "--heldout_fraction", str(HELDOUT_FRACTION)])
+    split("corpus", data)
     teacher = train(work, "teacher", TEACHER_YAML, args.epochs)
     dense = train(work, "dense", DENSE_YAML, args.epochs)
     distill = derived_config(work, "distill", DISTILL_YAML, {"runner_wrapper": {"distill": {"teacher": teacher}}})

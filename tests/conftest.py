@@ -1,16 +1,35 @@
 """Shared test setup: CPU context, the repo on sys.path, and a fixture that runs a test in both modes."""
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+# MindFormers' logger takes its folder from $LOCAL_DEFAULT_PATH (default ./output) when mindformers is first
+# imported: a temp folder, not the checkout. Unset again afterwards, so that a run puts its log under its
+# output_dir as scripts/run_mixtral.py does (runner.execute). Tests of the other CLIs pass it to them.
+LOG_ROOT = tempfile.mkdtemp(prefix="mixtral-ms-tests-")
+atexit.register(shutil.rmtree, LOG_ROOT, ignore_errors=True)
+if "LOCAL_DEFAULT_PATH" not in os.environ:
+    os.environ["LOCAL_DEFAULT_PATH"] = LOG_ROOT
+    import mindformers  # noqa: E402,F401
+    del os.environ["LOCAL_DEFAULT_PATH"]
 
 import mindspore as ms  # noqa: E402
 
 ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+
+
+def pytest_collection_modifyitems(items):
+    """tests/test_parallel.py's 2-process msrun launch starts with that module and runs beside the rest of
+    the suite (one core is mostly idle in this single-threaded process); the tests that wait for it run last."""
+    waiting = [item for item in items if item.path.name == "test_parallel.py" and item.name.startswith("test_msrun_")]
+    items[:] = [item for item in items if item not in waiting] + waiting
 
 
 @pytest.fixture(params=[ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])

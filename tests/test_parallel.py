@@ -35,7 +35,8 @@ SEMI = {"parallel_mode": 1, "enable_alltoall": True, "full_batch": True}
 
 # ----------------------------------------------------------------------------------------------------------------
 # The 2-process launch starts with the module (autouse fixture) so that its 15-25 s overlap the other
-# tests; the tests that read its results come last.
+# tests; the tests that read its results (test_msrun_*) run last in the session (conftest.py moves them),
+# so the launch and its references live for the session.
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, capacity_factor=1.1,
@@ -55,7 +56,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def dp_launch(tmp_path_factory):
     """Writes the initial parameters and the global batches, starts msrun; yields (workdir, process)."""
     work = tmp_path_factory.mktemp("dp")
@@ -120,7 +121,7 @@ def _train_graph(optimizer_cls, groups, init, batches):
         ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def references(dp_launch):
     """MindFormers AdamW and OffloadAdamW on the global batch with moe_token_groups = 2 (= dp)."""
     from mindformers.core.optim import AdamW
@@ -385,14 +386,15 @@ def test_pipeline_network_for_the_32_device_config():
     assert per_stage == [1 + 8 * 10, 8 * 10, 8 * 10, 8 * 10 + 2 + 6]  # embedding; 10 per layer; norm, head, stats
 
 
-def test_context_kwargs_for_32_devices():
+def test_context_kwargs_for_32_devices(tmp_path):
     layout = from_run_config(load_yaml(os.path.join(ROOT, "configs", "parallel", "mixtral_8x7b_pretrain_32p.yaml")))
-    kwargs = context_kwargs(layout, "out/strategy/ckpt_strategy_rank_0.ckpt")
+    strategy_file = str(tmp_path / "strategy" / "ckpt_strategy_rank_0.ckpt")  # MindSpore makes its folder
+    kwargs = context_kwargs(layout, strategy_file)
     assert kwargs["parallel_mode"] == "semi_auto_parallel" and kwargs["device_num"] == 32
     assert kwargs["enable_alltoall"] and kwargs["full_batch"] and kwargs["pipeline_stages"] == 4
     assert kwargs["enable_parallel_optimizer"] and kwargs["gradients_mean"] is False
     assert kwargs["parallel_optimizer_config"] == {"optimizer_level": "level1", "parallel_optimizer_threshold": 64}
-    assert kwargs["strategy_ckpt_save_file"] == "out/strategy/ckpt_strategy_rank_0.ckpt"
+    assert kwargs["strategy_ckpt_save_file"] == strategy_file
     try:  # MindSpore accepts every argument (compiling would need Ascend/GPU)
         ms.set_auto_parallel_context(**kwargs)
         assert ms.get_auto_parallel_context("pipeline_stages") == 4
