@@ -88,32 +88,40 @@ def matmul_shapes(cfg: dict, tokens: int) -> list:
             (rows, f, h, e * layers), (tokens, h, v, 1)]
 
 
-def matmul_limit(repeats: int) -> float:
-    """MindSpore's own float32 MatMul rate (graph mode, x W^T as the model runs it) on the bench's shapes:
-    their FLOPs over the time the matmuls alone take. Each shape runs as one graph of its `count` matmuls
-    on distinct weights, as in the model's graph: one matmul per call would add a graph launch (about a
-    millisecond of host time) to each, which at these sizes is up to half the matmul and halves the rate."""
-    import mindspore as ms
+def matmuls(weights: list):
+    """A graph of `a @ w.T` for each weight (distinct Parameters, as in the model's graph), summed to one
+    scalar each (1% of the time at most): one graph call times many matmuls without a launch each."""
     from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
     class Matmuls(nn.Cell):
-        def __init__(self, weights: list):
+        def __init__(self):
             super().__init__()
             self.mm = ops.MatMul(transpose_b=True)
             self.weights = ParameterTuple(Parameter(Tensor(w), name=f"w{i}") for i, w in enumerate(weights))
 
         def construct(self, a):
             total = 0.0
-            for w in self.weights:  # a scalar each back, not the products (1% of the time at most)
+            for w in self.weights:
                 total = total + self.mm(a, w).sum()
             return total
+
+    return Matmuls()
+
+
+def matmul_limit(repeats: int) -> float:
+    """MindSpore's own float32 MatMul rate (graph mode, x W^T as the model runs it) on the bench's shapes:
+    their FLOPs over the time the matmuls alone take. Each shape runs as one graph of its `count` matmuls
+    (`matmuls`): one matmul per call would add a graph launch (about a millisecond of host time) to each,
+    which at these sizes is up to half the matmul and halves the rate."""
+    import mindspore as ms
+    from mindspore import Tensor
 
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     rng = np.random.default_rng(0)
     flops = seconds = 0.0
     for m, kdim, n, count in matmul_shapes(CONFIG, BATCH * SEQ):
         a = Tensor(rng.random((m, kdim), dtype=np.float32))
-        cell = Matmuls([rng.random((n, kdim), dtype=np.float32) for _ in range(count)])
+        cell = matmuls([rng.random((n, kdim), dtype=np.float32) for _ in range(count)])
         t = median_time(lambda: cell(a).asnumpy(), repeats, warmup=2)
         flops, seconds = flops + 2 * m * kdim * n * count, seconds + t
     return flops / seconds

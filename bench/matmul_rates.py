@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_vs_hf import BATCH, CONFIG, SEQ, matmul_shapes  # noqa: E402
+from bench_vs_hf import BATCH, CONFIG, SEQ, matmul_shapes, matmuls  # noqa: E402
 
 IN_GRAPH = 16
 TORCH = r'''
@@ -50,19 +50,7 @@ def main() -> None:
     parser.add_argument("--hf-python", default="")
     args = parser.parse_args()
     import mindspore as ms
-    from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
-
-    class Matmuls(nn.Cell):
-        def __init__(self, weights: list):
-            super().__init__()
-            self.mm = ops.MatMul(transpose_b=True)
-            self.weights = ParameterTuple(Parameter(Tensor(w), name=f"w{i}") for i, w in enumerate(weights))
-
-        def construct(self, a):
-            total = 0.0
-            for w in self.weights:
-                total = total + self.mm(a, w).sum()
-            return total
+    from mindspore import Tensor
 
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU", runtime_num_threads=args.threads)
     rng = np.random.default_rng(0)
@@ -70,7 +58,7 @@ def main() -> None:
     for m, k, n in shapes:
         a = Tensor(rng.random((m, k), dtype=np.float32))
         weights = [rng.random((n, k), dtype=np.float32) for _ in range(IN_GRAPH)]
-        for name, cell, per_call in (("one-per-call", Matmuls(weights[:1]), 1), ("in-graph", Matmuls(weights), IN_GRAPH)):
+        for name, cell, per_call in (("one-per-call", matmuls(weights[:1]), 1), ("in-graph", matmuls(weights), IN_GRAPH)):
             cell(a).asnumpy()
             reps = max(3, int(args.repeats * 4e9 / (2 * m * k * n * per_call)))
             t, p = time.perf_counter(), time.process_time()

@@ -161,6 +161,12 @@ def training_data(run: Run) -> int:
     if not path:
         raise RunError(f"run_mode {config.run_mode} needs train_dataset.data_loader.dataset_dir (or --train_dataset)")
     prepare_wrapper(config)  # gradient accumulation by MixtralTrainOneStepCell
+    teacher = ((config.get("runner_wrapper") or {}).get("distill") or {}).get("teacher")
+    if teacher:  # on disk, like the dataset: checked when a run needs it, not when its YAML is read
+        try:
+            resolve_checkpoint(teacher)
+        except RunError as err:
+            raise RunError(f"runner_wrapper.distill.teacher: {err}") from None
     columns = list(config.train_dataset.get("input_columns") or ["input_ids"])
     groups = run.model_config.rre_groups
     if groups > 1 and DOMAIN_COLUMN not in columns:  # else MindFormers never feeds the column the router needs
