@@ -10,15 +10,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-# MindFormers' logger takes its folder from $LOCAL_DEFAULT_PATH (default ./output) when mindformers is first
-# imported: a temp folder, not the checkout. Unset again afterwards, so that a run puts its log under its
-# output_dir as scripts/run_mixtral.py does (runner.execute). Tests of the other CLIs pass it to them.
+# MindFormers' logger writes under $LOCAL_DEFAULT_PATH (default ./output), read each time it makes a logger
+# (per log path, on first use): a temp folder for the whole session and its subprocesses, never the checkout.
+# Tests of where a run puts its log (<output_dir>/log, runner.execute) start it with USER_ENV, as users do.
 LOG_ROOT = tempfile.mkdtemp(prefix="mixtral-ms-tests-")
 atexit.register(shutil.rmtree, LOG_ROOT, ignore_errors=True)
-if "LOCAL_DEFAULT_PATH" not in os.environ:
-    os.environ["LOCAL_DEFAULT_PATH"] = LOG_ROOT
-    import mindformers  # noqa: E402,F401
-    del os.environ["LOCAL_DEFAULT_PATH"]
+os.environ.setdefault("LOCAL_DEFAULT_PATH", LOG_ROOT)
+USER_ENV = {k: v for k, v in os.environ.items() if k != "LOCAL_DEFAULT_PATH"}
 
 import mindspore as ms  # noqa: E402
 

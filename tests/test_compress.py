@@ -14,7 +14,7 @@ import pytest
 
 from mindspore import Tensor
 
-from conftest import FIXTURES, LOG_ROOT, ROOT
+from conftest import FIXTURES, ROOT
 from mixtral_ms import MixtralForCausalLM
 from mixtral_ms.compress.calibration import calibrate
 from mixtral_ms.compress.int8 import dequantize_int8
@@ -24,13 +24,12 @@ from test_convert import snapshot
 from test_reliability import _leftovers, _paused
 
 CLI = [sys.executable, os.path.join(ROOT, "scripts", "compress.py")]
-LOG_ENV = dict(os.environ, LOCAL_DEFAULT_PATH=LOG_ROOT)  # MindFormers' log, imported by compress.py: not the checkout
 TINY8 = os.path.join(FIXTURES, "tiny8")  # 2 layers, 8 experts, top-2, vocab 128
 IDS = np.random.default_rng(5).integers(3, 128, (2, 12)).astype(np.int32)
 
 
 def compress(*args):
-    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT, env=LOG_ENV)
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT)
 
 
 def ok(*args):

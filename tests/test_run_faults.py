@@ -16,7 +16,7 @@ import yaml
 import mindspore as ms
 from mindspore import Tensor
 
-from conftest import ROOT
+from conftest import ROOT, USER_ENV
 from mixtral_ms import MixtralConfig, MixtralForCausalLM
 from mixtral_ms.data import write_mindrecord
 from test_training import error_line, run, write_yaml
@@ -216,7 +216,7 @@ def _start_slow(args, cwd, stderr_path):
     """run_mixtral.py with a slow checkpoint write (30 ms a tensor), stderr to `stderr_path`."""
     with open(stderr_path, "w") as stderr:
         return subprocess.Popen([sys.executable, "-c", SLOW_SAVE.format(script=SCRIPT), *map(str, args)], cwd=cwd,
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+                                stdout=subprocess.DEVNULL, stderr=stderr, env=USER_ENV)
 
 
 def _signal_during_save(runs, deadline=300):

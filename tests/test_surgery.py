@@ -11,7 +11,7 @@ import pytest
 
 from mindspore import Tensor
 
-from conftest import FIXTURES, LOG_ROOT, ROOT
+from conftest import FIXTURES, ROOT, USER_ENV
 from mixtral_ms import MixtralForCausalLM
 from mixtral_ms.convert import hf2ms
 from mixtral_ms.name_map import TRAINING_STATE_PREFIXES, parameter_specs
@@ -26,7 +26,7 @@ E = 8  # tiny8's experts
 
 def cli(*args, ok=True, cwd=None):
     run = subprocess.run([sys.executable, SCRIPT, *map(str, args), "--quiet"], capture_output=True, text=True,
-                         timeout=120, cwd=cwd, env=None if cwd else dict(os.environ, LOCAL_DEFAULT_PATH=LOG_ROOT))
+                         timeout=120, cwd=cwd, env=USER_ENV if cwd else None)
     if ok:
         assert run.returncode == 0, run.stderr
     return run
@@ -328,15 +328,13 @@ def test_sigterm_while_writing_removes_the_temp_folder(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_training_checkpoint_file_with_the_run_yaml(tmp_path, monkeypatch):
+def test_training_checkpoint_file_with_the_run_yaml(tmp_path):
     """A MindSpore .ckpt as training writes it (weights + optimizer state), named with --config run.yaml."""
     import mindspore as ms
     from mixtral_ms import runner
     from test_training import write_yaml
     cfg = write_yaml(str(tmp_path), tmp_path / "unused.mindrecord")
-    with monkeypatch.context() as env:  # MindFormers' logger, made on first use: not in the checkout
-        env.setenv("LOCAL_DEFAULT_PATH", LOG_ROOT)
-        model = runner.build_model(runner.load_run(cfg), None)
+    model = runner.build_model(runner.load_run(cfg), None)
     params = {p.name: p.asnumpy() for p in model.get_parameters() if not p.name.startswith(TRAINING_STATE_PREFIXES)}
     state = [{"name": n, "data": ms.Tensor(v)} for n, v in params.items()]
     state += [{"name": p.name, "data": p.value()} for p in model.get_parameters() if p.name not in params]
