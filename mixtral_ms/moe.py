@@ -158,13 +158,19 @@ class MixtralSparseMoeBlock(nn.Cell):
         t, h = flat.shape
         e, k = self.num_experts, self.top_k
         expert = index.reshape(t * k)
-        weight = (weights * ops.cast(valid, weights.dtype)).reshape(t * k, 1)
+        weight = weights * ops.cast(valid, weights.dtype)
         # assignments not served (padding, choices the router did not keep) are not computed
         served = valid.reshape(-1) > 0
         picks = tuple(ops.nonzero(ops.logical_and(expert == i, served)).reshape(-1) for i in range(e))
         outs = self.experts.segments(tuple(ops.gather(flat, p // k, 0) for p in picks))
+        # Back to the static [T, k, H] layout (each assignment's row of the outputs, row 0 a zero row for
+        # those not served), then the batched-matmul combine: on CPU, elementwise work on the dynamic-shape
+        # rows (the weight multiply, the scatter-add) ran several times slower than on static ones.
         pick = ops.concat(picks)
-        y = ops.unsorted_segment_sum(ops.concat(outs) * ops.gather(weight, pick, 0), pick // k, t)
+        rank = ops.cumsum(ops.ones_like(pick, dtype=ms.int32), 0)
+        row = ops.tensor_scatter_elements(ops.zeros((t * k,), ms.int32), pick, rank, axis=0)
+        picked = ops.gather(ops.concat((ops.zeros((1, h), flat.dtype),) + outs), row, 0).reshape(t, k, h)
+        y = self.combine(weight.reshape(t, 1, k), picked).reshape(t, h)
         return y, self._group_load(index, valid, 1)[0], ops.zeros((e,), ms.float32)
 
     def _experts_gathered(self, flat, weights, index, valid):
