@@ -65,6 +65,21 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved(calls: dict, repeats: int) -> dict:
+    """name -> the seconds of each of `repeats` rounds, every round calling each in turn (after one warm-up
+    call each): a change of load during the run moves all of them alike, where back-to-back medians of
+    one call and then the next took it as a difference between them (up to 2x on this VM)."""
+    for call in calls.values():
+        call()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def machine() -> dict:
     """What the figures were measured on."""
     model = platform.processor()
@@ -89,8 +104,9 @@ def matmul_shapes(cfg: dict, tokens: int) -> list:
 
 
 def matmuls(weights: list):
-    """A graph of `a @ w.T` for each weight (distinct Parameters, as in the model's graph), summed to one
-    scalar each (1% of the time at most): one graph call times many matmuls without a launch each."""
+    """A graph of `a @ w.T` for each weight (distinct Parameters, as in the model's graph), each reduced to
+    its first element: one graph call times many matmuls without a launch each. Not `.sum()`: MindSpore's
+    CPU ReduceSum over a [1024, 2048] product took as long as the matmul, which halved the "limit"."""
     from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
     class Matmuls(nn.Cell):
@@ -102,7 +118,7 @@ def matmuls(weights: list):
         def construct(self, a):
             total = 0.0
             for w in self.weights:
-                total = total + self.mm(a, w).sum()
+                total = total + self.mm(a, w)[0, 0]
             return total
 
     return Matmuls()
@@ -149,36 +165,56 @@ def decode_bytes_per_token(cfg: dict, batch: int) -> float:
     return 4 * (weights + cache) / batch
 
 
-def bench_ours(repeats: int) -> dict:
-    import mindspore as ms
+class OurRows:
+    """The bench model (graph mode, seed 0, capacity 1.1 in training) and the work of each row, one call
+    each: `train()` one MixtralTrainOneStepCell step, `prefill()` one eval forward of [BATCH, SEQ],
+    `generate(b, n)` greedy decoding of n new tokens after a PROMPT-token prompt at batch b (the decode
+    rows time n = DECODE_STEPS + 1 minus n = 1). bench/profile_vs_hf.py profiles the same calls."""
+
+    def __init__(self) -> None:
+        import mindspore as ms
+        from mindspore import Tensor
+        from mixtral_ms import MixtralConfig, MixtralForCausalLM
+        from mixtral_ms.optim import FusedAdamW
+        from mixtral_ms.training import MixtralTrainOneStepCell
+        from mindformers.trainer.optimizer_grouped_parameters import get_optimizer_grouped_parameters
+        ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+        ms.set_seed(0)
+        self.model = MixtralForCausalLM(MixtralConfig(**CONFIG, capacity_factor=1.1))
+        self.rng = np.random.default_rng(0)
+        self.ids = Tensor(self.rng.integers(0, CONFIG["vocab_size"], (BATCH, SEQ)).astype(np.int32))
+        self.prompts = {b: self.rng.integers(0, CONFIG["vocab_size"], (b, PROMPT)).astype(np.int32) for b in (1, 8)}
+        # The Trainer's optimizer work: decoupled weight decay (0.01, torch AdamW's default, HF's side too) on
+        # the matrices, grouped as MindFormers groups them (none on the 1-D norms); the shipped YAML's betas, eps.
+        groups = get_optimizer_grouped_parameters(self.model, weight_decay=0.01)
+        self.step = MixtralTrainOneStepCell(self.model, FusedAdamW(groups, learning_rate=1e-4, betas=(0.9, 0.95),
+                                                                   eps=1e-8))
+
+    def train(self) -> None:
+        self.model.set_train(True)
+        self.step(self.ids)[0].asnumpy()
+
+    def prefill(self) -> None:
+        self.model.set_train(False)
+        self.model(self.ids)[0].asnumpy()
+
+    def generate(self, batch: int, new_tokens: int) -> None:
+        self.model.set_train(False)
+        self.model.generate(self.prompts[batch], max_new_tokens=new_tokens, eos_token_id=-1)
+
+
+def bench_ours(repeats: int, rows: "OurRows") -> dict:
     from mindspore import Tensor, nn, ops
-    from mixtral_ms import MixtralConfig, MixtralForCausalLM
-    from mixtral_ms.optim import FusedAdamW
-    from mixtral_ms.training import MixtralTrainOneStepCell
-    from mindformers.trainer.optimizer_grouped_parameters import get_optimizer_grouped_parameters
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-    ms.set_seed(0)
-    cfg = MixtralConfig(**CONFIG, capacity_factor=1.1)
-    model = MixtralForCausalLM(cfg)
-    rng = np.random.default_rng(0)
-    ids = Tensor(rng.integers(0, CONFIG["vocab_size"], (BATCH, SEQ)).astype(np.int32))
+    import mindspore as ms
+    model, rng = rows.model, rows.rng
     out = {}
-
-    # The Trainer's optimizer work: decoupled weight decay (0.01, torch AdamW's default, HF's side too) on the
-    # matrices, grouped as MindFormers groups them (none on the 1-D norms); the shipped YAML's betas and eps.
-    groups = get_optimizer_grouped_parameters(model, weight_decay=0.01)
-    step = MixtralTrainOneStepCell(model, FusedAdamW(groups, learning_rate=1e-4, betas=(0.9, 0.95), eps=1e-8))
-    step.set_train(True)
     # compile, then one step more, as the Trainer row skips its first two steps
-    out["train_tokens_per_s"] = BATCH * SEQ / median_time(lambda: step(ids)[0].asnumpy(), repeats, warmup=2)
-
-    model.set_train(False)
-    out["prefill_tokens_per_s"] = BATCH * SEQ / median_time(lambda: model(ids)[0].asnumpy(), repeats)
+    out["train_tokens_per_s"] = BATCH * SEQ / median_time(rows.train, repeats, warmup=2)
+    out["prefill_tokens_per_s"] = BATCH * SEQ / median_time(rows.prefill, repeats)
     for b in (1, 8):
-        prompt = rng.integers(0, CONFIG["vocab_size"], (b, PROMPT)).astype(np.int32)
-        model.generate(prompt, max_new_tokens=2, eos_token_id=-1)  # compile prefill and decode graphs
-        t_prefill = median_time(lambda: model.generate(prompt, max_new_tokens=1, eos_token_id=-1), repeats)
-        t_all = median_time(lambda: model.generate(prompt, max_new_tokens=DECODE_STEPS + 1, eos_token_id=-1), repeats)
+        rows.generate(b, 2)  # compile prefill and decode graphs
+        t_prefill = median_time(lambda: rows.generate(b, 1), repeats)
+        t_all = median_time(lambda: rows.generate(b, DECODE_STEPS + 1), repeats)
         out[f"decode_b{b}_tokens_per_s"] = b * DECODE_STEPS / max(t_all - t_prefill, 1e-9)
 
     block = model.model.layers[0].block_sparse_moe
@@ -201,11 +237,20 @@ def bench_ours(repeats: int) -> dict:
             flat = x.reshape(-1, x.shape[-1])
             return self.mm(ops.silu(self.mm(flat, self.w1)) * self.mm(flat, self.w3), self.w2)
 
+    def moe(training: bool):
+        def call():
+            block.set_train(training)  # True: capacity 1.1; False: the inference path, dropless
+            block(x, mask)[0].asnumpy()
+        return call
+
     dense = Dense()
-    out["moe_layer_ms"] = 1e3 * median_time(lambda: block(x, mask)[0].asnumpy(), repeats)
-    out["dense_ffn_ms"] = 1e3 * median_time(lambda: dense(x).asnumpy(), repeats)
-    block.set_train(False)  # the inference path: dropless, per-expert segments
-    out["moe_layer_eval_ms"] = 1e3 * median_time(lambda: block(x, mask)[0].asnumpy(), repeats)
+    times = interleaved({"moe_layer": moe(True), "dense_ffn": lambda: dense(x).asnumpy(),
+                         "moe_layer_eval": moe(False)}, repeats)
+    for name, ts in times.items():
+        out[f"{name}_ms"] = 1e3 * statistics.median(ts)
+    # ratios per round (each round times the three in turn), so load drift over the run cancels
+    out["moe_over_dense"] = statistics.median(m / d for m, d in zip(times["moe_layer"], times["dense_ffn"]))
+    out["moe_eval_over_dense"] = statistics.median(m / d for m, d in zip(times["moe_layer_eval"], times["dense_ffn"]))
     return out
 
 
@@ -361,7 +406,9 @@ def markdown(results: dict) -> str:
         cells = [f"{theirs:.0f}" if theirs else "", f"{ours[key]:.1f}", f"{ours[key] / theirs:.2f}x" if theirs else "",
                  f"{frac['hf'][limit]:.0%}" if theirs and "hf" in frac else "", f"{frac['mixtral_ms'][limit]:.0%}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"Trainer overhead over the bare step: {ours['trainer_overhead']:+.1%}" if "trainer_overhead" in ours
+    lines += ["", f"Trainer overhead over the bare step: {ours['trainer_overhead']:+.1%} (bare step "
+              f"{ours['train_tokens_per_s']:.0f} tokens/s before the Trainer row, "
+              f"{ours['train_tokens_per_s_after_trainer']:.0f} right after it)" if "trainer_overhead" in ours
               else "", f"MoE layer (train, cf 1.1) {ours['moe_layer_ms']:.0f} ms"
               + (f" (HF's layer {hf['moe_layer_ms']:.0f} ms)" if hf.get("moe_layer_ms") else "")
               + f"; dense SwiGLU FFN with the same active parameters {ours['dense_ffn_ms']:.0f} ms; "
@@ -381,17 +428,17 @@ def main() -> None:
                           "threads": THREADS, "capacity_factor": 1.1},
                "matmul_flops_per_s": matmul_limit(args.repeats), "read_bytes_per_s": read_bandwidth(args.repeats)}
     results["hf"] = bench_hf(args.hf_python, args.repeats)
-    results["mixtral_ms"] = bench_ours(args.repeats)
+    rows = OurRows()
+    results["mixtral_ms"] = ours = bench_ours(args.repeats, rows)
     if not args.no_trainer:
-        results["mixtral_ms"].update(bench_trainer(args.repeats + 3))
+        ours.update(bench_trainer(args.repeats + 3))
+        # the bare step again right after the Trainer row: its overhead is over the mean of the two
+        ours["train_tokens_per_s_after_trainer"] = BATCH * SEQ / median_time(rows.train, args.repeats)
+        bare = (ours["train_tokens_per_s"] + ours["train_tokens_per_s_after_trainer"]) / 2
+        ours["trainer_overhead"] = bare / ours["trainer_tokens_per_s"] - 1
     fpt = flops_per_token(CONFIG, SEQ)
-    ours = results["mixtral_ms"]
     ours["train_flops_per_s"] = 3 * fpt * ours["train_tokens_per_s"]
     ours["prefill_flops_per_s"] = fpt * ours["prefill_tokens_per_s"]
-    ours["moe_over_dense"] = ours["moe_layer_ms"] / ours["dense_ffn_ms"]
-    ours["moe_eval_over_dense"] = ours["moe_layer_eval_ms"] / ours["dense_ffn_ms"]
-    if "trainer_tokens_per_s" in ours:
-        ours["trainer_overhead"] = ours["train_tokens_per_s"] / ours["trainer_tokens_per_s"] - 1
     results["decode_bytes_per_token"] = {f"b{b}": decode_bytes_per_token(CONFIG, b) for b in (1, 8)}
     results["fraction_of_limit"] = {"mixtral_ms": limits(results, "mixtral_ms")}
     if results["hf"]:
