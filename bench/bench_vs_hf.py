@@ -169,7 +169,8 @@ class OurRows:
     """The bench model (graph mode, seed 0, capacity 1.1 in training) and the work of each row, one call
     each: `train()` one MixtralTrainOneStepCell step, `prefill()` one eval forward of [BATCH, SEQ],
     `generate(b, n)` greedy decoding of n new tokens after a PROMPT-token prompt at batch b (the decode
-    rows time n = DECODE_STEPS + 1 minus n = 1). bench/profile_vs_hf.py profiles the same calls."""
+    rows time n = DECODE_STEPS + 1 minus n = 1), `moe_layer(training)` and `dense_ffn()` one layer on
+    [BATCH, SEQ] hidden states. bench/profile_vs_hf.py profiles the same calls."""
 
     def __init__(self) -> None:
         import mindspore as ms
@@ -189,6 +190,9 @@ class OurRows:
         groups = get_optimizer_grouped_parameters(self.model, weight_decay=0.01)
         self.step = MixtralTrainOneStepCell(self.model, FusedAdamW(groups, learning_rate=1e-4, betas=(0.9, 0.95),
                                                                    eps=1e-8))
+        self.x = Tensor(self.rng.normal(size=(BATCH, SEQ, CONFIG["hidden_size"])).astype(np.float32))
+        self.mask = Tensor(np.ones((BATCH, SEQ), np.float32))
+        self.dense = dense_ffn(self.rng)
 
     def train(self) -> None:
         self.model.set_train(True)
@@ -202,11 +206,38 @@ class OurRows:
         self.model.set_train(False)
         self.model.generate(self.prompts[batch], max_new_tokens=new_tokens, eos_token_id=-1)
 
+    def moe_layer(self, training: bool) -> None:
+        """Layer 0's MoE block on [BATCH, SEQ] hidden states: capacity 1.1 (training) or dropless (eval)."""
+        block = self.model.model.layers[0].block_sparse_moe
+        block.set_train(training)
+        block(self.x, self.mask)[0].asnumpy()
+
+    def dense_ffn(self) -> None:
+        self.dense(self.x).asnumpy()
+
+
+def dense_ffn(rng):
+    """SwiGLU with intermediate k*F: the active parameters of the MoE layer."""
+    import mindspore as ms
+    from mindspore import Tensor, nn, ops
+    f, h = CONFIG["num_experts_per_tok"] * CONFIG["intermediate_size"], CONFIG["hidden_size"]
+
+    class Dense(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.w1 = ms.Parameter(Tensor(rng.normal(size=(f, h)).astype(np.float32) * 0.02))
+            self.w3 = ms.Parameter(Tensor(rng.normal(size=(f, h)).astype(np.float32) * 0.02))
+            self.w2 = ms.Parameter(Tensor(rng.normal(size=(h, f)).astype(np.float32) * 0.02))
+            self.mm = ops.MatMul(transpose_b=True)
+
+        def construct(self, x):
+            flat = x.reshape(-1, x.shape[-1])
+            return self.mm(ops.silu(self.mm(flat, self.w1)) * self.mm(flat, self.w3), self.w2)
+
+    return Dense()
+
 
 def bench_ours(repeats: int, rows: "OurRows") -> dict:
-    from mindspore import Tensor, nn, ops
-    import mindspore as ms
-    model, rng = rows.model, rows.rng
     out = {}
     # compile, then one step more, as the Trainer row skips its first two steps
     out["train_tokens_per_s"] = BATCH * SEQ / median_time(rows.train, repeats, warmup=2)
@@ -217,35 +248,8 @@ def bench_ours(repeats: int, rows: "OurRows") -> dict:
         t_all = median_time(lambda: rows.generate(b, DECODE_STEPS + 1), repeats)
         out[f"decode_b{b}_tokens_per_s"] = b * DECODE_STEPS / max(t_all - t_prefill, 1e-9)
 
-    block = model.model.layers[0].block_sparse_moe
-    block.set_train(True)  # capacity 1.1
-    x = Tensor(rng.normal(size=(BATCH, SEQ, CONFIG["hidden_size"])).astype(np.float32))
-    mask = Tensor(np.ones((BATCH, SEQ), np.float32))
-
-    class Dense(nn.Cell):
-        """SwiGLU with intermediate k*F: the active parameters of the MoE layer."""
-        def __init__(self):
-            super().__init__()
-            f = CONFIG["num_experts_per_tok"] * CONFIG["intermediate_size"]
-            h = CONFIG["hidden_size"]
-            self.w1 = ms.Parameter(Tensor(rng.normal(size=(f, h)).astype(np.float32) * 0.02))
-            self.w3 = ms.Parameter(Tensor(rng.normal(size=(f, h)).astype(np.float32) * 0.02))
-            self.w2 = ms.Parameter(Tensor(rng.normal(size=(h, f)).astype(np.float32) * 0.02))
-            self.mm = ops.MatMul(transpose_b=True)
-
-        def construct(self, x):
-            flat = x.reshape(-1, x.shape[-1])
-            return self.mm(ops.silu(self.mm(flat, self.w1)) * self.mm(flat, self.w3), self.w2)
-
-    def moe(training: bool):
-        def call():
-            block.set_train(training)  # True: capacity 1.1; False: the inference path, dropless
-            block(x, mask)[0].asnumpy()
-        return call
-
-    dense = Dense()
-    times = interleaved({"moe_layer": moe(True), "dense_ffn": lambda: dense(x).asnumpy(),
-                         "moe_layer_eval": moe(False)}, repeats)
+    times = interleaved({"moe_layer": lambda: rows.moe_layer(True), "dense_ffn": rows.dense_ffn,
+                         "moe_layer_eval": lambda: rows.moe_layer(False)}, repeats)
     for name, ts in times.items():
         out[f"{name}_ms"] = 1e3 * statistics.median(ts)
     # ratios per round (each round times the three in turn), so load drift over the run cancels

@@ -30,7 +30,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_vs_hf import BATCH, CONFIG, DECODE_STEPS, PROMPT, ROOT, SEQ, THREADS, machine  # noqa: E402
 
-UNITS = ("train", "prefill", "gen_b1_long", "gen_b1_short", "gen_b8_long", "gen_b8_short")
+UNITS = ("train", "prefill", "gen_b1_long", "gen_b1_short", "gen_b8_long", "gen_b8_short", "moe_train", "moe_eval",
+         "dense_ffn")
+LAYER_UNITS = UNITS[6:]  # mixtral-ms only: the MoE-layer rows against the dense FFN
 MATMUL_OPS = {"MatMul", "BatchMatMul"}
 TORCH_MATMUL_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grouped_mm"}
 MARK = "==== profiled calls start ===="
@@ -42,6 +44,8 @@ def _call(rows, unit: str):
         return rows.train
     if unit == "prefill":
         return rows.prefill
+    if unit in LAYER_UNITS:
+        return rows.dense_ffn if unit == "dense_ffn" else lambda: rows.moe_layer(unit == "moe_train")
     _, batch, length = unit.split("_")
     return lambda: rows.generate(int(batch[1:]), DECODE_STEPS + 1 if length == "long" else 1)
 
@@ -75,8 +79,9 @@ def worker(unit: str, kind: str, calls: int) -> None:
 
 
 def onednn_matmuls(stdout: str, calls: int) -> dict:
-    """FLOPs and oneDNN exec time of the matmuls after MARK, per call."""
-    flops = ms_ = count = 0.0
+    """FLOPs and oneDNN exec time of the matmuls after MARK, per call, in all and for the five shapes
+    that take the most time ("MxK:KxN", batch dims in front)."""
+    shapes = {}
     for line in stdout.split(MARK, 1)[1].splitlines():
         match = ONEDNN_MATMUL.match(line)
         if not match:
@@ -86,10 +91,12 @@ def onednn_matmuls(stdout: str, calls: int) -> dict:
         batch = 1
         for x, y in zip(a[:-2], b[:-2]):
             batch *= max(x, y)
-        flops += 2.0 * batch * a[-2] * a[-1] * b[-1]
-        ms_ += float(match.group(3))
-        count += 1
-    return {"gflop": flops / 1e9 / calls, "ms": ms_ / calls, "count": count / calls}
+        shape = shapes.setdefault(f"{match.group(1)}:{match.group(2)}", {"gflop": 0.0, "ms": 0.0, "count": 0.0})
+        shape["gflop"] += 2.0 * batch * a[-2] * a[-1] * b[-1] / 1e9 / calls
+        shape["ms"] += float(match.group(3)) / calls
+        shape["count"] += 1.0 / calls
+    top = dict(sorted(shapes.items(), key=lambda kv: -kv[1]["ms"])[:5])
+    return {key: sum(s[key] for s in shapes.values()) for key in ("gflop", "ms", "count")} | {"top_shapes": top}
 
 
 def profile_ours(calls: int) -> dict:
@@ -190,6 +197,7 @@ def summarize(units: dict, matmul_ops: set) -> dict:
 
     rows = {"train": one("train"), "prefill": one("prefill"), "decode_b1": diff("gen_b1_long", "gen_b1_short"),
             "decode_b8": diff("gen_b8_long", "gen_b8_short")}
+    rows.update({unit: one(unit) for unit in LAYER_UNITS if unit in units})
     for row in rows.values():
         top = sorted(row["other_ops"].items(), key=lambda kv: -kv[1])[:6]
         row["other_ops"] = dict(top)
@@ -200,12 +208,13 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [f"{m['cpu']}, {m['logical_cpus']} logical CPUs, {m['threads']} threads; MindSpore {m['mindspore']}"
              + (f", torch {results['torch']}" if results.get("torch") else ""), "",
-             "ms per training step / prefill of 4 x 256 / decode token (generate of 17 minus generate of 1, over 16)",
+             "ms per training step / prefill of 4 x 256 / decode token (generate of 17 minus generate of 1, over 16) / "
+             "MoE layer forward (capacity 1.1 in training, dropless in eval) / dense SwiGLU FFN forward",
              "", "| row | side | wall | in ops | matmul ops | other ops | host | launches | host per launch, us | matmul rate "
              "| top other ops |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for row in ("train", "prefill", "decode_b1", "decode_b8"):
+    for row in ("train", "prefill", "decode_b1", "decode_b8") + LAYER_UNITS:
         for side in ("mixtral_ms", "hf"):
-            if not results.get(side):
+            if not results.get(side) or row not in results[side]:
                 continue
             r = results[side][row]
             rate = (f"{1e3 * r['matmul_gflop'] / r['onednn_matmul_ms']:.0f} GFLOP/s ({r['matmul_gflop']:.1f} GFLOP, "
@@ -214,6 +223,13 @@ def markdown(results: dict) -> str:
             lines.append(f"| {row} | {'mixtral-ms' if side == 'mixtral_ms' else 'HF'} | {r['wall_ms']:.1f} | "
                          f"{r['op_ms']:.1f} | {r['matmul_ms']:.1f} | {r['other_ops_ms']:.1f} | {r['host_ms']:.1f} | "
                          f"{r['launches']:.0f} | {1e3 * r['host_ms'] / r['launches']:.0f} | {rate} | {top} |")
+    lines += ["", "mixtral-ms, the matmul shapes that take the most time (oneDNN's own timing; decode rows: the "
+              "whole generate of 17 tokens)", "", "| row | shape | ms | GFLOP/s |", "|---|---|---:|---:|"]
+    for row, unit in (("train", "train"), ("prefill", "prefill"), ("decode_b1", "gen_b1_long"),
+                      ("decode_b8", "gen_b8_long")) + tuple((u, u) for u in LAYER_UNITS):
+        shapes = results.get("onednn_shapes", {}).get(unit, {})
+        for shape, v in list(shapes.items())[:3]:
+            lines.append(f"| {row} | {shape} | {v['ms']:.1f} | {1e3 * v['gflop'] / v['ms']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -228,7 +244,9 @@ def main() -> None:
         return
     results = {"machine": machine(), "calls": args.calls, "load_average_before": os.getloadavg()[0]}
     hf = profile_hf(args.hf_python, args.calls)
-    results["mixtral_ms"] = summarize(profile_ours(args.calls), MATMUL_OPS)
+    ours = profile_ours(args.calls)
+    results["onednn_shapes"] = {unit: ours[unit]["onednn"]["top_shapes"] for unit in UNITS}
+    results["mixtral_ms"] = summarize(ours, MATMUL_OPS)
     if hf:
         results["torch"] = hf.pop("torch")
         results["hf"] = summarize(hf, TORCH_MATMUL_OPS)

@@ -154,7 +154,7 @@ class MixtralSparseMoeBlock(nn.Cell):
 
     def _experts_grouped(self, flat, weights, index, valid):
         """Dropless with no padding rows: each expert runs on exactly the assignments routed to it, and
-        the weighted results are scatter-added to their tokens. Padding tokens get zero."""
+        each token's k results are gathered back and combined by their weights. Padding tokens get zero."""
         t, h = flat.shape
         e, k = self.num_experts, self.top_k
         expert = index.reshape(t * k)
