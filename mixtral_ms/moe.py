@@ -158,8 +158,8 @@ class MixtralSparseMoeBlock(nn.Cell):
         t, h = flat.shape
         e, k = self.num_experts, self.top_k
         expert = index.reshape(t * k)
-        weight = weights * ops.cast(valid, weights.dtype)
-        # assignments not served (padding, choices the router did not keep) are not computed
+        # assignments not served (padding, choices the router did not keep) are not computed: their row is
+        # the zero row below, so their weight needs no mask
         served = valid.reshape(-1) > 0
         picks = tuple(ops.nonzero(ops.logical_and(expert == i, served)).reshape(-1) for i in range(e))
         outs = self.experts.segments(tuple(ops.gather(flat, p // k, 0) for p in picks))
@@ -170,7 +170,7 @@ class MixtralSparseMoeBlock(nn.Cell):
         rank = ops.cumsum(ops.ones_like(pick, dtype=ms.int32), 0)
         row = ops.tensor_scatter_elements(ops.zeros((t * k,), ms.int32), pick, rank, axis=0)
         picked = ops.gather(ops.concat((ops.zeros((1, h), flat.dtype),) + outs), row, 0).reshape(t, k, h)
-        y = self.combine(weight.reshape(t, 1, k), picked).reshape(t, h)
+        y = self.combine(weights.reshape(t, 1, k), picked).reshape(t, h)
         return y, self._group_load(index, valid, 1)[0], ops.zeros((e,), ms.float32)
 
     def _experts_gathered(self, flat, weights, index, valid):
