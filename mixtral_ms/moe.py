@@ -164,8 +164,8 @@ class MixtralSparseMoeBlock(nn.Cell):
         picks = tuple(ops.nonzero(ops.logical_and(expert == i, served)).reshape(-1) for i in range(e))
         outs = self.experts.segments(tuple(ops.gather(flat, p // k, 0) for p in picks))
         # Back to the static [T, k, H] layout (each assignment's row of the outputs, row 0 a zero row for
-        # those not served), then the batched-matmul combine: on CPU, elementwise work on the dynamic-shape
-        # rows (the weight multiply, the scatter-add) ran several times slower than on static ones.
+        # those not served), then the batched-matmul combine: fewer kernels on dynamic shapes than a weight
+        # multiply and a scatter-add of the rows (prefill 0.95x the time on CPU, docs/performance.md).
         pick = ops.concat(picks)
         rank = ops.cumsum(ops.ones_like(pick, dtype=ms.int32), 0)
         row = ops.tensor_scatter_elements(ops.zeros((t * k,), ms.int32), pick, rank, axis=0)
