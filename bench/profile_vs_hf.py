@@ -5,7 +5,8 @@
     python bench/profile_vs_hf.py [--hf-python ~/.cache/mixtral-ms/devref/bin/python] [--calls 3]
 
 Per row (training step, prefill forward, one decode token at batch 1 and 8: generate of DECODE_STEPS + 1
-new tokens minus generate of 1, over DECODE_STEPS), the same calls as the bench:
+new tokens minus generate of 1, over DECODE_STEPS; mixtral-ms only, the MoE layer at capacity 1.1 and
+dropless against the dense FFN), the same calls as the bench (bench_vs_hf.OurRows):
   mixtral-ms  `mindspore.Profiler` (kernel time per op type and kernel launches), and, in a second
               process, oneDNN's own timing of every matmul (ONEDNN_VERBOSE: MatMul and BatchMatMul are
               oneDNN primitives on CPU) with the FLOPs of its problem shape: the matmuls' real rate;
