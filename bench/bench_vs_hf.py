@@ -294,33 +294,45 @@ def bench_trainer(steps: int) -> dict:
     return {"trainer_tokens_per_s": statistics.median(rates[1:])}
 
 
-HF_WORKER = r'''
+# HF's side of OurRows: the same model config, seed, inputs and calls (train / prefill / gen), for the
+# workers below and bench/profile_vs_hf.py. argv[1]: JSON [cfg, seq, batch, steps, prompt_len, threads, ...].
+HF_ROWS = r'''
 import json, statistics, sys, time
 import numpy as np, torch
 from transformers import MixtralConfig, MixtralForCausalLM
-cfg, seq, batch, steps, prompt_len, threads, repeats, shapes = json.loads(sys.argv[1])
+cfg, seq, batch, steps, prompt_len, threads, *extra = json.loads(sys.argv[1])
 torch.set_num_threads(threads); torch.manual_seed(0)
 model = MixtralForCausalLM(MixtralConfig(**cfg, attn_implementation="sdpa", output_router_logits=True))
 rng = np.random.default_rng(0)
 ids = torch.tensor(rng.integers(0, cfg["vocab_size"], (batch, seq)))
+prompts = {b: torch.tensor(rng.integers(0, cfg["vocab_size"], (b, prompt_len))) for b in (1, 8)}
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def train():  # the work of MixtralTrainOneStepCell: loss, backward, clip to global norm 1, AdamW
+    model.train(); opt.zero_grad(); model(input_ids=ids, labels=ids).loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
+def prefill():
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+def gen(b, n):
+    model.eval()
+    with torch.no_grad():
+        model.generate(prompts[b], max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+'''
+
+HF_WORKER = HF_ROWS + r'''
+repeats, shapes = extra
 def med(fn):
     fn(); ts = []
     for _ in range(repeats):
         t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
     return statistics.median(ts)
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-def train():  # the work of MixtralTrainOneStepCell: loss, backward, clip to global norm 1, AdamW
-    opt.zero_grad(); model(input_ids=ids, labels=ids).loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
-model.train(); out = {"train_tokens_per_s": batch * seq / med(train)}
+out = {"train_tokens_per_s": batch * seq / med(train), "prefill_tokens_per_s": batch * seq / med(prefill)}
+for b in (1, 8):
+    t1 = med(lambda: gen(b, 1)); tn = med(lambda: gen(b, steps + 1))
+    out[f"decode_b{b}_tokens_per_s"] = b * steps / max(tn - t1, 1e-9)
 model.eval()
 with torch.no_grad():
-    out["prefill_tokens_per_s"] = batch * seq / med(lambda: model(input_ids=ids))
-    for b in (1, 8):
-        prompt = torch.tensor(rng.integers(0, cfg["vocab_size"], (b, prompt_len)))
-        gen = lambda n: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        t1 = med(lambda: gen(1)); tn = med(lambda: gen(steps + 1))
-        out[f"decode_b{b}_tokens_per_s"] = b * steps / max(tn - t1, 1e-9)
     x = torch.randn(batch, seq, cfg["hidden_size"])
     moe = model.model.layers[0].mlp if hasattr(model.model.layers[0], "mlp") else model.model.layers[0].block_sparse_moe
     out["moe_layer_ms"] = 1e3 * med(lambda: moe(x))
@@ -335,7 +347,9 @@ print(json.dumps(out))
 '''
 
 
-def bench_hf(python: str, repeats: int) -> dict | None:
+def run_hf(python: str, worker: str, extra: list, what: str):
+    """Run an HF worker (HF_ROWS + its part) in `python` with the bench's config and `extra` arguments;
+    its JSON output, or None (with a line saying why) where that interpreter lacks torch/transformers."""
     if not python or not os.path.exists(python):
         print("HF skipped: no interpreter with torch/transformers (--hf-python)")
         return None
@@ -343,12 +357,16 @@ def bench_hf(python: str, repeats: int) -> dict | None:
     if check.returncode != 0:
         print(f"HF skipped: {python} cannot import torch and transformers")
         return None
-    args = json.dumps([CONFIG, SEQ, BATCH, DECODE_STEPS, PROMPT, THREADS, repeats, matmul_shapes(CONFIG, BATCH * SEQ)])
+    args = json.dumps([CONFIG, SEQ, BATCH, DECODE_STEPS, PROMPT, THREADS] + extra)
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
-    proc = subprocess.run([python, "-c", HF_WORKER, args], capture_output=True, text=True, env=env)
+    proc = subprocess.run([python, "-c", worker, args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"HF benchmark failed: {proc.stderr[-2000:]}")
+        raise SystemExit(f"HF {what} failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_hf(python: str, repeats: int) -> dict | None:
+    return run_hf(python, HF_WORKER, [repeats, matmul_shapes(CONFIG, BATCH * SEQ)], "benchmark")
 
 
 def plot(results: dict, path: str) -> None:

@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -36,7 +35,7 @@ def knob_worker(knob: str, repeats: int) -> None:
         os.environ["MS_DEV_RUNTIME_CONF"] = {"runtime_conf_pipeline_off": "pipeline:False",
                                              "runtime_conf_async_launch_off": "async_launch:False"}[knob]
     import mindspore as ms
-    from bench_vs_hf import DECODE_STEPS, OurRows
+    from bench_vs_hf import DECODE_STEPS, OurRows, median_time
     rows = OurRows()
     try:
         if knob == "kernel_launch_capture":
@@ -54,21 +53,16 @@ def knob_worker(knob: str, repeats: int) -> None:
         print(f"{knob}: refused: {str(err).strip().splitlines()[0][:160]}")
         return
 
-    def median(new_tokens: int) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            rows.generate(1, new_tokens)
-            times.append(time.perf_counter() - start)
-        return float(np.median(times))
-
-    print(f"{knob}: {1e3 * (median(DECODE_STEPS + 1) - median(1)) / DECODE_STEPS:.1f} ms per token", flush=True)
+    longer = median_time(lambda: rows.generate(1, DECODE_STEPS + 1), repeats)
+    print(f"{knob}: {1e3 * (longer - median_time(lambda: rows.generate(1, 1), repeats)) / DECODE_STEPS:.1f} "
+          "ms per token", flush=True)
 
 
 def copies(repeats: int) -> None:
     import mindspore as ms
     from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
     from mindspore.ops import operations as P
+    from bench_vs_hf import median_time
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     rng = np.random.default_rng(0)
     e, f, h, count = 8, 1024, 512, 12
@@ -102,13 +96,7 @@ def copies(repeats: int) -> None:
     for kind in ("Gather, 3-D stack", "Gather, 2-D view", "EmbeddingLookup, 2-D view", "index_select",
                  "Unstack (all 8)"):
         cell = Copy(kind)
-        cell(index)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            cell(index)[0].asnumpy()
-            times.append(time.perf_counter() - start)
-        per_weight = float(np.median(times)) / count
+        per_weight = median_time(lambda: cell(index)[0].asnumpy(), repeats) / count
         copied = (e if kind.startswith("Unstack") else 2) * f * h * 4
         print(f"copy {kind}: {1e3 * per_weight:.2f} ms per weight, {copied / per_weight / 1e9:.1f} GB/s copied",
               flush=True)

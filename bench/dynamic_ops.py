@@ -12,9 +12,13 @@ this is the kernels' own extra cost.
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_vs_hf import median_time  # noqa: E402
 
 
 def main() -> None:
@@ -48,13 +52,8 @@ def main() -> None:
         for dynamic in (False, True):
             cell = Multiplies(dynamic)
             x = table if dynamic else Tensor(rng.random((count, 1024), dtype=np.float32))
-            cell(x, Tensor(selected))
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                cell(x, Tensor(selected))[0].asnumpy()
-                times.append(time.perf_counter() - start)
-            print(f"{count:5d} rows, {'dynamic' if dynamic else 'static '} shape: {1e3 * np.median(times):.2f} ms "
+            seconds = median_time(lambda: cell(x, Tensor(selected))[0].asnumpy(), args.repeats)
+            print(f"{count:5d} rows, {'dynamic' if dynamic else 'static '} shape: {1e3 * seconds:.2f} ms "
                   "for 16 multiplies", flush=True)
 
 

@@ -29,7 +29,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_vs_hf import BATCH, CONFIG, DECODE_STEPS, PROMPT, ROOT, SEQ, THREADS, machine  # noqa: E402
+from bench_vs_hf import DECODE_STEPS, HF_ROWS, ROOT, THREADS, machine, run_hf  # noqa: E402
 
 UNITS = ("train", "prefill", "gen_b1_long", "gen_b1_short", "gen_b8_long", "gen_b8_short", "moe_train", "moe_eval",
          "dense_ffn")
@@ -120,29 +120,9 @@ def profile_ours(calls: int) -> dict:
     return out
 
 
-HF_WORKER = r'''
-import json, sys, time
-import numpy as np, torch
+HF_WORKER = HF_ROWS + r'''
 from torch.profiler import profile, ProfilerActivity
-from transformers import MixtralConfig, MixtralForCausalLM
-cfg, seq, batch, steps, prompt_len, threads, calls = json.loads(sys.argv[1])
-torch.set_num_threads(threads); torch.manual_seed(0)
-model = MixtralForCausalLM(MixtralConfig(**cfg, attn_implementation="sdpa", output_router_logits=True))
-rng = np.random.default_rng(0)
-ids = torch.tensor(rng.integers(0, cfg["vocab_size"], (batch, seq)))
-prompts = {b: torch.tensor(rng.integers(0, cfg["vocab_size"], (b, prompt_len))) for b in (1, 8)}
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-def train():
-    model.train(); opt.zero_grad(); model(input_ids=ids, labels=ids).loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
-def prefill():
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=ids)
-def gen(b, n):
-    model.eval()
-    with torch.no_grad():
-        model.generate(prompts[b], max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+calls, = extra
 units = {"train": train, "prefill": prefill, "gen_b1_long": lambda: gen(1, steps + 1),
          "gen_b1_short": lambda: gen(1, 1), "gen_b8_long": lambda: gen(8, steps + 1), "gen_b8_short": lambda: gen(8, 1)}
 out = {}
@@ -162,18 +142,6 @@ for name, fn in units.items():
 out["torch"] = torch.__version__
 print(json.dumps(out))
 '''
-
-
-def profile_hf(python: str, calls: int):
-    if not python or not os.path.exists(python):
-        print("HF skipped: no interpreter with torch/transformers (--hf-python)")
-        return None
-    args = json.dumps([CONFIG, SEQ, BATCH, DECODE_STEPS, PROMPT, THREADS, calls])
-    proc = subprocess.run([python, "-c", HF_WORKER, args], capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS=str(THREADS)))
-    if proc.returncode != 0:
-        raise SystemExit(f"HF profile failed: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def summarize(units: dict, matmul_ops: set) -> dict:
@@ -244,7 +212,7 @@ def main() -> None:
         worker(*args.worker, args.calls)
         return
     results = {"machine": machine(), "calls": args.calls, "load_average_before": os.getloadavg()[0]}
-    hf = profile_hf(args.hf_python, args.calls)
+    hf = run_hf(args.hf_python, HF_WORKER, [args.calls], "profile")
     ours = profile_ours(args.calls)
     results["onednn_shapes"] = {unit: ours[unit]["onednn"]["top_shapes"] for unit in UNITS}
     results["mixtral_ms"] = summarize(ours, MATMUL_OPS)
