@@ -36,8 +36,10 @@ def matmul(prim, a: Tensor, b: Tensor, round_dtype=None) -> Tensor:
 
 
 def embedding(prim, table: Tensor, ids: Tensor, dtype: ms.dtype) -> Tensor:
-    """Rows `ids` of `table` in `dtype`; on CPU a bf16 table is cast first (no bf16 Gather there)."""
-    if table.dtype == ms.bfloat16 and ms.get_context("device_target") == "CPU":
+    """Rows `ids` of `table` in `dtype`. A bf16 table read in fp32 is cast before the Gather (CPU, whose
+    activations are fp32, has no bf16 Gather); the two orders give the same values. Decided from dtypes
+    alone: a device query cannot be compiled inside `construct`."""
+    if table.dtype == ms.bfloat16 and dtype == ms.float32:
         return prim(ops.cast(table, dtype), ids, 0)
     return ops.cast(prim(table, ids, 0), dtype)
 

@@ -8,13 +8,13 @@ predicted token of the file whatever the batch size: `ppl = exp(ce)`.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Dict, Optional
 
 import numpy as np
 
+from .outputs import write_json
 from .data import DOMAIN_COLUMN, IGNORE, DataError, check_dataset, mindrecord_files, mindrecord_info
 from .safetensors_io import CheckpointError
 
@@ -51,20 +51,6 @@ def evaluate(model, dataset: str, batch_size: int, max_samples: Optional[int] = 
     return {"dataset": os.path.abspath(dataset), "samples": int(samples), "tokens": int(tokens), "ce": ce,
             "ppl": math.exp(ce), "dropped_assignments": int(dropped), "batch_size": batch_size,
             "mode": "pynative" if ms.get_context("mode") == ms.PYNATIVE_MODE else "graph"}
-
-
-def write_json(path: str, record: Dict[str, object]) -> None:
-    """`path` via a temp file + rename: an interrupted run leaves the old file (or none)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def run_eval(config, build_model, dataset: Optional[str], output: Optional[str],

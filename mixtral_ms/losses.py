@@ -19,7 +19,7 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, shi
     # LogSoftmax and a gather of the target column: forward + backward in a fifth of the time of
     # ops.cross_entropy, whose composite max/exp/sum chain differentiates op by op (docs/performance.md).
     log_probs = ops.log_softmax(logits.reshape(-1, logits.shape[-1]), axis=-1)
-    picked = ops.gather_elements(log_probs, 1, ops.where(counted, target, 0).reshape(-1, 1)).reshape(-1)
+    picked = ops.gather_elements(log_probs, 1, (target * ops.cast(counted, ms.int32)).reshape(-1, 1)).reshape(-1)
     return -(picked * valid).sum() / ops.maximum(valid.sum(), 1.0)
 
 
@@ -82,6 +82,10 @@ class TrainingStats(nn.Cell):
         self.expert_load = Parameter(zeros(num_layers, num_experts), name="expert_load", requires_grad=False)
         self.dropped = Parameter(zeros(num_layers, num_experts), name="dropped", requires_grad=False)
         self.passes = Parameter(zeros(), name="passes", requires_grad=False)
+        # Primitives the parallel plan shards replicated: without a strategy the compiler would split the
+        # [L, E] tables over devices like a batch (mixtral_ms/parallel/plan.py).
+        self.add_scalar, self.add_table = ops.AssignAdd(), ops.AssignAdd()
+        self.zero_scalar, self.zero_table = ops.Assign(), ops.Assign()
 
     def all(self) -> tuple:
         """Every Parameter of the channel, in a fixed order (terms, expert_load, dropped, passes)."""
@@ -89,11 +93,19 @@ class TrainingStats(nn.Cell):
 
     def construct(self, terms: tuple, load: Tensor, dropped: Tensor) -> Tensor:
         """Add one forward pass; returns a token to `ops.depend` the loss on, so the writes are kept."""
-        token = ops.assign_add(self.passes, ops.ones((), ms.float32))
+        token = self.add_scalar(self.passes, ops.ones((), ms.float32))
         for param, value in zip(self.term_sums, terms):
-            token = ops.depend(token, ops.assign_add(param, ops.stop_gradient(ops.cast(value, ms.float32))))
-        token = ops.depend(token, ops.assign_add(self.expert_load, ops.stop_gradient(ops.cast(load, ms.float32))))
-        return ops.depend(token, ops.assign_add(self.dropped, ops.stop_gradient(ops.cast(dropped, ms.float32))))
+            token = ops.depend(token, self.add_scalar(param, ops.stop_gradient(ops.cast(value, ms.float32))))
+        token = ops.depend(token, self.add_table(self.expert_load, ops.stop_gradient(ops.cast(load, ms.float32))))
+        return ops.depend(token, self.add_table(self.dropped, ops.stop_gradient(ops.cast(dropped, ms.float32))))
+
+    def reset(self) -> Tensor:
+        """Zero everything in-graph (MixtralTrainOneStepCell, at the start of each step); returns a token."""
+        token = self.zero_table(self.expert_load, ops.zeros_like(self.expert_load))
+        token = ops.depend(token, self.zero_table(self.dropped, ops.zeros_like(self.dropped)))
+        for param in tuple(self.term_sums) + (self.passes,):
+            token = ops.depend(token, self.zero_scalar(param, ops.zeros_like(param)))
+        return token
 
     def read_and_reset(self) -> dict:
         """Host-side read (between steps): {"terms": {term: mean over passes}, "expert_load": [L, E] sum,

@@ -149,7 +149,8 @@ def attention_bias(q_cols: Tensor, k_cols: Tensor, k_valid: Tensor, sliding_wind
     if sliding_window is not None:
         allowed = ops.logical_and(allowed, diff < sliding_window)
     allowed = ops.logical_and(allowed.expand_dims(0), (k_valid > 0).expand_dims(1))
-    return ops.where(allowed, 0.0, _MASK_MIN).expand_dims(1).astype(ms.float32)
+    # A product, not `where` with scalar branches: the parallel compiler's Select takes equal shapes only.
+    return (ops.cast(ops.logical_not(allowed), ms.float32) * _MASK_MIN).expand_dims(1)
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
+from mindspore.ops.auto_generate import SiLU  # the primitive behind ops.silu (ops has no SiLU class)
 
 from .capacity import dropless_capacities, expert_capacity
 from .configuration import MixtralConfig
@@ -36,6 +37,7 @@ class MixtralExperts(nn.Cell):
         self.bmm_gate = ops.BatchMatMul(transpose_b=True)
         self.bmm_up = ops.BatchMatMul(transpose_b=True)
         self.bmm_down = ops.BatchMatMul(transpose_b=True)
+        self.act, self.gated = SiLU(), ops.Mul()  # primitives, so the plan shards them like the matmuls
         self.segment_matmul = ops.MatMul(transpose_b=True)  # eval-mode segments only; the plan leaves it unsharded
         self.gathered_weights = ops.Gather()  # eval-mode decoding only (gathered); unsharded too
         self.gathered_bmm = ops.BatchMatMul(transpose_b=True)
@@ -81,7 +83,7 @@ class MixtralExperts(nn.Cell):
         w1, w3, w2 = self.dense_weights()
         gate = matmul(self.bmm_gate, x, w1, self.round_dtype)
         up = matmul(self.bmm_up, x, w3, self.round_dtype)
-        return matmul(self.bmm_down, ops.silu(gate) * up, w2, self.round_dtype)
+        return matmul(self.bmm_down, self.gated(self.act(gate), up), w2, self.round_dtype)
 
 
 class MixtralSparseMoeBlock(nn.Cell):

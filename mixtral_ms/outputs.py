@@ -9,6 +9,7 @@ runs for Ctrl-C runs for it too.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -72,3 +73,17 @@ def stale(target: str, kind: str = "tmp", hidden: bool = False) -> List[str]:
         if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             found.append(os.path.join(folder, entry))
     return found
+
+
+def write_json(path: str, record: object) -> None:
+    """`path` via a temp file + rename: an interrupted run leaves the old file (or none)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -105,5 +105,7 @@ class RandomRouter(nn.Cell):
         weights = ops.full((t, k), 1.0 / k, dtype=ms.float32)
         probs = (ops.one_hot(index, e, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
                  * weights.reshape(t, k, 1)).sum(axis=1)
-        logits = ops.where(probs > 0, ops.log(ops.maximum(probs, 1e-30)), _NO_ROUTE)
+        # log p where routed, _NO_ROUTE elsewhere; a product rather than `where` with a scalar branch (the
+        # parallel compiler's Select takes equal shapes only)
+        logits = ops.log(ops.maximum(probs, 1e-30)) + ops.cast(probs <= 0, ms.float32) * _NO_ROUTE
         return logits, probs, ops.cast(weights, self.compute_dtype), index, ops.ones((t, k), ms.float32)

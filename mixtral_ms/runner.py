@@ -42,9 +42,25 @@ class Run:
     layout: Optional[ParallelLayout] = None
 
 
-def load_run(path: str, overrides: Optional[Dict[str, Any]] = None) -> Run:
+def apply_settings(raw: Dict[str, Any], settings: Mapping[str, Any]) -> None:
+    """Set dotted keys (`parallel_config.data_parallel` -> raw["parallel_config"]["data_parallel"]) in a
+    YAML read by MindFormers' reader; a missing section is created, a non-mapping on the way is refused."""
+    for dotted, value in settings.items():
+        node, keys = raw, dotted.split(".")
+        for i, key in enumerate(keys[:-1]):
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+            if not isinstance(node, dict):
+                raise RunError(f"--set {dotted}: {'.'.join(keys[:i + 1])} is not a section")
+        node[keys[-1]] = value
+
+
+def load_run(path: str, overrides: Optional[Dict[str, Any]] = None,
+             settings: Optional[Mapping[str, Any]] = None) -> Run:
     """The YAML read once and checked (top-level keys, registered types, arguments, model_config), as
-    `MindFormerConfig(path)` reads it, with the non-None `overrides` set on top."""
+    `MindFormerConfig(path)` reads it, with the dotted `settings` applied before the checks (see
+    apply_settings) and the non-None top-level `overrides` set on top."""
     import yaml
     from mindformers import MindFormerConfig
     from mindformers.tools.register.template import ConfigTemplate
@@ -64,6 +80,7 @@ def load_run(path: str, overrides: Optional[Dict[str, Any]] = None) -> Run:
         raise RunError(f"{path}: malformed YAML{where}") from None
     except AttributeError:  # the reader sorts the top-level items of what it loaded
         raise RunError(f"{path}: the YAML must be a mapping of sections") from None
+    apply_settings(raw, settings or {})
     model_config = check_config(raw)
     device_unset = "device_target" not in (raw.get("context") or {})
     ConfigTemplate.apply_template(raw)  # what MindFormerConfig(path) does after reading

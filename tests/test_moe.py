@@ -243,7 +243,7 @@ def _eval_path_equals_tiers_and_reference(block, x, mask):
     y_tiers, _, load_tiers, _, _, _ = block(Tensor(x), Tensor(mask))
     ref, _ = numpy_moe(block, x, mask, 1, training=False)
     np.testing.assert_allclose(y.asnumpy(), ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(y.asnumpy(), y_tiers.asnumpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y.asnumpy(), y_tiers.asnumpy(), rtol=1e-5, atol=1e-5)  # two summation orders of fp32 matmuls
     np.testing.assert_array_equal(load.asnumpy(), load_tiers.asnumpy())
     return y, load, dropped
 

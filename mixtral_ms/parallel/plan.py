@@ -20,10 +20,12 @@ ParallelLayout.expert_token_split / expert_ffn_split; G = dp token groups, C = c
 | block_sparse_moe.gate.matmul (router) | x [T, H], W [E, H] | ((dp, 1), (1, 1)) |
 | block_sparse_moe.to_experts (Transpose) | [G, E, C, H] | ((t, ep, a, 1),): dp-sharded groups -> AllToAll over ep |
 | experts.bmm_gate / bmm_up | [E, G*C, H], W [E, F, H] | ((ep, t, 1), (ep, f, 1)) |
+| experts.act / gated (SiLU, Mul) | [E, G*C, F] | ((ep, t, f),) / ((ep, t, f), (ep, t, f)) |
 | experts.bmm_down | [E, G*C, F], W [E, H, F] | ((ep, t, f), (ep, 1, f)) |
 | block_sparse_moe.from_experts | [E, G, C, H] | ((ep, t, a, 1),): AllToAll back to dp-sharded groups |
 | model.embed_tokens.gather (embedding) | W [V, H], ids [B, S] | ((1, 1), (dp, 1)); ((mp, 1), (dp, 1)) if vocab split |
 | lm_head.matmul, head_matmul | x [T, H], W [V, H] | ((dp, 1), (1, 1)); ((dp, 1), (mp, 1)) unless vocab_emb_dp |
+| router_stats.add_* / zero_* (side channel) | [L, E] tables and scalars | replicated |
 
 `a` is f with moe_config.group_wise_a2a (each model-parallel rank sends 1/f of the capacity through the
 AllToAll and the slices are all-gathered inside the model-parallel group afterwards, MindFormers'
@@ -58,9 +60,40 @@ class Entry:
     stage: int
     out_strategy: Optional[Strategy] = None
     note: str = ""
+    layout: Optional["AxisLayout"] = None  # named device axes instead of `strategy` (the expert ops)
 
     def slice_shape(self, index: int = 0) -> Tuple[int, ...]:
         return tuple(d // s for d, s in zip(self.shapes[index], self.strategy[index]))
+
+
+@dataclass(frozen=True)
+class AxisLayout:
+    """A strategy over named device axes (MindSpore's `Layout`): `axes` name the stage's device matrix,
+    outermost first, with sizes `sizes`; `maps` give, per input, each dimension's axis (a name, a tuple of
+    names, or "None"). Plain strategies order the device matrix by tensor dimension, so two operators
+    whose first dimensions differ (tokens [G, E, C, H], experts [E, G*C, H]) would put expert parallelism
+    on different devices and the compiler would shuffle between them; one named matrix keeps them equal."""
+    axes: Tuple[str, ...]
+    sizes: Tuple[int, ...]
+    maps: Tuple[Tuple[Any, ...], ...]
+
+    def to_mindspore(self) -> tuple:
+        from mindspore.parallel import Layout
+        layout = Layout(self.sizes, self.axes)
+        return tuple(layout(*m) for m in self.maps)
+
+
+def expert_axes(layout: ParallelLayout) -> Tuple[Tuple[str, ...], Tuple[int, ...]]:
+    """The device matrix of the expert layer: ("g", "e2", "t", "f") of sizes (g, ep/g, dp/g, mp/(ep/g)) with
+    g = gcd(ep, dp), what the experts' batched matmuls ((ep, t, 1), (ep, f, 1)) imply. Experts split over
+    ("g", "e2") (= ep), the tokens an expert sees over "t" (= expert_token_split), each expert's FFN
+    columns over "f" (= expert_ffn_split). Over a stage's dp x mp grid (rank = i_dp * mp + i_mp) data
+    parallelism is ("g", "t") and model parallelism ("e2", "f"): the same devices whenever e2 or t is 1
+    (every power-of-two layout), so the token exchange is one AllToAll over "g"."""
+    dp, mp, ep = layout.data_parallel, layout.model_parallel, layout.expert_parallel
+    g = math.gcd(ep, dp)
+    e2 = ep // g
+    return ("g", "e2", "t", "f"), (g, e2, dp // g, mp // e2)
 
 
 def pass_capacity(dims: ModelDims, layout: ParallelLayout, capacity_factor: Optional[float] = None) -> Tuple[int, int]:
@@ -113,11 +146,15 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capac
                                       "turn it off")
     last = pp - 1
     vocab_split = 1 if layout.effective_vocab_emb_dp else mp
+    axes, sizes = expert_axes(layout)
+    experts = ("g", "e2")  # ep
+    slots = "f" if a > 1 else "None"  # C, split over the FFN axis by the group-wise AllToAll
     table: Dict[str, Entry] = {}
 
-    def op(name, shapes, strategy, stage, out=None, note=""):
+    def op(name, shapes, strategy, stage, out=None, note="", maps=None):
+        named = AxisLayout(axes, sizes, tuple(map(tuple, maps))) if maps else None
         table[name] = Entry("op", tuple(map(tuple, shapes)), tuple(map(tuple, strategy)), stage,
-                            tuple(map(tuple, out)) if out else None, note)
+                            tuple(map(tuple, out)) if out else None, note, named)
 
     def param(name, shape, strategy, stage, note=""):
         table[name] = Entry("param", (tuple(shape),), (tuple(strategy),), stage, None, note)
@@ -146,9 +183,12 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capac
             op(m + "gate.matmul", [(tok, h), (e, h)], [(dp, 1), (1, 1)], st, note="router, tokens over dp")
         param(m + "gate.weight", (e, h), (1, 1), st, "replicated")
         op(m + "to_experts", [(g, e, c, h)], [(t, ep, a, 1)], st,
-           note="AllToAll: dp token groups -> ep expert shards" + (" (group-wise)" if a > 1 else ""))
+           note="AllToAll: dp token groups -> ep expert shards" + (" (group-wise)" if a > 1 else ""),
+           maps=[("t", experts, slots, "None")])
         op(m + "experts.bmm_gate", [(e, g * c, h), (e, ff, h)], [(ep, t, 1), (ep, f, 1)], st, note="experts over ep")
         op(m + "experts.bmm_up", [(e, g * c, h), (e, ff, h)], [(ep, t, 1), (ep, f, 1)], st, note="experts over ep")
+        op(m + "experts.act", [(e, g * c, ff)], [(ep, t, f)], st, note="SiLU of the gate, as the matmul's output")
+        op(m + "experts.gated", [(e, g * c, ff), (e, g * c, ff)], [(ep, t, f), (ep, t, f)], st, note="silu(gate) * up")
         op(m + "experts.bmm_down", [(e, g * c, ff), (e, h, ff)], [(ep, t, f), (ep, 1, f)], st,
            note="experts over ep" + (", AllReduce over f" if f > 1 else ""))
         op(m + "from_experts", [(e, g, c, h)], [(ep, t, a, 1)], st, note="AllToAll back to dp token groups")
@@ -170,6 +210,11 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capac
         param(STATS_PREFIX + term, (), (), last, "training statistics, replicated")
     for name in ("expert_load", "dropped"):
         param(STATS_PREFIX + name, (d.num_hidden_layers, e), (1, 1), last, "training statistics, replicated")
+    stats_table = (d.num_hidden_layers, e)
+    for name in ("add_table", "zero_table"):
+        op(STATS_PREFIX + name, [stats_table, stats_table], [(1, 1), (1, 1)], last, note="side channel, replicated")
+    for name in ("add_scalar", "zero_scalar"):
+        op(STATS_PREFIX + name, [(), ()], [(), ()], last, note="side channel, replicated")
     return table
 
 
@@ -260,7 +305,12 @@ def shard(model, layout: ParallelLayout, run_mode: str = "train") -> Dict[str, E
         raise ParallelConfigError(f"parameters not in the plan: {extra[:4]}; planned but absent: {absent[:4]}")
     for name, prim in prims.items():
         entry = table[name]
-        prim.shard(entry.strategy, entry.out_strategy) if entry.out_strategy else prim.shard(entry.strategy)
+        if entry.layout is not None:
+            prim.shard(entry.layout.to_mindspore())
+        elif entry.out_strategy:
+            prim.shard(entry.strategy, entry.out_strategy)
+        else:
+            prim.shard(entry.strategy)
     return table
 
 
@@ -332,6 +382,15 @@ def setup_context(layout: ParallelLayout, strategy_file: Optional[str] = None) -
     return kwargs
 
 
+def strategy_path(config, rank: int) -> str:
+    """Where a run writes rank `rank`'s strategy file: `<output_dir>/strategy/<name>_rank_<rank>.ckpt`, with
+    <name> from `parallel.strategy_ckpt_save_file` (MindFormers' naming)."""
+    import os
+    name = os.path.basename(str((config.get("parallel") or {}).get("strategy_ckpt_save_file") or "ckpt_strategy.ckpt"))
+    return os.path.join(str(config.get("output_dir") or "./output"), "strategy",
+                        name.replace(".ckpt", f"_rank_{rank}.ckpt"))
+
+
 def prepare_parallel(config, devices: Optional[int] = None, rank: Optional[int] = None) -> ParallelLayout:
     """For scripts/run_mixtral.py with `use_parallel: True`, after MindFormers' build_context(config)
     has initialised communication and before the model is built: validate the layout against the
@@ -346,9 +405,7 @@ def prepare_parallel(config, devices: Optional[int] = None, rank: Optional[int] 
         devices = get_group_size() if devices is None else devices
         rank = get_rank() if rank is None else rank
     layout = from_run_config(config, devices)
-    name = os.path.basename(str((config.get("parallel") or {}).get("strategy_ckpt_save_file") or "ckpt_strategy.ckpt"))
-    strategy_file = os.path.join(str(config.get("output_dir") or "./output"), "strategy",
-                                 name.replace(".ckpt", f"_rank_{rank}.ckpt"))
+    strategy_file = strategy_path(config, rank)
     os.makedirs(os.path.dirname(strategy_file), exist_ok=True)
     setup_context(layout, strategy_file)
     return layout

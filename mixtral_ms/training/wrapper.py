@@ -141,7 +141,6 @@ class MixtralTrainOneStepCell(nn.Cell):
         if self.reducer_flag:
             self.grad_reducer = nn.DistributedGradReducer(self.weights, _get_gradients_mean(), _get_device_num())
             self.stats_sum = ops.AllReduce()
-        self.stat_zeros = tuple(Tensor(ops.zeros(p.shape, ms.float32)) for p in self.stats.all())
         self.freeze = FrozenParameters(self.weights, model.config, freeze)
 
     def __call__(self, *inputs):
@@ -158,7 +157,7 @@ class MixtralTrainOneStepCell(nn.Cell):
     def construct(self, *inputs):
         # A fixed scale of 1 stays 1 even if a resumed checkpoint carries another `scale_sense`.
         scale = self.one if self.unit_scale else self.scale_sense
-        reset = self._reset_stats()
+        reset = self.stats.reset()  # what the side channel holds after the step is this step's alone
         scale = ops.depend(scale, reset)
         loss, grads = self._gradients(scale, inputs)
         grads = self.freeze.mask(self.grad_reducer(grads))
@@ -183,14 +182,6 @@ class MixtralTrainOneStepCell(nn.Cell):
         # The scale the next step will use: what CheckpointMonitor saves as loss_scale for a resume.
         next_scale = ops.depend(ops.identity(self.scale_sense), overflow)
         return loss, overflow, next_scale, lr, global_norm
-
-    def _reset_stats(self):
-        """Zero the side channel: what it holds after the step is this step's alone."""
-        params = self.stats.all()
-        token = ops.assign(params[0], self.stat_zeros[0])
-        for param, zeros in zip(params[1:], self.stat_zeros[1:]):
-            token = ops.depend(token, ops.assign(param, zeros))
-        return token
 
     def _gradients(self, scale, inputs):
         """(mean loss, summed scaled gradients) over the step's micro-batches."""
