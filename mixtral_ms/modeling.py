@@ -183,7 +183,8 @@ class MixtralModel(MixtralPreTrainedModel):
         domain_ids int [B, S]: each token's domain, which picks its expert group under router_type rre
         (optional, and ignored, with one group); other routers ignore it.
 
-        Returns hidden [B, S, H], new keys and values [L, B, KV, S, D] and per-layer router outputs.
+        Returns hidden [B, S, H], new keys and values [L, B, KV, S, D], per-layer router outputs and the
+        valid token count [1] (1-d, as z_sum's entries: pipeline stages exchange no 0-d tensors).
         """
         b, s = input_ids.shape
         if attention_mask is None:
@@ -225,7 +226,7 @@ class MixtralModel(MixtralPreTrainedModel):
             prob_sums += (ps,)
             z_sums += (zs,)
         return (self.norm(x), ops.stack(keys), ops.stack(values), ops.stack(logits), ops.stack(loads),
-                ops.stack(dropped), ops.stack(prob_sums), ops.stack(z_sums), token_mask.sum())
+                ops.stack(dropped), ops.stack(prob_sums), ops.concat(z_sums), token_mask.reshape(-1, 1).sum(axis=0))
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
@@ -296,7 +297,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
 
     def forward_logits(self, input_ids, attention_mask=None, position_ids=None, domain_ids=None):
         """(logits [B, S, V], router_logits [L, B*S, E], load [L, E], dropped [L, E], and the pooled
-        router sums the training loss needs: prob_sum [L, E], z_sum [L], valid token count)."""
+        router sums the training loss needs: prob_sum [L, E], z_sum [L], valid token count [1])."""
         hidden, _, _, router_logits, load, dropped, prob_sum, z_sum, valid = self.model(
             input_ids, attention_mask, position_ids, domain_ids=domain_ids)
         return self.lm_logits(hidden), router_logits, load, dropped, prob_sum, z_sum, valid
@@ -307,7 +308,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         next tokens (the training forward's MindFormers convention), else Hugging Face's shift."""
         num_layers = load.shape[0]
         ce = causal_lm_loss(logits, labels, self.ignore_index, shifted=shifted)
-        pooled_tokens = valid * num_layers
+        pooled_tokens = valid.sum() * num_layers
         aux = load_balancing_loss(load.sum(axis=0), prob_sum.sum(axis=0), pooled_tokens)
         z = router_z_loss(z_sum.sum(), pooled_tokens)
         loss = ce_coef * ce + self.aux_coef * aux + self.z_coef * z

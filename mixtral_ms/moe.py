@@ -93,7 +93,7 @@ class MixtralSparseMoeBlock(nn.Cell):
     A token whose assignments are all dropped gets zero from this block, so the decoder layer's
     residual carries it through unchanged. Returns the output and per-call router statistics:
     router logits (fp32 [T, E]), routed load and dropped count per expert, the sum of routing
-    probabilities per expert and the sum of squared logsumexp over valid tokens (for the
+    probabilities per expert and the sum of squared logsumexp over valid tokens ([1]; for the
     load-balancing and z losses, which the model pools over layers as Hugging Face does).
     """
 
@@ -128,7 +128,8 @@ class MixtralSparseMoeBlock(nn.Cell):
         # Eval-mode dropless, exact paths: with at least GROUPED_MIN_ROWS rows per expert, per-expert
         # segments of exactly the routed tokens (as Hugging Face's loop over experts), whatever the skew;
         # with at most GATHER_MAX_SHARE rows per expert (decoding), the routed experts' weights gathered.
-        # Neither with static_dispatch (a sharded model: dispatch needs the static [E, C, H] layout).
+        # Neither with static_dispatch (a sharded model: dispatch needs the static [E, C, H] layout), whose
+        # dropless path is one capacity, N, not the tiers: the parallel compiler takes no branch on a tensor.
         self.grouped_inference = not config.static_dispatch
         # [G, E, C, H] <-> [E, G, C, H]: the expert-parallel AllToAll happens here (mixtral_ms/parallel/plan.py).
         self.to_experts = ops.Transpose()
@@ -197,8 +198,11 @@ class MixtralSparseMoeBlock(nn.Cell):
     def _dropless(self, flat, weights, index, valid):
         """Nothing dropped, at the cost of the smallest capacity tier that holds the busiest expert of
         every group (capacity.dropless_capacities, then N): one tensor condition per tier,
-        compiled as branches in graph mode, and no layer is computed twice."""
+        compiled as branches in graph mode, and no layer is computed twice. With static_dispatch (a
+        sharded model), capacity N alone: no branch."""
         n = flat.shape[0] // self.groups
+        if not self.grouped_inference:
+            return self._experts_at_capacity(flat, weights, index, valid, n)
         busiest = self._group_load(index, valid, self.groups).max()
         for capacity in dropless_capacities(n, self.top_k, self.num_experts):
             if busiest <= capacity:
@@ -232,5 +236,6 @@ class MixtralSparseMoeBlock(nn.Cell):
             y, load, dropped = self._dropless(flat, weights, index, valid)
 
         prob_sum = (probs * mask).sum(axis=0)
-        z_sum = (ops.square(ops.logsumexp(logits, -1, True)) * mask).sum()
+        # [1], not 0-d: a pipeline stage receives a 0-d tensor as a Python scalar (and a Reshape may not end a stage)
+        z_sum = (ops.square(ops.logsumexp(logits, -1, True)) * mask).sum(axis=0)
         return y.reshape(b, s, h), logits, load, dropped, prob_sum, z_sum

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
 
 from . import outputs, run_checks
 from .data import DataError
-from .parallel.config import ParallelConfigError, ParallelLayout
+from .parallel.config import ParallelConfigError, ParallelLayout, from_run_config
 from .run_checks import RunError
 from .safetensors_io import CheckpointError
 from .schema import ConfigError
@@ -56,15 +56,11 @@ def apply_settings(raw: Dict[str, Any], settings: Mapping[str, Any]) -> None:
         node[keys[-1]] = value
 
 
-def load_run(path: str, overrides: Optional[Dict[str, Any]] = None,
-             settings: Optional[Mapping[str, Any]] = None) -> Run:
-    """The YAML read once and checked (top-level keys, registered types, arguments, model_config), as
-    `MindFormerConfig(path)` reads it, with the dotted `settings` applied before the checks (see
-    apply_settings) and the non-None top-level `overrides` set on top."""
+def read_run_yaml(path: str) -> Dict[str, Any]:
+    """A run YAML as MindFormers reads it, `base_config:` files merged in (MindFormerConfig._file2dict), as
+    plain data; RunError (one line) for a missing, non-UTF-8, malformed or non-mapping file."""
     import yaml
     from mindformers import MindFormerConfig
-    from mindformers.tools.register.template import ConfigTemplate
-    from .training import check_config
     if not os.path.isfile(path):
         raise RunError(f"no config file {path}")
     try:
@@ -80,6 +76,18 @@ def load_run(path: str, overrides: Optional[Dict[str, Any]] = None,
         raise RunError(f"{path}: malformed YAML{where}") from None
     except AttributeError:  # the reader sorts the top-level items of what it loaded
         raise RunError(f"{path}: the YAML must be a mapping of sections") from None
+    return raw
+
+
+def load_run(path: str, overrides: Optional[Dict[str, Any]] = None,
+             settings: Optional[Mapping[str, Any]] = None) -> Run:
+    """The YAML read once (read_run_yaml) and checked (top-level keys, registered types, arguments,
+    model_config), as `MindFormerConfig(path)` reads it, with the dotted `settings` applied before the
+    checks (see apply_settings) and the non-None top-level `overrides` set on top."""
+    from mindformers import MindFormerConfig
+    from mindformers.tools.register.template import ConfigTemplate
+    from .training import check_config
+    raw = read_run_yaml(path)
     apply_settings(raw, settings or {})
     model_config = check_config(raw)
     device_unset = "device_target" not in (raw.get("context") or {})
@@ -192,6 +200,11 @@ def training_data(run: Run) -> int:
     samples = check_dataset(path, run.model_config.seq_length, columns, groups)["num_samples"]
     batch = int(config.runner_config.batch_size)
     world = int(os.environ.get("MS_WORKER_NUM") or os.environ.get("RANK_SIZE") or 1) if config.use_parallel else 1
+    layout = run.layout or (from_run_config(config) if config.use_parallel else None)
+    if layout is not None and layout.parallel_mode == "semi_auto_parallel":
+        # full batch: every rank reads the global batch, batch_size rows per data-parallel shard
+        world = layout.data_parallel * layout.micro_batch_interleave_num * \
+            (layout.micro_batch_num if layout.pipeline_stage > 1 else 1)
     steps = samples // (batch * world)
     if steps == 0:
         per_step = f"{batch} x {world} ranks" if world > 1 else str(batch)

@@ -10,10 +10,12 @@
 #
 # 1. env:        a venv with requirements.txt (reused when it imports), and for GPU the CUDA 11 runtime wheels
 #                MindSpore's GPU plugin links against; a matmul on the device.
-# 2. tiny-train: scripts/run_mixtral.py train on configs/mixtral_tiny_cpu.yaml with context.device_target
+# 2. dryrun:     scripts/dryrun.py on the tiny matrix's pp2 and dp4-mp2-ep2 rows (MindSpore's parallel compiler,
+#                DryRun level 0; the real CANN where ASCEND_HOME_PATH is set, the stand-in elsewhere).
+# 3. tiny-train: scripts/run_mixtral.py train on configs/mixtral_tiny_cpu.yaml with context.device_target
 #                set, on a slice of the bundled corpus, a few steps, once plain and once with
 #                gradient_accumulation_steps 2 and micro_batch_interleave_num 2; the loss must be finite.
-# 3. semi-auto:  configs/parallel/mixtral_8x7b_pretrain_32p.yaml scaled down (tiny model) to the devices
+# 4. semi-auto:  configs/parallel/mixtral_8x7b_pretrain_32p.yaml scaled down (tiny model) to the devices
 #                present: 1 device dp1; 2: pp2; 4+: dp n/2, ep n/2 (<= 8), pp2, compiled and run for one
 #                epoch of the same slice under msrun (scripts/msrun_launcher.sh).
 set -uo pipefail
@@ -22,15 +24,23 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEVICE="" DEVICES="" STEPS=6 OUT="$ROOT/output/device_check" VENV="$ROOT/.venv-device" WHEELS=""
 while [ $# -gt 0 ]; do
   case "$1" in
+    --device|--devices|--steps|--out|--venv|--wheels)
+      if [ $# -lt 2 ] || [ -z "$2" ] || [ "${2#--}" != "$2" ]; then echo "error: $1 needs a value" >&2; exit 2; fi ;;
+  esac
+  case "$1" in
     --device) DEVICE="$2"; shift 2 ;;
     --devices) DEVICES="$2"; shift 2 ;;
     --steps) STEPS="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --venv) VENV="$2"; shift 2 ;;
     --wheels) WHEELS="$2"; shift 2 ;;
-    *) echo "device_check: unknown option $1" >&2; exit 2 ;;
+    *) echo "error: unknown option $1" >&2; exit 2 ;;
   esac
 done
+for n in "$STEPS" ${DEVICES:+"$DEVICES"}; do
+  case "$n" in ''|*[!0-9]*|0) echo "error: --steps and --devices take a positive integer, got '$n'" >&2; exit 2 ;; esac
+done
+[ -z "$WHEELS" ] || [ -d "$WHEELS" ] || { echo "error: --wheels $WHEELS is not a folder" >&2; exit 2; }
 if [ -z "$DEVICE" ]; then
   if command -v nvidia-smi >/dev/null 2>&1; then DEVICE=gpu
   elif command -v npu-smi >/dev/null 2>&1; then DEVICE=ascend
@@ -40,7 +50,7 @@ case "$DEVICE" in
   gpu) TARGET=GPU; COUNT=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU') ;;
   ascend) TARGET=Ascend; COUNT=$(npu-smi info -l 2>/dev/null | grep -ci 'NPU ID') ;;
   cpu) TARGET=CPU; COUNT=2 ;;  # a rehearsal of the script itself: semi-auto fails, as MindSpore refuses it on CPU
-  *) echo "device_check: --device must be gpu, ascend or cpu" >&2; exit 2 ;;
+  *) echo "error: --device must be gpu, ascend or cpu" >&2; exit 2 ;;
 esac
 DEVICES="${DEVICES:-$COUNT}"
 mkdir -p "$OUT"
@@ -81,7 +91,16 @@ status=$?
 report env $status "$( [ $status = 0 ] && tail -1 "$OUT/env.log" || first_error "$OUT/env.log")"
 [ $status = 0 ] || { echo "device_check: $FAILED check(s) failed; logs in $OUT"; exit "$FAILED"; }
 
-# ----------------------------------------------------------------------------------------- 2. tiny-train
+# ------------------------------------------------------------------------------------------------ 2. dryrun
+# The parallel compile of the tiny matrix's pipeline and expert-parallel rows (scripts/dryrun.py): with a CANN
+# install (ASCEND_HOME_PATH) against it, else against the stand-in; GPU has no DryRun, so there it checks the
+# host-side compile only.
+python "$ROOT/scripts/dryrun.py" --matrix --rows dp2-mp2-ep2-pp2,dp4-mp2-ep2 --output "$OUT/dryrun" \
+  > "$OUT/dryrun.log" 2>&1
+status=$?
+report dryrun $status "$(grep -E '^dry run:' "$OUT/dryrun.log" || first_error "$OUT/dryrun.log")"
+
+# ----------------------------------------------------------------------------------------- 3. tiny-train
 # A slice of the corpus for about --steps steps of 8 rows x 129 tokens (~4.5 characters a token here)
 head -c $(( STEPS * 8 * 129 * 9 / 2 )) "$ROOT/data/corpus/kjv_genesis_to_ruth.txt" > "$OUT/corpus_slice.txt"
 python "$ROOT/scripts/preprocess_data.py" --input "$OUT/corpus_slice.txt" --format text \
@@ -91,7 +110,8 @@ derive() {  # derive <source yaml> <target yaml> <python statements on cfg>
   python - "$1" "$2" "$3" <<'EOF'
 import sys
 import yaml
-cfg = yaml.safe_load(open(sys.argv[1]))
+from mixtral_ms.runner import read_run_yaml  # the project's one YAML reader: base_config: merged in
+cfg = read_run_yaml(sys.argv[1])
 exec(sys.argv[3])
 yaml.safe_dump(cfg, open(sys.argv[2], "w"))
 EOF
@@ -116,7 +136,7 @@ $extra"
   fi
 done
 
-# ------------------------------------------------------------------------------------------ 3. semi-auto
+# ------------------------------------------------------------------------------------------ 4. semi-auto
 if [ "$DEVICES" -ge 4 ]; then half=$((DEVICES / 2)); ep=$(( half < 8 ? half : 8 )); while [ $((8 % ep)) -ne 0 ] || [ $((half % ep)) -ne 0 ]; do ep=$((ep - 1)); done
   layout="data_parallel=$half, expert_parallel=$ep, pipeline_stage=2, micro_batch_num=2"; DEVICES=$((half * 2))
 elif [ "$DEVICES" -ge 2 ]; then layout="data_parallel=1, expert_parallel=1, pipeline_stage=2, micro_batch_num=2"; DEVICES=2

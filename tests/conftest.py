@@ -24,10 +24,15 @@ ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
 
 
 def pytest_collection_modifyitems(items):
-    """tests/test_parallel.py's 2-process msrun launch starts with that module and runs beside the rest of
-    the suite (one core is mostly idle in this single-threaded process); the tests that wait for it run last."""
-    waiting = [item for item in items if item.path.name == "test_parallel.py" and item.name.startswith("test_msrun_")]
-    items[:] = [item for item in items if item not in waiting] + waiting
+    """Background launches start with their module and run beside the rest of the suite (one core is mostly
+    idle in this single-threaded process): tests/test_dryrun.py's compile matrix first (it is the longest),
+    then tests/test_parallel.py's 2-process msrun launch; the tests that wait for them run last."""
+    def waits(item):
+        return (item.path.name == "test_parallel.py" and item.name.startswith("test_msrun_")) or \
+            (item.path.name == "test_dryrun.py" and item.name.startswith("test_matrix_"))
+    starts = [item for item in items if item.path.name == "test_dryrun.py" and not waits(item)]
+    waiting = [item for item in items if waits(item)]
+    items[:] = starts[:1] + [item for item in items if item not in waiting and item not in starts[:1]] + waiting
 
 
 @pytest.fixture(params=[ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])

@@ -230,12 +230,13 @@ def _same(value: Any, default: Any) -> bool:
 def validate(parallel_config: Optional[Mapping] = None, parallel: Optional[Mapping] = None, model: Any = None,
              devices: Optional[int] = None, moe_config: Optional[Mapping] = None,
              micro_batch_interleave_num: int = 1, recompute_config: Optional[Mapping] = None,
-             batch_size: int = 1, gradient_accumulation_steps: int = 1) -> ParallelLayout:
+             batch_size: int = 1, gradient_accumulation_steps: int = 1, training: bool = False) -> ParallelLayout:
     """Check a layout against a model and a device count (default: dp * mp * pp) and return it.
 
     `parallel_config`, `parallel`, `moe_config`, `recompute_config`: the YAML sections; `model`: a
     MixtralConfig or the `model.model_config` mapping; `batch_size`: rows per data-parallel rank per
-    micro-batch (runner_config.batch_size, MindFormers' meaning).
+    micro-batch (runner_config.batch_size, MindFormers' meaning); `training`: the run trains (MindFormers'
+    Trainer checks more then).
     """
     dims = model_dims(model if model is not None else {})
     pc = _section(parallel_config, "parallel_config")
@@ -301,6 +302,9 @@ def validate(parallel_config: Optional[Mapping] = None, parallel: Optional[Mappi
     if mode in ("data_parallel", "stand_alone") and (mp > 1 or ep > 1 or pp > 1):
         raise ParallelConfigError(f"model_parallel, expert_parallel and pipeline_stage need parallel_mode 1 "
                                   f"(semi_auto_parallel); got {mode} with mp={mp} ep={ep} pp={pp}")
+    if training and mode == "semi_auto_parallel" and mp > 1 and dims.num_local_experts > 1 and not use_sp:
+        raise ParallelConfigError(f"training an MoE model with model_parallel {mp} needs parallel_config."
+                                  "use_seq_parallel: true (MindFormers' Trainer refuses it otherwise)")
     if mode == "stand_alone" and dp > 1:
         raise ParallelConfigError(f"data_parallel {dp} needs parallel_mode 0 or 1, got stand_alone")
 
@@ -370,7 +374,8 @@ def from_run_config(config: Mapping, devices: Optional[int] = None) -> ParallelL
                     micro_batch_interleave_num=config.get("micro_batch_interleave_num") or 1,
                     recompute_config=config.get("recompute_config"),
                     batch_size=runner.get("batch_size", 1) or 1,
-                    gradient_accumulation_steps=runner.get("gradient_accumulation_steps", 1) or 1)
+                    gradient_accumulation_steps=runner.get("gradient_accumulation_steps", 1) or 1,
+                    training=config.get("run_mode", "train") in ("train", "finetune"))
 
 
 def load_yaml(path: str) -> Dict[str, Any]:

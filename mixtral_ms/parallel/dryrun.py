@@ -54,6 +54,7 @@ class RankResult:
     comm: Dict[str, int] = field(default_factory=dict)
     exchanges: Dict[str, List[int]] = field(default_factory=dict)
     expect_alltoall: bool = False
+    row: str = ""  # the TINY_MATRIX row, with --matrix
     mismatches: List[str] = field(default_factory=list)
     bytes_strategy: Dict[str, float] = field(default_factory=dict)
     bytes_estimate: Dict[str, float] = field(default_factory=dict)
@@ -107,13 +108,19 @@ class IRNode:
 
 
 def parse_ir(ir_text: str) -> Dict[str, IRNode]:
-    """id -> node of every CNode in a graph's IR text (operator, instance name, input ids)."""
+    """"<graph>:<id>" -> node of every CNode in an IR text (operator, instance name, input ids); ids are
+    numbered per subgraph."""
     nodes: Dict[str, IRNode] = {}
+    graph = ""
     for line in ir_text.splitlines():
+        if line.startswith("subgraph @"):
+            graph = line[len("subgraph @"):].split("(", 1)[0]
+            continue
         m = _IR_NODE.match(line)
         if m:
             inst = _INSTANCE.search(line)
-            nodes[m.group(1)] = IRNode(m.group(2), inst.group(1) if inst else "", _INPUT.findall(m.group(3)))
+            nodes[f"{graph}:{m.group(1)}"] = IRNode(m.group(2), inst.group(1) if inst else "",
+                                                   [f"{graph}:{i}" for i in _INPUT.findall(m.group(3))])
     return nodes
 
 
@@ -254,6 +261,9 @@ def worker(spec: Dict[str, Any]) -> RankResult:
             data = os.path.join(spec["output_dir"], "synthetic.mindrecord")
             synthetic_dataset(data, columns, run.model_config.seq_length, run.model_config.vocab_size, rows)
             config.train_dataset.data_loader.dataset_dir = data
+            for section in (config.train_dataset, (config.get("train_dataset_task") or {}).get("dataset_config")):
+                if section is not None:  # a synthetic set on this host's cores
+                    section["num_parallel_workers"] = 1
             config.load_checkpoint = ""
             config.resume_training = False
             steps = runner.training_data(run)
@@ -386,19 +396,19 @@ def _find(strategies: Dict[str, Dict[str, Any]], name: str) -> Optional[Dict[str
 
 def compile_rank(config: str, rank: int, devices: int, output_dir: str, settings: Optional[Dict[str, Any]] = None,
                  layers: Optional[int] = None, run_mode: Optional[str] = None, log: Optional[str] = None) -> RankResult:
-    """Compile one rank in a fresh process (DryRun level 0, the stand-in CANN); returns its result."""
+    """Compile one rank in a fresh process (DryRun level 0; against the CANN install named by
+    ASCEND_HOME_PATH where there is one, else the stand-in); returns its result."""
     from .cann_stub import ensure_stub, environment
-    root = ensure_stub()
     output_dir = os.path.abspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     graphs = os.path.join(output_dir, f"graphs_rank_{rank}")
-    env = environment(root)
+    env = dict(os.environ) if os.environ.get("ASCEND_HOME_PATH") else environment(ensure_stub())
     env.update(DEVICE_TARGET="Ascend", MS_SIMULATION_LEVEL="0", RANK_SIZE=str(devices), RANK_ID=str(rank),
                GLOG_v=env.get("GLOG_v", "3"), MS_DEV_SAVE_GRAPHS="1", MS_DEV_SAVE_GRAPHS_PATH=graphs, MS_DEV_DUMP_IR_PASSES="validate",
                LOCAL_DEFAULT_PATH=os.path.join(output_dir, "log"))
     env.pop("MS_ROLE", None)
     root_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join([root_dir, env["PYTHONPATH"]])
+    env["PYTHONPATH"] = os.pathsep.join([root_dir] + [p for p in [env.get("PYTHONPATH")] if p])
     spec = {"config": os.path.abspath(config), "rank": rank, "settings": settings or {}, "layers": layers, "run_mode": run_mode,
             "output_dir": output_dir, "graphs_dir": graphs}
     fd, result_path = tempfile.mkstemp(prefix=".dryrun-", suffix=".json", dir=output_dir)
@@ -422,13 +432,17 @@ def compile_rank(config: str, rank: int, devices: int, output_dir: str, settings
 
 TINY_CONFIG = "configs/parallel/dryrun/mixtral_tiny_8p.yaml"
 # The tiny matrix: overrides of TINY_CONFIG (dp4 mp2 ep2, sequence parallel, AllToAll, optimizer shard,
-# recompute, bf16), each row a layout or feature the cluster path must compile. Rows with pipeline stages
-# compile every stage.
+# recompute, bf16 parameters and compute), each row a layout plus features the cluster path must compile
+# (combined, as each compile costs ~30 s). Rows with pipeline stages compile every stage.
 TINY_MATRIX: Dict[str, Dict[str, Any]] = {
     "dp4-mp2-ep2": {},
-    "dp8-ep8": {"parallel_config.data_parallel": 8, "parallel_config.model_parallel": 1,
-                "parallel_config.expert_parallel": 8, "parallel_config.use_seq_parallel": False},
-    "dp4-mp2-ep4-groupwise-a2a": {"parallel_config.expert_parallel": 4, "moe_config.group_wise_a2a": True},
+    "dp8-ep8-offload-fp32-norecompute": {
+        "parallel_config.data_parallel": 8, "parallel_config.model_parallel": 1, "parallel_config.expert_parallel": 8,
+        "parallel_config.use_seq_parallel": False, "optimizer.type": "OffloadAdamW",
+        "model.model_config.param_init_type": "float32", "recompute_config.recompute": False},
+    "dp4-mp2-ep4-groupwise-interleave2-accumulate2": {
+        "parallel_config.expert_parallel": 4, "moe_config.group_wise_a2a": True, "micro_batch_interleave_num": 2,
+        "runner_config.gradient_accumulation_steps": 2},
     "dp2-mp4-ep4-vocab-split": {"parallel_config.data_parallel": 2, "parallel_config.model_parallel": 4,
                                 "parallel_config.expert_parallel": 4, "parallel_config.vocab_emb_dp": False},
     "dp2-mp2-ep2-pp2": {"parallel_config.data_parallel": 2, "parallel_config.pipeline_stage": 2,
@@ -436,11 +450,6 @@ TINY_MATRIX: Dict[str, Dict[str, Any]] = {
     "dp8-ep4-allgather": {"parallel_config.data_parallel": 8, "parallel_config.model_parallel": 1,
                           "parallel_config.expert_parallel": 4, "parallel_config.use_seq_parallel": False,
                           "parallel.enable_alltoall": False},
-    "interleave2-accumulate2": {"micro_batch_interleave_num": 2, "runner_config.gradient_accumulation_steps": 2},
-    "offload-fp32-params-no-recompute": {"optimizer.type": "OffloadAdamW",
-                                         "model.model_config.param_init_type": "float32",
-                                         "recompute_config.recompute": False},
-    "freeze": {"runner_wrapper.freeze": {"experts": [[0, 1]], "router_rows": [[0, 1]]}},
     "predict-mp8": {"run_mode": "predict", "parallel_config.data_parallel": 1, "parallel_config.model_parallel": 8,
                     "parallel_config.expert_parallel": 1, "parallel_config.use_seq_parallel": False,
                     "parallel.enable_alltoall": False, "parallel.enable_parallel_optimizer": False,
@@ -533,8 +542,10 @@ def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None
             results = []
             for row in rows:
                 print(f"== {row}", flush=True)
-                results += dry_run(config, {**TINY_MATRIX[row], **settings}, args.layers, True, None,
-                                   os.path.join(args.output, row), emit=lambda line: print(line, flush=True))
+                for result in dry_run(config, {**TINY_MATRIX[row], **settings}, args.layers, True, None,
+                                      os.path.join(args.output, row), emit=lambda line: print(line, flush=True)):
+                    result.row = row
+                    results.append(result)
         else:
             if not args.config:
                 raise _bad("--config is required (or --matrix)")

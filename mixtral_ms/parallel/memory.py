@@ -14,7 +14,7 @@ Rules (the sharding plan's, mixtral_ms/parallel/plan.py, parameter by parameter)
   a separate what-if line for bf16/fp16 parameters (`--master_weights` adds it to the totals);
 - optimizer sharding (`enable_parallel_optimizer`, MindSpore's parallel optimizer): a parameter
   replicated on r devices of its stage has its optimizer states and (level1+) its weights split r
-  ways, gradients too with `optimizer_level: level2/level3`; parameters below
+  ways, gradients too with `optimizer_level: level2/level3`; parameters whose whole size is below
   `parallel_optimizer_threshold` (64 KB) or whose first slice dimension r does not divide stay whole
   (MindSpore's rules); `optimizer_weight_shard_size` caps r;
 - offload (OffloadAdamW, or MindFormers AdamW `swap: True`): the optimizer states go to host DRAM.
@@ -90,7 +90,7 @@ def _opt_shard(entry, layout: ParallelLayout, bytes_per: int) -> int:
     if cap and cap > 0 and r % cap == 0:
         r = cap
     threshold_kb = cfg.get("parallel_optimizer_threshold", 64)
-    size = math.prod(entry.slice_shape(0)) * bytes_per
+    size = math.prod(entry.shapes[0]) * bytes_per  # the whole parameter's bytes, as MindSpore compares them
     if r <= 1 or size < threshold_kb * 1024 or entry.slice_shape(0)[0] % r:
         return 1
     return r

@@ -41,7 +41,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..capacity import dropless_capacities, expert_capacity
+from ..capacity import expert_capacity
 from ..schema import ModelDims, model_dims
 from .config import ParallelConfigError, ParallelLayout
 
@@ -117,8 +117,8 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capac
     `model`: MixtralConfig or model_config mapping. Shapes are global (semi-auto parallel graphs are
     written for the whole batch): rows B = batch_size * dp per micro-batch, T = B * tokens per row.
     Capacity (pass_capacity) uses the training capacity factor in train/finetune; predict runs the
-    model in eval mode, dropless at the default inference_capacity_factor 0, shown at the 2x-mean-load
-    tier (every dropless tier and N must divide over group-wise AllToAll ranks).
+    model in eval mode, dropless at the default inference_capacity_factor 0, which a sharded model runs
+    at capacity N (no tiers: the parallel compiler takes no branch on a tensor).
     """
     d = model_dims(model)
     dp, mp, ep, pp = layout.data_parallel, layout.model_parallel, layout.expert_parallel, layout.pipeline_stage
@@ -137,7 +137,9 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capac
         capacity_factor = d.capacity_factor if run_mode in ("train", "finetune") else 0.0
     k = d.num_experts_per_tok
     n, c = pass_capacity(d, layout, capacity_factor)  # n = tok // g
-    capacities = [c] if capacity_factor > 0 else [*dropless_capacities(n, k, e), n]
+    if capacity_factor <= 0:  # a sharded model's dropless path: capacity N, no tiers (moe.py _dropless)
+        c = n
+    capacities = [c]
     for cap in capacities:
         if cap % a:
             raise ParallelConfigError(f"moe_config.group_wise_a2a splits the expert capacity over {a} model-parallel "

@@ -175,10 +175,13 @@ def check_config(config: Any) -> MixtralConfig:
         raise ConfigError("runner_wrapper.gradient_accumulation_steps: set runner_config.gradient_accumulation_steps "
                           "(run_mixtral.py hands it to the wrapper)")
     _check_multi_batch(config, wrapper)
-    if config.get("use_parallel"):
-        from_run_config(config)  # the layout, on the YAML as written (ParallelConfigError, one line)
+    layout = from_run_config(config) if config.get("use_parallel") else None  # ParallelConfigError, one line
     if wrapper.get("type") == "MixtralTrainOneStepCell":
         check_freeze(wrapper.get("freeze"), mixtral)
+        if wrapper.get("freeze") and layout is not None and layout.parallel_mode == "semi_auto_parallel":
+            raise ConfigError("runner_wrapper.freeze is not supported under semi_auto_parallel yet: its masks are "
+                              "whole-parameter constants the sharding plan does not slice (the dry run fails in "
+                              "Select); train frozen experts with parallel_mode 0 (data parallel)")
         check_distill(wrapper.get("distill"), mixtral)
     scale = wrapper.get("scale_sense")
     if wrapper.get("type") == "MixtralTrainOneStepCell" and isinstance(scale, dict) and "type" not in scale:
