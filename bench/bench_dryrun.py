@@ -2,8 +2,8 @@
 every pipeline stage, full width, fewer layers), and the tiny matrix: compile time, communication and
 per-rank bytes, as the table docs/parallel.md ("Dry run") shows.
 
-  python bench/bench_dryrun.py                      # shipped layouts -> bench/results/dryrun.json + table
-  python bench/bench_dryrun.py --matrix             # the tiny matrix as well
+  python bench/bench_dryrun.py                      # shipped layouts -> bench/results/dryrun_shipped.json + table
+  python bench/bench_dryrun.py --matrix             # the tiny matrix -> bench/results/dryrun_matrix.json + table
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def _row(name: str, layers: int, r: dict) -> str:
     if not r["compiled"]:
         return f"| {name} | {r['rank']} ({r['stage']}) | {layers} | FAIL: {r['error'][:80]} | | | |"
     comm = ", ".join(f"{k} {r['comm'].get(k, 0)}" for k in KINDS if r["comm"].get(k))
-    mib = lambda d: " / ".join(f"{d.get(k, 0) / 2**30:.2f}" for k in ("parameters", "gradients", "moments")  # noqa
+    scale, fmt = (2**30, "{:.2f}") if r["bytes_strategy"].get("parameters", 0) > 2**30 else (2**20, "{:.2f} Mi")
+    mib = lambda d: " / ".join(fmt.format(d.get(k, 0) / scale) for k in ("parameters", "gradients", "moments")  # noqa
                                if k in d)
     return (f"| {name} | {r['rank']} ({r['stage']}) | {layers} | {r['compile_s']:.0f} | {comm} | "
             f"{mib(r['bytes_strategy'])} | {mib(r['bytes_estimate'])} |")
@@ -44,22 +45,22 @@ def _row(name: str, layers: int, r: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--matrix", action="store_true")
-    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "dryrun.json"))
+    parser.add_argument("--matrix", action="store_true", help="the tiny matrix instead of the shipped layouts")
     args = parser.parse_args(argv)
+    out = os.path.join(ROOT, "bench", "results", f"dryrun_{'matrix' if args.matrix else 'shipped'}.json")
     lines = ["| config | rank (stage) | layers | compile s | communication inserted | GiB params / grads / "
              "moments, strategy file | GiB, estimator |", "|---|---|---|---|---|---|---|"]
-    record = {"shipped": [], "matrix": []}
+    record = []
     with tempfile.TemporaryDirectory() as work:
-        for config, layers in SHIPPED:
-            for r in _dryrun(["--config", config, "--all-stages", "--layers", str(layers)], work):
-                record["shipped"].append({**r, "layers": layers})
-                lines.append(_row(os.path.basename(config), layers, r))
         if args.matrix:
             for r in _dryrun(["--matrix"], work):
-                record["matrix"].append(r)
+                record.append({**r, "layers": 2})
                 lines.append(_row(f"tiny {r['row']}", 2, r))
-    with open(args.out, "w") as f:
+        for config, layers in () if args.matrix else SHIPPED:
+            for r in _dryrun(["--config", config, "--all-stages", "--layers", str(layers)], work):
+                record.append({**r, "layers": layers})
+                lines.append(_row(os.path.basename(config), layers, r))
+    with open(out, "w") as f:
         json.dump(record, f, indent=1)
     print("\n".join(lines))
     return 0

@@ -65,7 +65,7 @@ class TrainingStats(nn.Cell):
       router_stats.passes       forward passes since the last reset
 
     Writers: MixtralForCausalLM.construct calls `self(terms, load, dropped)` once per training forward.
-    Resetting: MixtralTrainOneStepCell zeroes them in-graph at the start of each step (and all-reduces
+    Resetting: MixtralTrainOneStepCell calls `reset` in-graph at the start of each step (and all-reduces
     them in DATA_PARALLEL); readers under any other wrapper call `read_and_reset` once per step
     (mixtral_ms.training.callbacks does). A new term (e.g. a distillation loss) is one more name in
     `terms` and one more value in the tuple the model passes, in the same order: callbacks print and log

@@ -37,7 +37,9 @@ class MixtralExperts(nn.Cell):
         self.bmm_gate = ops.BatchMatMul(transpose_b=True)
         self.bmm_up = ops.BatchMatMul(transpose_b=True)
         self.bmm_down = ops.BatchMatMul(transpose_b=True)
-        self.act, self.gated = SiLU(), ops.Mul()  # primitives, so the plan shards them like the matmuls
+        # SwiGLU's activation and product, one pair for every path (the same kernels, so the paths agree
+        # bit for bit); primitives, so the plan shards them like the matmuls
+        self.act, self.gated = SiLU(), ops.Mul()
         self.segment_matmul = ops.MatMul(transpose_b=True)  # eval-mode segments only; the plan leaves it unsharded
         self.gathered_weights = ops.Gather()  # eval-mode decoding only (gathered); unsharded too
         self.gathered_bmm = ops.BatchMatMul(transpose_b=True)
@@ -53,7 +55,7 @@ class MixtralExperts(nn.Cell):
         for e in range(len(rows)):
             gate = matmul(self.segment_matmul, rows[e], w1[e], self.round_dtype)
             up = matmul(self.segment_matmul, rows[e], w3[e], self.round_dtype)
-            outs += (matmul(self.segment_matmul, ops.silu(gate) * up, w2[e], self.round_dtype),)
+            outs += (matmul(self.segment_matmul, self.gated(self.act(gate), up), w2[e], self.round_dtype),)
         return outs
 
     def dense_weights(self) -> tuple:
@@ -76,7 +78,7 @@ class MixtralExperts(nn.Cell):
         x = x.reshape(a, 1, -1)
         gate = matmul(bmm, x, w1, self.round_dtype)
         up = matmul(bmm, x, w3, self.round_dtype)
-        return matmul(bmm, ops.silu(gate) * up, w2, self.round_dtype).reshape(a, -1)
+        return matmul(bmm, self.gated(self.act(gate), up), w2, self.round_dtype).reshape(a, -1)
 
     def construct(self, x: Tensor) -> Tensor:
         """x: [E, M, H] (M token slots per expert) -> [E, M, H]."""

@@ -274,7 +274,17 @@ def test_plan_applied_to_every_primitive_and_parameter(path):
     prims = _primitives(model)
     assert set(prims) == {k for k, e in table.items() if e.kind == "op"}
     for name, prim in prims.items():
-        assert prim.attrs["in_strategy"] == table[name].strategy, name
+        entry = table[name]
+        if entry.layout is None:
+            assert prim.attrs["in_strategy"] == entry.strategy, name
+            continue
+        # named device axes (the expert exchange): each dimension split as the tuple strategy says
+        for named, strategy in zip(prim.attrs["in_layout"], entry.strategy):
+            sizes = named["device_matrix"]
+            axis = lambda m: sizes[len(sizes) - 1 - m] if m >= 0 else 1  # noqa: E731
+            split = tuple(math.prod(axis(a) for a in m) if isinstance(m, tuple) else axis(m)
+                          for m in named["tensor_map"])
+            assert split == strategy, (name, named, strategy)
     assert {p.name for p in model.get_parameters()} == {k for k, e in table.items() if e.kind == "param"}
     for p in model.get_parameters():
         assert table[p.name].shapes[0] == tuple(p.shape), p.name

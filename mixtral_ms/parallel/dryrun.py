@@ -199,9 +199,9 @@ def read_strategy(path: str) -> Dict[str, Dict[str, Any]]:
 class _Compiled(Exception):
     """Raised right after the first graph of the run is compiled: nothing after compile is real here."""
 
-    def __init__(self, cell, seconds: float) -> None:
+    def __init__(self, seconds: float) -> None:
         super().__init__("compiled")
-        self.cell, self.seconds = cell, seconds
+        self.seconds = seconds
 
 
 def _compile_only() -> None:
@@ -211,7 +211,7 @@ def _compile_only() -> None:
     def compile_and_stop(cell, *args, **kwargs):
         start = time.time()
         cell.compile(*args, **kwargs)
-        raise _Compiled(cell, time.time() - start)
+        raise _Compiled(time.time() - start)
 
     nn.Cell.compile_and_run = compile_and_stop
 
@@ -285,7 +285,6 @@ def worker(spec: Dict[str, Any]) -> RankResult:
             raise RunError("the run ended without compiling a graph")
         except _Compiled as done:
             result.compiled, result.compile_s = True, done.seconds
-            model = done.cell
     except Exception as err:  # the report names the first error; the traceback goes to the log
         import traceback
         traceback.print_exc()
@@ -295,7 +294,7 @@ def worker(spec: Dict[str, Any]) -> RankResult:
     nodes = parse_ir(_last_ir(spec["graphs_dir"]))
     result.comm, result.exchanges = comm_ops(nodes), expert_exchanges(nodes)
     result.expect_alltoall = bool(layout.enable_alltoall and layout.expert_parallel > 1)
-    _compare(result, run, model)
+    _compare(result, run)
     return result
 
 
@@ -324,7 +323,7 @@ def _first_line(err: BaseException) -> str:
     return (text.splitlines() or [""])[0][:400]
 
 
-def _compare(result: RankResult, run, model) -> None:
+def _compare(result: RankResult, run) -> None:
     """The strategy file's slices against the plan's, and the bytes they give against the estimator's."""
     from .memory import estimate
     from .plan import plan_spec
@@ -335,7 +334,6 @@ def _compare(result: RankResult, run, model) -> None:
     mode = run.config.run_mode
     strategies = read_strategy(result.strategy_file)
     table = plan_spec(run.model_config, layout, mode)
-    params = {p.name: p for p in model.get_parameters()} if hasattr(model, "get_parameters") else {}
     for name, entry in table.items():
         if entry.kind != "param" or entry.stage != stage or name.startswith("router_stats."):
             continue
@@ -366,7 +364,6 @@ def _compare(result: RankResult, run, model) -> None:
     est = estimate(run.model_config, layout, mode).stages[stage]
     result.bytes_estimate = {"parameters": est.param_bytes, "gradients": est.grad_bytes,
                              "moments": est.moment_bytes} if training else {"parameters": est.param_bytes}
-    del params
 
 
 def _local(shape: Sequence[int], found: Optional[Dict[str, Any]], stage_devices: int) -> tuple:
