@@ -153,8 +153,18 @@ def install(network, model, spec: Optional[dict]):
     distilled = Distillation(model, build_teacher(spec), spec["kd_coef"], spec["ce_coef"], spec["temperature"])
     if network is model:
         return distilled
-    holder = network
-    while holder.network is not model:
-        holder = holder.network
-    holder.network = distilled
+    if not _replace(network, model, distilled):
+        raise ValueError("the model is not inside the network it was given")  # a bug, not bad input
     return network
+
+
+def _replace(holder, model, new) -> bool:
+    """Put `new` where `model` is among the cells below `holder` (MindFormers' and MindSpore's wrappers
+    name the inner cell `network`, `_backbone`, ...)."""
+    for name, child in holder.name_cells().items():
+        if child is model:
+            setattr(holder, name, new)
+            return True
+        if _replace(child, model, new):
+            return True
+    return False
