@@ -200,14 +200,16 @@ def training_data(run: Run) -> int:
     samples = check_dataset(path, run.model_config.seq_length, columns, groups)["num_samples"]
     batch = int(config.runner_config.batch_size)
     world = int(os.environ.get("MS_WORKER_NUM") or os.environ.get("RANK_SIZE") or 1) if config.use_parallel else 1
+    readers = "ranks"
     layout = run.layout or (from_run_config(config) if config.use_parallel else None)
     if layout is not None and layout.parallel_mode == "semi_auto_parallel":
         # full batch: every rank reads the global batch, batch_size rows per data-parallel shard
         world = layout.data_parallel * layout.micro_batch_interleave_num * \
             (layout.micro_batch_num if layout.pipeline_stage > 1 else 1)
+        readers = "data-parallel shards, micro-batches and copies"
     steps = samples // (batch * world)
     if steps == 0:
-        per_step = f"{batch} x {world} ranks" if world > 1 else str(batch)
+        per_step = f"{batch} x {world} {readers}" if world > 1 else str(batch)
         raise RunError(f"{path} holds {samples} samples, fewer than one batch ({per_step}): no step would run; "
                        f"lower runner_config.batch_size")
     return steps
