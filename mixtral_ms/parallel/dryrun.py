@@ -28,6 +28,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from ..run_checks import RunError  # no MindSpore import: bad input is refused before the seconds it costs
+from .config import from_run_config
+
 COMM_KINDS = ("AllToAll", "AllGather", "AllReduce", "ReduceScatter", "Send", "Receive", "Broadcast")
 _COMM_OPS = {"AlltoAll": "AllToAll", "AllToAll": "AllToAll", "AlltoAllV": "AllToAll", "AllGather": "AllGather",
              "AllReduce": "AllReduce", "ReduceScatter": "ReduceScatter", "Send": "Send", "Receive": "Receive",
@@ -36,7 +39,6 @@ _COMM_OPS = {"AlltoAll": "AllToAll", "AllToAll": "AllToAll", "AlltoAllV": "AllTo
 _IR_NODE = re.compile(r"^\s*%(\d+)\S*\s*=\s*(?:PrimFunc_)?([A-Za-z_]+)\((.*)$")
 _INSTANCE = re.compile(r"\{instance name: ([^}]*)\}")
 _INPUT = re.compile(r"%(\d+)\b")
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 BYTES_TOLERANCE = 0.02  # the estimator's static bytes against the strategy file's
 TIMEOUT_S = 900
 
@@ -242,7 +244,6 @@ def _last_ir(folder: str) -> str:
 
 def worker(spec: Dict[str, Any]) -> RankResult:
     """Compile rank `spec["rank"]` of `spec["config"]` (environment set by `compile_rank`)."""
-    from ..run_checks import RunError
     from .. import runner
     rank = int(spec["rank"])
     settings = dict(spec.get("settings") or {})
@@ -257,7 +258,8 @@ def worker(spec: Dict[str, Any]) -> RankResult:
         mode = config.run_mode
         if mode in ("train", "finetune"):
             columns = list(config.train_dataset.get("input_columns") or ["input_ids"])
-            rows = _rows_needed(config)
+            layout = from_run_config(config)
+            rows = 2 * layout.micro_batch_rows() * layout.passes_per_step  # two steps' global batches
             data = os.path.join(spec["output_dir"], "synthetic.mindrecord")
             synthetic_dataset(data, columns, run.model_config.seq_length, run.model_config.vocab_size, rows)
             config.train_dataset.data_loader.dataset_dir = data
@@ -298,15 +300,6 @@ def worker(spec: Dict[str, Any]) -> RankResult:
     return result
 
 
-def _rows_needed(config) -> int:
-    """Samples for at least one step on every rank: batch * dp * micro-batches * accumulation * copies."""
-    pc = config.get("parallel_config") or {}
-    rc = config.get("runner_config") or {}
-    return max(1, int(rc.get("batch_size") or 1)) * int(pc.get("data_parallel") or 1) * \
-        int(pc.get("micro_batch_num") or 1) * int(rc.get("gradient_accumulation_steps") or 1) * \
-        int(config.get("micro_batch_interleave_num") or 1) * 2
-
-
 def _compile_predict(run) -> None:
     """Prefill of a batch of runner_config.batch_size prompts of 8 tokens, as run_mixtral.py predict does."""
     import numpy as np
@@ -325,35 +318,29 @@ def _first_line(err: BaseException) -> str:
 
 def _compare(result: RankResult, run) -> None:
     """The strategy file's slices against the plan's, and the bytes they give against the estimator's."""
-    from .memory import estimate
-    from .plan import plan_spec
+    from .memory import DTYPE_BYTES, estimate
+    from .plan import STATS_PREFIX, plan_spec
     if not os.path.isfile(result.strategy_file):
         result.mismatches.append(f"no strategy file at {result.strategy_file}")
         return
     layout, stage = run.layout, result.stage
     mode = run.config.run_mode
     strategies = read_strategy(result.strategy_file)
-    table = plan_spec(run.model_config, layout, mode)
-    for name, entry in table.items():
-        if entry.kind != "param" or entry.stage != stage or name.startswith("router_stats."):
-            continue
-        found = _find(strategies, name)
-        planned = entry.slice_shape(0)
-        if found is None:
-            if planned != entry.shapes[0]:
-                result.mismatches.append(f"{name}: the plan slices it {planned}, the strategy file has no entry")
-            continue
-        got = slice_shape(entry.shapes[0], found["dev_matrix"], found["tensor_map"])
-        if got != planned:
-            result.mismatches.append(f"{name}: plan {planned}, compiled {got}")
     training = mode in ("train", "finetune")
     pbytes = DTYPE_BYTES[run.model_config.param_init_type]
     level = layout.parallel_optimizer_config.get("optimizer_level", "level1")
     totals = {"parameters": 0.0, "gradients": 0.0, "moments": 0.0} if training else {"parameters": 0.0}
-    for name, entry in table.items():
-        if entry.kind != "param" or entry.stage != stage or name.startswith("router_stats."):
+    for name, entry in plan_spec(run.model_config, layout, mode).items():
+        if entry.kind != "param" or entry.stage != stage or name.startswith(STATS_PREFIX):
             continue
-        local, r = _local(entry.shapes[0], _find(strategies, name), layout.stage_devices)
+        found = _find(strategies, name)
+        planned = entry.slice_shape(0)
+        got = entry.shapes[0] if found is None else \
+            slice_shape(entry.shapes[0], found["dev_matrix"], found["tensor_map"])
+        if got != planned:
+            result.mismatches.append(f"{name}: plan {planned}, compiled {got}"
+                                     + (" (no strategy-file entry)" if found is None else ""))
+        local, r = _local(entry.shapes[0], found, layout.stage_devices)
         totals["parameters"] += local * pbytes / r
         if training:
             totals["gradients"] += local * pbytes / (r if level in ("level2", "level3") else 1)
@@ -404,8 +391,8 @@ def compile_rank(config: str, rank: int, devices: int, output_dir: str, settings
                GLOG_v=env.get("GLOG_v", "3"), MS_DEV_SAVE_GRAPHS="1", MS_DEV_SAVE_GRAPHS_PATH=graphs, MS_DEV_DUMP_IR_PASSES="validate",
                LOCAL_DEFAULT_PATH=os.path.join(output_dir, "log"))
     env.pop("MS_ROLE", None)
-    root_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join([root_dir] + [p for p in [env.get("PYTHONPATH")] if p])
+    from ..runner import ROOT
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
     spec = {"config": os.path.abspath(config), "rank": rank, "settings": settings or {}, "layers": layers, "run_mode": run_mode,
             "output_dir": output_dir, "graphs_dir": graphs}
     fd, result_path = tempfile.mkstemp(prefix=".dryrun-", suffix=".json", dir=output_dir)
@@ -463,7 +450,6 @@ def stage_ranks(layout, all_stages: bool, rank: int) -> List[int]:
 
 def _parse_set(items: Sequence[str]) -> Dict[str, Any]:
     import yaml
-    from ..run_checks import RunError
     out = {}
     for item in items:
         key, eq, value = item.partition("=")
@@ -479,14 +465,12 @@ def _parse_set(items: Sequence[str]) -> Dict[str, Any]:
 def dry_run(config: str, settings: Dict[str, Any], layers: Optional[int], all_stages: bool, rank: Optional[int],
             output_dir: str, emit=print) -> List[RankResult]:
     """Check the inputs (one line each), then compile the ranks asked for, one process each."""
-    from ..run_checks import RunError
     from .. import runner
     if layers is not None:
         settings = {**settings, "model.model_config.num_hidden_layers": layers}
     run = runner.load_run(config, None, settings)  # the YAML read as a run reads it; bad input stops here
     if not run.config.get("use_parallel"):
         raise RunError(f"{config}: use_parallel is not set; a dry run compiles a parallel layout")
-    from .config import from_run_config
     layout = from_run_config(run.config)
     if rank is not None and not 0 <= rank < layout.devices:
         raise RunError(f"--rank {rank} is outside the layout's {layout.devices} devices ({layout.describe()})")
@@ -499,17 +483,11 @@ def dry_run(config: str, settings: Dict[str, Any], layers: Optional[int], all_st
     return results
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None) -> int:
     """scripts/dryrun.py: 0 when every rank compiled and agrees with the plan and the estimator, 1 when one
     did not (the report says why), 2 on bad input, 130 / 143 on SIGINT / SIGTERM."""
     from ..outputs import exit_status, interrupt_on_sigterm
-    from ..runner import RUN_ERRORS
+    from ..runner import ROOT, RUN_ERRORS, _Parser
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help=f"the layout YAML (default with --matrix: {TINY_CONFIG})")
     where = parser.add_mutually_exclusive_group()
@@ -526,7 +504,7 @@ def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None
     interrupt_on_sigterm()
     try:
         if args.layers is not None and args.layers < 1:
-            raise _bad(f"--layers must be a positive integer, got {args.layers}")
+            raise RunError(f"--layers must be a positive integer, got {args.layers}")
         settings = _parse_set(args.set)
         if args.matrix:
             rows = list(TINY_MATRIX)
@@ -534,8 +512,8 @@ def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None
                 rows = [r.strip() for r in args.rows.split(",")]
                 unknown = [r for r in rows if r not in TINY_MATRIX]
                 if unknown:
-                    raise _bad(f"--rows: no matrix row {unknown[0]!r} (rows: {', '.join(TINY_MATRIX)})")
-            config = args.config or os.path.join(_ROOT, TINY_CONFIG)
+                    raise RunError(f"--rows: no matrix row {unknown[0]!r} (rows: {', '.join(TINY_MATRIX)})")
+            config = args.config or os.path.join(ROOT, TINY_CONFIG)
             results = []
             for row in rows:
                 print(f"== {row}", flush=True)
@@ -545,7 +523,7 @@ def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None
                     results.append(result)
         else:
             if not args.config:
-                raise _bad("--config is required (or --matrix)")
+                raise RunError("--config is required (or --matrix)")
             results = dry_run(args.config, settings, args.layers, args.all_stages, args.rank, args.output,
                               emit=lambda line: print(line, flush=True))
     except RUN_ERRORS as err:
@@ -562,14 +540,6 @@ def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None
     print(f"dry run: {len(results) - len(failed)} of {len(results)} rank(s) compiled and agree"
           + (f"; failed: {', '.join(f'{os.path.basename(r.config)} rank {r.rank}' for r in failed)}" if failed else ""))
     return 1 if failed else 0
-
-
-def _bad(message: str):
-    from ..run_checks import RunError
-    return RunError(message)
-
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _worker_main(argv: Sequence[str]) -> int:

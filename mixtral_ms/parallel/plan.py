@@ -139,13 +139,11 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capac
     n, c = pass_capacity(d, layout, capacity_factor)  # n = tok // g
     if capacity_factor <= 0:  # a sharded model's dropless path: capacity N, no tiers (moe.py _dropless)
         c = n
-    capacities = [c]
-    for cap in capacities:
-        if cap % a:
-            raise ParallelConfigError(f"moe_config.group_wise_a2a splits the expert capacity over {a} model-parallel "
-                                      f"ranks, but the capacity is {cap} ({n} tokens per group, capacity_factor "
-                                      f"{capacity_factor}); change batch_size, seq_length or capacity_factor, or "
-                                      "turn it off")
+    if c % a:
+        raise ParallelConfigError(f"moe_config.group_wise_a2a splits the expert capacity over {a} model-parallel "
+                                  f"ranks, but the capacity is {c} ({n} tokens per group, capacity_factor "
+                                  f"{capacity_factor}); change batch_size, seq_length or capacity_factor, or "
+                                  "turn it off")
     last = pp - 1
     vocab_split = 1 if layout.effective_vocab_emb_dp else mp
     axes, sizes = expert_axes(layout)
@@ -384,15 +382,6 @@ def setup_context(layout: ParallelLayout, strategy_file: Optional[str] = None) -
     return kwargs
 
 
-def strategy_path(config, rank: int) -> str:
-    """Where a run writes rank `rank`'s strategy file: `<output_dir>/strategy/<name>_rank_<rank>.ckpt`, with
-    <name> from `parallel.strategy_ckpt_save_file` (MindFormers' naming)."""
-    import os
-    name = os.path.basename(str((config.get("parallel") or {}).get("strategy_ckpt_save_file") or "ckpt_strategy.ckpt"))
-    return os.path.join(str(config.get("output_dir") or "./output"), "strategy",
-                        name.replace(".ckpt", f"_rank_{rank}.ckpt"))
-
-
 def prepare_parallel(config, devices: Optional[int] = None, rank: Optional[int] = None) -> ParallelLayout:
     """For scripts/run_mixtral.py with `use_parallel: True`, after MindFormers' build_context(config)
     has initialised communication and before the model is built: validate the layout against the
@@ -407,7 +396,9 @@ def prepare_parallel(config, devices: Optional[int] = None, rank: Optional[int] 
         devices = get_group_size() if devices is None else devices
         rank = get_rank() if rank is None else rank
     layout = from_run_config(config, devices)
-    strategy_file = strategy_path(config, rank)
+    name = os.path.basename(str((config.get("parallel") or {}).get("strategy_ckpt_save_file") or "ckpt_strategy.ckpt"))
+    strategy_file = os.path.join(str(config.get("output_dir") or "./output"), "strategy",
+                                 name.replace(".ckpt", f"_rank_{rank}.ckpt"))
     os.makedirs(os.path.dirname(strategy_file), exist_ok=True)
     setup_context(layout, strategy_file)
     return layout

@@ -115,7 +115,7 @@ class FrozenParameters(nn.Cell):
             return grads
         grads = list(grads)
         for i, mask in self.frozen:
-            grads[i] = ops.where(ops.broadcast_to(mask, grads[i].shape), ops.zeros_like(grads[i]), grads[i])
+            grads[i] = ops.where(mask, ops.zeros_like(grads[i]), grads[i])
         return tuple(grads)
 
     def update(self, optimizer, grads: tuple):
@@ -128,6 +128,5 @@ class FrozenParameters(nn.Cell):
         restored = ()
         for (i, mask), old in zip(self.frozen, before):
             param = self.weights[i]
-            restored += (ops.assign(param, ops.where(ops.broadcast_to(mask, param.shape), old,
-                                                     ops.depend(param, done))),)
+            restored += (ops.assign(param, ops.where(mask, old, ops.depend(param, done))),)
         return ops.depend(done, restored)
