@@ -18,13 +18,15 @@ from .name_map import TRAINING_STATE_PREFIXES, hf_sources, is_ms_layout, ms_tens
 from .safetensors_io import ArrayTensor, CheckpointError, f32_to_bf16, numpy_tag, open_checkpoint, to_numpy
 
 
-def read_ckpt(path: str) -> Dict[str, ArrayTensor]:
-    """The weights of a MindSpore .ckpt (optimizer moments and other training state skipped unread), as
-    raw bytes and dtype tags. MindSpore reads the file whole: a .ckpt cannot be read lazily."""
+def read_ckpt(path: str, training_state: bool = False) -> Dict[str, ArrayTensor]:
+    """The weights of a MindSpore .ckpt (optimizer moments and other training state skipped unread unless
+    `training_state`), as raw bytes and dtype tags. MindSpore reads the file whole: a .ckpt cannot be read
+    lazily."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint file {path}")
     try:
-        state = ms.load_checkpoint(path, choice_func=lambda name: not name.startswith(TRAINING_STATE_PREFIXES))
+        state = ms.load_checkpoint(path, choice_func=None if training_state else
+                                   lambda name: not name.startswith(TRAINING_STATE_PREFIXES))
     except (ValueError, RuntimeError, TypeError, OSError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"{path}: not a readable MindSpore checkpoint ({first})") from None

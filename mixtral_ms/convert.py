@@ -366,17 +366,27 @@ def hf2ms(src: str, dst: str, dtype: Optional[str] = None, overwrite: bool = Fal
     return _convert(src, dst, items, config_path, src, tag, overwrite, shard_size, MS_METADATA, progress)
 
 
+def _run_source(src: str, strategy: Optional[str], config, progress: Progress) -> Dict[str, object]:
+    """The tensors of `src`: a complete checkpoint, or with `strategy` (a run's strategy folder or file) the
+    per-rank checkpoints of a run (`src/rank_<i>/`) merged by it (mixtral_ms/parallel/checkpoint.py)."""
+    if strategy is None:
+        return _open_source(src)
+    from .parallel.checkpoint import merge_ranks, read_strategy
+    return merge_ranks(src, read_strategy(strategy), config, progress=progress)
+
+
 def ms2hf(src: str, dst: str, dtype: Optional[str] = None, overwrite: bool = False,
           shard_size: int = DEFAULT_SHARD, config_path: Optional[str] = None,
-          progress: Progress = None, allow_nonfinite: bool = False) -> Dict[str, object]:
+          progress: Progress = None, allow_nonfinite: bool = False, strategy: Optional[str] = None) -> Dict[str, object]:
     """mixtral-ms checkpoint (a folder from hf2ms, a folder of MindSpore shards, one training .safetensors
     file or a MindSpore training .ckpt; optimizer and training state are dropped) -> Hugging Face folder
     that `transformers.MixtralForCausalLM.from_pretrained` loads. `config_path`: a config.json or its
-    folder (default: the source folder). A .ckpt is read whole by MindSpore (not streamed)."""
+    folder (default: the source folder). A .ckpt is read whole by MindSpore (not streamed). With
+    `strategy` (a run's strategy folder), `src` is the run's checkpoint folder of per-rank files, merged."""
     tag = _dtype_tag(dtype)
     cfg_path, config = _config_of(config_path or src)
     _check_convertible(src, config)
-    tensors = _open_source(src)
+    tensors = _run_source(src, strategy, config, progress)
     if not is_ms_layout(tensors) and any(".experts.0." in n for n in tensors):
         raise CheckpointError(f"{src} holds per-expert tensors (a Hugging Face checkpoint); use hf2ms")
     specs = parameter_specs(config)
@@ -393,6 +403,17 @@ def ms2hf(src: str, dst: str, dtype: Optional[str] = None, overwrite: bool = Fal
             items.append((hf_name, out_tag, piece.shape, _source([piece], src_tag, out_tag, allow_nonfinite)))
     side_folder = src if os.path.isdir(src) else os.path.dirname(src) or "."
     return _convert(src, dst, items, cfg_path, side_folder, tag, overwrite, shard_size, HF_METADATA, progress)
+
+
+def merge(src: str, strategy: str, dst: str, config_path: str, overwrite: bool = False,
+          shard_size: int = DEFAULT_SHARD, progress: Progress = None) -> Dict[str, object]:
+    """A run's per-rank checkpoints (`src/rank_<i>/`) and its strategy folder -> one mixtral-ms checkpoint
+    folder (the weights, bit for bit; what hf2ms writes), with the config.json of `config_path`."""
+    cfg_path, config = _config_of(config_path)
+    tensors = ms_tensors(_run_source(src, strategy, config, progress), config)
+    items: List[Item] = [(name, info.dtype, info.shape, info.read) for name, info in tensors.items()]
+    return _convert(src, dst, items, cfg_path, os.path.dirname(cfg_path) or ".", None, overwrite, shard_size,
+                    MS_METADATA, progress)
 
 
 # ----------------------------------------------------------------------------------- plan
