@@ -23,7 +23,8 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .outputs import stale, temp_path
+from .cli import BadInput
+from .outputs import replace_together, stale, temp_path
 
 IGNORE = -100
 PAD_ID = 0
@@ -32,9 +33,11 @@ TEXT_DOCS = ("line", "paragraph", "file")
 PRETRAIN_COLUMNS = {"input_ids": {"type": "int32", "shape": [-1]}}
 SFT_COLUMNS = {"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}}
 DOMAIN_COLUMN = "domain_ids"  # read by router_type rre (MixtralForCausalLM's domain_ids argument)
+INT32_MAX = 2 ** 31 - 1  # every column is int32: a larger value would wrap around
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
-class DataError(ValueError):
+class DataError(BadInput, ValueError):
     """Input data that cannot be turned into samples, or a dataset that does not fit the config."""
 
 
@@ -74,6 +77,14 @@ def read_jsonl(path: str) -> Iterator[Tuple[int, dict]]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{number}: malformed JSON ({err.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{number}: JSON nested too deeply to read") from None
+            if _SURROGATE_ESCAPE.search(line):  # \ud800-\udfff escapes: valid only as pairs
+                try:
+                    json.dumps(record, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError:
+                    raise DataError(f"{path}:{number}: a lone UTF-16 surrogate escape (\\ud800-\\udfff) is not "
+                                    "text") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
             yield number, record
@@ -212,8 +223,8 @@ def with_domain(columns: Dict[str, dict], samples: Iterable[Dict[str, np.ndarray
     expert group of router_type rre); `domain` None leaves columns and samples as they are."""
     if domain is None:
         return columns, samples
-    if not isinstance(domain, int) or isinstance(domain, bool) or domain < 0:
-        raise DataError(f"domain id must be a non-negative integer, got {domain!r}")
+    if not isinstance(domain, int) or isinstance(domain, bool) or not 0 <= domain <= INT32_MAX:
+        raise DataError(f"domain id must be an integer in 0..{INT32_MAX} (an int32 column), got {domain!r}")
     tagged = ({**s, DOMAIN_COLUMN: np.full_like(s["input_ids"], domain)} for s in samples)
     return {**columns, DOMAIN_COLUMN: {"type": "int32", "shape": [-1]}}, tagged
 
@@ -239,6 +250,9 @@ def check_output(output: str, inputs: Sequence[str], overwrite: bool) -> None:
             raise DataError(f"--output {output} is (or is inside) the input {path}; write it elsewhere")
     if os.path.isdir(output):
         raise DataError(f"{output} is a folder; name a .mindrecord file")
+    for target in (output, output + ".db"):  # the index names its data file: a link would split the pair
+        if os.path.islink(target):
+            raise DataError(f"{target} is a symbolic link; name the MindRecord file itself")
     existing = [t for t in (output, output + ".db") if os.path.lexists(t)]
     if existing and not _is_mindrecord(output):
         raise DataError(f"{existing[0]} exists and is not a MindRecord file this tool wrote; refusing to replace it")
@@ -267,11 +281,13 @@ def _check_space(folder: str, batch: List[Dict[str, np.ndarray]], output: str) -
 
 
 def write_mindrecord(output: str, columns: Dict[str, dict], samples: Iterable[Dict[str, np.ndarray]],
-                     overwrite: bool = False) -> int:
+                     overwrite: bool = False, defer: bool = False):
     """Write samples to `output` (+ its `.db` index) in the hidden temp folder `.<name>.tmp-<pid>` beside it,
     then rename both into place. Refuses what check_output refuses; an interrupted or failed run leaves
     nothing behind, and a killed run's temp folder is removed by the next run to the same output.
-    Returns the sample count; zero samples is a DataError.
+    Returns the sample count; zero samples is a DataError. With `defer`, nothing is renamed: returns
+    (count, [(finished temp file, target)], temp folder) for the caller to replace_together with other
+    outputs and then remove the temp folder.
     """
     from mindspore.mindrecord import FileWriter
     check_output(output, (), overwrite)
@@ -284,36 +300,46 @@ def write_mindrecord(output: str, columns: Dict[str, dict], samples: Iterable[Di
             shutil.rmtree(old)
     tmp = temp_path(output, hidden=True)
     os.makedirs(tmp)
+
+    def writing(step, *args):
+        """A call of MindRecord's writer; its (many-line, C++) RuntimeError as one DataError line. Only the
+        writer's own calls: an error of the samples' generator (a bad input line) keeps its own message."""
+        try:
+            return step(*args)
+        except RuntimeError as err:
+            raise _writer_error(err, output) from None
     try:
-        writer = FileWriter(os.path.join(tmp, name), shard_num=1, overwrite=True)
-        writer.add_schema(columns, "mixtral_ms")
+        writer = writing(FileWriter, os.path.join(tmp, name), 1, True)
+        writing(writer.add_schema, columns, "mixtral_ms")
         count, batch = 0, []
         for sample in samples:
             if count == 0 and not batch:
                 # MindRecord's defaults (16 MB header, 32 MB pages) make even a tiny dataset a 50 MB (sparse)
                 # file. 1 MB pages that fit a few samples, and a 1 MB header (page table for some GB of data).
                 need = 4 * sum(np.asarray(v).nbytes for v in sample.values())
-                writer.set_header_size(1 << 20)
-                writer.set_page_size(min(max(1 << 20, need), 1 << 28))
+                writing(writer.set_header_size, 1 << 20)
+                writing(writer.set_page_size, min(max(1 << 20, need), 1 << 28))
             batch.append(sample)
             if len(batch) == 1024:
                 _check_space(tmp, batch, output)
-                writer.write_raw_data(batch)
+                writing(writer.write_raw_data, batch)
                 count, batch = count + len(batch), []
         if batch:
             _check_space(tmp, batch, output)
-            writer.write_raw_data(batch)
+            writing(writer.write_raw_data, batch)
             count += len(batch)
         if count == 0:
             raise DataError("the input gives zero samples (empty, or too short for one sequence of "
                             "seq_length + 1 tokens?)")
-        writer.commit()
-        for target in targets:
-            os.replace(os.path.join(tmp, os.path.basename(target)), target)
-    except RuntimeError as err:
-        raise _writer_error(err, output) from None
-    finally:
+        writing(writer.commit)
+        if not defer:  # both files or neither (outputs.replace_together)
+            replace_together([(os.path.join(tmp, os.path.basename(t)), t) for t in targets])
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if defer:
+        return count, [(os.path.join(tmp, os.path.basename(t)), t) for t in targets], tmp
+    shutil.rmtree(tmp, ignore_errors=True)
     return count
 
 
@@ -346,10 +372,27 @@ def mindrecord_info(path: str) -> Dict[str, object]:
     """
     files = mindrecord_files(path)
     import mindspore.dataset as ds
+
+    def first_row(names):
+        try:
+            dataset = ds.MindDataset(names, shuffle=False)
+            return next(dataset.create_dict_iterator(num_epochs=1, output_numpy=True), None), dataset
+        except RuntimeError as err:
+            raise DataError(f"cannot read {path} as MindRecord: {str(err).strip().splitlines()[0]}") from None
+
+    shapes = []  # each file's (columns, lengths): a folder mixing them fails mid-run inside MindSpore
+    for file in files if len(files) > 1 else ():
+        row, _ = first_row([file])
+        if row is not None:
+            shapes.append((file, {name: int(np.asarray(value).shape[-1]) for name, value in row.items()}))
+    for file, lengths in shapes[1:]:
+        first, first_lengths = shapes[0]
+        if lengths != first_lengths:
+            what = "columns" if set(lengths) != set(first_lengths) else "sample lengths"
+            raise DataError(f"{path}: its MindRecord files differ in {what}: {first} has {first_lengths}, "
+                            f"{file} has {lengths}; a dataset folder needs one schema and one seq_length")
+    row, dataset = first_row(files)
     try:
-        dataset = ds.MindDataset(files, shuffle=False)
-        rows = dataset.create_dict_iterator(num_epochs=1, output_numpy=True)
-        row = next(rows, None)
         size = dataset.get_dataset_size()
     except RuntimeError as err:
         raise DataError(f"cannot read {path} as MindRecord: {str(err).strip().splitlines()[0]}") from None
@@ -431,35 +474,34 @@ def split_heldout(items: Iterable, fraction: float) -> Tuple[Iterator, List]:
 
 def _write_split(output: str, heldout_output: str, columns, make_samples, items, fraction: float,
                  overwrite: bool, stats: dict) -> int:
-    """Write the training and held-out MindRecords into the hidden temp folder `.<name>.split.tmp-<pid>`
-    beside `output`, then move all four files into place: a failure in either split leaves the old outputs
-    untouched, and a killed run's folder is removed by the next split to the same output."""
+    """Write the training and held-out MindRecords, each in its hidden temp folder beside its own target
+    (so no rename crosses a filesystem), then rename all four files into place together
+    (outputs.replace_together): a failure in either split, or in any rename, leaves the old outputs as
+    they were."""
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    for old in stale(output + ".split", "tmp", hidden=True):
+    os.makedirs(os.path.dirname(os.path.abspath(heldout_output)), exist_ok=True)
+    for old in stale(output + ".split", "tmp", hidden=True):  # left by a killed run of an earlier version
         shutil.rmtree(old)
-    stage = temp_path(output + ".split", hidden=True)
-    os.makedirs(stage)
+    folders = []
     try:
         train, heldout = split_heldout(items, fraction)
-        # MindRecord files know their own names (the .db index refers to them): stage under the final ones.
-        staged_train = os.path.join(stage, "train", os.path.basename(output))
-        count = write_mindrecord(staged_train, columns, make_samples(train))
+        count, moves, folder = write_mindrecord(output, columns, make_samples(train), overwrite, defer=True)
+        folders.append(folder)
         if not heldout:
             raise DataError(f"--heldout_fraction {fraction} holds out no document of the input; raise it")
         train_counts = dict(stats)  # make_samples counts documents and tokens; keep the training split's
-        staged_heldout = os.path.join(stage, "heldout", os.path.basename(heldout_output))
         try:
-            heldout_count = write_mindrecord(staged_heldout, columns, make_samples(iter(heldout)))
+            heldout_count, heldout_moves, folder = write_mindrecord(heldout_output, columns,
+                                                                    make_samples(iter(heldout)), overwrite, defer=True)
         except DataError as err:
             raise DataError(f"held-out split ({len(heldout)} documents): {err}") from None
+        folders.append(folder)
+        replace_together(moves + heldout_moves)
         stats.clear()
         stats.update(train_counts, heldout_documents=len(heldout), heldout_samples=heldout_count)
-        os.makedirs(os.path.dirname(os.path.abspath(heldout_output)), exist_ok=True)
-        for staged, target in ((staged_train, output), (staged_heldout, heldout_output)):
-            for suffix in ("", ".db"):
-                os.replace(staged + suffix, target + suffix)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
     return count
 
 

@@ -14,7 +14,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .outputs import write_json
+from .outputs import file_target, write_json
 from .data import DOMAIN_COLUMN, IGNORE, DataError, check_dataset, mindrecord_files, mindrecord_info
 from .safetensors_io import CheckpointError
 
@@ -62,13 +62,14 @@ def run_eval(config, build_model, dataset: Optional[str], output: Optional[str],
         raise DataError("eval needs --eval_dataset (a MindRecord file, e.g. a preprocess_data.py held-out split)")
     if not config.load_checkpoint:
         raise CheckpointError("eval needs --load_checkpoint (or load_checkpoint in the YAML)")
+    output = output or os.path.join(config.output_dir, "eval.json")
+    file_target(output, "eval output")  # a folder or an unwritable place: refused before the forward passes
     model_config = config.model.model_config  # the data is checked before the model is built
     check_dataset(dataset, int(model_config.seq_length), domain_groups=int(model_config.get("rre_groups") or 1))
     model = build_model(config.load_checkpoint)
     record = {"checkpoint": os.path.abspath(config.load_checkpoint),
               **evaluate(model, dataset, int(config.runner_config.batch_size), max_samples)}
-    output = output or os.path.join(config.output_dir, "eval.json")
-    write_json(output, record)
+    write_json(output, record, "eval output")
     print(f"eval: ce {record['ce']:.4f} ppl {record['ppl']:.2f} over {record['tokens']} tokens "
           f"({record['samples']} samples, {record['dropped_assignments']} dropped) -> {output}", flush=True)
     return record

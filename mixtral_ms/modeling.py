@@ -292,7 +292,8 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         named = dict(zip(("input_ids", "labels", "attention_mask"), args), **kwargs)
         if named.get("input_ids") is not None:
             check_batch(self.config.vocab_size, named["input_ids"], named.get("attention_mask"), named.get("labels"),
-                        self.ignore_index)
+                        self.ignore_index, batch_only=True,  # a training sample holds seq_length + 1 tokens
+                        max_positions=self.config.max_position_embeddings + (1 if self.training else 0))
         return super().__call__(*args, **kwargs)
 
     def forward_logits(self, input_ids, attention_mask=None, position_ids=None, domain_ids=None):

@@ -9,35 +9,21 @@ runs for Ctrl-C runs for it too.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
-from typing import List, Tuple
+import tempfile
+from typing import Iterator, List, Sequence, Tuple
 
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM while a tool runs; `signum` gives the exit status 128 + signum."""
-
-    def __init__(self, signum: int = signal.SIGINT) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_interrupted(signum, _frame) -> None:
-    signal.signal(signum, signal.SIG_IGN)  # a second signal must not cut the cleanup short
-    raise Interrupted(signum)
+from .cli import BadInput, Interrupted, _raise_interrupted, exit_status  # noqa: F401 (re-exported)
 
 
 def interrupt_on_sigterm() -> None:
-    """From now on SIGTERM raises `Interrupted` (a KeyboardInterrupt) in the main thread."""
+    """From now on SIGTERM raises `Interrupted` (a KeyboardInterrupt) in the main thread (cli.run installs
+    this for SIGINT and SIGTERM before a tool imports anything heavy)."""
     signal.signal(signal.SIGTERM, _raise_interrupted)
-
-
-def exit_status(err: KeyboardInterrupt) -> Tuple[int, str]:
-    """(exit status, signal name) for an interrupt: 130 for SIGINT, 143 for SIGTERM."""
-    signum = getattr(err, "signum", signal.SIGINT)
-    return 128 + signum, signal.Signals(signum).name
 
 
 def temp_path(target: str, hidden: bool = False) -> str:
@@ -75,15 +61,98 @@ def stale(target: str, kind: str = "tmp", hidden: bool = False) -> List[str]:
     return found
 
 
-def write_json(path: str, record: object) -> None:
-    """`path` via a temp file + rename: an interrupted run leaves the old file (or none)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+def refuse_overlap(sources, dst: str) -> None:
+    """BadInput unless the output folder `dst` and every source are apart: `dst` equal to a source,
+    holding one (a source file's folder included), or inside a source folder would write into what is
+    being read (or, with --overwrite, replace it)."""
+    target = os.path.realpath(os.path.abspath(dst).rstrip(os.sep) or os.sep)
+    for src in sources:
+        real = os.path.realpath(src)
+        if target == real or real.startswith(target + os.sep) or (os.path.isfile(real) and
+                                                                  os.path.dirname(real) == target):
+            raise BadInput(f"destination {dst} is (or contains) the source {src}; choose another folder")
+        if os.path.isdir(real) and target.startswith(real + os.sep):
+            raise BadInput(f"destination {dst} is inside the source {src}; choose a folder outside it")
+
+
+def file_target(path: str, what: str = "output") -> str:
+    """The file an output path writes: a symlink's target (written through, the link stays). BadInput for
+    a folder, a parent that is a file, or a folder that cannot be written (checked with a probe file in
+    the nearest existing folder, so that no work is done for an output that would fail at the end)."""
+    target = os.path.realpath(os.path.abspath(path))
+    if os.path.isdir(target):
+        raise BadInput(f"{what} {path} is a folder; name a file")
+    existing = os.path.dirname(target)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise BadInput(f"{what} {path}: {existing} is not a folder")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=existing)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise BadInput(f"{what} {path} cannot be written ({err.strerror} in {existing})") from None
+    return target
+
+
+@contextlib.contextmanager
+def replacing(path: str, what: str = "output") -> Iterator[str]:
+    """Write a file whole or not at all: yields the hidden temp name `.<name>.tmp-<pid>` beside the file
+    `path` names (file_target: a symlink is written through), renamed onto it when the block ends;
+    removed on any error or interrupt, leaving the old file as it was. Temp files of killed runs are
+    removed first."""
+    target = file_target(path, what)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    for old in stale(target, "tmp", hidden=True):
+        if os.path.isfile(old) and not os.path.islink(old):
+            os.remove(old)
+    tmp = temp_path(target, hidden=True)
+    try:
+        yield tmp
+        os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
+
+
+def write_bytes(path: str, data: bytes, what: str = "output") -> None:
+    with replacing(path, what) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_json(path: str, record: object, what: str = "output") -> None:
+    """`path` via a temp file + rename: an interrupted run leaves the old file (or none)."""
+    with replacing(path, what) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+
+
+def replace_together(moves: Sequence[Tuple[str, str]]) -> None:
+    """Rename each finished temp file `src` onto its target `dst`, all or nothing: the existing targets
+    are first renamed aside (`.<name>.old-<pid>` beside each), then the new files into place; if any
+    rename fails (another filesystem, permissions), the new files placed so far are removed and the old
+    ones renamed back before the error is raised. Only a SIGKILL in between can leave an old target as its
+    `.old-<pid>` name."""
+    backups: List[Tuple[str, str]] = []
+    placed: List[str] = []
+    try:
+        for _, dst in moves:
+            if os.path.lexists(dst):
+                folder, name = os.path.split(os.path.abspath(dst))
+                aside = os.path.join(folder, f".{name}.old-{os.getpid()}")
+                os.replace(dst, aside)
+                backups.append((aside, dst))
+        for src, dst in moves:
+            os.replace(src, dst)
+            placed.append(dst)
+    except BaseException:
+        restored = {dst for _, dst in backups}
+        for dst in placed:
+            if dst not in restored:
+                os.remove(dst)
+        for aside, dst in reversed(backups):
+            os.replace(aside, dst)
+        raise
+    for aside, _ in backups:
+        os.remove(aside)

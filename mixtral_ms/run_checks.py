@@ -13,10 +13,11 @@ import os
 import tempfile
 from typing import Any, Dict, Mapping, Optional
 
+from .cli import BadInput
 from .schema import model_dims
 
 
-class RunError(Exception):
+class RunError(BadInput):
     """A run that cannot start: bad YAML, arguments, dataset or checkpoint; or one that stopped itself
     (diverged, a checkpoint it would not save)."""
 
@@ -90,6 +91,10 @@ def check_values(config: Mapping) -> None:
             model_dims(model["model_config"])
         except ValueError as err:
             raise RunError(f"model.model_config: {err}") from None
+    stages = _section(config, "parallel_config").get("pipeline_stage", 1)
+    if not config.get("use_parallel") and stages != 1:  # one process runs every layer: the setting would be ignored
+        raise RunError(f"parallel_config.pipeline_stage {_describe(stages)} needs use_parallel: True and a launch of "
+                       "that many stages (scripts/msrun_launcher.sh); a single-process run has one stage")
     runner = _section(config, "runner_config")
     for key in ("batch_size", "epochs"):
         if key in runner:
@@ -192,3 +197,35 @@ def prepare_output_dir(path: str) -> str:
 
 def output_dir(cli: Optional[str], config: Mapping) -> str:
     return str(cli or config.get("output_dir") or "./output")
+
+
+def check_worker_num(path: str, workers: int) -> None:
+    """scripts/msrun_launcher.sh, before msrun starts: the job's processes must be the YAML's layout,
+    data_parallel x model_parallel x pipeline_stage (MindFormers' defaults 1), and a YAML without
+    `use_parallel: True` runs as one process. Else every worker fails after minutes of imports, or each
+    of them trains the whole job alone. Reads the YAML with base_config merged (parallel.config.load_yaml,
+    PyYAML only: the light reader a test keeps equal to MindFormers' on every shipped YAML)."""
+    from .parallel.config import load_yaml
+    config = load_yaml(path)
+    if not config.get("use_parallel"):
+        if workers != 1:
+            raise RunError(f"{path} does not set use_parallel: True, so each of the {workers} workers would run "
+                           "the whole job alone; launch it with --worker_num 1 or set use_parallel: True")
+        return
+    layout = config.get("parallel_config") if isinstance(config.get("parallel_config"), Mapping) else {}
+    sizes = {}
+    for key in ("data_parallel", "model_parallel", "pipeline_stage"):
+        value = layout.get(key, 1)
+        positive_int(f"parallel_config.{key}", value)
+        sizes[key] = value
+    need = math.prod(sizes.values())
+    if workers != need:
+        raise RunError(f"--worker_num {workers} does not match {path}: data_parallel {sizes['data_parallel']} x "
+                       f"model_parallel {sizes['model_parallel']} x pipeline_stage {sizes['pipeline_stage']} = "
+                       f"{need} processes")
+
+
+if __name__ == "__main__":  # scripts/msrun_launcher.sh: python -m mixtral_ms.run_checks CONFIG WORKER_NUM
+    import sys
+    from .cli import run
+    sys.exit(run(lambda argv: check_worker_num(argv[0], int(argv[1])), sys.argv[1:], temp_logs=False))

@@ -12,11 +12,10 @@ import argparse
 import dataclasses
 import glob
 import os
-import signal
 import sys
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
 
-from . import outputs, run_checks
+from . import cli, outputs, run_checks
 from .data import DataError
 from .parallel.config import ParallelConfigError, ParallelLayout, from_run_config
 from .run_checks import RunError
@@ -29,7 +28,7 @@ if TYPE_CHECKING:  # importing MixtralConfig imports MindFormers (seconds): not 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATION_KEYS = {"max_new_tokens": int, "do_sample": bool, "temperature": float, "top_k": int, "top_p": float}
 
-# Every error a run reports as one line `error: ...` (exit status 2).
+# Every error a run reports as one line `error: ...` (exit status 2; cli.bad_input_types).
 RUN_ERRORS = (RunError, ConfigError, DataError, CheckpointError, ParallelConfigError)
 
 
@@ -307,6 +306,11 @@ def _check_before_import(args: argparse.Namespace, config: Mapping) -> Dict[str,
     if mode == "predict" and isinstance(positions, int) and settings["max_new_tokens"] >= positions:
         raise RunError(f"max_new_tokens {settings['max_new_tokens']} leaves no room for a prompt within "
                        f"max_position_embeddings {positions}")
+    loader = (config.get("train_dataset") or {}).get("data_loader") if isinstance(config.get("train_dataset"),
+                                                                                 Mapping) else None
+    if mode in ("train", "finetune") and args.train_dataset and not isinstance(loader, Mapping):
+        raise RunError(f"--train_dataset needs a train_dataset.data_loader section in {args.config} (a "
+                       f"run_mode {config.get('run_mode')} YAML without one?); start from a training YAML")
     return settings
 
 
@@ -320,6 +324,8 @@ def execute(args: argparse.Namespace) -> None:
     inherits = "base_config" in raw  # values may come from another file: checked once MindFormers merged them
     settings = None if inherits else _check_before_import(args, raw)
     output_dir = run_checks.prepare_output_dir(run_checks.output_dir(args.output_dir, raw))
+    if (args.run_mode or raw.get("run_mode")) == "eval":  # where the result goes: known before any forward pass
+        outputs.file_target(args.eval_output or os.path.join(output_dir, "eval.json"), "eval output")
     os.environ.setdefault("LOCAL_DEFAULT_PATH", os.path.abspath(output_dir))
     run = load_run(args.config, {"run_mode": args.run_mode, "load_checkpoint": args.load_checkpoint,
                                  "resume_training": args.resume_training, "output_dir": args.output_dir})
@@ -397,21 +403,6 @@ def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help (0) or a bad flag (2, one line): a status, also when called in-process
         return int(done.code or 0)
-    previous = signal.getsignal(signal.SIGTERM)
-    try:  # SIGTERM unwinds like Ctrl-C: a checkpoint being written is removed (MixtralCheckpointMonitor)
-        outputs.interrupt_on_sigterm()
-    except ValueError:  # not the main thread
-        previous = None
-    try:
-        execute(args)
-    except RUN_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:
-        status, name = outputs.exit_status(err)
-        print(f"error: interrupted by {name}", file=sys.stderr)
-        return status
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return 0
+    # SIGTERM unwinds like Ctrl-C (a checkpoint being written is removed: MixtralCheckpointMonitor); bad
+    # input (RUN_ERRORS) is one line: the tools' one runner, mixtral_ms/cli.py
+    return cli.run(execute, args, interrupted="interrupted by {signal}", temp_logs=False)

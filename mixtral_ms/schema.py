@@ -13,8 +13,10 @@ import math
 import os
 from typing import Any, Dict, Mapping, Optional
 
+from .cli import BadInput
 
-class ConfigError(ValueError):
+
+class ConfigError(BadInput, ValueError):
     """A configuration that cannot describe a Mixtral model."""
 
 
@@ -163,9 +165,14 @@ class ModelDims:
 FIELDS = tuple(f.name for f in dataclasses.fields(ModelDims))
 
 
+MAX_DIM = 2 ** 31 - 1  # token ids and positions are int32; MindSpore fails in C++ on a size beyond its shapes
+
+
 def _positive_int(name: str, value: Any, alternative: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer{alternative}, got {value!r}")
+    if value > MAX_DIM:
+        raise ConfigError(f"{name} {value} is beyond any model this code can build (at most {MAX_DIM})")
 
 
 def model_dims(model: Any) -> ModelDims:

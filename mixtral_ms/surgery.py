@@ -44,6 +44,8 @@ from .convert import (DEFAULT_SHARD, HF_METADATA, MS_METADATA, _copy_side_files,
                       _prepare_dst, write_sharded)
 from .name_map import (hf_sources, is_expert_stack, is_ms_layout, ms_tensors, ms_to_hf, parameter_specs,
                        source_dtype)
+from .cli import BadInput
+from .outputs import refuse_overlap
 from .rre import group_experts
 from .schema import hf_config, hf_dims, model_dims, read_hf_config
 from .safetensors_io import CHUNK_BYTES, ArrayTensor, CheckpointError, TensorInfo, convert_bytes, nbytes_of, to_numpy
@@ -60,7 +62,7 @@ _KIND = {"w1": 1, "w3": 3, "w2": 2, "gate": 0}  # rng stream per kind of tensor
 Source = Union[TensorInfo, Callable[[], bytes]]  # copied byte range, or bytes computed when written
 
 
-class SurgeryError(ValueError):
+class SurgeryError(BadInput, ValueError):
     """Input that expert surgery refuses: bad ids or counts, mismatched branches, a wrong kind of model."""
 
 
@@ -69,21 +71,28 @@ class SurgeryError(ValueError):
 def read_config(path: str) -> Dict:
     """A Hugging Face config dict from a config.json, its folder, or a run YAML (its model.model_config)."""
     if path.endswith((".yaml", ".yml")) and os.path.isfile(path):
-        import yaml
-        with open(path, encoding="utf-8") as f:
-            section = ((yaml.safe_load(f) or {}).get("model") or {}).get("model_config")
+        from .run_checks import read_yaml
+        from .runner import read_run_yaml
+        raw = read_yaml(path)  # a missing, malformed or non-mapping file refused in one line, fast
+        if "base_config" in raw:  # the run's own reader: MindFormers' merge of the files it inherits
+            raw = read_run_yaml(path)
+        section = (raw.get("model") if isinstance(raw.get("model"), dict) else {}).get("model_config")
         if not isinstance(section, dict):
             raise SurgeryError(f"{path} has no model.model_config section")
-        return hf_config(model_dims(section))  # schema only: MindFormers' import logs to stderr and ./output
+        return hf_config(model_dims(section))
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as f:
-                return json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise SurgeryError(f"{path}: malformed JSON ({err})") from None
-    if not os.path.exists(path):
+                hf = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise SurgeryError(f"{path}: malformed JSON ({type(err).__name__}: {err})") from None
+    elif not os.path.exists(path):
         raise FileNotFoundError(f"no such config {path}")
-    return read_hf_config(path)
+    else:
+        hf = read_hf_config(path)
+    if not isinstance(hf, dict):
+        raise SurgeryError(f"{path}: config.json must hold a JSON object, got {type(hf).__name__}")
+    return hf
 
 
 class Model:
@@ -396,7 +405,7 @@ def plan_mix(models: Sequence[Model], weights: Optional[Sequence[float]] = None,
         if diff:
             raise SurgeryError(f"branches of different shapes: {diff[0]} is {getattr(first.shapes, diff[0])} in "
                                f"{first.path} but {getattr(m.shapes, diff[0])} in {m.path}")
-        routing = [k for k in ("router_type",) + (() if top_k else ("num_experts_per_tok",))
+        routing = [k for k in ("router_type",) + (() if top_k is not None else ("num_experts_per_tok",))
                    if getattr(m.shapes, k) != getattr(first.shapes, k)]
         if routing:
             raise SurgeryError(f"branches route differently: {routing[0]} is {getattr(first.shapes, routing[0])!r} "
@@ -414,7 +423,8 @@ def plan_mix(models: Sequence[Model], weights: Optional[Sequence[float]] = None,
         raise SurgeryError(f"dense branches have no router rows to {router}; use --router new")
     per = first.num_experts
     total = per * len(models)
-    top_k = top_k or (2 if first.dense else first.shapes.num_experts_per_tok)
+    if top_k is None:  # an explicit 0 is refused below, not taken for the default
+        top_k = 2 if first.dense else first.shapes.num_experts_per_tok
     _check_top_k(top_k, total, "mix")
     hf = mixtral_config(first.hf, total, top_k) if first.dense else \
         {**first.hf, "num_local_experts": total, "num_experts_per_tok": top_k}
@@ -439,21 +449,13 @@ def plan_mix(models: Sequence[Model], weights: Optional[Sequence[float]] = None,
 
 # ----------------------------------------------------------------------------------------------- writing
 
-def _check_sources_apart(sources: Sequence[str], dst: str) -> None:
-    dst_real = os.path.realpath(dst)
-    for src in sources:
-        src_real = os.path.realpath(src)
-        if dst_real == src_real or src_real.startswith(dst_real + os.sep):
-            raise CheckpointError(f"destination {dst} is (or contains) the source {src}; choose another folder")
-
-
 def write(plan: Plan, dst: str, layout: str, overwrite: bool = False, shard_size: int = DEFAULT_SHARD,
           progress=None) -> Dict[str, object]:
     """Write the plan as a complete checkpoint folder in `layout` (ms: stacked experts; hf: per expert)."""
     if layout not in LAYOUTS:
         raise SurgeryError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     sources = plan.record["sources"]
-    _check_sources_apart(sources, dst)
+    refuse_overlap(sources, dst)
     items = plan.items(layout)
     needed = sum(nbytes_of(d, s) for _, d, s, _ in items) + (1 << 20)
     target, tmp, created_parents = _prepare_dst(sources[0], dst, overwrite, needed, progress)
@@ -461,10 +463,13 @@ def write(plan: Plan, dst: str, layout: str, overwrite: bool = False, shard_size
         total = write_sharded(tmp, items, shard_size, MS_METADATA if layout == "ms" else HF_METADATA, progress)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(plan.hf, f, indent=2)
+        _copy_side_files(sources[0] if os.path.isdir(sources[0]) else os.path.dirname(sources[0]) or ".", tmp)
         record = {**plan.record, "sources": [os.path.abspath(s) for s in sources], "layout": layout}
+        previous = _previous_records(sources)
+        if previous:
+            record["previous"] = previous
         with open(os.path.join(tmp, "surgery.json"), "w", encoding="utf-8") as f:  # one key per line
             f.write("{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in record.items()) + "\n}\n")
-        _copy_side_files(sources[0] if os.path.isdir(sources[0]) else os.path.dirname(sources[0]) or ".", tmp)
         files = sorted(os.listdir(tmp))
         _finish(tmp, target)
     except BaseException:
@@ -477,6 +482,21 @@ def write(plan: Plan, dst: str, layout: str, overwrite: bool = False, shard_size
         raise
     return {"tensors": len(items), "bytes": total, "files": files,
             "experts": plan.hf["num_local_experts"], "top_k": plan.hf["num_experts_per_tok"]}
+
+
+def _previous_records(sources: Sequence[str]) -> Dict[str, Dict]:
+    """{source: its surgery.json} for the sources made by an earlier surgery: this surgery's record
+    (written after the side files, so never the source's copy) keeps their history."""
+    out = {}
+    for src in sources:
+        path = os.path.join(src if os.path.isdir(src) else os.path.dirname(src) or ".", "surgery.json")
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    out[os.path.abspath(src)] = json.load(f)
+            except (OSError, ValueError) as err:
+                raise SurgeryError(f"{path}: unreadable surgery record ({err})") from None
+    return out
 
 
 def parse_expert_lists(text: str) -> List[List[int]]:

@@ -19,9 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mixtral_ms.convert import DEFAULT_SHARD, parse_size  # noqa: E402
-from mixtral_ms.outputs import exit_status, interrupt_on_sigterm  # noqa: E402
-from mixtral_ms.safetensors_io import CheckpointError  # noqa: E402
+from mixtral_ms import cli  # noqa: E402  (first: signals are handled before anything heavy is imported)
 
 
 def default_calibration(model: str) -> str:
@@ -54,22 +52,28 @@ def parse_args(argv):
             p.add_argument("--group_size", type=int, help="inputs per scale (default: one scale per output channel)")
         else:
             p.add_argument("--calibration", help="calibration file (default: MODEL.calibration.npz)")
-        p.add_argument("--shard-size", default=str(DEFAULT_SHARD))
+        p.add_argument("--shard-size", default=str(5 << 30))  # convert.DEFAULT_SHARD
         p.add_argument("--overwrite", action="store_true", help="replace a destination that holds a checkpoint")
     return parser.parse_args(argv)
 
 
 def run(args) -> str:
+    from mixtral_ms.compress import CompressionError, methods
     from mixtral_ms.compress.calibration import calibrate
-    from mixtral_ms.compress import methods
     from mixtral_ms.compress.source import SourceModel
+    from mixtral_ms.outputs import refuse_overlap
     progress = lambda line: print(f"{args.command}: {line}", file=sys.stderr, flush=True)  # noqa: E731
     if args.command == "calibrate":
         out = args.out or default_calibration(args.model)
         meta = calibrate(args.model, args.data, out, args.max_tokens, args.sample_tokens, args.batch_size,
                          args.overwrite, progress)
         return f"calibrate: {meta['tokens']} tokens, {meta['sample_tokens']} sample tokens -> {out}"
-    shard_size = parse_size(args.shard_size)
+    from mixtral_ms.convert import parse_size
+    try:
+        shard_size = parse_size(args.shard_size)
+    except ValueError as err:  # parse_size's own refusal
+        raise CompressionError(f"--shard-size: {err}") from None
+    refuse_overlap([args.model], args.out)  # before any work: the output must not land in the model
     source = SourceModel(args.model)
     common = dict(overwrite=args.overwrite, shard_size=shard_size, progress=progress)
     if args.command == "quantize":
@@ -89,20 +93,8 @@ def run(args) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    interrupt_on_sigterm()
-    from mixtral_ms.compress import CompressionError
-    from mixtral_ms.schema import ConfigError
-    try:
-        print(run(args))
-        return 0
-    except (CompressionError, CheckpointError, ConfigError, FileNotFoundError, ValueError, OSError) as err:
-        print(f"error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the temp folder or file is already removed
-        status, name = exit_status(err)
-        print(f"error: interrupted ({name}); nothing written", file=sys.stderr)
-        return status
+    """Exit status: 0, 2 for bad input (one line `error: ...`), 130 / 143 after SIGINT / SIGTERM."""
+    return cli.run(lambda argv: print(run(parse_args(argv))), argv, interrupted="interrupted ({signal}); nothing written")
 
 
 if __name__ == "__main__":

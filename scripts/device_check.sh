@@ -24,6 +24,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEVICE="" DEVICES="" STEPS=6 OUT="$ROOT/output/device_check" VENV="$ROOT/.venv-device" WHEELS=""
 while [ $# -gt 0 ]; do
   case "$1" in
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --device|--devices|--steps|--out|--venv|--wheels)
       if [ $# -lt 2 ] || [ -z "$2" ] || [ "${2#--}" != "$2" ]; then echo "error: $1 needs a value" >&2; exit 2; fi ;;
   esac
@@ -41,6 +42,13 @@ for n in "$STEPS" ${DEVICES:+"$DEVICES"}; do
   case "$n" in ''|*[!0-9]*|0) echo "error: --steps and --devices take a positive integer, got '$n'" >&2; exit 2 ;; esac
 done
 [ -z "$WHEELS" ] || [ -d "$WHEELS" ] || { echo "error: --wheels $WHEELS is not a folder" >&2; exit 2; }
+# Every flag is checked before anything is created or installed (exit 2, one line).
+for pair in "--out:$OUT" "--venv:$VENV"; do
+  flag="${pair%%:*}" path="${pair#*:}" up="${pair#*:}"
+  [ ! -e "$path" ] || [ -d "$path" ] || { echo "error: $flag $path exists and is not a folder" >&2; exit 2; }
+  while [ ! -e "$up" ]; do up="$(dirname "$up")"; done
+  [ -d "$up" ] && [ -w "$up" ] || { echo "error: $flag $path cannot be created ($up is not a writable folder)" >&2; exit 2; }
+done
 if [ -z "$DEVICE" ]; then
   if command -v nvidia-smi >/dev/null 2>&1; then DEVICE=gpu
   elif command -v npu-smi >/dev/null 2>&1; then DEVICE=ascend
@@ -52,8 +60,12 @@ case "$DEVICE" in
   cpu) TARGET=CPU; COUNT=2 ;;  # a rehearsal of the script itself: semi-auto fails, as MindSpore refuses it on CPU
   *) echo "error: --device must be gpu, ascend or cpu" >&2; exit 2 ;;
 esac
+if [ "$COUNT" -lt 1 ]; then echo "error: --device $DEVICE: no $TARGET device found on this machine" >&2; exit 2; fi
+if [ -n "$DEVICES" ] && [ "$DEVICES" -gt "$COUNT" ]; then
+  echo "error: --devices $DEVICES exceeds the $COUNT $TARGET device(s) of this machine" >&2; exit 2
+fi
 DEVICES="${DEVICES:-$COUNT}"
-mkdir -p "$OUT"
+mkdir -p "$OUT" || { echo "error: --out $OUT cannot be created" >&2; exit 2; }
 FAILED=0
 report() {  # report <check> <status> <message>
   if [ "$2" = 0 ]; then echo "PASS $1: $3"; else echo "FAIL $1: $3"; FAILED=$((FAILED + 1)); fi
@@ -107,7 +119,7 @@ python "$ROOT/scripts/preprocess_data.py" --input "$OUT/corpus_slice.txt" --form
   --seq_length 128 --tokenizer "$ROOT/data/tokenizer/tokenizer.model" --output "$OUT/tiny.mindrecord" \
   --overwrite > "$OUT/preprocess.log" 2>&1
 derive() {  # derive <source yaml> <target yaml> <python statements on cfg>
-  python - "$1" "$2" "$3" <<'EOF'
+  LOCAL_DEFAULT_PATH="$OUT" python - "$1" "$2" "$3" <<'EOF'
 import sys
 import yaml
 from mixtral_ms.runner import read_run_yaml  # the project's one YAML reader: base_config: merged in

@@ -21,25 +21,33 @@ Bad input exits with status 2 and one line `error: ...`; nothing is written (SIG
 """
 import argparse
 import os
-import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mixtral_ms.convert import DEFAULT_SHARD, parse_size  # noqa: E402
-from mixtral_ms.safetensors_io import CheckpointError  # noqa: E402
-from mixtral_ms.surgery import (INITS, LAYOUTS, ROUTERS, Model, parse_expert_lists, plan_extract,  # noqa: E402
-                                plan_grow, plan_mix, plan_upcycle, write)
+from mixtral_ms import cli  # noqa: E402  (first: signals are handled before anything heavy is imported)
 
 
 def _floats(text: str):
+    from mixtral_ms.surgery import SurgeryError
     try:
         return [float(w) for w in text.split(",")]
     except ValueError:
-        raise ValueError(f"--weights must be comma-separated numbers, got {text!r}") from None
+        raise SurgeryError(f"--weights must be comma-separated numbers, got {text!r}") from None
 
 
-def main(argv=None) -> int:
+def shard_size(text: str) -> int:
+    """--shard-size as bytes; a bad size is bad input (one line)."""
+    from mixtral_ms.convert import parse_size
+    try:
+        return parse_size(text)
+    except ValueError as err:  # parse_size's own refusal, nothing else runs here
+        raise cli.BadInput(f"--shard-size: {err}") from None
+
+
+def parse_args(argv):
+    from mixtral_ms.convert import DEFAULT_SHARD
+    from mixtral_ms.surgery import INITS, LAYOUTS, ROUTERS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {name: sub.add_parser(name) for name in ("grow", "extract", "upcycle", "mix")}
@@ -66,37 +74,36 @@ def main(argv=None) -> int:
                                                                "the branches')")
     commands["mix"].add_argument("--weights", help="per-branch averaging weights, e.g. 0.7,0.3 (default equal)")
     commands["mix"].add_argument("--router", choices=ROUTERS, default="new")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    def interrupted(signum, _frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupted)
-    try:
-        if args.command == "mix":
-            models = [Model(b, args.config) for b in args.branches]
-            weights = _floats(args.weights) if args.weights else None
-            plan = plan_mix(models, weights, args.router, args.top_k, args.seed)
-        else:
-            model = Model(args.src, args.config)
-            models = [model]
-            if args.command == "grow":
-                plan = plan_grow(model, args.add, args.init, args.seed, args.noise)
-            elif args.command == "extract":
-                plan = plan_extract(model, parse_expert_lists(args.experts))
-            else:
-                plan = plan_upcycle(model, args.experts, args.top_k or 2, args.seed)
-        progress = None if args.quiet else (lambda line: print(f"{args.command}: {line}", file=sys.stderr, flush=True))
-        result = write(plan, args.dst, args.layout or models[0].layout, args.overwrite, parse_size(args.shard_size),
-                       progress)
-        print(f"{args.command}: {result['experts']} experts per layer (top-{result['top_k']}), {result['tensors']} "
-              f"tensors, {result['bytes'] / 2**20:.1f} MiB -> {args.dst}")
-        return 0
-    except (CheckpointError, FileNotFoundError, ValueError, OSError) as err:  # SurgeryError is a ValueError
-        print(f"error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no output written", file=sys.stderr)
-        return 130
+
+def _main(argv=None) -> int:
+    args = parse_args(argv)
+    from mixtral_ms.surgery import Model, parse_expert_lists, plan_extract, plan_grow, plan_mix, plan_upcycle, write
+    if args.command == "mix":
+        models = [Model(b, args.config) for b in args.branches]
+        weights = _floats(args.weights) if args.weights else None
+        plan = plan_mix(models, weights, args.router, args.top_k, args.seed)
+    else:
+        model = Model(args.src, args.config)
+        models = [model]
+        if args.command == "grow":
+            plan = plan_grow(model, args.add, args.init, args.seed, args.noise)
+        elif args.command == "extract":
+            plan = plan_extract(model, parse_expert_lists(args.experts))
+        else:  # an explicit --top-k 0 is refused (plan_upcycle), not taken for the default
+            plan = plan_upcycle(model, args.experts, 2 if args.top_k is None else args.top_k, args.seed)
+    progress = None if args.quiet else (lambda line: print(f"{args.command}: {line}", file=sys.stderr, flush=True))
+    result = write(plan, args.dst, args.layout or models[0].layout, args.overwrite, shard_size(args.shard_size),
+                   progress)
+    print(f"{args.command}: {result['experts']} experts per layer (top-{result['top_k']}), {result['tensors']} "
+          f"tensors, {result['bytes'] / 2**20:.1f} MiB -> {args.dst}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Exit status: 0, 2 for bad input (one line `error: ...`), 130 / 143 after SIGINT / SIGTERM."""
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -10,25 +10,62 @@ load-balancing (aux) loss and the router z-loss. Bad input prints one line `erro
 """
 import argparse
 import json
+import math
 import os
 import sys
 
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mixtral_ms import cli  # noqa: E402  (first: signals are handled before anything heavy is imported)
+
+import numpy as np  # noqa: E402
+
+KEYS = ("step", "tokens_per_expert", "dropped_fraction", "aux_loss", "z_loss")  # what the plot draws
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(record, shape):
+    """The shape (layers, experts) of a RouterStatsMonitor record; raises ValueError naming what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    missing = [k for k in KEYS if k not in record]
+    if missing:
+        raise ValueError(f"missing key(s) {', '.join(missing)}")
+    if not isinstance(record["step"], int) or isinstance(record["step"], bool):
+        raise ValueError(f"step must be an integer, got {record['step']!r}")
+    for key in ("aux_loss", "z_loss"):
+        if not _number(record[key]):
+            raise ValueError(f"{key} must be a finite number, got {record[key]!r}")
+    load, dropped = record["tokens_per_expert"], record["dropped_fraction"]
+    if not (isinstance(load, list) and load and all(isinstance(r, list) and r and len(r) == len(load[0])
+                                                    and all(_number(v) for v in r) for r in load)):
+        raise ValueError("tokens_per_expert must be a [layers][experts] table of numbers")
+    if not (isinstance(dropped, list) and len(dropped) == len(load) and all(_number(v) for v in dropped)):
+        raise ValueError(f"dropped_fraction must hold one number per layer ({len(load)})")
+    found = (len(load), len(load[0]))
+    if shape is not None and found != shape:
+        raise ValueError(f"{found[0]} layers x {found[1]} experts, but earlier records have {shape[0]} x {shape[1]}")
+    return found
 
 
 def read_stats(path):
-    """Records sorted by step (a later record for the same step, e.g. after a resume, wins)."""
-    records = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    """Records sorted by step (a later record for the same step, e.g. after a resume, wins); a record the
+    plot cannot draw is refused naming its line."""
+    records, shape = {}, None
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 record = json.loads(line)
-                records[int(record["step"])] = record
-                np.asarray(record["tokens_per_expert"], float).reshape(len(record["tokens_per_expert"]), -1)
-            except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: not a router-stats record ({err})") from None
+                shape = _check(record, shape)
+            except (ValueError, RecursionError) as err:  # JSON, UTF-8 and _check's refusals
+                raise cli.BadInput(f"{path}:{number}: not a router-stats record ({err})") from None
+            records[record["step"]] = record
     return [records[s] for s in sorted(records)]
 
 
@@ -79,33 +116,38 @@ def plot(records, output):
     fig.colorbar(mesh, ax=list(axes), label="share of the layer's assignments", fraction=0.03, pad=0.02)
     fig.suptitle(f"Expert load over training: {layers} layers x {experts} experts "
                  f"(balanced = {1 / experts:.3f} per expert)")
-    tmp = output + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, output)
+    from mixtral_ms.outputs import replacing
+    try:
+        with replacing(output, "--output") as tmp:  # whole or not at all; a symlink is written through
+            fig.savefig(tmp, dpi=110, format=os.path.splitext(output)[1][1:].lower() or "png")
+    finally:
+        plt.close(fig)
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stats", required=True, help="router_stats.jsonl written by RouterStatsMonitor")
     parser.add_argument("--output", required=True, help="PNG to write")
     args = parser.parse_args(argv)
-    try:
-        if not os.path.isfile(args.stats):
-            raise ValueError(f"no stats file {args.stats}")
-        records = read_stats(args.stats)
-        if not records:
-            raise ValueError(f"{args.stats} is empty")
-        plot(records, args.output)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    from mixtral_ms.outputs import file_target
+    if not os.path.isfile(args.stats):
+        raise cli.BadInput(f"no stats file {args.stats}")
+    file_target(args.output, "--output")  # a folder or an unwritable place: refused before the plot
+    records = read_stats(args.stats)
+    if not records:
+        raise cli.BadInput(f"{args.stats} is empty")
+    plot(records, args.output)
     last = records[-1]
     print(f"router at step {last['step']}: aux loss {last['aux_loss']:.4f}, z-loss {last['z_loss']:.3f}")
     for layer, (row, frac) in enumerate(zip(last["tokens_per_expert"], last["dropped_fraction"])):
         print(f"  layer {layer}: tokens/expert {row} | dropped {100 * frac:.1f}%")
     print(f"wrote {args.output}")
     return 0
+
+
+def main(argv=None) -> int:
+    """Exit status: 0, 2 for bad input (one line `error: ...`), 130 / 143 after SIGINT / SIGTERM."""
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

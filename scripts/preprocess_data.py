@@ -25,11 +25,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mixtral_ms.data import FORMATS, TEXT_DOCS, DataError, heldout_path, preprocess  # noqa: E402
-from mixtral_ms.outputs import exit_status, interrupt_on_sigterm  # noqa: E402
+from mixtral_ms import cli  # noqa: E402  (first: signals are handled before anything heavy is imported)
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
+    from mixtral_ms.data import FORMATS, TEXT_DOCS, heldout_path, preprocess
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", action="append", required=True, help="file or folder (repeatable)")
     parser.add_argument("--format", default="text", help=f"one of {', '.join(FORMATS)} (default text)")
@@ -46,24 +46,20 @@ def main(argv=None) -> int:
     parser.add_argument("--heldout_output", help="the held-out MindRecord (default: X_heldout.mindrecord beside X)")
     args = parser.parse_args(argv)
     stats = {}
-    interrupt_on_sigterm()
-    try:
-        count = preprocess(args.input, args.format, args.tokenizer, args.seq_length, args.output,
-                           args.overwrite, text_docs=args.text_docs, stats=stats, domain=args.domain_id,
-                           heldout_fraction=args.heldout_fraction, heldout_output=args.heldout_output)
-    except (DataError, OSError) as err:
-        print(f"error: {err}".splitlines()[0], file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the temp folder is already removed
-        status, name = exit_status(err)
-        print(f"error: interrupted ({name}); no output written", file=sys.stderr)
-        return status
+    count = preprocess(args.input, args.format, args.tokenizer, args.seq_length, args.output,
+                       args.overwrite, text_docs=args.text_docs, stats=stats, domain=args.domain_id,
+                       heldout_fraction=args.heldout_fraction, heldout_output=args.heldout_output)
     extra = ", ".join(f"{k} {v}" for k, v in stats.items() if k not in ("samples", "heldout_samples") and v)
     print(f"wrote {count} samples of {args.seq_length + 1} tokens to {args.output}" + (f" ({extra})" if extra else ""))
     if args.heldout_fraction:
         heldout = args.heldout_output or heldout_path(args.output)
         print(f"wrote {stats['heldout_samples']} held-out samples to {heldout}")
     return 0
+
+
+def main(argv=None) -> int:
+    """Exit status: 0, 2 for bad input (one line `error: ...`), 130 / 143 after SIGINT / SIGTERM."""
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

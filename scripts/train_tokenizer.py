@@ -15,6 +15,10 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from mixtral_ms import cli  # noqa: E402  (first: signals are handled before anything heavy is imported)
+
 INSTRUCT_SYMBOLS = ("[INST]", "[/INST]")
 
 
@@ -35,20 +39,21 @@ def corpus_files(paths):
 
 def train(files, vocab_size: int, output: str) -> None:
     import sentencepiece as spm
+    from mixtral_ms.outputs import write_bytes
     with tempfile.TemporaryDirectory() as tmp:
-        spm.SentencePieceTrainer.train(
-            input=",".join(files), model_prefix=os.path.join(tmp, "tok"), model_type="bpe",
-            vocab_size=vocab_size, byte_fallback=True, split_digits=True, character_coverage=1.0,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-            allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            unk_surface=" \u2047 ", user_defined_symbols=list(INSTRUCT_SYMBOLS),
-            num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, seed_sentencepiece_size=1000000,
-            max_sentence_length=1 << 16, minloglevel=2)
+        try:
+            spm.SentencePieceTrainer.train(
+                input=",".join(files), model_prefix=os.path.join(tmp, "tok"), model_type="bpe",
+                vocab_size=vocab_size, byte_fallback=True, split_digits=True, character_coverage=1.0,
+                normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+                allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                unk_surface=" \u2047 ", user_defined_symbols=list(INSTRUCT_SYMBOLS),
+                num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, seed_sentencepiece_size=1000000,
+                max_sentence_length=1 << 16, minloglevel=2)
+        except RuntimeError as err:  # the trainer's refusal of this corpus (e.g. a vocabulary it cannot fill)
+            raise cli.BadInput(f"training the tokenizer failed: {str(err).strip().splitlines()[0]}") from None
         model = _portable(os.path.join(tmp, "tok.model"), files)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output + ".tmp", "wb") as f:
-        f.write(model)
-    os.replace(output + ".tmp", output)
+    write_bytes(output, model, "--output")  # whole or not at all; a symlink is written through
 
 
 def _portable(path: str, files) -> bytes:
@@ -64,7 +69,8 @@ def _portable(path: str, files) -> bytes:
     return proto.SerializeToString(deterministic=True)
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
+    from mixtral_ms.outputs import file_target
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", action="append", help="text file or folder of .txt files (repeatable; "
                         "default data/corpus)")
@@ -73,16 +79,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     minimum = 256 + 3 + len(INSTRUCT_SYMBOLS) + 1  # bytes, <unk> <s> </s>, [INST] [/INST], one merge
     if args.vocab_size < minimum:
-        print(f"error: --vocab_size must be at least {minimum} (256 byte pieces plus specials)", file=sys.stderr)
-        return 2
-    try:
-        files = corpus_files(args.input or [os.path.join(ROOT, "data", "corpus")])
-        train(files, args.vocab_size, args.output)
-    except (OSError, RuntimeError) as err:
-        print(f"error: {err}".splitlines()[0], file=sys.stderr)
-        return 2
+        raise cli.BadInput(f"--vocab_size must be at least {minimum} (256 byte pieces plus specials)")
+    file_target(args.output, "--output")  # a folder or an unwritable place: refused before training
+    files = corpus_files(args.input or [os.path.join(ROOT, "data", "corpus")])
+    train(files, args.vocab_size, args.output)
     print(f"wrote {args.output} (vocab {args.vocab_size}, from {len(files)} file(s))")
     return 0
+
+
+def main(argv=None) -> int:
+    """Exit status: 0, 2 for bad input (one line `error: ...`), 130 / 143 after SIGINT / SIGTERM."""
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -315,7 +315,7 @@ def test_destination_rules(tmp_path):
 
 
 def test_sigterm_while_writing_removes_the_temp_folder(tmp_path):
-    """The real CLI, killed by SIGTERM between two shards: exit 130, one line, no output, no temp folder."""
+    """The real CLI, killed by SIGTERM between two shards: exit 143, one line, no output, no temp folder."""
     code = ("import os, signal, sys; sys.argv[0] = %r; sys.path.insert(0, %r)\n"
             "import mixtral_ms.convert as c\n"
             "real = c.write_safetensors\n"
@@ -325,8 +325,8 @@ def test_sigterm_while_writing_removes_the_temp_folder(tmp_path):
             "import runpy; runpy.run_path(%r, run_name='__main__')\n") % (SCRIPT, ROOT, SCRIPT)
     run = subprocess.run([sys.executable, "-c", code, "grow", "--src", TINY8, "--dst", str(tmp_path / "out"),
                           "--add", "1", "--shard-size", "64KB", "--quiet"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 130, run.stderr
-    assert run.stderr.strip() == "error: interrupted; no output written"
+    assert run.returncode == 143, run.stderr
+    assert run.stderr.strip() == "error: interrupted (SIGTERM); no output written"
     assert os.listdir(tmp_path) == []
 
 

@@ -9,7 +9,8 @@
 - methods.py: prune, merge, densify, quantize and skip, each writing a complete checkpoint folder.
 Everything but calibration is numpy only (no MindSpore import) and writes one expert at a time.
 """
+from ..cli import BadInput
 
 
-class CompressionError(ValueError):
+class CompressionError(BadInput, ValueError):
     """An input the compression tools refuse: the one-line message says why."""

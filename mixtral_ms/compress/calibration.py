@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import zipfile
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from ..outputs import stale, temp_path
+from ..outputs import file_target, replacing
 from . import CompressionError
 from .source import SourceModel
 
@@ -127,6 +129,7 @@ def calibrate(model_dir: str, data: str, out: str, max_tokens: int = 32768, samp
         raise CompressionError(f"{out} exists; pass --overwrite to replace it")
     if not out.endswith(".npz"):
         raise CompressionError(f"calibration output {out} must end in .npz")
+    file_target(out, "calibration output")  # writable: checked before the forward passes, not after
     batches = _batches(data, batch_size, max_tokens)
     first = next(batches, None)
     if first is None:
@@ -163,17 +166,38 @@ def calibrate(model_dir: str, data: str, out: str, max_tokens: int = 32768, samp
             "data": data, "tokens": stats[0].tokens, "sample_tokens": int(arrays["sample_logits"].shape[1]),
             "num_hidden_layers": config.num_hidden_layers, "num_local_experts": config.num_local_experts,
             "num_experts_per_tok": config.num_experts_per_tok, "hidden_size": config.hidden_size}
-    for old in stale(out):
-        os.remove(old)
-    tmp = temp_path(out)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _save(out, {"meta": np.array(json.dumps(meta)), **arrays})
     return meta
+
+
+def _save(out: str, arrays: Dict[str, np.ndarray]) -> None:
+    """np.savez's format (a zip of .npy files), written whole or not at all (outputs.replacing). The free
+    space is checked first; a write error still raises once and leaves the old file: np.savez leaves its
+    zip open on an error, and the zip's finaliser then fails again ("Exception ignored ...")."""
+    need = sum(a.nbytes for a in arrays.values()) + (1 << 20)
+    with replacing(out, "calibration output") as tmp:
+        folder = os.path.dirname(tmp)
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            raise CompressionError(f"disk full: the calibration file {out} needs {need / 2**20:.1f} MiB, "
+                                   f"{free / 2**20:.1f} MiB free in {folder}")
+        try:
+            archive = zipfile.ZipFile(tmp, "w", allowZip64=True)
+            written = False
+            try:
+                for name, array in arrays.items():
+                    with archive.open(name + ".npy", "w", force_zip64=True) as f:
+                        np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+                written = True
+            finally:
+                try:
+                    archive.close()  # closes the file even when writing the zip's directory fails
+                except OSError:
+                    if written:
+                        raise
+        except OSError as err:  # a disk that filled up meanwhile, a file size limit
+            raise CompressionError(f"writing the calibration file {out} failed: {err.strerror or err} "
+                                   f"({shutil.disk_usage(folder).free / 2**20:.1f} MiB free in {folder})") from None
 
 
 def load_calibration(path: Optional[str], source: SourceModel) -> Calibration:
@@ -185,7 +209,7 @@ def load_calibration(path: Optional[str], source: SourceModel) -> Calibration:
         with np.load(path, allow_pickle=False) as f:
             meta = json.loads(str(f["meta"]))
             arrays = {name: f[name] for name in _ARRAYS}
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # empty, truncated, other
         raise CompressionError(f"{path} is not a calibration file ({' '.join(str(err).split())})") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CompressionError(f"{path} is not a {FORMAT} file of version {VERSION}")

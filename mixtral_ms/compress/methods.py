@@ -22,6 +22,7 @@ import numpy as np
 from ..convert import COMPRESSION_RECORD, DEFAULT_SHARD, HF_METADATA, MS_METADATA, write_checkpoint
 from ..schema import hf_dims
 from ..name_map import count_parameters, ms_to_hf, parameter_specs
+from ..outputs import refuse_overlap
 from ..safetensors_io import convert_bytes
 from . import CompressionError
 from .algorithms import average_linkage, experts_to_keep, skipped_fraction, usage_weights, weighted_average
@@ -74,6 +75,7 @@ def _write(source: SourceModel, dst: str, items: list, hf: dict, record: dict, m
         for name, content in (("config.json", hf), (COMPRESSION_RECORD, record)):
             with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
                 json.dump(content, f, indent=2)
+    refuse_overlap([source.folder], dst)
     result = write_checkpoint(source.folder, dst, items, write_config, source.folder, overwrite, shard_size,
                               metadata, progress)
     total, active = count_parameters(hf_dims(hf))

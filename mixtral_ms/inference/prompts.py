@@ -7,14 +7,22 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 
-def check_batch(vocab_size: int, input_ids, attention_mask=None, labels=None, ignore_index: int = -100) -> None:
-    """Raise ValueError (one line) unless `input_ids` is an integer [B, S] (or [S]) batch of ids in
-    [0, vocab_size), `attention_mask` has its shape and holds 0/1, and `labels` has its shape and holds ids
-    or `ignore_index`. An id past the vocabulary fails inside the graph's Gather with a multi-line error
-    after which, in graph mode, every later call on the model fails; a negative one reads garbage."""
+def check_batch(vocab_size: int, input_ids, attention_mask=None, labels=None, ignore_index: int = -100,
+                max_positions: Optional[int] = None, batch_only: bool = False) -> None:
+    """Raise ValueError (one line) unless `input_ids` is a non-empty integer [B, S] (or [S], unless
+    `batch_only`) batch of ids in [0, vocab_size) and at most `max_positions` long, `attention_mask` has
+    its shape and holds 0/1, and `labels` has its shape and holds ids or `ignore_index`. An id past the
+    vocabulary fails inside the graph's Gather with a multi-line error after which, in graph mode, every
+    later call on the model fails; a negative one reads garbage; empty, 1-D or too long inputs fail in C++."""
     ids = _numpy(input_ids)
-    if ids.ndim not in (1, 2) or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be integer token ids of shape [batch, seq], got {ids.dtype} {ids.shape}")
+    shapes = "[batch, seq]" if batch_only else "[batch, seq] (or [seq])"
+    if ids.ndim not in ((2,) if batch_only else (1, 2)) or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integer token ids of shape {shapes}, got {ids.dtype} {ids.shape}")
+    if ids.size == 0:
+        raise ValueError(f"input_ids is empty (shape {ids.shape}); give at least one token")
+    if max_positions is not None and ids.shape[-1] > max_positions:
+        raise ValueError(f"input_ids hold {ids.shape[-1]} positions, more than max_position_embeddings "
+                         f"({max_positions})")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
         raise ValueError(f"input_ids hold token id {bad}, outside the vocabulary [0, {vocab_size})")
