@@ -39,13 +39,15 @@ def router_z_loss(z_sum: Tensor, num_tokens: Tensor) -> Tensor:
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float = 1.0,
-                      ignore_index: int = -100) -> Tensor:
+                      ignore_index: int = -100, shifted: bool = False) -> Tensor:
     """Mean KL(teacher || student) of the next-token distributions softened by `temperature`, over the
-    positions causal_lm_loss counts (position t, where labels[t+1] is not `ignore_index`)."""
-    student = ops.log_softmax(ops.cast(student_logits[:, :-1], ms.float32) / temperature, axis=-1)
-    teacher = ops.log_softmax(ops.cast(teacher_logits[:, :-1], ms.float32) / temperature, axis=-1)
+    positions causal_lm_loss counts with the same `shifted` (position t where labels[t+1], or labels[t]
+    when shifted, is not `ignore_index`)."""
+    last = None if shifted else -1
+    student = ops.log_softmax(ops.cast(student_logits[:, :last], ms.float32) / temperature, axis=-1)
+    teacher = ops.log_softmax(ops.cast(teacher_logits[:, :last], ms.float32) / temperature, axis=-1)
     kl = (ops.exp(teacher) * (teacher - student)).sum(axis=-1)
-    valid = ops.cast(labels[:, 1:] != ignore_index, ms.float32)
+    valid = ops.cast((labels if shifted else labels[:, 1:]) != ignore_index, ms.float32)
     return (kl * valid).sum() / ops.maximum(valid.sum(), 1.0)
 
 

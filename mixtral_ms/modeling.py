@@ -315,15 +315,18 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         loss = ce_coef * ce + self.aux_coef * aux + self.z_coef * z
         return loss, ce, aux, z, load, dropped
 
+    @staticmethod
+    def training_inputs(input_ids, labels=None, attention_mask=None, position_ids=None, domain_ids=None):
+        """MindFormers' samples hold seq_length + 1 tokens: the model runs on the first seq_length, and the
+        labels are the next tokens (the last seq_length)."""
+        labels = (input_ids if labels is None else labels)[:, 1:]
+        cut = tuple(None if x is None else x[:, :-1] for x in (input_ids, attention_mask, position_ids, domain_ids))
+        return cut[0], labels, cut[1], cut[2], cut[3]
+
     def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None, domain_ids=None):
-        if self.training:  # MindFormers' samples: seq_length + 1 tokens, the model runs on seq_length
-            input_ids, labels = input_ids[:, :-1], (input_ids if labels is None else labels)[:, 1:]
-            if attention_mask is not None:
-                attention_mask = attention_mask[:, :-1]
-            if position_ids is not None:
-                position_ids = position_ids[:, :-1]
-            if domain_ids is not None:
-                domain_ids = domain_ids[:, :-1]
+        if self.training:
+            input_ids, labels, attention_mask, position_ids, domain_ids = self.training_inputs(
+                input_ids, labels, attention_mask, position_ids, domain_ids)
         logits, router_logits, load, dropped, prob_sum, z_sum, valid = self.forward_logits(
             input_ids, attention_mask, position_ids, domain_ids)
         if labels is None:

@@ -21,7 +21,7 @@ from .schema import hf_dims
 TRAINING_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "global_step", "learning_rate",
                            "scale_sense", "loss_scale", "epoch_num", "step_num", "current_iterator_step",
                            "last_overflow_iterator_step", "accu_grads.", "beta1_power", "beta2_power",
-                           "router_stats.", "global_batch_size", "teacher.")
+                           "router_stats.", "global_batch_size", "teacher.", "freeze_mask.")
 
 _HF_EXPERT = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(\d+)\.(w[123])\.weight$")
 _MS_EXPERT = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(w[123])$")

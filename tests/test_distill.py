@@ -41,6 +41,9 @@ def test_distillation_loss_is_the_softened_kl_over_counted_positions():
     got = float(distillation_loss(Tensor(s), Tensor(t), Tensor(labels), 2.0))
     assert got == pytest.approx(kl[valid].mean(), rel=1e-5)
     assert float(distillation_loss(Tensor(t), Tensor(t), Tensor(labels), 2.0)) == pytest.approx(0, abs=1e-6)
+    # shifted labels (the training forward's): the same positions, the logits already cut to them
+    shifted = distillation_loss(Tensor(s[:, :-1]), Tensor(t[:, :-1]), Tensor(labels[:, 1:]), 2.0, shifted=True)
+    assert float(shifted) == pytest.approx(kl[valid].mean(), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +128,8 @@ def test_distillation_into_the_dense_student_through_the_trainer(setup):
     import mindspore.dataset as ds
     rows = ds.MindDataset(str(data), shuffle=False).create_dict_iterator(num_epochs=1, output_numpy=True)
     ids = Tensor(np.stack([next(rows)["input_ids"] for _ in range(BATCH)]))
-    kd = distillation_loss(student.forward_logits(ids)[0], teacher(ids)[0], ids, 2.0)
+    inputs, labels = ids[:, :-1], ids[:, 1:]  # seq_length positions, next-token labels, as the training forward
+    kd = distillation_loss(student.forward_logits(inputs)[0], teacher(inputs)[0], labels, 2.0, shifted=True)
     assert records[1]["kd_loss"] == pytest.approx(float(kd), rel=1e-4)
 
     final = out / "checkpoint" / "rank_0" / f"d_rank_0-1_{STEPS}.ckpt"
@@ -157,7 +161,8 @@ def test_lifelong_form_with_a_moe_student_adds_aux_and_z(setup):
                                  + 0.5 * 4.0 * terms["kd_loss"], rel=1e-5)
     assert terms["aux_loss"] > 1.0 and terms["z_loss"] > 0  # an MoE's terms, in the loss
     teacher.set_train(False)
-    kd = distillation_loss(student.forward_logits(ids)[0], teacher(ids)[0], ids, 2.0)
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    kd = distillation_loss(student.forward_logits(inputs)[0], teacher(inputs)[0], labels, 2.0, shifted=True)
     assert terms["kd_loss"] == pytest.approx(float(kd), rel=1e-5)
 
 

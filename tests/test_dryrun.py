@@ -145,8 +145,10 @@ def test_training_moe_with_model_parallel_needs_sequence_parallel():
     (["--config", "configs/parallel/mixtral_8x7b_pretrain_8p.yaml", "--rank", "8"], "--rank 8 is outside"),
     (["--config", "configs/parallel/mixtral_8x7b_pretrain_32p.yaml", "--layers", "6"],
      "num_hidden_layers (6) is not divisible by pipeline_stage (4)"),
-    (["--matrix", "--rows", "dp4-mp2-ep2", "--set", "runner_wrapper.freeze={experts: [0]}"],
-     "runner_wrapper.freeze is not supported under semi_auto_parallel"),
+    (["--matrix", "--rows", "dp4-mp2-ep2", "--set",
+      "runner_wrapper.distill={teacher: t, teacher_config: configs/compress/dense_tiny_cpu.yaml}"],
+     "runner_wrapper.distill: the teacher does not fit the student's layout: model.layers.0.block_sparse_moe."
+     "to_experts: dimension 1 of (4, 1, 128, 128) not divisible by 2"),
     (["--config", "configs/parallel/mixtral_8x7b_pretrain_8p.yaml", "--rank", "1", "--all-stages"],
      "not allowed with argument"),
 ])

@@ -51,7 +51,11 @@ def test_frozen_weights_are_bit_identical_after_training(tmp_path, data):
     status, _, stderr = run("--config", cfg, "--run_mode", "train")
     assert status == 0, stderr[-3000:]
     before = _weights(config, start)
-    after = _weights(config, tmp_path / "checkpoint" / "rank_0" / f"f_rank_0-1_{STEPS}.ckpt")
+    final = tmp_path / "checkpoint" / "rank_0" / f"f_rank_0-1_{STEPS}.ckpt"
+    after = _weights(config, final)
+    saved = ms.load_checkpoint(str(final))
+    assert "adam_m.model.layers.0.block_sparse_moe.experts.w1" in saved  # a training checkpoint...
+    assert not [n for n in saved if n.startswith("freeze_mask.")]  # ...without the masks: the YAML says what is frozen
     frozen_experts = {0: [0, 1], 1: [5]}
     for name, old in before.items():
         new = after[name]

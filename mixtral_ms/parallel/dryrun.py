@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..run_checks import RunError  # no MindSpore import: bad input is refused before the seconds it costs
+from ..runner import ROOT, RUN_ERRORS, _Parser
 from .config import from_run_config
 
 COMM_KINDS = ("AllToAll", "AllGather", "AllReduce", "ReduceScatter", "Send", "Receive", "Broadcast")
@@ -218,6 +219,14 @@ def _compile_only() -> None:
     nn.Cell.compile_and_run = compile_and_stop
 
 
+def _no_weights() -> None:
+    """Nothing runs, so no weights are read: the student's load_checkpoint is dropped, and a distillation
+    teacher keeps its initial values (its checkpoint need not be on this host; its config must)."""
+    from .. import checkpoint, runner
+    runner.resolve_checkpoint = lambda path: path
+    checkpoint.load_weights = lambda model, path, allow_nonfinite=False: None
+
+
 def synthetic_dataset(path: str, columns: Sequence[str], seq_length: int, vocab_size: int, rows: int) -> None:
     """A MindRecord of `rows` random samples of seq_length + 1 tokens (what the compile reads its shapes from)."""
     import numpy as np
@@ -253,6 +262,7 @@ def worker(spec: Dict[str, Any]) -> RankResult:
     settings["output_dir"] = spec["output_dir"]
     result = RankResult(spec["config"], rank, 0, False)
     try:
+        _no_weights()
         run = runner.load_run(spec["config"], {"run_mode": spec.get("run_mode")}, settings)
         config = run.config
         mode = config.run_mode
@@ -434,6 +444,10 @@ TINY_MATRIX: Dict[str, Dict[str, Any]] = {
     "dp8-ep4-allgather": {"parallel_config.data_parallel": 8, "parallel_config.model_parallel": 1,
                           "parallel_config.expert_parallel": 4, "parallel_config.use_seq_parallel": False,
                           "parallel.enable_alltoall": False},
+    "dp4-mp2-ep2-freeze-distill": {  # the teacher: the same tiny model, its weights not read
+        "runner_wrapper.freeze": {"experts": [0, 1], "router_rows": [0, 1], "non_moe": True},
+        "runner_wrapper.distill": {"teacher": "teacher-not-read", "teacher_config": os.path.join(ROOT, TINY_CONFIG),
+                                   "kd_coef": 0.5}},
     "predict-mp8": {"run_mode": "predict", "parallel_config.data_parallel": 1, "parallel_config.model_parallel": 8,
                     "parallel_config.expert_parallel": 1, "parallel_config.use_seq_parallel": False,
                     "parallel.enable_alltoall": False, "parallel.enable_parallel_optimizer": False,
@@ -487,7 +501,6 @@ def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None
     """scripts/dryrun.py: 0 when every rank compiled and agrees with the plan and the estimator, 1 when one
     did not (the report says why), 2 on bad input, 130 / 143 on SIGINT / SIGTERM."""
     from ..outputs import exit_status, interrupt_on_sigterm
-    from ..runner import ROOT, RUN_ERRORS, _Parser
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help=f"the layout YAML (default with --matrix: {TINY_CONFIG})")
     where = parser.add_mutually_exclusive_group()

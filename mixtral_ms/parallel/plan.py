@@ -336,11 +336,12 @@ def mark_recompute(model, layout: ParallelLayout) -> None:
 
 
 def apply_plan(model, layout: ParallelLayout, run_mode: str = "train") -> Dict[str, Entry]:
-    """The plan's three steps on a model built for `layout`: shard, assign_stages, mark_recompute.
-    Returns the table."""
+    """The plan's three steps on a model built for `layout`: shard, assign_stages, mark_recompute; the
+    model keeps the layout as `parallel_layout`. Returns the table."""
     table = shard(model, layout, run_mode)
     assign_stages(model, layout)
     mark_recompute(model, layout)
+    model.parallel_layout = layout  # what was applied, for cells built beside it (a distillation teacher)
     return table
 
 

@@ -31,6 +31,7 @@ from mindformers.core.callback import CheckpointMonitor
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from ..run_checks import RunError
+from .freeze import MASK_PREFIX
 from .wrapper import training_stats
 
 
@@ -250,6 +251,7 @@ class MixtralCheckpointMonitor(CheckpointMonitor):
         self.max_weight_abs = float(max_weight_abs)
         self.offset = 0
         self._append_step_num = 0  # the global step comes from `offset`, not from MindFormers' append_info
+        self.filter_list.append(MASK_PREFIX)  # freeze masks come from the YAML, never from a checkpoint
 
     def on_train_begin(self, run_context):
         super().on_train_begin(run_context)

@@ -21,6 +21,8 @@ parameters are named `teacher.*` in training checkpoints, so a resumed run gets 
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import os
 from typing import Optional
@@ -28,6 +30,7 @@ from typing import Optional
 from mindspore import nn, ops
 
 from ..configuration import MixtralConfig
+from ..run_checks import RunError
 from ..schema import ConfigError
 from ..losses import TrainingStats, distillation_loss
 
@@ -45,10 +48,12 @@ def teacher_config(spec: dict, where: str = "runner_wrapper.distill") -> Mixtral
         return MixtralConfig.from_hf_dir(source)
     if not source.endswith((".yaml", ".yml")) or not os.path.isfile(source):
         raise ConfigError(f"{where}.teacher_config: {source!r} is neither a run YAML nor a folder with config.json")
-    import yaml
-    with open(source, encoding="utf-8") as f:
-        run = yaml.safe_load(f)
-    fields = ((run or {}).get("model") or {}).get("model_config") if isinstance(run, dict) else None
+    from ..runner import read_run_yaml
+    try:
+        run = read_run_yaml(source)  # its base_config: files merged, as every run YAML is read
+    except RunError as err:
+        raise ConfigError(f"{where}.teacher_config: {err}") from None
+    fields = (run.get("model") or {}).get("model_config")
     if not isinstance(fields, dict):
         raise ConfigError(f"{where}.teacher_config: {source} has no model.model_config")
     return MixtralConfig(**{k: v for k, v in fields.items() if k != "type"})
@@ -100,13 +105,39 @@ class _EvalOnly(nn.Cell):
         return ops.stop_gradient(self.model.forward_logits(input_ids, attention_mask, position_ids, domain_ids)[0])
 
 
-def build_teacher(spec: dict):
-    """The frozen teacher: its config, its checkpoint strictly loaded, parameters renamed `teacher.*`."""
+def teacher_layout(layout, config: MixtralConfig, where: str = "runner_wrapper.distill"):
+    """The student's parallel layout for the teacher (same devices, same sharding, the teacher's layers)
+    and the teacher's config with the fields that layout fixes; ConfigError if its shapes do not divide."""
+    from ..parallel.plan import check_table, plan_spec
+    if config.num_hidden_layers % layout.pipeline_stage:
+        raise ConfigError(f"{where}: the teacher's {config.num_hidden_layers} layers do not split into "
+                          f"pipeline_stage {layout.pipeline_stage}")
+    layout = dataclasses.replace(layout, num_layers=config.num_hidden_layers)
+    config = copy.deepcopy(config)  # the spec's stays as read
+    for key, value in layout.model_fields().items():
+        setattr(config, key, value)
+    config.validate()
+    problems = check_table(plan_spec(config, layout, "predict"), layout)
+    if problems:
+        raise ConfigError(f"{where}: the teacher does not fit the student's layout: {problems[0]}")
+    return layout, config
+
+
+def build_teacher(spec: dict, layout=None):
+    """The frozen teacher: its config, its checkpoint strictly loaded, sharded like the student when a
+    parallel `layout` is given (its eval forward, dropless, on the student's devices), parameters
+    renamed `teacher.*`."""
     from ..checkpoint import load_weights
     from ..modeling import MixtralForCausalLM
     from ..runner import resolve_checkpoint
-    teacher = MixtralForCausalLM(spec["config"])
+    config = spec["config"]
+    if layout is not None:
+        layout, config = teacher_layout(layout, config)
+    teacher = MixtralForCausalLM(config)
     load_weights(teacher, resolve_checkpoint(spec["teacher"]))
+    if layout is not None:
+        from ..parallel.plan import apply_plan
+        apply_plan(teacher, layout, "predict")
     for param in teacher.get_parameters():
         param.requires_grad = False
         param.name = TEACHER_PREFIX + param.name
@@ -116,8 +147,8 @@ def build_teacher(spec: dict):
 class Distillation(nn.Cell):
     """The student's training forward plus the distillation term. Takes the student's inputs and returns
     the loss alone; CE, aux, z and the KD term go to the student's side channel (losses.TrainingStats,
-    given a `kd_loss` term here). It scores the samples' positions with Hugging Face's shift (seq_length + 1
-    positions), not the student's own seq_length convention."""
+    given a `kd_loss` term here). Both models run on the first seq_length tokens of MindFormers' samples of
+    seq_length + 1, and both terms score the next tokens, as the student's own training forward does."""
 
     def __init__(self, student, teacher, kd_coef: float, ce_coef: float, temperature: float) -> None:
         super().__init__(auto_prefix=False)
@@ -133,14 +164,14 @@ class Distillation(nn.Cell):
         self.ignore_index = student.ignore_index
 
     def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None, domain_ids=None):
+        input_ids, labels, attention_mask, position_ids, domain_ids = self.student.training_inputs(
+            input_ids, labels, attention_mask, position_ids, domain_ids)
         logits, _, load, dropped, prob_sum, z_sum, valid = self.student.forward_logits(
             input_ids, attention_mask, position_ids, domain_ids)
-        if labels is None:
-            labels = input_ids
         loss, ce, aux, z, load, dropped = self.student.training_loss(logits, labels, load, dropped, prob_sum, z_sum,
-                                                                     valid, self.ce_coef, False)
+                                                                     valid, self.ce_coef, True)
         kd = distillation_loss(logits, self.teacher(input_ids, attention_mask, position_ids, domain_ids), labels,
-                               self.temperature, self.ignore_index)
+                               self.temperature, self.ignore_index, shifted=True)
         # the loss alone, as the student's own training forward; kd_loss joins the side channel's terms
         return ops.depend(loss + self.kd_scale * kd, self.student.router_stats((ce, aux, z, kd), load, dropped))
 
@@ -150,7 +181,8 @@ def install(network, model, spec: Optional[dict]):
     Distillation(model, teacher) when `spec` (check_distill's output) asks for it."""
     if spec is None:
         return network
-    distilled = Distillation(model, build_teacher(spec), spec["kd_coef"], spec["ce_coef"], spec["temperature"])
+    teacher = build_teacher(spec, getattr(model, "parallel_layout", None))
+    distilled = Distillation(model, teacher, spec["kd_coef"], spec["ce_coef"], spec["temperature"])
     if network is model:
         return distilled
     if not _replace(network, model, distilled):

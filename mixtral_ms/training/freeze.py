@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mindspore import Tensor, nn, ops
+import mindspore as ms
+from mindspore import ParameterTuple, Tensor, nn, ops
 
 from ..schema import ConfigError
 
@@ -99,23 +100,47 @@ def trainable_count(params, spec: dict) -> Tuple[int, int]:
     return total, trainable
 
 
+MASK_PREFIX = "freeze_mask"
+
+
 class FrozenParameters(nn.Cell):
-    """Gradient masks and the masked update for the optimizer's `weights` (a ParameterTuple)."""
+    """Gradient masks and the masked update for the optimizer's `weights` (a ParameterTuple).
+
+    A parameter frozen whole (non_moe) needs no mask: its gradient is zeroed and its value restored. A
+    partly frozen one (chosen experts or router rows) gets a bool mask cloned from it, as the optimizer
+    clones its moments: under semi-auto parallel the compiler gives a clone the parameter's own slice
+    (model and optimizer shard alike), where a constant would keep the whole shape. The masks cost one
+    byte per masked element; checkpoints leave them out (`freeze_mask.*`: the YAML, not a checkpoint, says
+    what is frozen)."""
 
     def __init__(self, weights, config, spec: Optional[dict]) -> None:
         super().__init__(auto_prefix=False)
         spec = check_freeze(spec, config)
         self.weights = weights
-        masks = ((i, frozen_mask(p.name, p.shape, spec)) for i, p in enumerate(weights))
-        self.frozen = tuple((i, Tensor(m)) for i, m in masks if m is not None)
+        self.frozen, masks = [], []
+        for i, param in enumerate(weights):
+            mask = frozen_mask(param.name, param.shape, spec)
+            if mask is None:
+                continue
+            if mask.all():
+                self.frozen.append((i, -1))
+                continue
+            clone = param.clone(init=Tensor(np.broadcast_to(mask, param.shape).astype(np.float32), param.dtype))
+            clone.name, clone.requires_grad = f"{MASK_PREFIX}.{param.name}", False
+            clone.set_dtype(ms.bool_)
+            self.frozen.append((i, len(masks)))
+            masks.append(clone)
+        self.frozen = tuple(self.frozen)
+        self.masks = ParameterTuple(masks)
 
     def mask(self, grads: tuple) -> tuple:
         """Zero the gradients of frozen elements (select, not multiply: an inf there stays out)."""
         if not self.frozen:
             return grads
         grads = list(grads)
-        for i, mask in self.frozen:
-            grads[i] = ops.where(mask, ops.zeros_like(grads[i]), grads[i])
+        for i, m in self.frozen:
+            zeros = ops.zeros_like(grads[i])
+            grads[i] = zeros if m < 0 else ops.select(self.masks[m], zeros, grads[i])
         return tuple(grads)
 
     def update(self, optimizer, grads: tuple):
@@ -126,7 +151,7 @@ class FrozenParameters(nn.Cell):
         grads = ops.depend(grads, before)
         done = optimizer(grads)
         restored = ()
-        for (i, mask), old in zip(self.frozen, before):
-            param = self.weights[i]
-            restored += (ops.assign(param, ops.where(mask, old, ops.depend(param, done))),)
+        for (i, m), old in zip(self.frozen, before):
+            new = ops.depend(self.weights[i], done)
+            restored += (ops.assign(self.weights[i], old if m < 0 else ops.select(self.masks[m], old, new)),)
         return ops.depend(done, restored)

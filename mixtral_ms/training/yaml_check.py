@@ -25,7 +25,7 @@ from ..configuration import MixtralConfig
 from ..parallel.config import from_run_config
 from ..schema import ConfigError
 from .callbacks import MixtralCheckpointMonitor, MixtralProgressMonitor, RouterStatsMonitor
-from .distill import check_distill
+from .distill import check_distill, teacher_layout
 from .freeze import check_freeze
 from .wrapper import MixtralTrainOneStepCell
 
@@ -178,11 +178,9 @@ def check_config(config: Any) -> MixtralConfig:
     layout = from_run_config(config) if config.get("use_parallel") else None  # ParallelConfigError, one line
     if wrapper.get("type") == "MixtralTrainOneStepCell":
         check_freeze(wrapper.get("freeze"), mixtral)
-        if wrapper.get("freeze") and layout is not None and layout.parallel_mode == "semi_auto_parallel":
-            raise ConfigError("runner_wrapper.freeze is not supported under semi_auto_parallel yet: its masks are "
-                              "whole-parameter constants the sharding plan does not slice (the dry run fails in "
-                              "Select); train frozen experts with parallel_mode 0 (data parallel)")
-        check_distill(wrapper.get("distill"), mixtral)
+        distill = check_distill(wrapper.get("distill"), mixtral)
+        if distill and layout is not None and layout.parallel_mode == "semi_auto_parallel":
+            teacher_layout(layout, distill["config"])
     scale = wrapper.get("scale_sense")
     if wrapper.get("type") == "MixtralTrainOneStepCell" and isinstance(scale, dict) and "type" not in scale:
         unknown = sorted(set(scale) - {"loss_scale_value", "scale_factor", "scale_window"})
