@@ -80,6 +80,19 @@ def install_signal_handlers() -> Optional[dict]:
         return None
 
 
+def _interrupt_of(err: BaseException) -> Optional[KeyboardInterrupt]:
+    """The interrupt behind `err`: itself, or one a C extension wrapped (a signal during MindSpore's module
+    initialisation surfaces as `ImportError: initialization failed` caused by it) or that a handler turned
+    into another error (found through __cause__ / __context__)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _mindspore_half_imported() -> bool:
     """A submodule of MindSpore is loaded but the package itself is not (its import was interrupted)."""
     package = sys.modules.get("mindspore")
@@ -114,17 +127,18 @@ def run(main: Callable[..., Optional[int]], argv=None, interrupted: str = "inter
     try:
         status = main(argv)
         return 0 if status is None else int(status)
-    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: what was being written is already removed
-        status, name = exit_status(err)
-        print(f"error: {interrupted.format(signal=name)}", file=sys.stderr, flush=True)
-        if _mindspore_half_imported() and previous is not None:
-            if logs:
-                shutil.rmtree(logs, ignore_errors=True)
-            _leave_now(status)
-        return status
-    except Exception as err:  # noqa: BLE001 (bad input is one line; anything else re-raised: a bug)
-        if not isinstance(err, bad_input_types()):
-            raise
+    except BaseException as err:  # noqa: BLE001 (an interrupt or bad input ends here; anything else re-raised)
+        interrupt = _interrupt_of(err)
+        if interrupt is not None:  # Ctrl-C or SIGTERM: what was being written is already removed
+            status, name = exit_status(interrupt)
+            print(f"error: {interrupted.format(signal=name)}", file=sys.stderr, flush=True)
+            if _mindspore_half_imported() and previous is not None:
+                if logs:
+                    shutil.rmtree(logs, ignore_errors=True)
+                _leave_now(status)
+            return status
+        if not isinstance(err, Exception) or not isinstance(err, bad_input_types()):
+            raise  # a bug (or SystemExit): its traceback shows
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         return 2
     finally:
