@@ -130,6 +130,10 @@ def build_model(run: Run, checkpoint: Optional[str]):
     sharded by the plan (mixtral_ms/parallel)."""
     from .checkpoint import load_weights
     from .modeling import MixtralForCausalLM
+    from .parallel.checkpoint import is_rank_folder
+    if checkpoint and is_rank_folder(checkpoint):  # slices, not a model: the newest file is one rank's
+        raise RunError(f"{checkpoint} holds per-rank checkpoints (rank_<i>/): merge them with their strategy "
+                       "first (scripts/convert_weight.py merge --src ... --strategy ...; docs/parallel.md)")
     model = MixtralForCausalLM(run.model_config)
     if checkpoint:
         load_weights(model, resolve_checkpoint(checkpoint))

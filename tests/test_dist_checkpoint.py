@@ -196,3 +196,11 @@ def test_bad_input_is_one_line_and_writes_nothing(pp2_run, tmp_path, capsys, cas
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and expect in err[0], err
     assert not os.path.exists(tmp_path / "b") and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_a_run_refuses_a_folder_of_rank_slices_as_its_checkpoint(pp2_run):
+    from types import SimpleNamespace
+    from mixtral_ms.run_checks import RunError
+    from mixtral_ms.runner import build_model
+    with pytest.raises(RunError, match=r"holds per-rank checkpoints \(rank_<i>/\): merge them"):
+        build_model(SimpleNamespace(model_config=None, layout=None), pp2_run)
