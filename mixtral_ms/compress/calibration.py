@@ -150,6 +150,10 @@ def calibrate(model_dir: str, data: str, out: str, max_tokens: int = 32768, samp
     try:
         batch = first
         while batch is not None:
+            if batch.min() < 0 or batch.max() >= config.vocab_size:  # data tokenized for another model
+                bad = int(batch.min()) if batch.min() < 0 else int(batch.max())
+                raise CompressionError(f"{data} holds token id {bad}, outside the model's vocabulary "
+                                       f"[0, {config.vocab_size}); calibrate on data of its tokenizer")
             model(Tensor(batch))
             for i, block in enumerate(blocks):
                 stats[i].add(block, inputs.pop(i))
