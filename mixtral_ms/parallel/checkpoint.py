@@ -107,7 +107,8 @@ class Strategy:
             first = missing[0] * self.stage_devices
             raise CheckpointError(f"the strategy files {self.source} hold stage(s) {self.stages} but not stage "
                                   f"{missing[0]} (ranks {first}-{first + self.stage_devices - 1}); add that "
-                                  f"stage's strategy file (one per pipeline stage)")
+                                  f"stage's strategy file (one per pipeline stage), or give the strategies of "
+                                  f"this run's layout")
         extra = sorted(set(self.stages) - set(want))
         if extra:
             raise CheckpointError(f"{what}{devices} ranks, but the strategy files {self.source} have stage "
@@ -438,10 +439,8 @@ def merge_ranks(folder: str, strategy: Strategy, config, training_state: bool = 
                                       "another model")
             if not training_state and name not in specs:
                 continue
-            if not strategy.on_rank(name, rank):
-                raise CheckpointError(f"{path} holds {name!r}, which the strategy puts on stage(s) "
-                                      f"{list(strategy.layouts[name].stages)}, not on rank {rank}'s stage "
-                                      f"{strategy.stage_of(rank)}: strategies of another run")
+            if not strategy.on_rank(name, rank):  # another stage's parameter: not this rank's to give
+                continue
             box = strategy.box(name, shapes[name], rank)
             if tuple(tensor.shape) != box_shape(box):
                 raise CheckpointError(f"{path}: {name!r} is {list(tensor.shape)}, the strategy gives rank {rank} a "
