@@ -16,28 +16,12 @@ from .configuration import MixtralConfig
 from .inference.prompts import check_batch
 from .inference.text_generation import text_generate
 from .dtypes import arange, embedding, emulated_dtype, matmul, native_dtype
-from .losses import TrainingStats, causal_lm_loss, load_balancing_loss, router_z_loss
-from .moe import MixtralSparseMoeBlock
+from .losses import (TrainingStats, causal_lm_loss, global_balancing_loss, load_balancing_loss, router_z_loss,
+                     sequence_balancing_loss)
+from .moe import Linear, MixtralSparseMoeBlock
 
 _DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
 _MASK_MIN = -1e30
-
-
-class Linear(nn.Cell):
-    """y = x W^T with W stored [out, in] (the checkpoint's layout); no bias, as in Mixtral."""
-
-    def __init__(self, in_features: int, out_features: int, init_std: float, param_dtype: ms.dtype,
-                 compute_dtype: ms.dtype) -> None:
-        super().__init__()
-        self.weight = Parameter(initializer(Normal(init_std), (out_features, in_features), param_dtype), name="weight")
-        self.compute_dtype = native_dtype(compute_dtype)
-        self.round_dtype = emulated_dtype(compute_dtype)
-        self.matmul = ops.MatMul(transpose_b=True)
-
-    def construct(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        y = matmul(self.matmul, x.reshape(-1, x.shape[-1]), ops.cast(self.weight, self.compute_dtype), self.round_dtype)
-        return y.reshape(lead + (y.shape[-1],))
 
 
 class MixtralRMSNorm(nn.Cell):
@@ -262,6 +246,9 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         self.aux_coef = config.router_aux_loss_coef
         self.z_coef = config.router_z_loss_coef
         self.ignore_index = config.ignore_token_id
+        self.aux_scope = config.router_aux_loss_scope
+        self.top_k = config.num_experts_per_tok
+        self.bias_rate = float(config.router_bias_update_rate)
         self.router_stats = TrainingStats(config.num_hidden_layers, config.num_local_experts)
 
     def lm_logits(self, hidden: Tensor) -> Tensor:
@@ -310,18 +297,41 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         num_layers = load.shape[0]
         ce = causal_lm_loss(logits, labels, self.ignore_index, shifted=shifted)
         pooled_tokens = valid.sum() * num_layers
-        aux = load_balancing_loss(load.sum(axis=0), prob_sum.sum(axis=0), pooled_tokens)
+        if self.aux_scope == "sequence":  # load and prob_sum per sequence, [L, B, E]
+            aux = sequence_balancing_loss(load.sum(axis=0), prob_sum.sum(axis=0))
+            load = load.sum(axis=1)
+        elif self.aux_scope == "global_batch" and self.training:
+            # the step's load so far: the side channel's earlier passes (this pass is added after the loss)
+            step_load = ops.stop_gradient(self.router_stats.expert_load.sum(axis=0) + load.sum(axis=0))
+            aux = global_balancing_loss(step_load, prob_sum.sum(axis=0), pooled_tokens, self.top_k)
+        else:
+            aux = load_balancing_loss(load.sum(axis=0), prob_sum.sum(axis=0), pooled_tokens)
         z = router_z_loss(z_sum.sum(), pooled_tokens)
         loss = ce_coef * ce + self.aux_coef * aux + self.z_coef * z
         return loss, ce, aux, z, load, dropped
+
+    def update_expert_bias(self, load: Tensor, keep: Tensor) -> Tensor:
+        """Aux-loss-free balancing, once per optimizer step (MixtralTrainOneStepCell after the update; the
+        callbacks under any other wrapper): each layer's router bias moves by rate * sign(mean - load) of
+        the step's tokens per expert `load` [L, E]; `keep` 0.0 for a skipped step. Returns a token."""
+        rate = keep * self.bias_rate
+        token = rate
+        for i, layer in enumerate(self.model.layers):
+            token = ops.depend(token, layer.block_sparse_moe.gate.update_bias(load[i], rate))
+        return token
 
     @staticmethod
     def training_inputs(input_ids, labels=None, attention_mask=None, position_ids=None, domain_ids=None):
         """MindFormers' samples hold seq_length + 1 tokens: the model runs on the first seq_length, and the
         labels are the next tokens (the last seq_length)."""
         labels = (input_ids if labels is None else labels)[:, 1:]
-        cut = tuple(None if x is None else x[:, :-1] for x in (input_ids, attention_mask, position_ids, domain_ids))
-        return cut[0], labels, cut[1], cut[2], cut[3]
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, :-1]
+        if position_ids is not None:
+            position_ids = position_ids[:, :-1]
+        if domain_ids is not None:
+            domain_ids = domain_ids[:, :-1]
+        return input_ids[:, :-1], labels, attention_mask, position_ids, domain_ids
 
     def construct(self, input_ids, labels=None, attention_mask=None, position_ids=None, domain_ids=None):
         if self.training:
@@ -330,7 +340,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         logits, router_logits, load, dropped, prob_sum, z_sum, valid = self.forward_logits(
             input_ids, attention_mask, position_ids, domain_ids)
         if labels is None:
-            return logits, router_logits, load, dropped
+            return logits, router_logits, load.sum(axis=1) if self.aux_scope == "sequence" else load, dropped
         loss, ce, aux, z, load, dropped = self.training_loss(logits, labels, load, dropped, prob_sum, z_sum, valid,
                                                              1.0, self.training)
         if self.training:  # the loss alone; the terms and router statistics go through the side channel
