@@ -327,9 +327,10 @@ def execute(args: argparse.Namespace) -> None:
     raw = run_checks.read_yaml(args.config)
     inherits = "base_config" in raw  # values may come from another file: checked once MindFormers merged them
     settings = None if inherits else _check_before_import(args, raw)
-    output_dir = run_checks.prepare_output_dir(run_checks.output_dir(args.output_dir, raw))
+    output_dir = run_checks.output_dir(args.output_dir, raw)
     if (args.run_mode or raw.get("run_mode")) == "eval":  # where the result goes: known before any forward pass
         outputs.file_target(args.eval_output or os.path.join(output_dir, "eval.json"), "eval output")
+    run_checks.prepare_output_dir(output_dir)
     os.environ.setdefault("LOCAL_DEFAULT_PATH", os.path.abspath(output_dir))
     run = load_run(args.config, {"run_mode": args.run_mode, "load_checkpoint": args.load_checkpoint,
                                  "resume_training": args.resume_training, "output_dir": args.output_dir})
