@@ -17,6 +17,7 @@ This module imports only the standard library: it must be cheap to import first.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -44,6 +45,14 @@ class BadInput(Exception):
     """An input a tool refuses (a value, a file, a combination of options); its message is the one line
     printed after `error: `. The project's error classes (RunError, ConfigError, DataError, SurgeryError,
     CompressionError, ...) derive from it."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its refusals as the one line `error: ...` and exit status 2 (no usage dump)."""
+
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def bad_input_types() -> Tuple[type, ...]:

@@ -367,13 +367,6 @@ def execute(args: argparse.Namespace) -> None:
         predict(run, args.predict_data, settings, args.instruct)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        """One line `error: ...` and status 2, like every other bad input (argparse prints usage first)."""
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -384,7 +377,7 @@ def _positive(text: str) -> int:
 def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None) -> int:
     """The command line of scripts/run_mixtral.py (`description`: its usage text); 2 on bad input,
     128 + the signal number after SIGINT / SIGTERM."""
-    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--run_mode", choices=["train", "finetune", "predict", "eval"])
     parser.add_argument("--load_checkpoint", help="checkpoint file or folder (overrides the YAML)")

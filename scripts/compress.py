@@ -27,7 +27,7 @@ def default_calibration(model: str) -> str:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("calibrate", help="per-layer routing statistics and expert outputs on calibration text")
     p.add_argument("--model", required=True)

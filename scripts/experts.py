@@ -48,7 +48,7 @@ def shard_size(text: str) -> int:
 def parse_args(argv):
     from mixtral_ms.convert import DEFAULT_SHARD
     from mixtral_ms.surgery import INITS, LAYOUTS, ROUTERS
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {name: sub.add_parser(name) for name in ("grow", "extract", "upcycle", "mix")}
     for name, p in commands.items():

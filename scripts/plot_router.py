@@ -125,7 +125,7 @@ def plot(records, output):
 
 
 def _main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stats", required=True, help="router_stats.jsonl written by RouterStatsMonitor")
     parser.add_argument("--output", required=True, help="PNG to write")
     args = parser.parse_args(argv)

@@ -30,7 +30,7 @@ from mixtral_ms import cli  # noqa: E402  (first: signals are handled before any
 
 def _main(argv=None) -> int:
     from mixtral_ms.data import FORMATS, TEXT_DOCS, heldout_path, preprocess
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", action="append", required=True, help="file or folder (repeatable)")
     parser.add_argument("--format", default="text", help=f"one of {', '.join(FORMATS)} (default text)")
     parser.add_argument("--text_docs", default="line", help=f"for --format text: {', '.join(TEXT_DOCS)}")

@@ -71,7 +71,7 @@ def _portable(path: str, files) -> bytes:
 
 def _main(argv=None) -> int:
     from mixtral_ms.outputs import file_target
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", action="append", help="text file or folder of .txt files (repeatable; "
                         "default data/corpus)")
     parser.add_argument("--vocab_size", type=int, default=2000)
