@@ -10,7 +10,8 @@ fixture's shapes (tests/fixtures/tiny8/config.json) on layouts of configs/parall
 which runs, per layout, the equivalent of
     python scripts/dryrun.py --config configs/parallel/dryrun/mixtral_tiny_8p.yaml --all-stages \
         --set model.model_config.vocab_size=128 --set model.model_config.hidden_size=64 ... --output <tmp>
-and copies each stage's `ckpt_strategy_rank_<r>.ckpt` to tests/fixtures/strategies/<layout>/.
+and copies each stage's `ckpt_strategy_rank_<r>.ckpt` to tests/fixtures/strategies/<layout>/; and the shipped
+16-device fine-tuning layout (SHIPPED below, ~2 min a stage).
 """
 from __future__ import annotations
 
@@ -41,13 +42,22 @@ LAYOUTS = {
     # another model: one layer instead of two (bad-input tests)
     "dp4-mp2-ep2-1layer": {"model.model_config.num_hidden_layers": 1},
 }
+# A shipped layout, 16 devices dp8 ep8 pp2 with every large weight optimizer-sharded over 8, compiled at a
+# width where the 64 KB optimizer-shard threshold acts as on the 8x7B (2 layers, hidden 2048, FFN 7168);
+# its layouts slice tiny8's shapes too. bench/dist_load_memory.py measures host memory with it.
+SHIPPED = {"mixtral_8x7b_finetune_16p": (
+    os.path.join(ROOT, "configs", "parallel", "mixtral_8x7b_finetune_16p.yaml"),
+    {"model.model_config.num_hidden_layers": 2, "model.model_config.hidden_size": 2048,
+     "model.model_config.intermediate_size": 7168, "model.model_config.num_attention_heads": 16,
+     "model.model_config.seq_length": 1024, "parallel_config.micro_batch_num": 2})}
 
 
 def main(names) -> int:
     from mixtral_ms.parallel.dryrun import dry_run
-    for name in names or LAYOUTS:
+    for name in names or [*LAYOUTS, *SHIPPED]:
+        config, settings = SHIPPED[name] if name in SHIPPED else (CONFIG, {**TINY8, **LAYOUTS[name]})
         with tempfile.TemporaryDirectory(prefix="strategies-") as tmp:
-            results = dry_run(CONFIG, {**TINY8, **LAYOUTS[name]}, None, True, None, tmp, emit=print)
+            results = dry_run(config, settings, None, True, None, tmp, emit=print)
             bad = [r for r in results if r.problems()]
             if bad:
                 print(f"{name}: {bad[0].problems()[0]}", file=sys.stderr)

@@ -22,6 +22,7 @@ from mixtral_ms.schema import hf_dims, read_hf_config
 TINY8 = os.path.join(FIXTURES, "tiny8")
 STRATEGIES = os.path.join(FIXTURES, "strategies")
 A, PP2, FOUR, OTHER = "dp4-mp2-ep2", "dp2-mp2-ep2-pp2", "dp2-mp2-ep2", "dp4-mp2-ep2-1layer"
+SHIPPED = "mixtral_8x7b_finetune_16p"  # 16 devices, dp8 ep8 pp2, every large weight optimizer-sharded over 8
 CONFIG = hf_dims(read_hf_config(TINY8))
 
 
@@ -63,7 +64,7 @@ def test_strategy_files_are_small_and_read_with_their_stages():
     assert one.box("model.layers.0.block_sparse_moe.experts.w1", (8, 96, 64), 0) == ((0, 2), (0, 48), (0, 64))
 
 
-@pytest.mark.parametrize("layout", [A, PP2])
+@pytest.mark.parametrize("layout", [A, PP2, SHIPPED])
 def test_each_rank_slice_is_the_one_mindspore_transform_checkpoints_cuts(converted, tmp_path, layout):
     """MindSpore's transform_checkpoints (complete -> the strategy) is the reference for every rank."""
     src = tmp_path / "src" / "rank_0"

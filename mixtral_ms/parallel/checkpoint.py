@@ -208,7 +208,7 @@ def layout_box(layout: ParamLayout, shape: Tuple[int, ...], local_rank: int, nam
     device matrix), the optimizer shard splits the first dimension again over the slice's replicas
     (`_construct_tensor_layout_for_opt_shard` reshapes the tensor so that this is one more axis)."""
     from mindspore.parallel._tensor import (_construct_tensor_layout_for_opt_shard, _expand_layout,
-                                            _get_tensor_strategy, _rank_to_coordinate)
+                                            _extract_layout_item, _get_tensor_strategy, _rank_to_coordinate)
     tmap = list(layout.tensor_map)
     if len(tmap) != len(shape):
         raise CheckpointError(f"{name!r}: the strategy gives a {len(tmap)}-d layout, the tensor is {list(shape)}: "
@@ -219,9 +219,11 @@ def layout_box(layout: ParamLayout, shape: Tuple[int, ...], local_rank: int, nam
             raise CheckpointError(f"{name!r}: dimension {dim} of {list(shape)} does not split {split} ways as the "
                                   "strategy says: strategies of another model")
     dev, refined_map, refined = list(layout.dev_matrix), tmap, list(shape)
-    if layout.opt_size and layout.opt_step and shape:
-        dev, refined_map, refined = _construct_tensor_layout_for_opt_shard(dev, tmap, layout.opt_step,
-                                                                            layout.opt_size, list(shape))
+    # opt size -1 (all the slice's replicas) made a count, as transform_checkpoints does
+    _, _, opt_step, opt_size = _extract_layout_item([dev, tmap, [], 0, layout.opt_step, layout.opt_size])
+    if opt_size and opt_step and shape and opt_size != 1:
+        dev, refined_map, refined = _construct_tensor_layout_for_opt_shard(dev, tmap, opt_step, int(opt_size),
+                                                                            list(shape))
     if any(isinstance(m, (list, tuple)) for m in refined_map):
         dev, refined_map, refined = _expand_layout(dev, refined_map, refined)
     refined_splits = _get_tensor_strategy(dev, refined_map)
