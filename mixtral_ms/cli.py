@@ -1,7 +1,7 @@
 """The one command-line runner of the project's tools: signals, exit statuses and the one-line error.
 
-Every script's `__main__` is `sys.exit(cli.run(main))` (scripts/run_mixtral.py through runner.main), so
-that every tool follows the same rules (docs/reliability.md):
+Every script's `main(argv)` is `cli.run(<its work>, argv)` (scripts/run_mixtral.py's is runner.main), so that
+every tool follows the same rules (docs/reliability.md):
 
 - SIGINT and SIGTERM raise `Interrupted` (a KeyboardInterrupt carrying the signal) from the moment the
   runner starts, before MindSpore or MindFormers is imported; the cleanup that runs for Ctrl-C runs for
@@ -24,7 +24,6 @@ import signal
 import sys
 import tempfile
 from typing import Callable, Optional, Tuple
-
 
 
 class Interrupted(KeyboardInterrupt):
@@ -158,8 +157,3 @@ def run(main: Callable[..., Optional[int]], argv=None, interrupted: str = "inter
         if previous is not None:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-
-
-def exit(main: Callable[..., Optional[int]], **kwargs) -> None:  # noqa: A001 (the script's exit)
-    """`sys.exit(run(main))`: the `if __name__ == "__main__":` line of every script."""
-    sys.exit(run(main, **kwargs))
