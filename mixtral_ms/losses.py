@@ -33,6 +33,29 @@ def load_balancing_loss(load: Tensor, prob_sum: Tensor, num_tokens: Tensor) -> T
     return num_experts * ((load / num_tokens) * (prob_sum / num_tokens)).sum()
 
 
+def sequence_balancing_loss(load: Tensor, prob_sum: Tensor) -> Tensor:
+    """The load-balancing loss per sequence (Megatron-Core's seq_aux_loss, normalised as Hugging Face's:
+    k under uniform routing), averaged over the sequences that hold valid tokens.
+
+    load[b, e], prob_sum[b, e]: sequence b's assignments to and summed probability of expert e, pooled over
+    layers; a sequence's valid tokens times layers is its prob_sum row sum (each token's probabilities sum
+    to 1)."""
+    num_experts = load.shape[-1]
+    tokens = prob_sum.sum(axis=-1)
+    per_sequence = num_experts * (load * prob_sum).sum(axis=-1) / ops.maximum(tokens * tokens, 1.0)
+    return per_sequence.sum() / ops.maximum(ops.cast(tokens > 0.5, ms.float32).sum(), 1.0)
+
+
+def global_balancing_loss(step_load: Tensor, prob_sum: Tensor, num_tokens: Tensor, top_k: int) -> Tensor:
+    """The load-balancing loss with the load over the global batch (Megatron-Core's global aux loss):
+    the expert shares of `step_load` [E] (the step's assignments so far, every layer, constant) times k,
+    against this pass's mean probabilities (prob_sum [E] over `num_tokens`, as load_balancing_loss). With
+    one pass per step it equals load_balancing_loss when every token makes k assignments."""
+    num_experts = step_load.shape[-1]
+    share = top_k * step_load / ops.maximum(step_load.sum(), 1.0)
+    return num_experts * (share * (prob_sum / num_tokens)).sum()
+
+
 def router_z_loss(z_sum: Tensor, num_tokens: Tensor) -> Tensor:
     """ST-MoE z-loss: mean over tokens (and layers) of logsumexp(router logits)^2."""
     return z_sum / num_tokens

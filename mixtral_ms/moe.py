@@ -1,4 +1,5 @@
-"""The sparse MoE block: router -> dispatch into `[E, C, H]` -> stacked SwiGLU experts -> combine."""
+"""The sparse MoE block: router -> dispatch into `[E, C, H]` -> stacked SwiGLU experts -> combine, plus
+optional always-on shared experts."""
 from __future__ import annotations
 
 import mindspore as ms
@@ -16,6 +17,40 @@ GROUPED_MIN_ROWS = 16  # mean rows per expert below which (decoding) the static 
 # Routed assignments per expert at or below which (decoding a few rows) the gathered path reads less: it
 # copies each routed expert's weights out (read + write) and reads the copy, against reading all E once.
 GATHER_MAX_SHARE = 0.25
+
+
+class Linear(nn.Cell):
+    """y = x W^T with W stored [out, in] (the checkpoint's layout); no bias, as in Mixtral."""
+
+    def __init__(self, in_features: int, out_features: int, init_std: float, param_dtype: ms.dtype,
+                 compute_dtype: ms.dtype) -> None:
+        super().__init__()
+        self.weight = Parameter(initializer(Normal(init_std), (out_features, in_features), param_dtype), name="weight")
+        self.compute_dtype = native_dtype(compute_dtype)
+        self.round_dtype = emulated_dtype(compute_dtype)
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        y = matmul(self.matmul, x.reshape(-1, x.shape[-1]), ops.cast(self.weight, self.compute_dtype), self.round_dtype)
+        return y.reshape(lead + (y.shape[-1],))
+
+
+class SharedExpert(nn.Cell):
+    """N always-on SwiGLU experts of width F fused into one of width N*F (their outputs sum), named as
+    Hugging Face's Qwen2-MoE `shared_expert.{gate,up,down}_proj`: down(silu(gate x) * up x)."""
+
+    def __init__(self, hidden_size: int, width: int, init_std: float, param_dtype: ms.dtype,
+                 compute_dtype: ms.dtype) -> None:
+        super().__init__()
+        self.gate_proj = Linear(hidden_size, width, init_std, param_dtype, compute_dtype)
+        self.up_proj = Linear(hidden_size, width, init_std, param_dtype, compute_dtype)
+        self.down_proj = Linear(width, hidden_size, init_std, param_dtype, compute_dtype)
+        self.act, self.gated = SiLU(), ops.Mul()  # primitives, so the plan shards them like the matmuls
+
+    def construct(self, x: Tensor) -> Tensor:
+        """x: [T, H] -> [T, H]."""
+        return self.down_proj(self.gated(self.act(self.gate_proj(x)), self.up_proj(x)))
 
 
 class MixtralExperts(nn.Cell):
@@ -96,7 +131,11 @@ class MixtralSparseMoeBlock(nn.Cell):
     residual carries it through unchanged. Returns the output and per-call router statistics:
     router logits (fp32 [T, E]), routed load and dropped count per expert, the sum of routing
     probabilities per expert and the sum of squared logsumexp over valid tokens ([1]; for the
-    load-balancing and z losses, which the model pools over layers as Hugging Face does).
+    load-balancing and z losses, which the model pools over layers as Hugging Face does). Under
+    router_aux_loss_scope `sequence` the load and the probability sums are per sequence ([B, E]).
+
+    With num_shared_experts, every token also gets the shared experts' output on the routed experts'
+    input (times sigmoid(x W^T), `shared_expert_gate` [1, H], when gated), dropped assignments or not.
     """
 
     def __init__(self, config: MixtralConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype, layer: int = 0) -> None:
@@ -119,7 +158,8 @@ class MixtralSparseMoeBlock(nn.Cell):
             betas = config.dynamic_skip_betas
             self.gate = TopKRouter(config.hidden_size, self.num_experts, self.top_k, config.initializer_range,
                                    param_dtype, compute_dtype, config.router_type,
-                                   None if betas is None else float(betas[layer]))
+                                   None if betas is None else float(betas[layer]), config.router_score_function,
+                                   config.router_bias_update_rate > 0)
         if config.expert_quantization is not None:
             from .quant import Int8Experts
             self.experts = Int8Experts(self.num_experts, config.hidden_size, config.intermediate_size,
@@ -127,6 +167,15 @@ class MixtralSparseMoeBlock(nn.Cell):
         else:
             self.experts = MixtralExperts(self.num_experts, config.hidden_size, config.intermediate_size,
                                           config.initializer_range, param_dtype, compute_dtype)
+        self.shared_expert = self.shared_expert_gate = None
+        if config.num_shared_experts:
+            self.shared_expert = SharedExpert(config.hidden_size,
+                                              config.num_shared_experts * config.shared_expert_intermediate_size,
+                                              config.initializer_range, param_dtype, compute_dtype)
+            if config.shared_expert_gate:
+                self.shared_expert_gate = Linear(config.hidden_size, 1, config.initializer_range, param_dtype,
+                                                 compute_dtype)
+        self.sequence_stats = config.router_aux_loss_scope == "sequence"
         # Eval-mode dropless, exact paths: with at least GROUPED_MIN_ROWS rows per expert, per-expert
         # segments of exactly the routed tokens (as Hugging Face's loop over experts), whatever the skew;
         # with at most GATHER_MAX_SHARE rows per expert (decoding), the routed experts' weights gathered.
@@ -237,7 +286,16 @@ class MixtralSparseMoeBlock(nn.Cell):
         else:
             y, load, dropped = self._dropless(flat, weights, index, valid)
 
-        prob_sum = (probs * mask).sum(axis=0)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = shared * ops.sigmoid(self.shared_expert_gate(flat))
+            y = y + shared
+        if self.sequence_stats:
+            load = self._group_load(index, valid, b)
+            prob_sum = (probs * mask).reshape(b, s, e).sum(axis=1)
+        else:
+            prob_sum = (probs * mask).sum(axis=0)
         # [1], not 0-d: a pipeline stage receives a 0-d tensor as a Python scalar (and a Reshape may not end a stage)
         z_sum = (ops.square(ops.logsumexp(logits, -1, True)) * mask).sum(axis=0)
         return y.reshape(b, s, h), logits, load, dropped, prob_sum, z_sum

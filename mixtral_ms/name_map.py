@@ -7,13 +7,17 @@ Names are identical except the experts: the checkpoint has one w1/w3/w2 per expe
 layer (`model.layers.{i}.block_sparse_moe.experts.w1 [E, F, H]`) whose rows are the experts in order.
 A dense Mistral checkpoint (`mlp.gate_proj/up_proj/down_proj`) maps to one expert, w1/w3/w2, and has no
 router. int8 experts (mixtral_ms/quant.py) add one `experts.w1_scale [E, out, in / group_size]` per weight.
+The MoE options add tensors of the same name on both sides: the router bias of aux-loss-free balancing
+(`gate.e_score_correction_bias [E]`, DeepSeek-V3's name; zeros when a checkpoint lacks it, so a model
+starts balancing from any checkpoint) and the shared experts (`shared_expert.{gate,up,down}_proj.weight`,
+`shared_expert_gate.weight [1, H]`: Qwen2-MoE's names under the block's `block_sparse_moe`).
 """
 from __future__ import annotations
 
 import re
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
-from .safetensors_io import FLOAT_TAGS, CheckpointError, TensorInfo
+from .safetensors_io import FLOAT_TAGS, ArrayTensor, CheckpointError, TensorInfo
 from .schema import hf_dims
 
 # Optimizer and training-loop state that a MindSpore training checkpoint carries beside the weights
@@ -35,6 +39,7 @@ class ParamSpec(NamedTuple):
     shape: Tuple[int, ...]
     sources: List[str]  # Hugging Face names, stacked along a new axis 0 when `stacked`; none: no HF tensor
     stacked: bool = False  # experts: one Hugging Face tensor per row of axis 0
+    zero_if_absent: bool = False  # a checkpoint may lack it (the router bias): then it reads as zeros
 
 
 def hf_to_ms(hf_name: str) -> Tuple[str, Optional[int]]:
@@ -85,6 +90,9 @@ def parameter_specs(config) -> Dict[str, ParamSpec]:
             specs[p + name] = ParamSpec(shape, [p + name])
         gate = p + "block_sparse_moe.gate.weight"
         specs[gate] = ParamSpec((e, h), [] if dense else [gate])  # a dense model has no router: zeros
+        if config.router_bias_update_rate > 0:
+            bias = p + "block_sparse_moe.gate.e_score_correction_bias"
+            specs[bias] = ParamSpec((e,), [bias], zero_if_absent=True)
         for w, shape in (("w1", (e, f, h)), ("w3", (e, f, h)), ("w2", (e, h, f))):
             name = f"{p}block_sparse_moe.experts.{w}"
             sources = [f"{p}mlp.{MISTRAL_MLP[w]}.weight"] if dense else ms_to_hf(name, e)
@@ -92,6 +100,13 @@ def parameter_specs(config) -> Dict[str, ParamSpec]:
             if quant is not None:
                 scale = f"{name}_scale"
                 specs[scale] = ParamSpec(shape[:2] + (shape[2] // (quant.get("group_size") or shape[2]),), [scale])
+        if config.num_shared_experts:
+            width = config.num_shared_experts * config.shared_expert_intermediate_size
+            shared = {f"{p}block_sparse_moe.shared_expert.{n}.weight": shape
+                      for n, shape in (("gate_proj", (width, h)), ("up_proj", (width, h)), ("down_proj", (h, width)))}
+            if config.shared_expert_gate:
+                shared[f"{p}block_sparse_moe.shared_expert_gate.weight"] = (1, h)
+            specs.update({name: ParamSpec(shape, [name]) for name, shape in shared.items()})
     specs["model.norm.weight"] = ParamSpec((h,), ["model.norm.weight"])
     if not config.tie_word_embeddings:
         specs["lm_head.weight"] = ParamSpec((v, h), ["lm_head.weight"])
@@ -132,6 +147,14 @@ def source_dtype(infos: List[TensorInfo]) -> str:
     return tags[0]
 
 
+def _zeros(name: str, shape: Tuple[int, ...]) -> ArrayTensor:
+    """A float32 zero tensor for a `zero_if_absent` entry a checkpoint lacks."""
+    count = 1
+    for d in shape:
+        count *= d
+    return ArrayTensor(name, "F32", shape, bytes(4 * count))
+
+
 def _refuse_unexpected(tensors: Mapping[str, Any], wanted: Mapping[str, Any], what: str) -> None:
     unexpected = [n for n in tensors if n not in wanted]
     if unexpected:
@@ -144,6 +167,7 @@ def hf_sources(tensors: Dict[str, TensorInfo], config) -> Dict[str, List[TensorI
     specs = parameter_specs(config)
     wanted = hf_shapes(config)
     _refuse_unexpected(tensors, wanted, "a Mixtral with this config.json")
+    tensors = {**{s: _zeros(s, wanted[s]) for sp in specs.values() if sp.zero_if_absent for s in sp.sources}, **tensors}
     out = {}
     for name, spec in specs.items():
         for src in spec.sources:
@@ -166,6 +190,7 @@ def ms_tensors(tensors: Mapping[str, TensorInfo], config, implied_by: str = "con
     config = _shapes(config)
     specs = parameter_specs(config)
     _refuse_unexpected(tensors, specs, "a mixtral-ms checkpoint of this config")
+    tensors = {**{n: _zeros(n, sp.shape) for n, sp in specs.items() if sp.zero_if_absent}, **tensors}
     for name, spec in specs.items():
         if name not in tensors:
             raise CheckpointError(f"checkpoint is missing tensor {name!r}")

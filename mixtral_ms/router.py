@@ -34,14 +34,27 @@ class TopKRouter(nn.Cell):
     otherwise; the first keeps its weight w1 / (w1 + w2), as in GShard. Eval is deterministic top-2.
     `skip_beta` (dynamic skipping, Lu et al. 2024; mixtral_ms/compress): each choice j >= 1 whose weight is
     below `skip_beta` times the first choice's is not kept, and the kept weights are renormalised.
+
+    `score_function` sigmoid (DeepSeek-V3): each expert's score is sigmoid(logit), the k chosen are
+    renormalised as above, and `probs` (for the load-balancing loss) are the scores normalised to sum 1.
+    `expert_bias` (aux-loss-free balancing, DeepSeek-V3): `e_score_correction_bias` [E], a non-trained
+    Parameter added to the scores to choose the top k; the weights are the unbiased scores of the chosen.
+    `update_bias` moves it once per optimizer step.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, init_std: float = 0.02,
                  param_dtype: ms.dtype = ms.float32, compute_dtype: ms.dtype = ms.float32,
-                 router_type: str = "mixtral", skip_beta: Optional[float] = None) -> None:
+                 router_type: str = "mixtral", skip_beta: Optional[float] = None, score_function: str = "softmax",
+                 expert_bias: bool = False) -> None:
         super().__init__()
         self.top_k = top_k
         self.skip_beta = skip_beta
+        self.sigmoid = score_function == "sigmoid"
+        self.e_score_correction_bias = None
+        if expert_bias:  # primitives, so the parallel plan keeps the bias replicated
+            self.e_score_correction_bias = Parameter(initializer("zeros", (num_experts,), ms.float32),
+                                                     name="e_score_correction_bias", requires_grad=False)
+            self.biased_scores, self.bias_step = ops.Add(), ops.AssignAdd()
         self.renormalize = router_type != "switch"
         self.sample_second = router_type == "gshard"
         self.compute_dtype = native_dtype(compute_dtype)
@@ -52,8 +65,16 @@ class TopKRouter(nn.Cell):
     def construct(self, x: Tensor):
         logits = matmul(self.matmul, x, ops.cast(self.weight, self.compute_dtype), self.round_dtype)
         logits = ops.cast(logits, ms.float32)
-        probs = ops.softmax(logits, axis=-1)
-        weights, index = ops.topk(probs, self.top_k)
+        if self.sigmoid:
+            scores = ops.sigmoid(logits)
+            probs = scores / scores.sum(axis=-1, keepdims=True)
+        else:
+            scores = probs = ops.softmax(logits, axis=-1)
+        if self.e_score_correction_bias is None:
+            weights, index = ops.topk(scores, self.top_k)
+        else:
+            _, index = ops.topk(self.biased_scores(scores, self.e_score_correction_bias), self.top_k)
+            weights = ops.gather_elements(scores, 1, index)
         kept = ops.ones_like(weights)
         if self.skip_beta is not None:
             kept = ops.concat((kept[:, :1], ops.cast(weights[:, 1:] >= self.skip_beta * weights[:, :1], ms.float32)),
@@ -66,6 +87,11 @@ class TopKRouter(nn.Cell):
             second = ops.cast(draw < 2.0 * weights[:, 1:], ms.float32)
             kept = ops.concat((kept[:, :1], kept[:, 1:] * second), axis=1)
         return logits, probs, ops.cast(weights, self.compute_dtype), ops.cast(index, ms.int32), kept
+
+    def update_bias(self, load: Tensor, rate: Tensor) -> Tensor:
+        """Aux-loss-free balancing's step: the bias moves by rate * sign(mean load - load), towards the
+        experts that got fewer than the mean of the step's tokens `load` [E]. Returns a token."""
+        return self.bias_step(self.e_score_correction_bias, rate * ops.sign(load.mean(keep_dims=True) - load))
 
 
 def random_expert_map(vocab_size: int, group_size: int, top_k: int, seed: int, layer: int) -> np.ndarray:

@@ -22,6 +22,8 @@ class ConfigError(BadInput, ValueError):
 
 DROP_POLICIES = ("probs", "position")
 ROUTER_TYPES = ("mixtral", "switch", "gshard", "rre")  # mixtral_ms/router.py
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+AUX_LOSS_SCOPES = ("micro_batch", "sequence", "global_batch")
 MODEL_TYPES = ("mixtral", "mistral")  # config.json model_type: a Mistral (dense) folder reads as one expert
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -48,6 +50,15 @@ class ModelDims:
     probability), `gshard` (top-2, second choice sampled in training) or `rre` (Pangu-Sigma random
     routed experts: `rre_groups` equal expert groups, one per domain id of the data, and inside a
     group a fixed token-id -> expert map per layer drawn from `rre_seed`).
+
+    Balancing and scoring (docs/experts.md, "MoE options"): `router_score_function` sigmoid scores experts
+    independently and renormalises the top k (DeepSeek-V3); `router_bias_update_rate` > 0 adds a per-expert
+    bias to the scores for top-k selection only, moved once per optimizer step by rate * sign(mean load -
+    load) (aux-loss-free balancing); `router_aux_loss_scope` is the token set the load-balancing loss
+    averages over: each forward pass (`micro_batch`, Hugging Face's), each `sequence`, or the step's
+    `global_batch`. `num_shared_experts` N > 0 adds N always-on SwiGLU experts of width
+    `shared_expert_intermediate_size` (default intermediate_size), stored fused as one of width N times
+    that, optionally scaled by a sigmoid gate (`shared_expert_gate`, Qwen2-MoE).
     """
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -73,6 +84,12 @@ class ModelDims:
     router_type: str = "mixtral"
     rre_groups: int = 1
     rre_seed: int = 0
+    router_score_function: str = "softmax"
+    router_bias_update_rate: float = 0.0
+    router_aux_loss_scope: str = "micro_batch"
+    num_shared_experts: int = 0
+    shared_expert_intermediate_size: Optional[int] = None
+    shared_expert_gate: bool = False
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     seq_length: int = 4096
@@ -116,7 +133,7 @@ class ModelDims:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
-        for name in ("tie_word_embeddings", "static_dispatch"):
+        for name in ("tie_word_embeddings", "static_dispatch", "shared_expert_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         self._check_compression()
@@ -139,6 +156,29 @@ class ModelDims:
         if kind == "rre" and (e % groups or k > e // groups):
             raise ConfigError(f"router_type rre needs num_local_experts ({e}) divisible by rre_groups ({groups}) "
                               f"and num_experts_per_tok ({k}) <= experts per group")
+        self._check_balancing()
+
+    def _check_balancing(self) -> None:
+        rate = self.router_bias_update_rate
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate < math.inf:
+            raise ConfigError(f"router_bias_update_rate must be a number >= 0 (0: off), got {rate!r}")
+        if self.router_score_function not in SCORE_FUNCTIONS:
+            raise ConfigError(f"router_score_function must be one of {SCORE_FUNCTIONS}, "
+                              f"got {self.router_score_function!r}")
+        if self.router_aux_loss_scope not in AUX_LOSS_SCOPES:
+            raise ConfigError(f"router_aux_loss_scope must be one of {AUX_LOSS_SCOPES}, "
+                              f"got {self.router_aux_loss_scope!r}")
+        if self.router_type == "rre" and (rate or self.router_score_function != "softmax"):
+            raise ConfigError("router_type rre routes by token id, without scores: router_bias_update_rate and "
+                              "router_score_function sigmoid need a learned router")
+        if not isinstance(self.num_shared_experts, int) or isinstance(self.num_shared_experts, bool) \
+                or self.num_shared_experts < 0:
+            raise ConfigError(f"num_shared_experts must be an integer >= 0, got {self.num_shared_experts!r}")
+        if self.shared_expert_intermediate_size is None:
+            object.__setattr__(self, "shared_expert_intermediate_size", self.intermediate_size)
+        _positive_int("shared_expert_intermediate_size", self.shared_expert_intermediate_size)
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ConfigError("shared_expert_gate needs num_shared_experts > 0")
 
     def _check_compression(self) -> None:
         betas = self.dynamic_skip_betas
@@ -185,13 +225,17 @@ def model_dims(model: Any) -> ModelDims:
     return ModelDims(**{k: getattr(model, k) for k in FIELDS if hasattr(model, k)})
 
 
+# Fields of the MoE options (schema docstring) with their defaults: config.json carries those set otherwise.
+MOE_OPTIONS = {"router_score_function": "softmax", "router_bias_update_rate": 0.0,
+               "router_aux_loss_scope": "micro_batch", "num_shared_experts": 0, "shared_expert_gate": False}
 # Hugging Face config.json fields MixtralConfig takes as they are (rope_theta is read separately).
 _HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "sliding_window",
               "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise",
               "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
               "router_type", "rre_groups", "rre_seed",  # mixtral-ms routers, absent from HF's
-              "dynamic_skip_betas", "expert_quantization")  # compression (mixtral_ms/compress), likewise
+              "dynamic_skip_betas", "expert_quantization",  # compression (mixtral_ms/compress), likewise
+              *MOE_OPTIONS, "shared_expert_intermediate_size")
 # Fields a config.json must name: they fix the parameter shapes and have no safe default.
 _HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_local_experts", "num_experts_per_tok")
@@ -247,6 +291,9 @@ def hf_config(dims: ModelDims) -> Dict[str, Any]:
         **({"router_type": dims.router_type, "rre_groups": dims.rre_groups, "rre_seed": dims.rre_seed}
            if dims.router_type != "mixtral" else {}),
     }
+    hf.update({k: getattr(dims, k) for k, default in MOE_OPTIONS.items() if getattr(dims, k) != default})
+    if dims.num_shared_experts:
+        hf["shared_expert_intermediate_size"] = dims.shared_expert_intermediate_size
     if dims.dynamic_skip_betas is not None:
         hf["dynamic_skip_betas"] = list(dims.dynamic_skip_betas)
     if dims.expert_quantization is not None:

@@ -26,6 +26,10 @@ ParallelLayout.expert_token_split / expert_ffn_split; G = dp token groups, C = c
 | model.embed_tokens.gather (embedding) | W [V, H], ids [B, S] | ((1, 1), (dp, 1)); ((mp, 1), (dp, 1)) if vocab split |
 | lm_head.matmul, head_matmul | x [T, H], W [V, H] | ((dp, 1), (1, 1)); ((dp, 1), (mp, 1)) unless vocab_emb_dp |
 | router_stats.add_* / zero_* (side channel) | [L, E] tables and scalars | replicated |
+| gate.biased_scores / gate.bias_step (router bias, aux-loss-free) | scores [T, E] + bias [E]; bias += step | ((dp, 1), (1,)) / replicated |
+| shared_expert.gate_proj/up_proj.matmul, act, gated | x [T, H], W [N*F_s, H] | column parallel ((dp, 1), (mp, 1)); ((dp, mp),) |
+| shared_expert.down_proj.matmul | [T, N*F_s], W [H, N*F_s] | row parallel ((dp, mp), (1, mp)) |
+| shared_expert_gate.matmul | x [T, H], W [1, H] | ((dp, 1), (1, 1)) |
 
 `a` is f with moe_config.group_wise_a2a (each model-parallel rank sends 1/f of the capacity through the
 AllToAll and the slices are all-gathered inside the model-parallel group afterwards, MindFormers'
@@ -136,6 +140,9 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capac
     if capacity_factor is None:
         capacity_factor = d.capacity_factor if run_mode in ("train", "finetune") else 0.0
     k = d.num_experts_per_tok
+    if d.router_bias_update_rate > 0 and pp > 1:
+        raise ParallelConfigError("router_bias_update_rate needs pipeline_stage 1: under a pipeline the step's "
+                                  "tokens per expert are on the last stage, the routers' biases on every stage")
     n, c = pass_capacity(d, layout, capacity_factor)  # n = tok // g
     if capacity_factor <= 0:  # a sharded model's dropless path: capacity N, no tiers (moe.py _dropless)
         c = n
@@ -182,6 +189,25 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capac
         if d.router_type != "rre":  # the random router has no matmul (router.RandomRouter)
             op(m + "gate.matmul", [(tok, h), (e, h)], [(dp, 1), (1, 1)], st, note="router, tokens over dp")
         param(m + "gate.weight", (e, h), (1, 1), st, "replicated")
+        if d.router_bias_update_rate > 0:
+            param(m + "gate.e_score_correction_bias", (e,), (1,), st, "router bias, replicated")
+            op(m + "gate.biased_scores", [(tok, e), (e,)], [(dp, 1), (1,)], st, note="scores + bias, to choose")
+            op(m + "gate.bias_step", [(e,), (e,)], [(1,), (1,)], st, note="bias update, replicated")
+        if d.num_shared_experts:
+            w = d.num_shared_experts * d.shared_expert_intermediate_size
+            for proj in ("gate_proj", "up_proj"):
+                op(m + f"shared_expert.{proj}.matmul", [(tok, h), (w, h)], [(dp, 1), (mp, 1)], st,
+                   note="shared experts, column parallel")
+                param(m + f"shared_expert.{proj}.weight", (w, h), (mp, 1), st)
+            op(m + "shared_expert.act", [(tok, w)], [(dp, mp)], st, note="SiLU of the shared experts' gate")
+            op(m + "shared_expert.gated", [(tok, w), (tok, w)], [(dp, mp), (dp, mp)], st, note="silu(gate) * up")
+            op(m + "shared_expert.down_proj.matmul", [(tok, w), (h, w)], [(dp, mp), (1, mp)], st,
+               note="shared experts, row parallel: AllReduce")
+            param(m + "shared_expert.down_proj.weight", (h, w), (1, mp), st)
+            if d.shared_expert_gate:
+                op(m + "shared_expert_gate.matmul", [(tok, h), (1, h)], [(dp, 1), (1, 1)], st,
+                   note="shared experts' sigmoid gate")
+                param(m + "shared_expert_gate.weight", (1, h), (1, 1), st, "replicated")
         op(m + "to_experts", [(g, e, c, h)], [(t, ep, a, 1)], st,
            note="AllToAll: dp token groups -> ep expert shards" + (" (group-wise)" if a > 1 else ""),
            maps=[("t", experts, slots, "None")])

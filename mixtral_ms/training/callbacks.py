@@ -25,14 +25,14 @@ from typing import Optional
 import numpy as np
 
 import mindspore as ms
-from mindspore import ops
+from mindspore import Tensor, ops
 from mindspore.train.callback import Callback
 from mindformers.core.callback import CheckpointMonitor
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from ..run_checks import RunError
 from .freeze import MASK_PREFIX
-from .wrapper import training_stats
+from .wrapper import MixtralTrainOneStepCell, training_stats
 
 
 _CORE_TERMS = ("ce_loss", "aux_loss", "z_loss")  # on every progress line; further terms are appended by name
@@ -45,8 +45,15 @@ def step_stats(cb_params) -> Optional[dict]:
     cached = cb_params.get("mixtral_step_stats", None)
     if cached is not None and cached[0] == step:
         return cached[1]
-    stats = training_stats(cb_params.train_network) if cb_params.get("train_network", None) is not None else None
+    network = cb_params.get("train_network", None)
+    stats = training_stats(network) if network is not None else None
     values = stats.read_and_reset() if stats is not None else None
+    if values is not None and not isinstance(network, MixtralTrainOneStepCell):
+        # another wrapper: aux-loss-free balancing's once-per-step bias update is done here, on the load read
+        model = next(cell for _, cell in network.cells_and_names() if getattr(cell, "router_stats", None) is stats)
+        if model.bias_rate > 0:
+            keep = 0.0 if _outputs(cb_params)[1] else 1.0
+            model.update_expert_bias(Tensor(values["expert_load"]), Tensor(keep, ms.float32))
     cb_params.mixtral_step_stats = (step, values)
     return values
 

@@ -75,6 +75,8 @@ class MixtralTrainOneStepCell(nn.Cell):
     (training/freeze.py): their gradients are zeroed before the norm and their update is masked.
     `distill`: a frozen teacher and the distillation term added to the loss (training/distill.py); the
     step's KD term joins the side channel as `router_stats.kd_loss`.
+    With `router_bias_update_rate` > 0 the routers' biases move after the update (not after a skipped
+    step) by the step's tokens per expert: every pass of the step, every data-parallel rank.
 
     `scale_sense`: a fixed loss scale (1.0 for fp32/bf16), or a dict / `nn.DynamicLossScaleUpdateCell`
     for fp16 dynamic loss scaling (`loss_scale_value`, `scale_factor`, `scale_window`): on overflow the
@@ -111,6 +113,7 @@ class MixtralTrainOneStepCell(nn.Cell):
         self.optimizer = optimizer
         self.weights = optimizer.parameters
         self.stats = model.router_stats  # the student's, with a kd_loss term, when distilling
+        self.balancer = model if model.config.router_bias_update_rate > 0 else None  # aux-loss-free balancing
         self.scaled = _ScaledLoss(network, interleave_num(network))
         if isinstance(gradient_accumulation_steps, bool) or not isinstance(gradient_accumulation_steps, int) \
                 or gradient_accumulation_steps < 1:
@@ -179,6 +182,9 @@ class MixtralTrainOneStepCell(nn.Cell):
         if self.reducer_flag:  # the global batch's statistics, not one rank's
             for param in self.stats.all():
                 loss = ops.depend(loss, ops.assign(param, self.stats_sum(param)))
+        if self.balancer is not None:  # once per step, on the step's global tokens per expert
+            keep = ops.cast(ops.logical_not(overflow), ms.float32)
+            loss = ops.depend(loss, self.balancer.update_expert_bias(self.stats.expert_load, keep))
         # The scale the next step will use: what CheckpointMonitor saves as loss_scale for a resume.
         next_scale = ops.depend(ops.identity(self.scale_sense), overflow)
         return loss, overflow, next_scale, lr, global_norm

@@ -1,0 +1,220 @@
+"""MoE options (issue 24) against numpy references: aux-loss-free balancing (biased top-k selection, the bias
+update once per optimizer step over every micro-batch), sigmoid scores, the load-balancing loss per sequence
+and over the global batch, shared experts with Qwen2-MoE's gate; their checkpoint names, plan entries and
+one-line refusals. Trainer coverage: tests/test_training.py (the accumulation and interleaving run)."""
+import json
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import Tensor
+
+from mixtral_ms import ConfigError, MixtralConfig, MixtralForCausalLM
+from mixtral_ms.moe import MixtralSparseMoeBlock
+from mixtral_ms.name_map import parameter_specs
+from mixtral_ms.parallel import ParallelConfigError, apply_plan, plan_spec, validate
+
+BASE = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, max_position_embeddings=64, initializer_range=0.5,
+            capacity_factor=0.0, seq_length=8, router_z_loss_coef=0.0)
+SHARED = dict(num_shared_experts=2, shared_expert_intermediate_size=8, shared_expert_gate=True)
+
+
+def _config(**kw):
+    return MixtralConfig(**{**BASE, **kw})
+
+
+def _scores(logits, sigmoid):
+    """(scores that pick and weight, probabilities of the load-balancing loss)."""
+    if sigmoid:
+        s = 1 / (1 + np.exp(-logits))
+        return s, s / s.sum(-1, keepdims=True)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return p, p
+
+
+def _route(logits, bias, k, sigmoid):
+    """Reference routing: top-k of scores + bias; weights the unbiased scores of the chosen, renormalised."""
+    scores, probs = _scores(logits, sigmoid)
+    index = np.argsort(-(scores + bias), -1, kind="stable")[..., :k]
+    w = np.take_along_axis(scores, index, -1)
+    return index, w / w.sum(-1, keepdims=True), probs
+
+
+def _swiglu(x, w1, w3, w2):
+    gate = x @ w1.T
+    return (gate / (1 + np.exp(-gate)) * (x @ w3.T)) @ w2.T
+
+
+@pytest.mark.parametrize("sigmoid", [False, True], ids=["softmax", "sigmoid"])
+def test_bias_picks_the_experts_but_not_their_weights_and_shared_experts_add(sigmoid):
+    """Block output == sum over the chosen of weight * expert(x) + sigmoid(x W_g) * shared(x), with the choice
+    made on scores + bias and the weights from the scores alone (numpy)."""
+    ms.set_seed(0)
+    config = _config(router_bias_update_rate=0.1, router_score_function="sigmoid" if sigmoid else "softmax", **SHARED)
+    block = MixtralSparseMoeBlock(config, ms.float32, ms.float32)
+    block.set_train(False)
+    bias = np.array([0.0, 0.6, -0.4, 0.2], np.float32)
+    block.gate.e_score_correction_bias.set_data(Tensor(bias))
+    x = np.random.default_rng(0).normal(size=(2, 16, 16)).astype(np.float32)
+    y, _, load, _, _, _ = block(Tensor(x), Tensor(np.ones((2, 16), np.float32)))
+    tokens = x.reshape(-1, 16)
+    index, weights, _ = _route(tokens @ block.gate.weight.asnumpy().T, bias, 2, sigmoid)
+    unbiased = _route(tokens @ block.gate.weight.asnumpy().T, 0, 2, sigmoid)[0]
+    assert (np.sort(index, -1) != np.sort(unbiased, -1)).any()  # the bias changes some choices
+    w1, w3, w2 = (p.asnumpy() for p in (block.experts.w1, block.experts.w3, block.experts.w2))
+    routed = sum(weights[:, j, None] * np.stack([_swiglu(t, w1[e], w3[e], w2[e]) for t, e in zip(tokens, index[:, j])])
+                 for j in range(2))
+    shared = block.shared_expert
+    gate = 1 / (1 + np.exp(-(tokens @ block.shared_expert_gate.weight.asnumpy().T)))
+    ref = routed + gate * _swiglu(tokens, shared.gate_proj.weight.asnumpy(), shared.up_proj.weight.asnumpy(),
+                                  shared.down_proj.weight.asnumpy())
+    np.testing.assert_allclose(y.asnumpy().reshape(-1, 16), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(load.asnumpy(), np.bincount(index.ravel(), minlength=4))
+
+
+def test_bias_moves_once_per_step_by_the_whole_steps_load():
+    """Graph mode, MixtralTrainOneStepCell with 2 accumulation micro-batches: after each step every layer's
+    bias moved by rate * sign(mean - load), load the tokens per expert of both micro-batches (each one's
+    eval-mode routing, computed before the step); a model without the option keeps no bias."""
+    from mixtral_ms.training import MixtralTrainOneStepCell
+    rate = 0.05
+    batches = np.random.default_rng(3).integers(0, 64, (2, 4, 9)).astype(np.int32)
+    ms.set_seed(0)
+    model = MixtralForCausalLM(_config(router_bias_update_rate=rate, num_hidden_layers=1))
+    biases = [layer.block_sparse_moe.gate.e_score_correction_bias for layer in model.model.layers]
+    step = MixtralTrainOneStepCell(model, ms.nn.SGD(model.trainable_params(), learning_rate=0.1),
+                                   gradient_accumulation_steps=2)
+    expected = np.zeros((1, 4), np.float32)
+    try:
+        for batch in batches:
+            ms.set_context(mode=ms.PYNATIVE_MODE)
+            model.set_train(False)
+            load = sum(model(Tensor(batch[i:i + 2, :-1]))[2].asnumpy() for i in (0, 2))
+            ms.set_context(mode=ms.GRAPH_MODE)
+            model.set_train(True)
+            step(Tensor(batch))
+            np.testing.assert_array_equal(model.router_stats.expert_load.asnumpy(), load)
+            expected += rate * np.sign(load.mean(-1, keepdims=True) - load)
+            np.testing.assert_allclose(np.stack([b.asnumpy() for b in biases]), expected, atol=1e-7)
+        assert np.abs(expected).max() > 0
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    assert not any("e_score_correction_bias" in p.name for p in MixtralForCausalLM(_config()).get_parameters())
+
+
+def _aux_reference(logits, bias, mask, k, sigmoid, scope, step_load=None):
+    """The load-balancing loss from the router logits [L, B, S, E] (Hugging Face's pooling over layers)."""
+    index, _, probs = _route(logits, bias[:, None, None], k, sigmoid)
+    e = logits.shape[-1]
+    load = np.eye(e)[index].sum(-2) * mask[None, ..., None]  # [L, B, S, E]
+    probs = probs * mask[None, ..., None]
+    if scope == "sequence":
+        tokens = logits.shape[0] * mask.sum(-1)  # [B]
+        per = e * (load.sum((0, 2)) * probs.sum((0, 2))).sum(-1)
+        return (per[tokens > 0] / tokens[tokens > 0] ** 2).mean()
+    tokens = logits.shape[0] * mask.sum()
+    share = load.sum((0, 1, 2)) / tokens if step_load is None else k * step_load / step_load.sum()
+    return e * (share * probs.sum((0, 1, 2)) / tokens).sum()
+
+
+@pytest.mark.parametrize("scope,sigmoid", [("micro_batch", True), ("sequence", False), ("sequence", True)])
+def test_aux_loss_per_scope_matches_numpy(scope, sigmoid):
+    """Eval mode with labels: the aux loss over the micro-batch or per sequence (a half-padded sequence
+    counts its valid tokens, an all-padding one is left out), softmax or sigmoid scores, biased choice."""
+    ms.set_seed(0)
+    model = MixtralForCausalLM(_config(router_aux_loss_scope=scope, router_bias_update_rate=0.01,
+                                       router_score_function="sigmoid" if sigmoid else "softmax"))
+    model.set_train(False)
+    bias = np.array([[0.3, 0.0, -0.2, 0.1], [0.0, 0.5, 0.0, -0.5]], np.float32)
+    for layer, b in zip(model.model.layers, bias):
+        layer.block_sparse_moe.gate.e_score_correction_bias.set_data(Tensor(b))
+    ids = np.random.default_rng(1).integers(0, 64, (3, 8)).astype(np.int32)
+    mask = np.ones((3, 8), np.float32)
+    mask[1, 5:] = 0
+    mask[2] = 0
+    out = model(Tensor(ids), labels=Tensor(ids), attention_mask=Tensor(mask))
+    logits = model(Tensor(ids), attention_mask=Tensor(mask))[1].asnumpy().reshape(2, 3, 8, 4)
+    ref = _aux_reference(logits, bias, mask, 2, sigmoid, scope)
+    assert float(out[2]) == pytest.approx(ref, rel=1e-5)
+    assert out[4].shape == (2, 4)  # tokens per expert per layer, whatever the scope
+
+
+def test_global_batch_aux_loss_uses_the_steps_load_so_far():
+    """Two training passes without a reset: the first pass's aux loss is the micro-batch one, the second
+    weighs its probabilities by the load of both passes (the side channel's sum)."""
+    ms.set_seed(0)
+    model = MixtralForCausalLM(_config(router_aux_loss_scope="global_batch"))
+    ids = np.random.default_rng(2).integers(0, 64, (2, 2, 9)).astype(np.int32)
+    model.set_train(False)
+    logits = [model(Tensor(b[:, :-1]))[1].asnumpy().reshape(2, 2, 8, 4) for b in ids]
+    model.set_train(True)
+    for b in ids:
+        model(Tensor(b))
+    zero, ones = np.zeros((2,)), np.ones((2, 8), np.float32)
+    first = _aux_reference(logits[0], zero, ones, 2, False, "micro_batch")
+    index = [_route(lg, 0, 2, False)[0] for lg in logits]
+    step_load = sum(np.eye(4)[i].sum((0, 1, 2, 3)) for i in index)
+    second = _aux_reference(logits[1], zero, ones, 2, False, "global_batch", step_load)
+    assert abs(first - second) > 1e-4
+    summed = float(model.router_stats.term_sums[1].asnumpy())
+    assert summed == pytest.approx(first + second, rel=1e-5)
+
+
+def test_checkpoint_names_config_json_and_a_checkpoint_without_the_bias(tmp_path):
+    """Qwen2-MoE's shared-expert names under block_sparse_moe, the bias as DeepSeek-V3 names it; the options
+    round-trip through config.json; a checkpoint lacking the bias (any made before the option) loads it as zeros."""
+    from mixtral_ms.checkpoint import load_weights
+    config = _config(router_bias_update_rate=0.01, router_aux_loss_scope="sequence", **SHARED)
+    names = set(parameter_specs(config))
+    p = "model.layers.1.block_sparse_moe."
+    assert {p + "shared_expert.gate_proj.weight", p + "shared_expert.up_proj.weight", p + "shared_expert.down_proj.weight",
+            p + "shared_expert_gate.weight", p + "gate.e_score_correction_bias"} <= names
+    ms.set_seed(0)
+    model = MixtralForCausalLM(config)
+    assert names == {q.name for q in model.get_parameters() if not q.name.startswith("router_stats.")}
+    hf = config.to_hf_config()
+    again = MixtralConfig.from_hf_config(json.loads(json.dumps(hf)))
+    assert {k: getattr(again, k) for k in ("router_bias_update_rate", "router_aux_loss_scope", "num_shared_experts",
+                                           "shared_expert_intermediate_size", "shared_expert_gate")} == \
+        {"router_bias_update_rate": 0.01, "router_aux_loss_scope": "sequence", "num_shared_experts": 2,
+         "shared_expert_intermediate_size": 8, "shared_expert_gate": True}
+    assert "router_bias_update_rate" not in _config().to_hf_config()
+    plain = MixtralForCausalLM(_config(**SHARED))
+    path = str(tmp_path / "plain.ckpt")
+    ms.save_checkpoint([{"name": q.name, "data": q.value()} for q in plain.get_parameters()], path)
+    model.model.layers[0].block_sparse_moe.gate.e_score_correction_bias.set_data(Tensor(np.ones(4, np.float32)))
+    load_weights(model, path)
+    assert not model.model.layers[0].block_sparse_moe.gate.e_score_correction_bias.asnumpy().any()
+    np.testing.assert_array_equal(model.model.layers[0].block_sparse_moe.shared_expert.up_proj.weight.asnumpy(),
+                                  plain.model.layers[0].block_sparse_moe.shared_expert.up_proj.weight.asnumpy())
+
+
+def test_plan_covers_the_options_and_refuses_the_bias_under_a_pipeline():
+    options = dict(router_bias_update_rate=0.01, router_score_function="sigmoid", **SHARED)
+    semi = {"parallel_mode": 1, "enable_alltoall": True, "full_batch": True}
+    layout = validate({"data_parallel": 2, "model_parallel": 2, "expert_parallel": 2}, semi, {**BASE, **options}, 4)
+    model = MixtralForCausalLM(_config(**options, **layout.model_fields()))
+    table = apply_plan(model, layout)  # every primitive and parameter planned, strategies checked
+    assert table["model.layers.0.block_sparse_moe.gate.bias_step"].strategy == ((1,), (1,))
+    assert table["model.layers.0.block_sparse_moe.shared_expert.down_proj.matmul"].strategy == ((2, 2), (1, 2))
+    piped = validate({"data_parallel": 1, "pipeline_stage": 2, "micro_batch_num": 2}, semi, {**BASE, **options}, 2)
+    with pytest.raises(ParallelConfigError, match="router_bias_update_rate needs pipeline_stage 1"):
+        plan_spec(_config(**options), piped)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"router_bias_update_rate": -0.1}, "router_bias_update_rate must be a number >= 0"),
+    ({"router_score_function": "tanh"}, "router_score_function must be one of ('softmax', 'sigmoid')"),
+    ({"router_aux_loss_scope": "batch"}, "router_aux_loss_scope must be one of"),
+    ({"router_type": "rre", "router_bias_update_rate": 0.01}, "router_type rre routes by token id"),
+    ({"num_shared_experts": -1}, "num_shared_experts must be an integer >= 0"),
+    ({"num_shared_experts": 1, "shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size must be a"),
+    ({"shared_expert_gate": True}, "shared_expert_gate needs num_shared_experts > 0"),
+])
+def test_inconsistent_options_are_one_line(change, message):
+    with pytest.raises(ConfigError) as err:
+        _config(**change)
+    assert message in str(err.value) and "\n" not in str(err.value)
