@@ -23,8 +23,8 @@ import numpy as np  # noqa: E402
 KEYS = ("step", "tokens_per_expert", "dropped_fraction", "aux_loss", "z_loss")  # what the plot draws
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _number(value, finite: bool = True) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (math.isfinite(value) or not finite)
 
 
 def _check(record, shape):
@@ -36,9 +36,9 @@ def _check(record, shape):
         raise ValueError(f"missing key(s) {', '.join(missing)}")
     if not isinstance(record["step"], int) or isinstance(record["step"], bool):
         raise ValueError(f"step must be an integer, got {record['step']!r}")
-    for key in ("aux_loss", "z_loss"):
-        if not _number(record[key]):
-            raise ValueError(f"{key} must be a finite number, got {record[key]!r}")
+    for key in ("aux_loss", "z_loss"):  # NaN / inf of a diverged run are drawn as gaps
+        if not _number(record[key], finite=False):
+            raise ValueError(f"{key} must be a number, got {record[key]!r}")
     load, dropped = record["tokens_per_expert"], record["dropped_fraction"]
     if not (isinstance(load, list) and load and all(isinstance(r, list) and r and len(r) == len(load[0])
                                                     and all(_number(v) for v in r) for r in load)):
