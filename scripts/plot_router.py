@@ -43,7 +43,7 @@ def _check(record, shape):
     if not (isinstance(load, list) and load and all(isinstance(r, list) and r and len(r) == len(load[0])
                                                     and all(_number(v) for v in r) for r in load)):
         raise ValueError("tokens_per_expert must be a [layers][experts] table of numbers")
-    if not (isinstance(dropped, list) and len(dropped) == len(load) and all(_number(v) for v in dropped)):
+    if not (isinstance(dropped, list) and len(dropped) == len(load) and all(_number(v, False) for v in dropped)):
         raise ValueError(f"dropped_fraction must hold one number per layer ({len(load)})")
     found = (len(load), len(load[0]))
     if shape is not None and found != shape:
