@@ -469,11 +469,20 @@ def test_side_channel_survives_a_foreign_wrapper():
 def test_trainer_with_accumulation_and_interleaving_logs_as_before(trained, tmp_path):
     """run_mixtral.py train with runner_config.gradient_accumulation_steps 2 and micro_batch_interleave_num 2:
     4 passes of 2 rows per step; the progress line and router_stats.jsonl keep their format and count the
-    whole step's 8 rows."""
+    whole step's 8 rows. The run turns the MoE options on from the YAML (aux-loss-free bias, sigmoid scores,
+    global-batch aux loss, a gated shared expert): the bias moved by whole multiples of the rate, is in the
+    checkpoint and loads back through the runner's strict loader."""
+    rate = 1e-3
+    options = {"router_bias_update_rate": rate, "router_score_function": "sigmoid",
+               "router_aux_loss_scope": "global_batch", "num_shared_experts": 1, "shared_expert_intermediate_size": 16,
+               "shared_expert_gate": True}
     cfg = write_yaml(tmp_path, trained["data"], **{
         "runner_config.gradient_accumulation_steps": 2, "micro_batch_interleave_num": 2, "runner_config.epochs": 1,
+        **{f"model.model_config.{k}": v for k, v in options.items()},
         "callbacks": [{"type": "MixtralProgressMonitor", "log_interval": 1},
-                      {"type": "RouterStatsMonitor", "log_interval": 1, "verbose": False}]})
+                      {"type": "RouterStatsMonitor", "log_interval": 1, "verbose": False},
+                      {"type": "CheckpointMonitor", "prefix": "o", "save_checkpoint_steps": 20,
+                       "integrated_save": False, "async_save": False}]})
     status, stdout, stderr = run("--config", cfg, "--run_mode", "train")
     assert status == 0, stderr[-3000:]
     lines = [line for line in stdout.splitlines() if line.startswith("step ")]
@@ -487,3 +496,9 @@ def test_trainer_with_accumulation_and_interleaving_logs_as_before(trained, tmp_
     for record in records.values():
         assert [sum(layer) for layer in record["tokens_per_expert"]] == [2 * BATCH * SEQ * 2] * 2
         assert 0 < record["ce_loss"] < record["loss"] + 1e-6 and record["aux_loss"] > 0
+    ckpt = tmp_path / "checkpoint" / "rank_0" / "o_rank_0-1_20.ckpt"
+    bias = ms.load_checkpoint(str(ckpt))["model.layers.1.block_sparse_moe.gate.e_score_correction_bias"].asnumpy()
+    steps = bias / rate
+    assert np.abs(steps).max() >= 1 and np.allclose(steps, np.round(steps), atol=1e-3), steps
+    model = runner.build_model(runner.load_run(cfg, {}), str(ckpt))
+    np.testing.assert_array_equal(model.model.layers[1].block_sparse_moe.gate.e_score_correction_bias.asnumpy(), bias)
