@@ -127,15 +127,19 @@ def resolve_checkpoint(path: str) -> str:
 
 def build_model(run: Run, checkpoint: Optional[str]):
     """The run's model, filled from `checkpoint` with a strict name and shape check; with a layout,
-    sharded by the plan (mixtral_ms/parallel)."""
+    sharded by the plan (mixtral_ms/parallel). Under semi-auto parallel each rank reads only its slices,
+    when the compiler initialises the parameters (parallel/checkpoint.py SlicedLoad); the checkpoint's
+    names, shapes and dtypes are checked here, before the compile."""
     from .checkpoint import load_weights
     from .modeling import MixtralForCausalLM
-    from .parallel.checkpoint import is_rank_folder
+    from .parallel.checkpoint import SlicedLoad, is_rank_folder
     if checkpoint and is_rank_folder(checkpoint):  # slices, not a model: the newest file is one rank's
         raise RunError(f"{checkpoint} holds per-rank checkpoints (rank_<i>/): merge them with their strategy "
                        "first (scripts/convert_weight.py merge --src ... --strategy ...; docs/parallel.md)")
     model = MixtralForCausalLM(run.model_config)
-    if checkpoint:
+    if checkpoint and run.layout is not None and run.layout.parallel_mode == "semi_auto_parallel":
+        SlicedLoad(resolve_checkpoint(checkpoint), run.model_config).attach(model)
+    elif checkpoint:
         load_weights(model, resolve_checkpoint(checkpoint))
     if run.layout is not None:
         from .parallel.plan import apply_plan

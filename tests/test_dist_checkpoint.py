@@ -205,3 +205,28 @@ def test_a_run_refuses_a_folder_of_rank_slices_as_its_checkpoint(pp2_run):
     from mixtral_ms.runner import build_model
     with pytest.raises(RunError, match=r"holds per-rank checkpoints \(rank_<i>/\): merge them"):
         build_model(SimpleNamespace(model_config=None, layout=None), pp2_run)
+
+
+def test_a_rank_reads_its_slices_when_the_compiler_initialises_the_weights(converted):
+    """runner.build_model under semi-auto parallel: the weights stay lazy and each is read, box by box, when
+    the compiler initialises the rank's slice (Tensor.init_data with the slice shape, as MindSpore's
+    _slice_parameter calls it; the dry-run compile of these layouts asks for exactly these shapes,
+    docs/parallel.md). Here the compiler's call is made by hand for rank 9 of the shipped 16-device layout."""
+    from mindspore.nn.utils import no_init_parameters
+    from mixtral_ms import MixtralConfig, MixtralForCausalLM
+    from mixtral_ms.parallel.checkpoint import SlicedLoad, box_shape
+    plan, rank = strategy(SHIPPED), 9
+    with no_init_parameters():  # what semi-auto mode does to initializer-made parameters
+        model = MixtralForCausalLM(MixtralConfig.from_hf_dir(converted))
+    loader = SlicedLoad(converted, CONFIG, os.path.join(STRATEGIES, SHIPPED), rank)
+    assert loader.attach(model) == len(parameter_specs(CONFIG))
+    want = read_rank_slices(converted, CONFIG, plan, rank)
+    params = {p.name: p for p in model.get_parameters()}
+    for name, (_, array) in want.items():
+        slice_shape = list(box_shape(plan.box(name, params[name].shape, rank)))
+        np.testing.assert_array_equal(params[name].init_mode.init_data(None, slice_shape, None).asnumpy(), array)
+    assert sorted(loader.filled) == sorted(want)  # stage 1's weights only
+    with pytest.raises(CheckpointError, match=r"asks rank 9 for a \[8, 64\] slice, the strategy file gives \[16, 64\]"):
+        params["model.embed_tokens.weight"].init_mode.init_data(None, [8, 64], None)
+    with pytest.raises(CheckpointError, match="already holds data"):
+        loader.attach(MixtralForCausalLM(MixtralConfig.from_hf_dir(converted)))

@@ -552,3 +552,89 @@ def reshard(src: str, src_strategy: Strategy, dst_strategy: Strategy, config, ds
                                   "optimizer state, to fine-tune)")
     return write_rank_checkpoints(dst, lambda rank: slice_for_rank(tensors, dst_strategy, rank), devices,
                                   overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sliced loading in a run: each weight's slice read when the parallel compiler initialises it
+
+
+class SlicedLoad:
+    """A rank's weights from a complete checkpoint, read slice by slice while the semi-auto compiler
+    initialises the (lazy) parameters: `attach` gives each weight an initializer that, asked for this rank's
+    slice, reads exactly that box (safetensors byte ranges; from a .ckpt, cut from the file MindSpore read
+    whole). The slice is the one the strategy file this compile writes gives the rank (the file is written
+    before the parameters are initialised); a slice of any other shape is an error, not a silent cut."""
+
+    def __init__(self, path: str, config, strategy: Optional[str] = None, rank: Optional[int] = None) -> None:
+        self.path, self.config = path, config
+        self.sources = open_complete(path, config)  # names, shapes, dtypes checked now, before the compile
+        self._strategy_source, self._rank, self._strategy = strategy, rank, None
+        self.filled: Dict[str, Tuple[int, ...]] = {}
+
+    def strategy(self) -> Strategy:
+        if self._strategy is None:
+            source = self._strategy_source
+            if source is None:
+                import mindspore as ms
+                source = ms.get_auto_parallel_context("strategy_ckpt_save_file")
+            if not source or not os.path.exists(source):
+                raise CheckpointError(f"sliced loading needs the strategy file the compiler writes; none at {source!r}")
+            self._strategy = read_strategy(source)
+        return self._strategy
+
+    def rank(self) -> int:
+        if self._rank is None:
+            from mindspore.communication import get_rank
+            self._rank = get_rank()
+        return self._rank
+
+    def fill(self, name: str, shape: Tuple[int, ...], arr: np.ndarray) -> None:
+        """Write this rank's slice of `name` into `arr` (the compiler's slice buffer, the parameter's dtype)."""
+        from ..safetensors_io import bf16_to_f32, has_nonfinite
+        strategy, rank = self.strategy(), self.rank()
+        if name not in strategy.layouts:
+            raise CheckpointError(f"{name!r} is not in the compiled strategy {strategy.source}")
+        box = strategy.box(name, shape, rank)
+        if tuple(arr.shape) != box_shape(box):
+            raise CheckpointError(f"{name!r}: the compiler asks rank {rank} for a {list(arr.shape)} slice, the strategy "
+                                  f"file gives {list(box_shape(box))}")
+        sources = self.sources[name]
+        if not sources:  # a dense (Mistral) model's router: one expert takes every token whatever the logit
+            arr[...] = 0
+            self.filled[name] = tuple(arr.shape)
+            return
+        tag = source_tag(sources)
+        raw = read_source_box(sources, shape, box)
+        if has_nonfinite(raw.tobytes(), tag):
+            raise CheckpointError(f"tensor {name!r} holds NaN or inf values in rank {rank}'s slice; refusing to load it")
+        if tag == "BF16" and arr.dtype.itemsize == 2 and arr.dtype.name == "bfloat16":
+            arr.view(np.uint16)[...] = raw
+        else:
+            arr[...] = (bf16_to_f32(raw) if tag == "BF16" else raw.astype(np.float32)).astype(arr.dtype)
+        self.filled[name] = tuple(arr.shape)
+
+    def attach(self, model) -> int:
+        """Point every weight of `model` (built in semi-auto parallel mode, so its parameters are lazy) at
+        this loader; returns how many. Weights that already hold data are refused (they would load whole)."""
+        from mindspore import Tensor
+        from mindspore.common.initializer import Initializer
+        loader = self
+
+        class SliceInit(Initializer):
+            def __init__(self, name, shape):
+                super().__init__()
+                self.name, self.shape = name, shape
+
+            def _initialize(self, arr):
+                loader.fill(self.name, self.shape, arr)
+
+        count = 0
+        for param in model.get_parameters():
+            if param.name not in self.sources:
+                continue
+            if not param.has_init:
+                raise CheckpointError(f"{param.name!r} already holds data; build the model after the parallel "
+                                      "context is set (its parameters are then initialised slice by slice)")
+            param.init_mode = Tensor(shape=param.shape, dtype=param.dtype, init=SliceInit(param.name, tuple(param.shape)))
+            count += 1
+        return count
