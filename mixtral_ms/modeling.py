@@ -250,6 +250,8 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         self.top_k = config.num_experts_per_tok
         self.bias_rate = float(config.router_bias_update_rate)
         self.router_stats = TrainingStats(config.num_hidden_layers, config.num_local_experts)
+        if self.aux_scope == "global_batch":  # primitives, so the plan reads the side channel replicated
+            self.step_load_add, self.step_load_sum = ops.Add(), ops.ReduceSum()
 
     def lm_logits(self, hidden: Tensor) -> Tensor:
         if self.tie_word_embeddings:
@@ -302,7 +304,8 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
             load = load.sum(axis=1)
         elif self.aux_scope == "global_batch" and self.training:
             # the step's load so far: the side channel's earlier passes (this pass is added after the loss)
-            step_load = ops.stop_gradient(self.router_stats.expert_load.sum(axis=0) + load.sum(axis=0))
+            step_load = self.step_load_sum(self.step_load_add(self.router_stats.expert_load, load), 0)
+            step_load = ops.stop_gradient(step_load)
             aux = global_balancing_loss(step_load, prob_sum.sum(axis=0), pooled_tokens, self.top_k)
         else:
             aux = load_balancing_loss(load.sum(axis=0), prob_sum.sum(axis=0), pooled_tokens)

@@ -193,13 +193,15 @@ def test_checkpoint_names_config_json_and_a_checkpoint_without_the_bias(tmp_path
 
 
 def test_plan_covers_the_options_and_refuses_the_bias_under_a_pipeline():
-    options = dict(router_bias_update_rate=0.01, router_score_function="sigmoid", **SHARED)
+    options = dict(router_bias_update_rate=0.01, router_score_function="sigmoid", router_aux_loss_scope="global_batch",
+                   **SHARED)
     semi = {"parallel_mode": 1, "enable_alltoall": True, "full_batch": True}
     layout = validate({"data_parallel": 2, "model_parallel": 2, "expert_parallel": 2}, semi, {**BASE, **options}, 4)
     model = MixtralForCausalLM(_config(**options, **layout.model_fields()))
     table = apply_plan(model, layout)  # every primitive and parameter planned, strategies checked
     assert table["model.layers.0.block_sparse_moe.gate.bias_step"].strategy == ((1,), (1,))
     assert table["model.layers.0.block_sparse_moe.shared_expert.down_proj.matmul"].strategy == ((2, 2), (1, 2))
+    assert table["step_load_sum"].strategy == ((1, 1),)
     piped = validate({"data_parallel": 1, "pipeline_stage": 2, "micro_batch_num": 2}, semi, {**BASE, **options}, 2)
     with pytest.raises(ParallelConfigError, match="router_bias_update_rate needs pipeline_stage 1"):
         plan_spec(_config(**options), piped)

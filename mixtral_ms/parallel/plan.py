@@ -25,7 +25,7 @@ ParallelLayout.expert_token_split / expert_ffn_split; G = dp token groups, C = c
 | block_sparse_moe.from_experts | [E, G, C, H] | ((ep, t, a, 1),): AllToAll back to dp-sharded groups |
 | model.embed_tokens.gather (embedding) | W [V, H], ids [B, S] | ((1, 1), (dp, 1)); ((mp, 1), (dp, 1)) if vocab split |
 | lm_head.matmul, head_matmul | x [T, H], W [V, H] | ((dp, 1), (1, 1)); ((dp, 1), (mp, 1)) unless vocab_emb_dp |
-| router_stats.add_* / zero_* (side channel) | [L, E] tables and scalars | replicated |
+| router_stats.add_* / zero_* (side channel); step_load_add / step_load_sum (global-batch aux loss) | [L, E] tables and scalars | replicated |
 | gate.biased_scores / gate.bias_step (router bias, aux-loss-free) | scores [T, E] + bias [E]; bias += step | ((dp, 1), (1,)) / replicated |
 | shared_expert.gate_proj/up_proj.matmul, act, gated | x [T, H], W [N*F_s, H] | column parallel ((dp, 1), (mp, 1)); ((dp, mp),) |
 | shared_expert.down_proj.matmul | [T, N*F_s], W [H, N*F_s] | row parallel ((dp, mp), (1, mp)) |
@@ -241,6 +241,9 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capac
         op(STATS_PREFIX + name, [stats_table, stats_table], [(1, 1), (1, 1)], last, note="side channel, replicated")
     for name in ("add_scalar", "zero_scalar"):
         op(STATS_PREFIX + name, [(), ()], [(), ()], last, note="side channel, replicated")
+    if d.router_aux_loss_scope == "global_batch":  # the step's load so far, read from the side channel
+        op("step_load_add", [stats_table, stats_table], [(1, 1), (1, 1)], last, note="side channel, replicated")
+        op("step_load_sum", [stats_table], [(1, 1)], last, note="side channel, replicated")
     return table
 
 
