@@ -576,7 +576,8 @@ class SlicedLoad:
             source = self._strategy_source
             if source is None:
                 import mindspore as ms
-                source = ms.get_auto_parallel_context("strategy_ckpt_save_file")
+                source = ms.get_auto_parallel_context("strategy_ckpt_save_file") or \
+                    (ms.get_auto_parallel_context("strategy_ckpt_config") or {}).get("save_file")
             if not source or not os.path.exists(source):
                 raise CheckpointError(f"sliced loading needs the strategy file the compiler writes; none at {source!r}")
             self._strategy = read_strategy(source)
