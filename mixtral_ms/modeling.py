@@ -18,7 +18,8 @@ from .inference.text_generation import text_generate
 from .dtypes import arange, embedding, emulated_dtype, matmul, native_dtype
 from .losses import (TrainingStats, causal_lm_loss, global_balancing_loss, load_balancing_loss, router_z_loss,
                      sequence_balancing_loss)
-from .moe import Linear, MixtralSparseMoeBlock
+from .moe import Linear, MixtralSparseMoeBlock, SwiGLU
+from .schema import moe_layers
 
 _DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
 _MASK_MIN = -1e30
@@ -101,18 +102,29 @@ class MixtralAttention(nn.Cell):
 
 
 class MixtralDecoderLayer(nn.Cell):
-    """Pre-norm attention and pre-norm sparse MoE, each with a residual."""
+    """Pre-norm attention and pre-norm sparse MoE (or, outside the config's MoE layers, a dense SwiGLU
+    `mlp`), each with a residual. `moe_row`: this layer's row of the per-MoE-layer router outputs, -1 if dense."""
 
     def __init__(self, config: MixtralConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype, layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = MixtralRMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
         self.self_attn = MixtralAttention(config, param_dtype, compute_dtype)
         self.post_attention_layernorm = MixtralRMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
-        self.block_sparse_moe = MixtralSparseMoeBlock(config, param_dtype, compute_dtype, layer)
+        rows = moe_layers(config)
+        self.moe_row = rows.index(layer) if layer in rows else -1
+        if self.moe_row >= 0:
+            self.block_sparse_moe = MixtralSparseMoeBlock(config, param_dtype, compute_dtype, layer)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.initializer_range, param_dtype,
+                              compute_dtype)
 
     def construct(self, x, cos, sin, bias, token_mask, past_k=None, past_v=None, token_ids=None, domain_ids=None):
+        """(x, k, v) for a dense layer; (x, k, v, router logits, load, dropped, prob_sum, z_sum) for MoE."""
         attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, bias, past_k, past_v)
         x = x + attn
+        if self.moe_row < 0:
+            b, s, h = x.shape
+            return x + self.mlp(self.post_attention_layernorm(x).reshape(b * s, h)).reshape(b, s, h), k, v
         moe, logits, load, dropped, prob_sum, z_sum = self.block_sparse_moe(self.post_attention_layernorm(x),
                                                                             token_mask, token_ids, domain_ids)
         return x + moe, k, v, logits, load, dropped, prob_sum, z_sum
@@ -201,14 +213,16 @@ class MixtralModel(MixtralPreTrainedModel):
         for i, layer in enumerate(self.layers):
             pk = past_keys[i] if past_keys is not None else None
             pv = past_values[i] if past_values is not None else None
-            x, k, v, lg, ld, dr, ps, zs = layer(x, cos, sin, bias, token_mask, pk, pv, token_ids, domain_ids)
-            keys += (k,)
-            values += (v,)
-            logits += (lg,)
-            loads += (ld,)
-            dropped += (dr,)
-            prob_sums += (ps,)
-            z_sums += (zs,)
+            out = layer(x, cos, sin, bias, token_mask, pk, pv, token_ids, domain_ids)
+            x = out[0]
+            keys += (out[1],)
+            values += (out[2],)
+            if len(out) > 3:  # router outputs: MoE layers only
+                logits += (out[3],)
+                loads += (out[4],)
+                dropped += (out[5],)
+                prob_sums += (out[6],)
+                z_sums += (out[7],)
         return (self.norm(x), ops.stack(keys), ops.stack(values), ops.stack(logits), ops.stack(loads),
                 ops.stack(dropped), ops.stack(prob_sums), ops.concat(z_sums), token_mask.reshape(-1, 1).sum(axis=0))
 
@@ -220,7 +234,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
     In eval mode (`set_train(False)`), `model(input_ids, attention_mask=mask)` returns (logits [B, S, V],
     router_logits [L, B*S, E], expert load [L, E], dropped assignments [L, E]); with labels (Hugging Face
     semantics: same length as input_ids, shifted inside; -100 ignored) it returns (loss, ce_loss,
-    aux_loss, z_loss, expert load [L, E], dropped [L, E]).
+    aux_loss, z_loss, expert load [L, E], dropped [L, E]). L counts the MoE layers (all, for Mixtral).
 
     In training mode it follows MindFormers' models: samples hold seq_length + 1 tokens, the network runs
     on the first seq_length (inputs) and scores the last seq_length (labels: `labels[:, 1:]`, or
@@ -249,7 +263,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         self.aux_scope = config.router_aux_loss_scope
         self.top_k = config.num_experts_per_tok
         self.bias_rate = float(config.router_bias_update_rate)
-        self.router_stats = TrainingStats(config.num_hidden_layers, config.num_local_experts)
+        self.router_stats = TrainingStats(len(moe_layers(config)), config.num_local_experts)
         if self.aux_scope == "global_batch":  # primitives, so the plan reads the side channel replicated
             self.step_load_add, self.step_load_sum = ops.Add(), ops.ReduceSum()
 
@@ -319,8 +333,9 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         the step's tokens per expert `load` [L, E]; `keep` 0.0 for a skipped step. Returns a token."""
         rate = keep * self.bias_rate
         token = rate
-        for i, layer in enumerate(self.model.layers):
-            token = ops.depend(token, layer.block_sparse_moe.gate.update_bias(load[i], rate))
+        for layer in self.model.layers:
+            if layer.moe_row >= 0:
+                token = ops.depend(token, layer.block_sparse_moe.gate.update_bias(load[layer.moe_row], rate))
         return token
 
     @staticmethod

@@ -36,9 +36,10 @@ class Linear(nn.Cell):
         return y.reshape(lead + (y.shape[-1],))
 
 
-class SharedExpert(nn.Cell):
-    """N always-on SwiGLU experts of width F fused into one of width N*F (their outputs sum), named as
-    Hugging Face's Qwen2-MoE `shared_expert.{gate,up,down}_proj`: down(silu(gate x) * up x)."""
+class SwiGLU(nn.Cell):
+    """down(silu(gate x) * up x) with Hugging Face's `{gate,up,down}_proj` names: a dense layer's `mlp`
+    (Mistral's) and the shared experts (Qwen2-MoE's `shared_expert`; N experts of width F fused into one
+    of width N*F, as their outputs sum)."""
 
     def __init__(self, hidden_size: int, width: int, init_std: float, param_dtype: ms.dtype,
                  compute_dtype: ms.dtype) -> None:
@@ -169,9 +170,9 @@ class MixtralSparseMoeBlock(nn.Cell):
                                           config.initializer_range, param_dtype, compute_dtype)
         self.shared_expert = self.shared_expert_gate = None
         if config.num_shared_experts:
-            self.shared_expert = SharedExpert(config.hidden_size,
-                                              config.num_shared_experts * config.shared_expert_intermediate_size,
-                                              config.initializer_range, param_dtype, compute_dtype)
+            self.shared_expert = SwiGLU(config.hidden_size,
+                                        config.num_shared_experts * config.shared_expert_intermediate_size,
+                                        config.initializer_range, param_dtype, compute_dtype)
             if config.shared_expert_gate:
                 self.shared_expert_gate = Linear(config.hidden_size, 1, config.initializer_range, param_dtype,
                                                  compute_dtype)

@@ -18,7 +18,7 @@ import re
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 from .safetensors_io import FLOAT_TAGS, ArrayTensor, CheckpointError, TensorInfo
-from .schema import hf_dims
+from .schema import hf_dims, moe_layers
 
 # Optimizer and training-loop state that a MindSpore training checkpoint carries beside the weights
 # (and a distillation run's frozen teacher, training/distill.py).
@@ -78,6 +78,7 @@ def parameter_specs(config) -> Dict[str, ParamSpec]:
     dense, quant = config.hf_model_type == "mistral", config.expert_quantization
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     specs: Dict[str, ParamSpec] = {"model.embed_tokens.weight": ParamSpec((v, h), ["model.embed_tokens.weight"])}
+    sparse = moe_layers(config)
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         same = {
@@ -86,8 +87,12 @@ def parameter_specs(config) -> Dict[str, ParamSpec]:
             "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
             "post_attention_layernorm.weight": (h,),
         }
+        if i not in sparse:  # a dense layer of the layer pattern: Mistral's MLP
+            same.update({"mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)})
         for name, shape in same.items():
             specs[p + name] = ParamSpec(shape, [p + name])
+        if i not in sparse:
+            continue
         gate = p + "block_sparse_moe.gate.weight"
         specs[gate] = ParamSpec((e, h), [] if dense else [gate])  # a dense model has no router: zeros
         if config.router_bias_update_rate > 0:

@@ -59,6 +59,11 @@ class ModelDims:
     `global_batch`. `num_shared_experts` N > 0 adds N always-on SwiGLU experts of width
     `shared_expert_intermediate_size` (default intermediate_size), stored fused as one of width N times
     that, optionally scaled by a sigmoid gate (`shared_expert_gate`, Qwen2-MoE).
+
+    Layer pattern (`moe_layers`): layer i is MoE when i >= `first_k_dense`, (i + 1) % `moe_layer_freq` == 0
+    (Qwen2-MoE's decoder_sparse_step: 2 is GShard's and Switch's every other layer) and i is not in
+    `mlp_only_layers`; the others are dense SwiGLU (`mlp.{gate,up,down}_proj`, Mistral's names). Default:
+    every layer MoE (Mixtral).
     """
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -90,6 +95,9 @@ class ModelDims:
     num_shared_experts: int = 0
     shared_expert_intermediate_size: Optional[int] = None
     shared_expert_gate: bool = False
+    moe_layer_freq: int = 1
+    first_k_dense: int = 0
+    mlp_only_layers: Optional[list] = None
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     seq_length: int = 4096
@@ -179,6 +187,16 @@ class ModelDims:
         _positive_int("shared_expert_intermediate_size", self.shared_expert_intermediate_size)
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ConfigError("shared_expert_gate needs num_shared_experts > 0")
+        _positive_int("moe_layer_freq", self.moe_layer_freq)
+        layers, only = self.num_hidden_layers, self.mlp_only_layers
+        if not isinstance(self.first_k_dense, int) or isinstance(self.first_k_dense, bool) or self.first_k_dense < 0:
+            raise ConfigError(f"first_k_dense must be an integer >= 0, got {self.first_k_dense!r}")
+        if only is not None and (not isinstance(only, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in only)):
+            raise ConfigError(f"mlp_only_layers must be null or a list of layer indices 0..{layers - 1}, got {only!r}")
+        if not moe_layers(self):
+            raise ConfigError(f"no MoE layer: moe_layer_freq {self.moe_layer_freq}, first_k_dense {self.first_k_dense} "
+                              f"and mlp_only_layers {only} leave all {layers} layers dense")
 
     def _check_compression(self) -> None:
         betas = self.dynamic_skip_betas
@@ -205,6 +223,13 @@ class ModelDims:
 FIELDS = tuple(f.name for f in dataclasses.fields(ModelDims))
 
 
+def moe_layers(config: Any) -> tuple:
+    """The indices of the MoE layers of a ModelDims or MixtralConfig (the rule in ModelDims' docstring)."""
+    dense = set(config.mlp_only_layers or ())
+    return tuple(i for i in range(config.num_hidden_layers) if i >= config.first_k_dense
+                 and (i + 1) % config.moe_layer_freq == 0 and i not in dense)
+
+
 MAX_DIM = 2 ** 31 - 1  # token ids and positions are int32; MindSpore fails in C++ on a size beyond its shapes
 
 
@@ -227,7 +252,8 @@ def model_dims(model: Any) -> ModelDims:
 
 # Fields of the MoE options (schema docstring) with their defaults: config.json carries those set otherwise.
 MOE_OPTIONS = {"router_score_function": "softmax", "router_bias_update_rate": 0.0,
-               "router_aux_loss_scope": "micro_batch", "num_shared_experts": 0, "shared_expert_gate": False}
+               "router_aux_loss_scope": "micro_batch", "num_shared_experts": 0, "shared_expert_gate": False,
+               "moe_layer_freq": 1, "first_k_dense": 0, "mlp_only_layers": None}
 # Hugging Face config.json fields MixtralConfig takes as they are (rope_theta is read separately).
 _HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "sliding_window",
@@ -292,6 +318,8 @@ def hf_config(dims: ModelDims) -> Dict[str, Any]:
            if dims.router_type != "mixtral" else {}),
     }
     hf.update({k: getattr(dims, k) for k, default in MOE_OPTIONS.items() if getattr(dims, k) != default})
+    if dims.mlp_only_layers is not None:
+        hf["mlp_only_layers"] = list(dims.mlp_only_layers)
     if dims.num_shared_experts:
         hf["shared_expert_intermediate_size"] = dims.shared_expert_intermediate_size
     if dims.dynamic_skip_betas is not None:

@@ -1,7 +1,8 @@
 """MoE options (issue 24) against numpy references: aux-loss-free balancing (biased top-k selection, the bias
 update once per optimizer step over every micro-batch), sigmoid scores, the load-balancing loss per sequence
 and over the global batch, shared experts with Qwen2-MoE's gate; their checkpoint names, plan entries and
-one-line refusals. Trainer coverage: tests/test_training.py (the accumulation and interleaving run)."""
+one-line refusals; the layer pattern (dense SwiGLU layers with Mistral's MLP names). Trainer coverage:
+tests/test_training.py (the accumulation and interleaving run)."""
 import json
 
 import numpy as np
@@ -84,7 +85,7 @@ def test_bias_moves_once_per_step_by_the_whole_steps_load():
     batches = np.random.default_rng(3).integers(0, 64, (2, 4, 9)).astype(np.int32)
     ms.set_seed(0)
     model = MixtralForCausalLM(_config(router_bias_update_rate=rate, num_hidden_layers=1))
-    biases = [layer.block_sparse_moe.gate.e_score_correction_bias for layer in model.model.layers]
+    biases = [model.model.layers[0].block_sparse_moe.gate.e_score_correction_bias]
     step = MixtralTrainOneStepCell(model, ms.nn.SGD(model.trainable_params(), learning_rate=0.1),
                                    gradient_accumulation_steps=2)
     expected = np.zeros((1, 4), np.float32)
@@ -103,6 +104,30 @@ def test_bias_moves_once_per_step_by_the_whole_steps_load():
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
     assert not any("e_score_correction_bias" in p.name for p in MixtralForCausalLM(_config()).get_parameters())
+
+
+def test_bias_moves_in_the_callbacks_under_another_wrapper():
+    """MindSpore's TrainOneStepCell (no update of ours): the callbacks' once-per-step read of the side channel
+    moves the bias by the load it read, once, however many callbacks ask."""
+    from types import SimpleNamespace
+    from mixtral_ms.training.callbacks import step_stats
+
+    class Params(SimpleNamespace):
+        def get(self, key, default=None):
+            return getattr(self, key, default)
+
+    ms.set_seed(0)
+    model = MixtralForCausalLM(_config(router_bias_update_rate=0.5, num_hidden_layers=1))
+    model.set_train(True)
+    step = ms.nn.TrainOneStepCell(model, ms.nn.SGD(model.trainable_params(), learning_rate=0.1))
+    loss = step(Tensor(np.random.default_rng(6).integers(0, 64, (2, 9)).astype(np.int32)))
+    cb = Params(cur_step_num=1, train_network=step, net_outputs=loss)
+    load = step_stats(cb)["expert_load"]
+    step_stats(cb)
+    expected = 0.5 * np.sign(load.mean(-1, keepdims=True) - load)
+    assert np.abs(expected).max() > 0
+    np.testing.assert_array_equal(model.model.layers[0].block_sparse_moe.gate.e_score_correction_bias.asnumpy(),
+                                  expected[0])
 
 
 def _aux_reference(logits, bias, mask, k, sigmoid, scope, step_load=None):
@@ -170,8 +195,8 @@ def test_checkpoint_names_config_json_and_a_checkpoint_without_the_bias(tmp_path
     config = _config(router_bias_update_rate=0.01, router_aux_loss_scope="sequence", **SHARED)
     names = set(parameter_specs(config))
     p = "model.layers.1.block_sparse_moe."
-    assert {p + "shared_expert.gate_proj.weight", p + "shared_expert.up_proj.weight", p + "shared_expert.down_proj.weight",
-            p + "shared_expert_gate.weight", p + "gate.e_score_correction_bias"} <= names
+    assert {p + "shared_expert.gate_proj.weight", p + "shared_expert.up_proj.weight",
+            p + "shared_expert.down_proj.weight", p + "shared_expert_gate.weight", p + "gate.e_score_correction_bias"} <= names
     ms.set_seed(0)
     model = MixtralForCausalLM(config)
     assert names == {q.name for q in model.get_parameters() if not q.name.startswith("router_stats.")}
@@ -192,16 +217,40 @@ def test_checkpoint_names_config_json_and_a_checkpoint_without_the_bias(tmp_path
                                   plain.model.layers[0].block_sparse_moe.shared_expert.up_proj.weight.asnumpy())
 
 
+def test_layer_pattern_dense_layers_are_mistral_mlps():
+    """Which layers are MoE (every k-th, the first n dense, an explicit list); a dense layer is x + SwiGLU
+    named as Mistral's `mlp.*` (numpy), and the router outputs cover the MoE layers only."""
+    from mixtral_ms.schema import moe_layers
+    assert moe_layers(_config(num_hidden_layers=6, moe_layer_freq=2)) == (1, 3, 5)  # GShard's every other layer
+    assert moe_layers(_config(num_hidden_layers=5, first_k_dense=1, mlp_only_layers=[3])) == (1, 2, 4)
+    config = _config(num_hidden_layers=3, moe_layer_freq=2, router_aux_loss_scope="sequence")
+    ms.set_seed(0)
+    model = MixtralForCausalLM(config)
+    names = {q.name for q in model.get_parameters() if not q.name.startswith("router_stats.")}
+    assert names == set(parameter_specs(config))
+    assert {"model.layers.0.mlp.gate_proj.weight", "model.layers.2.mlp.down_proj.weight"} <= names
+    assert not any(n.startswith(("model.layers.0.block", "model.layers.1.mlp")) for n in names)
+    mlp = model.model.layers[0].mlp
+    x = np.random.default_rng(4).normal(size=(6, 16)).astype(np.float32)
+    ref = _swiglu(x, mlp.gate_proj.weight.asnumpy(), mlp.up_proj.weight.asnumpy(), mlp.down_proj.weight.asnumpy())
+    np.testing.assert_allclose(mlp(Tensor(x)).asnumpy(), ref, rtol=1e-5, atol=1e-5)
+    model.set_train(False)
+    ids = Tensor(np.random.default_rng(5).integers(0, 64, (2, 8)).astype(np.int32))
+    _, router_logits, load, _ = model(ids)
+    assert router_logits.shape == (1, 16, 4) and load.shape == (1, 4) and load.asnumpy().sum() == 32
+
+
 def test_plan_covers_the_options_and_refuses_the_bias_under_a_pipeline():
     options = dict(router_bias_update_rate=0.01, router_score_function="sigmoid", router_aux_loss_scope="global_batch",
-                   **SHARED)
+                   moe_layer_freq=2, **SHARED)
     semi = {"parallel_mode": 1, "enable_alltoall": True, "full_batch": True}
     layout = validate({"data_parallel": 2, "model_parallel": 2, "expert_parallel": 2}, semi, {**BASE, **options}, 4)
     model = MixtralForCausalLM(_config(**options, **layout.model_fields()))
     table = apply_plan(model, layout)  # every primitive and parameter planned, strategies checked
-    assert table["model.layers.0.block_sparse_moe.gate.bias_step"].strategy == ((1,), (1,))
-    assert table["model.layers.0.block_sparse_moe.shared_expert.down_proj.matmul"].strategy == ((2, 2), (1, 2))
-    assert table["step_load_sum"].strategy == ((1, 1),)
+    assert table["model.layers.1.block_sparse_moe.gate.bias_step"].strategy == ((1,), (1,))
+    assert table["model.layers.1.block_sparse_moe.shared_expert.down_proj.matmul"].strategy == ((2, 2), (1, 2))
+    assert table["step_load_sum"].strategy == ((1, 1),) and table["step_load_sum"].shapes == ((1, 4),)
+    assert table["model.layers.0.mlp.down_proj.matmul"].strategy == ((2, 2), (1, 2))  # layer 0 dense
     piped = validate({"data_parallel": 1, "pipeline_stage": 2, "micro_batch_num": 2}, semi, {**BASE, **options}, 2)
     with pytest.raises(ParallelConfigError, match="router_bias_update_rate needs pipeline_stage 1"):
         plan_spec(_config(**options), piped)
@@ -215,6 +264,9 @@ def test_plan_covers_the_options_and_refuses_the_bias_under_a_pipeline():
     ({"num_shared_experts": -1}, "num_shared_experts must be an integer >= 0"),
     ({"num_shared_experts": 1, "shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size must be a"),
     ({"shared_expert_gate": True}, "shared_expert_gate needs num_shared_experts > 0"),
+    ({"moe_layer_freq": 0}, "moe_layer_freq must be a positive integer"),
+    ({"mlp_only_layers": [2]}, "mlp_only_layers must be null or a list of layer indices 0..1"),
+    ({"first_k_dense": 1, "mlp_only_layers": [1]}, "no MoE layer: moe_layer_freq 1, first_k_dense 1"),
 ])
 def test_inconsistent_options_are_one_line(change, message):
     with pytest.raises(ConfigError) as err:

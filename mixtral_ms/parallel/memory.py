@@ -102,8 +102,8 @@ def _activations(d: ModelDims, layout: ParallelLayout, run_mode: str, stage: int
     Per layer and micro-batch, with T tokens per data-parallel rank, S tokens per row, b rows:
     hidden-sized tensors ~ 10 * T * H (norms, residuals, attention in/out, MoE in/out), q/k/v/context
     4 * T * nH * D / mp, scores and fp32 probabilities 3 * b * nH/mp * S^2 (x2 bytes for fp32), MoE
-    dispatch k*cf*T*f/mp slots of (2 H + 3 F/f) per device. 1F1B keeps pp - stage micro-batches in
-    flight; recompute keeps only each layer's input plus one layer's full set (being recomputed). Predict: the KV cache
+    dispatch k*cf*T*f/mp slots of (2 H + 3 F/f) per device (every layer, dense ones too: an upper bound),
+    shared experts 3 * T * N*F_s / mp. 1F1B keeps pp - stage micro-batches in flight; recompute keeps only each layer's input plus one layer's full set (being recomputed). Predict: the KV cache
     for max_position_embeddings is counted instead (2 * L * b * nKV/mp * P * D).
     """
     c = DTYPE_BYTES[d.compute_dtype] if d.compute_dtype in DTYPE_BYTES else 2
@@ -118,6 +118,7 @@ def _activations(d: ModelDims, layout: ParallelLayout, run_mode: str, stage: int
     # after the AllToAll a device holds E/ep experts x G/t groups x C slots = k*cf*t * f/mp slots
     slots = d.num_experts_per_tok * max(d.capacity_factor, 1.0) * t * f / mp
     per_layer += c * slots * (2 * d.hidden_size + 3 * d.intermediate_size / f)
+    per_layer += c * 3 * t * d.num_shared_experts * d.shared_expert_intermediate_size / mp  # gate, up, product
     layers = layout.layers_per_stage
     in_flight = layout.pipeline_stage - stage if layout.pipeline_stage > 1 else 1
     copies = in_flight * layout.micro_batch_interleave_num

@@ -25,10 +25,10 @@ ParallelLayout.expert_token_split / expert_ffn_split; G = dp token groups, C = c
 | block_sparse_moe.from_experts | [E, G, C, H] | ((ep, t, a, 1),): AllToAll back to dp-sharded groups |
 | model.embed_tokens.gather (embedding) | W [V, H], ids [B, S] | ((1, 1), (dp, 1)); ((mp, 1), (dp, 1)) if vocab split |
 | lm_head.matmul, head_matmul | x [T, H], W [V, H] | ((dp, 1), (1, 1)); ((dp, 1), (mp, 1)) unless vocab_emb_dp |
-| router_stats.add_* / zero_* (side channel); step_load_add / step_load_sum (global-batch aux loss) | [L, E] tables and scalars | replicated |
-| gate.biased_scores / gate.bias_step (router bias, aux-loss-free) | scores [T, E] + bias [E]; bias += step | ((dp, 1), (1,)) / replicated |
-| shared_expert.gate_proj/up_proj.matmul, act, gated | x [T, H], W [N*F_s, H] | column parallel ((dp, 1), (mp, 1)); ((dp, mp),) |
-| shared_expert.down_proj.matmul | [T, N*F_s], W [H, N*F_s] | row parallel ((dp, mp), (1, mp)) |
+| router_stats.add_* / zero_* (side channel); step_load_add / _sum (global-batch aux) | [L, E], scalars | replicated |
+| gate.biased_scores / gate.bias_step (aux-loss-free bias) | scores [T, E] + bias [E] | ((dp, 1), (1,)) / replicated |
+| shared_expert.*, dense layers' mlp.*: gate/up_proj.matmul, act, gated | x [T, H], W [W, H] | ((dp, 1), (mp, 1)); ((dp, mp),) |
+| shared_expert.down_proj / mlp.down_proj.matmul | [T, W], W [H, W] | row parallel ((dp, mp), (1, mp)) |
 | shared_expert_gate.matmul | x [T, H], W [1, H] | ((dp, 1), (1, 1)) |
 
 `a` is f with moe_config.group_wise_a2a (each model-parallel rank sends 1/f of the capacity through the
@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..capacity import expert_capacity
-from ..schema import ModelDims, model_dims
+from ..schema import ModelDims, model_dims, moe_layers
 from .config import ParallelConfigError, ParallelLayout
 
 Strategy = Tuple[Tuple[int, ...], ...]
@@ -152,6 +152,7 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capac
                                   f"{capacity_factor}); change batch_size, seq_length or capacity_factor, or "
                                   "turn it off")
     last = pp - 1
+    sparse = moe_layers(d)
     vocab_split = 1 if layout.effective_vocab_emb_dp else mp
     axes, sizes = expert_axes(layout)
     experts = ("g", "e2")  # ep
@@ -185,6 +186,9 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capac
         op(p + "self_attn.bmm_pv", [(b, nkv, q_rows, s), (b, nkv, s, hd)], [(dp, mp, 1, 1), (dp, mp, 1, 1)], st,
            note="KV heads over mp")
         param(p + "post_attention_layernorm.weight", (h,), (1,), st, "replicated")
+        if i not in sparse:
+            _swiglu(op, param, p + "mlp.", tok, h, ff, dp, mp, st, "dense layer")
+            continue
         m = p + "block_sparse_moe."
         if d.router_type != "rre":  # the random router has no matmul (router.RandomRouter)
             op(m + "gate.matmul", [(tok, h), (e, h)], [(dp, 1), (1, 1)], st, note="router, tokens over dp")
@@ -194,16 +198,8 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capac
             op(m + "gate.biased_scores", [(tok, e), (e,)], [(dp, 1), (1,)], st, note="scores + bias, to choose")
             op(m + "gate.bias_step", [(e,), (e,)], [(1,), (1,)], st, note="bias update, replicated")
         if d.num_shared_experts:
-            w = d.num_shared_experts * d.shared_expert_intermediate_size
-            for proj in ("gate_proj", "up_proj"):
-                op(m + f"shared_expert.{proj}.matmul", [(tok, h), (w, h)], [(dp, 1), (mp, 1)], st,
-                   note="shared experts, column parallel")
-                param(m + f"shared_expert.{proj}.weight", (w, h), (mp, 1), st)
-            op(m + "shared_expert.act", [(tok, w)], [(dp, mp)], st, note="SiLU of the shared experts' gate")
-            op(m + "shared_expert.gated", [(tok, w), (tok, w)], [(dp, mp), (dp, mp)], st, note="silu(gate) * up")
-            op(m + "shared_expert.down_proj.matmul", [(tok, w), (h, w)], [(dp, mp), (1, mp)], st,
-               note="shared experts, row parallel: AllReduce")
-            param(m + "shared_expert.down_proj.weight", (h, w), (1, mp), st)
+            _swiglu(op, param, m + "shared_expert.", tok, h, d.num_shared_experts * d.shared_expert_intermediate_size,
+                    dp, mp, st, "shared experts")
             if d.shared_expert_gate:
                 op(m + "shared_expert_gate.matmul", [(tok, h), (1, h)], [(dp, 1), (1, 1)], st,
                    note="shared experts' sigmoid gate")
@@ -235,8 +231,8 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capac
     for term in (*stats_terms, "passes"):  # the training side channel (losses.TrainingStats), where the loss is
         param(STATS_PREFIX + term, (), (), last, "training statistics, replicated")
     for name in ("expert_load", "dropped"):
-        param(STATS_PREFIX + name, (d.num_hidden_layers, e), (1, 1), last, "training statistics, replicated")
-    stats_table = (d.num_hidden_layers, e)
+        param(STATS_PREFIX + name, (len(sparse), e), (1, 1), last, "training statistics, replicated")
+    stats_table = (len(sparse), e)
     for name in ("add_table", "zero_table"):
         op(STATS_PREFIX + name, [stats_table, stats_table], [(1, 1), (1, 1)], last, note="side channel, replicated")
     for name in ("add_scalar", "zero_scalar"):
@@ -245,6 +241,19 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capac
         op("step_load_add", [stats_table, stats_table], [(1, 1), (1, 1)], last, note="side channel, replicated")
         op("step_load_sum", [stats_table], [(1, 1)], last, note="side channel, replicated")
     return table
+
+
+def _swiglu(op, param, prefix: str, tok: int, h: int, width: int, dp: int, mp: int, stage: int, what: str) -> None:
+    """The plan rows of a SwiGLU MLP (moe.SwiGLU at `prefix`): gate/up column parallel, down row parallel."""
+    for proj in ("gate_proj", "up_proj"):
+        op(prefix + f"{proj}.matmul", [(tok, h), (width, h)], [(dp, 1), (mp, 1)], stage,
+           note=f"{what}, column parallel")
+        param(prefix + f"{proj}.weight", (width, h), (mp, 1), stage)
+    op(prefix + "act", [(tok, width)], [(dp, mp)], stage, note=f"SiLU of the {what}' gate")
+    op(prefix + "gated", [(tok, width), (tok, width)], [(dp, mp), (dp, mp)], stage, note="silu(gate) * up")
+    op(prefix + "down_proj.matmul", [(tok, width), (h, width)], [(dp, mp), (1, mp)], stage,
+       note=f"{what}, row parallel: AllReduce")
+    param(prefix + "down_proj.weight", (h, width), (1, mp), stage)
 
 
 def check_table(table: Dict[str, Entry], layout: ParallelLayout) -> List[str]:
