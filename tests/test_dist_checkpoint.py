@@ -218,7 +218,8 @@ def test_a_rank_reads_its_slices_when_the_compiler_initialises_the_weights(conve
     plan, rank = strategy(SHIPPED), 9
     with no_init_parameters():  # what semi-auto mode does to initializer-made parameters
         model = MixtralForCausalLM(MixtralConfig.from_hf_dir(converted))
-    loader = SlicedLoad(converted, CONFIG, os.path.join(STRATEGIES, SHIPPED), rank)
+    # the strategy file rank 9's compile writes: its stage's (stage 1 of 2)
+    loader = SlicedLoad(converted, CONFIG, os.path.join(STRATEGIES, SHIPPED, "ckpt_strategy_rank_8.ckpt"), rank)
     assert loader.attach(model) == len(parameter_specs(CONFIG))
     want = read_rank_slices(converted, CONFIG, plan, rank)
     params = {p.name: p for p in model.get_parameters()}
@@ -226,7 +227,14 @@ def test_a_rank_reads_its_slices_when_the_compiler_initialises_the_weights(conve
         slice_shape = list(box_shape(plan.box(name, params[name].shape, rank)))
         np.testing.assert_array_equal(params[name].init_mode.init_data(None, slice_shape, None).asnumpy(), array)
     assert sorted(loader.filled) == sorted(want)  # stage 1's weights only
-    with pytest.raises(CheckpointError, match=r"asks rank 9 for a \[8, 64\] slice, the strategy file gives \[16, 64\]"):
-        params["model.embed_tokens.weight"].init_mode.init_data(None, [8, 64], None)
+    # what the compiler asks beyond that: a wrong slice shape is refused; stage 0's embedding, which the
+    # compiler initialises whole on stage-1 ranks too, is read whole
+    with pytest.raises(CheckpointError, match=r"asks rank 9 for a \[64, 64\] slice, the strategy file gives \[8, 64\]"):
+        loader.fill("model.layers.1.self_attn.q_proj.weight", (64, 64), np.empty((64, 64), np.float32))
+    embedding = params["model.embed_tokens.weight"].init_mode.init_data(None, [128, 64], None).asnumpy()
+    source = open_checkpoint(converted)["model.embed_tokens.weight"]
+    np.testing.assert_array_equal(embedding, np.frombuffer(source.read(), np.float32).reshape(128, 64))
+    with pytest.raises(CheckpointError, match=r"not in the compiled strategy .* asks rank 9 for a \[16, 64\] slice"):
+        loader.fill("model.embed_tokens.weight", (128, 64), np.empty((16, 64), np.float32))
     with pytest.raises(CheckpointError, match="already holds data"):
         loader.attach(MixtralForCausalLM(MixtralConfig.from_hf_dir(converted)))
