@@ -190,31 +190,40 @@ def test_global_batch_aux_loss_uses_the_steps_load_so_far():
 
 def test_checkpoint_names_config_json_and_a_checkpoint_without_the_bias(tmp_path):
     """Qwen2-MoE's shared-expert names under block_sparse_moe, the bias as DeepSeek-V3 names it; the options
-    round-trip through config.json; a checkpoint lacking the bias (any made before the option) loads it as zeros."""
+    round-trip through config.json and the converter (ms2hf, from_pretrained); a checkpoint lacking the bias
+    (any made before the option) loads it as zeros."""
     from mixtral_ms.checkpoint import load_weights
-    config = _config(router_bias_update_rate=0.01, router_aux_loss_scope="sequence", **SHARED)
+    from mixtral_ms.convert import ms2hf
+    config = _config(router_bias_update_rate=0.01, router_aux_loss_scope="sequence", mlp_only_layers=[0], **SHARED)
     names = set(parameter_specs(config))
     p = "model.layers.1.block_sparse_moe."
     assert {p + "shared_expert.gate_proj.weight", p + "shared_expert.up_proj.weight",
-            p + "shared_expert.down_proj.weight", p + "shared_expert_gate.weight", p + "gate.e_score_correction_bias"} <= names
+            p + "shared_expert.down_proj.weight", p + "shared_expert_gate.weight", p + "gate.e_score_correction_bias",
+            "model.layers.0.mlp.up_proj.weight"} <= names
     ms.set_seed(0)
     model = MixtralForCausalLM(config)
     assert names == {q.name for q in model.get_parameters() if not q.name.startswith("router_stats.")}
     hf = config.to_hf_config()
     again = MixtralConfig.from_hf_config(json.loads(json.dumps(hf)))
-    assert {k: getattr(again, k) for k in ("router_bias_update_rate", "router_aux_loss_scope", "num_shared_experts",
-                                           "shared_expert_intermediate_size", "shared_expert_gate")} == \
-        {"router_bias_update_rate": 0.01, "router_aux_loss_scope": "sequence", "num_shared_experts": 2,
-         "shared_expert_intermediate_size": 8, "shared_expert_gate": True}
+    options = {"router_bias_update_rate": 0.01, "router_aux_loss_scope": "sequence", "num_shared_experts": 2,
+               "shared_expert_intermediate_size": 8, "shared_expert_gate": True, "mlp_only_layers": [0]}
+    assert {k: getattr(again, k) for k in options} == options
     assert "router_bias_update_rate" not in _config().to_hf_config()
-    plain = MixtralForCausalLM(_config(**SHARED))
+    model.model.layers[1].block_sparse_moe.gate.e_score_correction_bias.set_data(Tensor(np.arange(4, dtype=np.float32)))
+    with open(tmp_path / "config.json", "w") as f:  # the converter's round trip keeps every tensor, bias included
+        json.dump(hf, f)
+    ms.save_checkpoint([{"name": q.name, "data": q.value()} for q in model.get_parameters()], str(tmp_path / "o.ckpt"))
+    ms2hf(str(tmp_path / "o.ckpt"), str(tmp_path / "hf"), config_path=str(tmp_path / "config.json"))
+    back = MixtralForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    for q, r in zip(model.get_parameters(), back.get_parameters()):
+        assert q.name == r.name and np.array_equal(q.asnumpy(), r.asnumpy()), q.name
+    plain = MixtralForCausalLM(_config(mlp_only_layers=[0], **SHARED))
     path = str(tmp_path / "plain.ckpt")
     ms.save_checkpoint([{"name": q.name, "data": q.value()} for q in plain.get_parameters()], path)
-    model.model.layers[0].block_sparse_moe.gate.e_score_correction_bias.set_data(Tensor(np.ones(4, np.float32)))
     load_weights(model, path)
-    assert not model.model.layers[0].block_sparse_moe.gate.e_score_correction_bias.asnumpy().any()
-    np.testing.assert_array_equal(model.model.layers[0].block_sparse_moe.shared_expert.up_proj.weight.asnumpy(),
-                                  plain.model.layers[0].block_sparse_moe.shared_expert.up_proj.weight.asnumpy())
+    assert not model.model.layers[1].block_sparse_moe.gate.e_score_correction_bias.asnumpy().any()
+    np.testing.assert_array_equal(model.model.layers[1].block_sparse_moe.shared_expert.up_proj.weight.asnumpy(),
+                                  plain.model.layers[1].block_sparse_moe.shared_expert.up_proj.weight.asnumpy())
 
 
 def test_layer_pattern_dense_layers_are_mistral_mlps():
