@@ -132,10 +132,7 @@ def build_model(run: Run, checkpoint: Optional[str]):
     names, shapes and dtypes are checked here, before the compile."""
     from .checkpoint import load_weights
     from .modeling import MixtralForCausalLM
-    from .parallel.checkpoint import SlicedLoad, is_rank_folder
-    if checkpoint and is_rank_folder(checkpoint):  # slices, not a model: the newest file is one rank's
-        raise RunError(f"{checkpoint} holds per-rank checkpoints (rank_<i>/): merge them with their strategy "
-                       "first (scripts/convert_weight.py merge --src ... --strategy ...; docs/parallel.md)")
+    from .parallel.checkpoint import SlicedLoad
     model = MixtralForCausalLM(run.model_config)
     if checkpoint and run.layout is not None and run.layout.parallel_mode == "semi_auto_parallel":
         SlicedLoad(resolve_checkpoint(checkpoint), run.model_config).attach(model)

@@ -199,14 +199,6 @@ def test_bad_input_is_one_line_and_writes_nothing(pp2_run, tmp_path, capsys, cas
     assert not os.path.exists(tmp_path / "b") and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
 
-def test_a_run_refuses_a_folder_of_rank_slices_as_its_checkpoint(pp2_run):
-    from types import SimpleNamespace
-    from mixtral_ms.run_checks import RunError
-    from mixtral_ms.runner import build_model
-    with pytest.raises(RunError, match=r"holds per-rank checkpoints \(rank_<i>/\): merge them"):
-        build_model(SimpleNamespace(model_config=None, layout=None), pp2_run)
-
-
 def test_a_rank_reads_its_slices_when_the_compiler_initialises_the_weights(converted):
     """runner.build_model under semi-auto parallel: the weights stay lazy and each is read, box by box, when
     the compiler initialises the rank's slice (Tensor.init_data with the slice shape, as MindSpore's
