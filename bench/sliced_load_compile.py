@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,8 +96,12 @@ def main() -> int:
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
     spec = {"config": os.path.abspath(args.config), "rank": args.rank, "settings": settings, "output_dir": out,
             "checkpoint": os.path.abspath(args.checkpoint)}
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--checkpoint", args.checkpoint, "--config",
-                           args.config, "--child", json.dumps(spec)], env=env, cwd=out, capture_output=True, text=True)
+    try:
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--checkpoint", args.checkpoint, "--config",
+                               args.config, "--child", json.dumps(spec)], env=env, cwd=out, capture_output=True,
+                              text=True)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         print(done.stdout[-2000:] + done.stderr[-2000:], file=sys.stderr)
