@@ -9,7 +9,7 @@ every tool follows the same rules (docs/reliability.md):
   A signal that lands while MindSpore is being imported leaves it half-initialised, and its C++ exit hook
   then aborts the process (status 134, a C++ dump): the runner leaves without running exit hooks then.
 - A bad input raises a `BadInput` (or one of the error classes of modules that predate it, see
-  `bad_input_types`) or an OSError (missing file, permission, disk full): one line `error: ...` on stderr,
+  `BAD_INPUT`) or an OSError (missing file, permission, disk full): one line `error: ...` on stderr,
   exit status 2, no traceback.
 - Anything else is a bug: its traceback shows (exit status 1).
 
@@ -54,16 +54,7 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def bad_input_types() -> Tuple[type, ...]:
-    """BadInput, OSError, and the error classes of modules that cannot derive from BadInput yet (they
-    are looked up only if their module was imported: an error of theirs cannot have been raised else)."""
-    types = [BadInput, OSError]
-    for module, name in (("mixtral_ms.safetensors_io", "CheckpointError"),
-                         ("mixtral_ms.parallel.config", "ParallelConfigError")):
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type):
-            types.append(cls)
-    return tuple(types)
+BAD_INPUT = (BadInput, OSError)  # what a tool reports as one line and exit 2; anything else is a bug
 
 
 def one_line(err: BaseException) -> str:
@@ -145,7 +136,7 @@ def run(main: Callable[..., Optional[int]], argv=None, interrupted: str = "inter
                     shutil.rmtree(logs, ignore_errors=True)
                 _leave_now(status)
             return status
-        if not isinstance(err, Exception) or not isinstance(err, bad_input_types()):
+        if not isinstance(err, Exception) or not isinstance(err, BAD_INPUT):
             raise  # a bug (or SystemExit): its traceback shows
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         return 2

@@ -36,7 +36,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 from .schema import hf_dims, read_hf_config
 from .name_map import (count_parameters, hf_sources, is_ms_layout, ms_tensors, parameter_specs,
                        source_dtype)
-from .outputs import backup_path, stale, temp_path
+from .cli import BadInput
+from .outputs import backup_path, refuse_overlap, stale, temp_path
 from .safetensors_io import (CHUNK_BYTES, CheckpointError, TensorInfo, convert_bytes, count_nonfinite, has_nonfinite,
                              nbytes_of, open_checkpoint, read_index, write_safetensors)
 
@@ -68,9 +69,9 @@ def parse_size(text) -> int:
         else:
             value = int(t)
     except ValueError:
-        raise ValueError(f"not a size: {text!r} (use e.g. 2GB, 500MB or a byte count)") from None
+        raise BadInput(f"not a size: {text!r} (use e.g. 2GB, 500MB or a byte count)") from None
     if value <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
+        raise BadInput(f"size must be positive: {text!r}")
     return value
 
 
@@ -78,7 +79,7 @@ def _dtype_tag(dtype: Optional[str]) -> Optional[str]:
     if dtype is None:
         return None
     if dtype.lower() not in DTYPE_TAGS:
-        raise ValueError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
+        raise BadInput(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
     return DTYPE_TAGS[dtype.lower()]
 
 
@@ -170,11 +171,8 @@ def _prepare_dst(src: str, dst: str, overwrite: bool, needed_bytes: int,
     """Check the destination and make the temp folder beside it; returns (target, temp folder, missing
     parent folders made, so that a failure can remove them again). `target` is the real path: a `dst`
     that is a symlink is written through."""
+    refuse_overlap([src], dst)
     target = os.path.realpath(os.path.abspath(dst).rstrip(os.sep) or os.sep)
-    src_real = os.path.realpath(src)
-    if target == src_real or src_real.startswith(target + os.sep) \
-            or (os.path.isfile(src_real) and os.path.dirname(src_real) == target):
-        raise CheckpointError(f"destination {dst} is (or contains) the source {src}; choose another folder")
     if os.path.lexists(target) and not os.path.isdir(target):
         raise CheckpointError(f"destination {dst} exists and is not a folder")
     _recover(target, progress)

@@ -13,17 +13,10 @@ import contextlib
 import json
 import os
 import re
-import signal
 import tempfile
 from typing import Iterator, List, Sequence, Tuple
 
-from .cli import BadInput, Interrupted, _raise_interrupted, exit_status  # noqa: F401 (re-exported)
-
-
-def interrupt_on_sigterm() -> None:
-    """From now on SIGTERM raises `Interrupted` (a KeyboardInterrupt) in the main thread (cli.run installs
-    this for SIGINT and SIGTERM before a tool imports anything heavy)."""
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+from .cli import BadInput
 
 
 def temp_path(target: str, hidden: bool = False) -> str:

@@ -12,25 +12,17 @@ import argparse
 import dataclasses
 import glob
 import os
-import sys
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
 
 from . import cli, outputs, run_checks
-from .data import DataError
-from .parallel.config import ParallelConfigError, ParallelLayout, from_run_config
+from .parallel.config import ParallelLayout, from_run_config
 from .run_checks import RunError
-from .safetensors_io import CheckpointError
-from .schema import ConfigError
 
 if TYPE_CHECKING:  # importing MixtralConfig imports MindFormers (seconds): not before the checks
     from .configuration import MixtralConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATION_KEYS = {"max_new_tokens": int, "do_sample": bool, "temperature": float, "top_k": int, "top_p": float}
-
-# Every error a run reports as one line `error: ...` (exit status 2; cli.bad_input_types).
-RUN_ERRORS = (RunError, ConfigError, DataError, CheckpointError, ParallelConfigError)
-
 
 @dataclasses.dataclass
 class Run:
@@ -320,7 +312,7 @@ def _check_before_import(args: argparse.Namespace, config: Mapping) -> Dict[str,
 
 
 def execute(args: argparse.Namespace) -> None:
-    """Run what the parsed command line asks; raises one of RUN_ERRORS for bad input.
+    """Run what the parsed command line asks; raises a cli.BadInput (RunError, ConfigError, DataError, CheckpointError, ParallelConfigError) for bad input.
 
     Flags override the YAML (`--run_mode` over `run_mode`, as in MindFormers' run_mindformer.py). The
     YAML's values, the arguments and the output folder are checked before MindFormers is imported;
@@ -403,5 +395,5 @@ def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None
     except SystemExit as done:  # --help (0) or a bad flag (2, one line): a status, also when called in-process
         return int(done.code or 0)
     # SIGTERM unwinds like Ctrl-C (a checkpoint being written is removed: MixtralCheckpointMonitor); bad
-    # input (RUN_ERRORS) is one line: the tools' one runner, mixtral_ms/cli.py
+    # input (cli.BadInput) is one line: the tools' one runner, mixtral_ms/cli.py
     return cli.run(execute, args, interrupted="interrupted by {signal}", temp_logs=False)

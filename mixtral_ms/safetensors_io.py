@@ -20,6 +20,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
+from .cli import BadInput
+
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
@@ -30,7 +32,7 @@ _MAX_HEADER = 100 * 1024 * 1024  # the limit the reference implementation enforc
 CHUNK_BYTES = 8 << 20  # streaming buffer: the most tensor data a conversion holds at once
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput, ValueError):
     """A checkpoint that is missing, truncated, corrupt or does not fit the model."""
 
 

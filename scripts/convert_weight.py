@@ -25,12 +25,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mixtral_ms.convert import DEFAULT_SHARD, DTYPE_TAGS, hf2ms, merge, ms2hf, parse_size, plan  # noqa: E402
-from mixtral_ms.outputs import exit_status, interrupt_on_sigterm  # noqa: E402
-from mixtral_ms.safetensors_io import CheckpointError  # noqa: E402
+from mixtral_ms import cli  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("hf2ms", "ms2hf"):
         p = sub.add_parser(name)
@@ -68,37 +67,30 @@ def main(argv=None) -> int:
     p = sub.add_parser("plan")
     p.add_argument("--src", required=True)
     p.add_argument("--dtype", choices=sorted(DTYPE_TAGS))
-    args = parser.parse_args(argv)
-    interrupt_on_sigterm()
-    try:
-        if args.command in ("split", "reshard"):
-            return _distributed(args)
-        if args.command == "plan" or getattr(args, "plan", False):
-            print(plan(args.src, args.dtype))
-            return 0
-        shard_size = parse_size(args.shard_size)
-        progress = None if args.quiet else (lambda line: print(f"{args.command}: {line}", file=sys.stderr, flush=True))
-        start = time.time()
-        if args.command == "merge":
-            result = merge(args.src, args.strategy, args.dst, args.config, args.overwrite, shard_size, progress)
-        elif args.command == "hf2ms":
-            result = hf2ms(args.src, args.dst, args.dtype, args.overwrite, shard_size, progress=progress,
-                           allow_nonfinite=args.allow_nonfinite)
-        else:
-            result = ms2hf(args.src, args.dst, args.dtype, args.overwrite, shard_size, args.config, progress=progress,
-                           allow_nonfinite=args.allow_nonfinite, strategy=args.strategy)
-        took = time.time() - start
-        print(f"{args.command}: {result['tensors']} tensors, {result['bytes'] / 2**20:.1f} MiB -> {args.dst} "
-              f"in {took:.1f} s ({result['bytes'] / 2**20 / max(took, 1e-9):.0f} MiB/s)")
+    return cli.run(_main, parser.parse_args(argv))
+
+
+def _main(args) -> int:
+    if args.command in ("split", "reshard"):
+        return _distributed(args)
+    if args.command == "plan" or getattr(args, "plan", False):
+        print(plan(args.src, args.dtype))
         return 0
-    except (CheckpointError, FileNotFoundError, ValueError, OSError) as err:  # ConfigError is a ValueError
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the conversion removed its temp folder
-        status, name = exit_status(err)
-        print(f"error: interrupted ({name}); no output written", file=sys.stderr)
-        return status
+    shard_size = parse_size(args.shard_size)
+    progress = None if args.quiet else (lambda line: print(f"{args.command}: {line}", file=sys.stderr, flush=True))
+    start = time.time()
+    if args.command == "merge":
+        result = merge(args.src, args.strategy, args.dst, args.config, args.overwrite, shard_size, progress)
+    elif args.command == "hf2ms":
+        result = hf2ms(args.src, args.dst, args.dtype, args.overwrite, shard_size, progress=progress,
+                       allow_nonfinite=args.allow_nonfinite)
+    else:
+        result = ms2hf(args.src, args.dst, args.dtype, args.overwrite, shard_size, args.config, progress=progress,
+                       allow_nonfinite=args.allow_nonfinite, strategy=args.strategy)
+    took = time.time() - start
+    print(f"{args.command}: {result['tensors']} tensors, {result['bytes'] / 2**20:.1f} MiB -> {args.dst} "
+          f"in {took:.1f} s ({result['bytes'] / 2**20 / max(took, 1e-9):.0f} MiB/s)")
+    return 0
 
 
 def _distributed(args) -> int:

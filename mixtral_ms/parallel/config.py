@@ -14,10 +14,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
+from ..cli import BadInput
 from ..schema import ModelDims, model_dims  # the model side of every check
 
 
-class ParallelConfigError(ValueError):
+class ParallelConfigError(BadInput, ValueError):
     """A parallel layout that cannot run this model on this many devices."""
 
 

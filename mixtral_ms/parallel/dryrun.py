@@ -29,7 +29,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..run_checks import RunError  # no MindSpore import: bad input is refused before the seconds it costs
-from ..runner import ROOT, RUN_ERRORS, _Parser
+from .. import cli
+from ..cli import ArgumentParser as _Parser
+from ..runner import ROOT
 from .config import from_run_config
 
 COMM_KINDS = ("AllToAll", "AllGather", "AllReduce", "ReduceScatter", "Send", "Receive", "Broadcast")
@@ -401,6 +403,7 @@ def compile_rank(config: str, rank: int, devices: int, output_dir: str, settings
                GLOG_v=env.get("GLOG_v", "3"), MS_DEV_SAVE_GRAPHS="1", MS_DEV_SAVE_GRAPHS_PATH=graphs, MS_DEV_DUMP_IR_PASSES="validate",
                LOCAL_DEFAULT_PATH=os.path.join(output_dir, "log"))
     env.pop("MS_ROLE", None)
+    env.pop("LOCAL_DEFAULT_PATH", None)  # MindFormers' logs of the compile stay with its graphs (cwd)
     from ..runner import ROOT
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
     spec = {"config": os.path.abspath(config), "rank": rank, "settings": settings or {}, "layers": layers, "run_mode": run_mode,
@@ -499,8 +502,7 @@ def dry_run(config: str, settings: Dict[str, Any], layers: Optional[int], all_st
 
 def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None) -> int:
     """scripts/dryrun.py: 0 when every rank compiled and agrees with the plan and the estimator, 1 when one
-    did not (the report says why), 2 on bad input, 130 / 143 on SIGINT / SIGTERM."""
-    from ..outputs import exit_status, interrupt_on_sigterm
+    did not (the report says why), 2 on bad input, 130 / 143 on SIGINT / SIGTERM (cli.run)."""
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help=f"the layout YAML (default with --matrix: {TINY_CONFIG})")
     where = parser.add_mutually_exclusive_group()
@@ -513,39 +515,33 @@ def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None
     parser.add_argument("--rows", help="with --matrix: only these rows (comma-separated names)")
     parser.add_argument("--output", default="output/dryrun", help="folder for strategy files, graphs and logs")
     parser.add_argument("--json", help="write every rank's result to this JSON file")
-    args = parser.parse_args(argv)
-    interrupt_on_sigterm()
-    try:
-        if args.layers is not None and args.layers < 1:
-            raise RunError(f"--layers must be a positive integer, got {args.layers}")
-        settings = _parse_set(args.set)
-        if args.matrix:
-            rows = list(TINY_MATRIX)
-            if args.rows:
-                rows = [r.strip() for r in args.rows.split(",")]
-                unknown = [r for r in rows if r not in TINY_MATRIX]
-                if unknown:
-                    raise RunError(f"--rows: no matrix row {unknown[0]!r} (rows: {', '.join(TINY_MATRIX)})")
-            config = args.config or os.path.join(ROOT, TINY_CONFIG)
-            results = []
-            for row in rows:
-                print(f"== {row}", flush=True)
-                for result in dry_run(config, {**TINY_MATRIX[row], **settings}, args.layers, True, None,
-                                      os.path.join(args.output, row), emit=lambda line: print(line, flush=True)):
-                    result.row = row
-                    results.append(result)
-        else:
-            if not args.config:
-                raise RunError("--config is required (or --matrix)")
-            results = dry_run(args.config, settings, args.layers, args.all_stages, args.rank, args.output,
-                              emit=lambda line: print(line, flush=True))
-    except RUN_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:
-        status, name = exit_status(err)
-        print(f"error: interrupted by {name}", file=sys.stderr)
-        return status
+    return cli.run(_main, parser.parse_args(argv), interrupted="interrupted by {signal}")
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.layers is not None and args.layers < 1:
+        raise RunError(f"--layers must be a positive integer, got {args.layers}")
+    settings = _parse_set(args.set)
+    emit = lambda line: print(line, flush=True)  # noqa: E731
+    if args.matrix:
+        rows = list(TINY_MATRIX)
+        if args.rows:
+            rows = [r.strip() for r in args.rows.split(",")]
+            unknown = [r for r in rows if r not in TINY_MATRIX]
+            if unknown:
+                raise RunError(f"--rows: no matrix row {unknown[0]!r} (rows: {', '.join(TINY_MATRIX)})")
+        config = args.config or os.path.join(ROOT, TINY_CONFIG)
+        results = []
+        for row in rows:
+            print(f"== {row}", flush=True)
+            for result in dry_run(config, {**TINY_MATRIX[row], **settings}, args.layers, True, None,
+                                  os.path.join(args.output, row), emit=emit):
+                result.row = row
+                results.append(result)
+    else:
+        if not args.config:
+            raise RunError("--config is required (or --matrix)")
+        results = dry_run(args.config, settings, args.layers, args.all_stages, args.rank, args.output, emit=emit)
     if args.json:
         from ..outputs import write_json
         write_json(args.json, [asdict(r) for r in results])

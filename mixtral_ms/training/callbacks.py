@@ -245,7 +245,7 @@ class MixtralCheckpointMonitor(CheckpointMonitor):
     - before saving, every weight must be finite and at most `max_weight_abs` in magnitude: otherwise the
       run stops with RunError (one line) instead of saving a diverged model over the good ones;
     - MindSpore writes `<name>.tmp` and renames it; a save interrupted by an exception (SIGTERM, see
-      outputs.Interrupted) removes its `.tmp`, and a run starting in the folder removes the `.tmp` files of
+      cli.Interrupted) removes its `.tmp`, and a run starting in the folder removes the `.tmp` files of
       this prefix that a killed run (SIGKILL) left.
 
     run_mixtral.py runs every `CheckpointMonitor` of a YAML as this class.
