@@ -54,12 +54,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as work:
         if args.matrix:
             for r in _dryrun(["--matrix"], work):
-                record.append({**r, "layers": 2})
-                lines.append(_row(f"tiny {r['row']}", 2, r))
+                record.append(r)
+                lines.append(_row(f"tiny {r['row']}", r["layers"], r))
         for config, layers in () if args.matrix else SHIPPED:
             for r in _dryrun(["--config", config, "--all-stages", "--layers", str(layers)], work):
-                record.append({**r, "layers": layers})
-                lines.append(_row(os.path.basename(config), layers, r))
+                record.append(r)
+                lines.append(_row(os.path.basename(config), r["layers"], r))
     with open(out, "w") as f:
         json.dump(record, f, indent=1)
     print("\n".join(lines))

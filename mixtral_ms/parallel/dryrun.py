@@ -25,13 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..run_checks import RunError  # no MindSpore import: bad input is refused before the seconds it costs
-from .. import cli
+from .. import cli  # no MindSpore import here: bad input is refused before the seconds it costs
 from ..cli import ArgumentParser as _Parser
+from ..run_checks import RunError
 from ..runner import ROOT
+from .checkpoint import box_shape, layout_box, read_strategy
 from .config import from_run_config
 
 COMM_KINDS = ("AllToAll", "AllGather", "AllReduce", "ReduceScatter", "Send", "Receive", "Broadcast")
@@ -64,6 +65,7 @@ class RankResult:
     bytes_strategy: Dict[str, float] = field(default_factory=dict)
     bytes_estimate: Dict[str, float] = field(default_factory=dict)
     layout: str = ""
+    layers: int = 0  # num_hidden_layers compiled
 
     def problems(self) -> List[str]:
         """What makes this rank's dry run fail: no compile, a slice the plan did not declare, bytes off the
@@ -174,29 +176,6 @@ def expert_exchanges(nodes: Dict[str, IRNode]) -> Dict[str, List[int]]:
     return out
 
 
-def slice_shape(shape: Sequence[int], dev_matrix: Sequence[int], tensor_map: Sequence[int]) -> tuple:
-    """A tensor's slice on one device: dimension i is split by dev_matrix[-1 - tensor_map[i]] (MindSpore's
-    convention: tensor_map counts device-matrix axes from the right; -1 = not split)."""
-    return tuple(d // (dev_matrix[len(dev_matrix) - 1 - m] if m >= 0 else 1) for d, m in zip(shape, tensor_map))
-
-
-def read_strategy(path: str) -> Dict[str, Dict[str, Any]]:
-    """name -> {dev_matrix, tensor_map, opt_shard} of every parameter in a strategy file (the network's and
-    the optimizer's: `adam_m.<name>`, `adam_v.<name>`). opt_shard: the optimizer-shard group's size, -1 for
-    all the slice's replicas, 0 for none."""
-    from mindspore.train import node_strategy_pb2
-    strategy = node_strategy_pb2.ParallelStrategyMap()
-    with open(path, "rb") as f:
-        strategy.ParseFromString(f.read())
-    out = {}
-    for item in strategy.parallel_layout_item:
-        layout = item.parallel_layouts
-        out[item.param_name] = {"dev_matrix": [int(d) for d in layout.dev_matrix[0].dim],
-                                "tensor_map": [int(d) for d in layout.tensor_map[0].dim],
-                                "opt_shard": int(layout.opt_weight_shard_size or 0)}
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The worker (one process, one rank)
 
@@ -288,7 +267,7 @@ def worker(spec: Dict[str, Any]) -> RankResult:
         from .plan import prepare_parallel
         runner.set_layout(run, prepare_parallel(config, rank=rank))
         layout = run.layout
-        result.layout = layout.describe()
+        result.layout, result.layers = layout.describe(), run.model_config.num_hidden_layers
         result.stage = rank // layout.stage_devices
         _compile_only()
         try:
@@ -337,7 +316,8 @@ def _compare(result: RankResult, run) -> None:
         return
     layout, stage = run.layout, result.stage
     mode = run.config.run_mode
-    strategies = read_strategy(result.strategy_file)
+    layouts = read_strategy(result.strategy_file).layouts
+    rank = result.rank % layout.stage_devices
     training = mode in ("train", "finetune")
     pbytes = DTYPE_BYTES[run.model_config.param_init_type]
     level = layout.parallel_optimizer_config.get("optimizer_level", "level1")
@@ -345,42 +325,40 @@ def _compare(result: RankResult, run) -> None:
     for name, entry in plan_spec(run.model_config, layout, mode).items():
         if entry.kind != "param" or entry.stage != stage or name.startswith(STATS_PREFIX):
             continue
-        found = _find(strategies, name)
+        shape = tuple(entry.shapes[0])
+        found = _find(layouts, name)
         planned = entry.slice_shape(0)
-        got = entry.shapes[0] if found is None else \
-            slice_shape(entry.shapes[0], found["dev_matrix"], found["tensor_map"])
+        got = shape if found is None else box_shape(layout_box(replace(found, opt_step=0, opt_size=0), shape, rank))
         if got != planned:
             result.mismatches.append(f"{name}: plan {planned}, compiled {got}"
                                      + (" (no strategy-file entry)" if found is None else ""))
-        local, r = _local(entry.shapes[0], found, layout.stage_devices)
-        totals["parameters"] += local * pbytes / r
+        local = _elements(found, shape, rank)  # with the optimizer shard: what this rank keeps
+        totals["parameters"] += local * pbytes
         if training:
-            totals["gradients"] += local * pbytes / (r if level in ("level2", "level3") else 1)
+            totals["gradients"] += (local if level in ("level2", "level3") else math.prod(got)) * pbytes
             for moment in ("adam_m.", "adam_v."):  # fp32, as the optimizer creates them
-                m_local, m_r = _local(entry.shapes[0], strategies.get(moment + name), layout.stage_devices)
-                totals["moments"] += m_local * 4 / m_r if moment + name in strategies else 0.0
+                if moment + name in layouts:
+                    totals["moments"] += _elements(layouts[moment + name], shape, rank) * 4
+    from ..training.freeze import MASK_PREFIX
+    for key, found in layouts.items():  # a freeze mask is sliced exactly as the parameter it masks
+        if key.startswith(MASK_PREFIX + ".") and found != layouts.get(key[len(MASK_PREFIX) + 1:]):
+            result.mismatches.append(f"{key}: {found}, its parameter {layouts.get(key[len(MASK_PREFIX) + 1:])}")
     result.bytes_strategy = totals
     est = estimate(run.model_config, layout, mode).stages[stage]
     result.bytes_estimate = {"parameters": est.param_bytes, "gradients": est.grad_bytes,
                              "moments": est.moment_bytes} if training else {"parameters": est.param_bytes}
 
 
-def _local(shape: Sequence[int], found: Optional[Dict[str, Any]], stage_devices: int) -> tuple:
-    """(elements of this rank's slice, optimizer-shard group size) of a tensor under its strategy entry."""
-    if found is None:  # not in the strategy file: whole on every device
-        return math.prod(shape), 1
-    split = slice_shape(shape, found["dev_matrix"], found["tensor_map"])
-    local = math.prod(split)
-    replicas = stage_devices * local // max(math.prod(shape), 1)
-    group = found["opt_shard"]
-    return local, (replicas if group == -1 else group) if group else 1
+def _elements(found, shape: Tuple[int, ...], rank: int) -> int:
+    """Elements of a tensor this rank holds under its strategy-file layout (whole if it has none)."""
+    return math.prod(shape if found is None else box_shape(layout_box(found, shape, rank)))
 
 
-def _find(strategies: Dict[str, Dict[str, Any]], name: str) -> Optional[Dict[str, Any]]:
-    """A parameter's entry; MindSpore may prefix names with the wrapper's (`network.`)."""
-    if name in strategies:
-        return strategies[name]
-    for key, value in strategies.items():
+def _find(layouts: Dict[str, Any], name: str) -> Optional[Any]:
+    """A parameter's layout; MindSpore may prefix names with the wrapper's (`network.`)."""
+    if name in layouts:
+        return layouts[name]
+    for key, value in layouts.items():
         if key.endswith("." + name):
             return value
     return None
@@ -431,30 +409,30 @@ TINY_CONFIG = "configs/parallel/dryrun/mixtral_tiny_8p.yaml"
 # The tiny matrix: overrides of TINY_CONFIG (dp4 mp2 ep2, sequence parallel, AllToAll, optimizer shard,
 # recompute, bf16 parameters and compute), each row a layout plus features the cluster path must compile
 # (combined, as each compile costs ~30 s). Rows with pipeline stages compile every stage.
+_ONE_LAYER = {"model.model_config.num_hidden_layers": 1}  # every row but the pipeline's: compile time halves
 TINY_MATRIX: Dict[str, Dict[str, Any]] = {
-    "dp4-mp2-ep2": {},
-    "dp8-ep8-offload-fp32-norecompute": {
-        "parallel_config.data_parallel": 8, "parallel_config.model_parallel": 1, "parallel_config.expert_parallel": 8,
-        "parallel_config.use_seq_parallel": False, "optimizer.type": "OffloadAdamW",
-        "model.model_config.param_init_type": "float32", "recompute_config.recompute": False},
-    "dp4-mp2-ep4-groupwise-interleave2-accumulate2": {
-        "parallel_config.expert_parallel": 4, "moe_config.group_wise_a2a": True, "micro_batch_interleave_num": 2,
-        "runner_config.gradient_accumulation_steps": 2},
-    "dp2-mp4-ep4-vocab-split": {"parallel_config.data_parallel": 2, "parallel_config.model_parallel": 4,
-                                "parallel_config.expert_parallel": 4, "parallel_config.vocab_emb_dp": False},
-    "dp2-mp2-ep2-pp2": {"parallel_config.data_parallel": 2, "parallel_config.pipeline_stage": 2,
-                        "parallel_config.micro_batch_num": 2},
-    "dp8-ep4-allgather": {"parallel_config.data_parallel": 8, "parallel_config.model_parallel": 1,
-                          "parallel_config.expert_parallel": 4, "parallel_config.use_seq_parallel": False,
-                          "parallel.enable_alltoall": False},
-    "dp4-mp2-ep2-freeze-distill": {  # the teacher: the same tiny model, its weights not read
+    "dp4-mp2-ep2": {**_ONE_LAYER},
+    "dp8-ep8-offload-fp32-norecompute-freeze-distill": {
+        **_ONE_LAYER, "parallel_config.data_parallel": 8, "parallel_config.model_parallel": 1,
+        "parallel_config.expert_parallel": 8, "parallel_config.use_seq_parallel": False,
+        "optimizer.type": "OffloadAdamW", "model.model_config.param_init_type": "float32",
+        "recompute_config.recompute": False,
         "runner_wrapper.freeze": {"experts": [0, 1], "router_rows": [0, 1], "non_moe": True},
+        # the teacher: the tiny model of two layers; a dry run reads its config, never its weights
         "runner_wrapper.distill": {"teacher": "teacher-not-read", "teacher_config": os.path.join(ROOT, TINY_CONFIG),
                                    "kd_coef": 0.5}},
-    "predict-mp8": {"run_mode": "predict", "parallel_config.data_parallel": 1, "parallel_config.model_parallel": 8,
-                    "parallel_config.expert_parallel": 1, "parallel_config.use_seq_parallel": False,
-                    "parallel.enable_alltoall": False, "parallel.enable_parallel_optimizer": False,
-                    "model.model_config.inference_capacity_factor": 0.0},
+    "dp4-mp2-ep4-groupwise-interleave2-accumulate2": {
+        **_ONE_LAYER, "parallel_config.expert_parallel": 4, "moe_config.group_wise_a2a": True,
+        "micro_batch_interleave_num": 2, "runner_config.gradient_accumulation_steps": 2},
+    "dp2-mp4-ep4-vocab-split-allgather": {
+        **_ONE_LAYER, "parallel_config.data_parallel": 2, "parallel_config.model_parallel": 4,
+        "parallel_config.expert_parallel": 4, "parallel_config.vocab_emb_dp": False, "parallel.enable_alltoall": False},
+    "dp2-mp2-ep2-pp2": {"parallel_config.data_parallel": 2, "parallel_config.pipeline_stage": 2,
+                        "parallel_config.micro_batch_num": 2},
+    "predict-mp8": {**_ONE_LAYER, "run_mode": "predict", "parallel_config.data_parallel": 1,
+                    "parallel_config.model_parallel": 8, "parallel_config.expert_parallel": 1,
+                    "parallel_config.use_seq_parallel": False, "parallel.enable_alltoall": False,
+                    "parallel.enable_parallel_optimizer": False, "model.model_config.inference_capacity_factor": 0.0},
 }
 
 
