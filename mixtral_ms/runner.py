@@ -136,22 +136,38 @@ def build_model(run: Run, checkpoint: Optional[str]):
     return model
 
 
-def prepare_resume(config, model) -> int:
-    """Point MindFormers' resume at exactly one checkpoint file and return its step.
+def prepare_resume(run: Run, model) -> int:
+    """Point MindFormers' resume at exactly one step's checkpoints and return the step.
 
-    MindFormers resumes from a folder of `rank_<i>/` checkpoints and picks the newest; the file the user
-    names (or the newest under the folder) is linked alone into `<output_dir>/resume_from/rank_0/` so the
-    step resumed is the one asked for. The weights are first loaded with our strict check, so a
-    checkpoint from another config fails with a clear message before MindFormers tries."""
+    MindFormers resumes from a folder of `rank_<i>/` checkpoints, rank i from the newest of its own. A
+    single file (named, or the newest under a one-rank folder) is linked alone into
+    `<output_dir>/resume_from/rank_0/` so the step resumed is the one asked for, after our strict load
+    (a checkpoint of another config fails with a clear message before MindFormers tries). A cluster run's
+    folder of per-rank checkpoints (slices under semi-auto parallel) resumes as it is, on as many ranks
+    as it holds, all of one step; on another device count it is resharded first (docs/parallel.md)."""
     import mindspore as ms
     from .checkpoint import load_weights
+    from .parallel.checkpoint import is_rank_folder, rank_files
+    config = run.config
     if not config.load_checkpoint:
         raise RunError("resume_training needs load_checkpoint (a training checkpoint file or folder)")
-    path = resolve_checkpoint(config.load_checkpoint)
+    ranks = rank_files(config.load_checkpoint) if is_rank_folder(config.load_checkpoint) else None
+    devices = run.layout.devices if run.layout is not None else 1
+    sliced = run.layout is not None and run.layout.parallel_mode == "semi_auto_parallel"
+    if ranks is not None and sorted(ranks) != list(range(devices)):
+        raise RunError(f"{config.load_checkpoint} holds the checkpoints of {len(ranks)} rank(s), this run has "
+                       f"{devices}; reshard them to this run's layout first (scripts/convert_weight.py reshard, "
+                       "docs/parallel.md)")
+    if ranks is None and sliced:
+        raise RunError(f"{config.load_checkpoint} is one complete checkpoint; a semi-auto parallel run resumes "
+                       "from per-rank checkpoints: split it with this run's strategy first (scripts/"
+                       "convert_weight.py split), or fine-tune from it")
+    path = ranks[0] if ranks is not None else resolve_checkpoint(config.load_checkpoint)
     if not path.endswith(".ckpt"):
         raise RunError(f"resume_training needs a MindSpore training checkpoint (.ckpt with optimizer state), "
                        f"got {path}")
-    load_weights(model, path)
+    if not sliced:  # a rank's slices are checked by SlicedLoad's rules, not against the whole model
+        load_weights(model, path)
     state = ms.load_checkpoint(path, choice_func=lambda name: name in ("step_num", "epoch_num", "loss_scale"))
     if "step_num" not in state:
         raise RunError(f"{path} holds no training state (step_num); it cannot be resumed, only fine-tuned from")
@@ -161,12 +177,13 @@ def prepare_resume(config, model) -> int:
     scale = (config.get("runner_wrapper") or {}).get("scale_sense")
     if "loss_scale" in state and isinstance(scale, dict):  # dynamic scaling (a fixed scale is unchanged anyway)
         scale["loss_scale_value"] = float(state["loss_scale"].asnumpy().reshape(-1)[0])
-    folder = os.path.join(config.output_dir, "resume_from", "rank_0")
-    os.makedirs(folder, exist_ok=True)
-    for old in os.listdir(folder):
-        os.remove(os.path.join(folder, old))
-    os.symlink(os.path.abspath(path), os.path.join(folder, os.path.basename(path)))
-    config.load_checkpoint = os.path.dirname(folder)
+    if ranks is None or devices == 1:
+        folder = os.path.join(config.output_dir, "resume_from", "rank_0")
+        os.makedirs(folder, exist_ok=True)
+        for old in os.listdir(folder):
+            os.remove(os.path.join(folder, old))
+        os.symlink(os.path.abspath(path), os.path.join(folder, os.path.basename(path)))
+        config.load_checkpoint = os.path.dirname(folder)
     config.resume_training = True
     return int(state["step_num"].asnumpy().reshape(-1)[0])
 
@@ -227,7 +244,7 @@ def train(run: Run, finetune: bool, steps_per_epoch: int) -> None:
     config = run.config
     if config.resume_training:
         model = build_model(run, None)
-        step = prepare_resume(config, model)
+        step = prepare_resume(run, model)
         epochs = int(config.runner_config.epochs)
         if step >= epochs * steps_per_epoch:
             raise RunError(f"the checkpoint is at step {step}, the end of this run ({epochs} epoch(s) of "

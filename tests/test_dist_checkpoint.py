@@ -162,6 +162,34 @@ def test_reshard_a_to_b_and_back_is_bit_exact_with_optimizer_state(tmp_path):
     assert weights_bytes({n: merged[n] for n in full}) == weights_bytes(full)
 
 
+def test_a_cluster_run_resumes_from_its_per_rank_checkpoints_on_as_many_ranks(tmp_path):
+    """run_mixtral.py --resume_training with a folder of per-rank checkpoints: on the layout's 8 devices
+    MindFormers gets the folder (rank i loads rank_<i>/) and the step is rank 0's; on 4 devices, or with
+    one complete file under semi-auto parallel, one line that names the way (reshard, split)."""
+    from mixtral_ms import runner
+    from mixtral_ms.parallel.config import from_run_config
+    from mixtral_ms.run_checks import RunError
+    a = strategy(A)
+    full = {**training_state(), "step_num": ArrayTensor("step_num", "I32", (1,), np.array([30], np.int32).tobytes())}
+    folder = str(tmp_path / "checkpoint")
+    write_rank_checkpoints(folder, lambda r: slice_for_rank(full, a, r), a.devices)
+    yaml = os.path.join(ROOT, "configs", "parallel", "dryrun", "mixtral_tiny_8p.yaml")
+
+    def run_on(devices_settings, checkpoint):
+        run = runner.load_run(yaml, {"load_checkpoint": checkpoint, "output_dir": str(tmp_path / "out")},
+                              devices_settings)
+        runner.set_layout(run, from_run_config(run.config))
+        return run
+
+    run = run_on({}, folder)
+    assert runner.prepare_resume(run, None) == 30
+    assert run.config.load_checkpoint == folder and run.config.resume_training
+    with pytest.raises(RunError, match="holds the checkpoints of 8 rank.s., this run has 4; reshard them"):
+        runner.prepare_resume(run_on({"parallel_config.data_parallel": 2}, folder), None)
+    with pytest.raises(RunError, match="is one complete checkpoint; .* split it"):
+        runner.prepare_resume(run_on({}, rank_files(folder)[0]), None)
+
+
 def _cli():
     import importlib.util
     spec = importlib.util.spec_from_file_location("convert_weight_cli", os.path.join(ROOT, "scripts", "convert_weight.py"))

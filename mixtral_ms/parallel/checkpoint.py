@@ -360,6 +360,12 @@ def read_rank_slices(path: str, config, strategy: Strategy, rank: int) -> Dict[s
 # Per-rank checkpoints
 
 
+def is_rank_folder(path: str) -> bool:
+    """Whether `path` is a run's folder of per-rank checkpoints (`rank_<i>/` subfolders)."""
+    return os.path.isdir(path) and any(RANK_FOLDER.match(e) and os.path.isdir(os.path.join(path, e))
+                                       for e in os.listdir(path))
+
+
 def rank_files(folder: str, what: str = "checkpoint") -> Dict[int, str]:
     """rank -> checkpoint file of a run's checkpoint folder (`rank_<i>/`, the newest .ckpt of each, which
     must all be of the same step)."""
