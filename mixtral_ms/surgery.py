@@ -57,6 +57,7 @@ ROUTERS = ("new", "average", "concat")
 LAYOUTS = ("ms", "hf")
 _STACKED = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(w[123])$")
 _GATE = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$")
+_BIAS = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.e_score_correction_bias$")
 _DENSE_FFN = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _KIND = {"w1": 1, "w3": 3, "w2": 2, "gate": 0}  # rng stream per kind of tensor
 Source = Union[TensorInfo, Callable[[], bytes]]  # copied byte range, or bytes computed when written
@@ -145,6 +146,11 @@ class Model:
 
     def row(self, layer: int, e: int) -> TensorInfo:
         return self.gate(layer).part(e, self.num_experts)
+
+    def router_bias(self, layer: int) -> np.ndarray:
+        """float32 [E]: the aux-loss-free balancing bias of a layer's router (zeros if the model has none)."""
+        infos = self._params.get(f"model.layers.{layer}.block_sparse_moe.gate.e_score_correction_bias")
+        return to_numpy(infos[0]).astype(np.float32) if infos else np.zeros(self.num_experts, np.float32)
 
 
 def mixtral_config(mistral: Dict, experts: int, top_k: int) -> Dict:
@@ -255,7 +261,7 @@ def _build(models: Sequence[Model], hf: Dict, record: Dict, origin: Callable[[in
     and every other parameter `dense_source(name)`."""
     plan = Plan(hf, record)
     for name, spec in parameter_specs(hf_dims(hf)).items():
-        stacked, gate = _STACKED.match(name), _GATE.match(name)
+        stacked, gate, bias = _STACKED.match(name), _GATE.match(name), _BIAS.match(name)
         if stacked:
             layer = int(stacked.group(1))
             pairs = origin(layer)
@@ -266,6 +272,12 @@ def _build(models: Sequence[Model], hf: Dict, record: Dict, origin: Callable[[in
             like = [m.tensor(f"model.layers.{layer}.input_layernorm.weight") if m.dense else m.gate(layer)
                     for m in models]
             plan.add(name, source_dtype(like), spec.shape, gate_rows(layer, source_dtype(like)))
+        elif bias:  # each expert keeps its source's bias; an expert drawn at random (record: None) starts at 0
+            layer = int(bias.group(1))
+            fresh = [p is None for p in (record.get("experts") or [[]] * (layer + 1))[layer]]
+            values = np.array([0.0 if j < len(fresh) and fresh[j] else models[b].router_bias(layer)[e]
+                               for j, (b, e) in enumerate(origin(layer))], np.float32)
+            plan.add(name, "F32", spec.shape, [values.tobytes])
         else:
             plan.add(name, source_dtype([m.tensor(name) for m in models]), spec.shape, [dense_source(name)])
     return plan

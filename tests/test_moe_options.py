@@ -281,3 +281,37 @@ def test_inconsistent_options_are_one_line(change, message):
     with pytest.raises(ConfigError) as err:
         _config(**change)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_expert_surgery_carries_the_router_bias_and_the_layer_pattern(tmp_path):
+    """experts.py on a model with the bias, a dense first layer and shared experts: extracting every expert
+    in another order routes every token as before (bias permuted with its experts: the logits are equal),
+    and a copy-grow gives the new experts their sources' bias."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from mixtral_ms.convert import ms2hf
+    config = _config(router_bias_update_rate=0.01, mlp_only_layers=[0], **SHARED)
+    ms.set_seed(1)
+    model = MixtralForCausalLM(config)
+    bias = np.array([0.3, -0.2, 0.1, 0.0], np.float32)
+    model.model.layers[1].block_sparse_moe.gate.e_score_correction_bias.set_data(Tensor(bias))
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config.to_hf_config(), f)
+    ms.save_checkpoint([{"name": q.name, "data": q.value()} for q in model.get_parameters()
+                        if not q.name.startswith("router_stats.")], str(tmp_path / "o.ckpt"))
+    ms2hf(str(tmp_path / "o.ckpt"), str(tmp_path / "hf"), config_path=str(tmp_path / "config.json"))
+    experts = [sys.executable, f"{ROOT}/scripts/experts.py"]
+    for args in (["extract", "--experts", "2,0,3,1", "--dst", str(tmp_path / "perm")],
+                 ["grow", "--add", "2", "--init", "copy", "--dst", str(tmp_path / "grown")]):
+        done = subprocess.run(experts + args + ["--src", str(tmp_path / "hf")], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    ids = Tensor(np.random.default_rng(0).integers(0, 64, (2, 8)).astype(np.int32))
+    model.set_train(False)
+    perm = MixtralForCausalLM.from_pretrained(str(tmp_path / "perm"))
+    perm.set_train(False)
+    assert np.array_equal(perm.model.layers[1].block_sparse_moe.gate.e_score_correction_bias.asnumpy(), bias[[2, 0, 3, 1]])
+    np.testing.assert_allclose(perm(ids)[0].asnumpy(), model(ids)[0].asnumpy(), atol=1e-6)
+    grown = MixtralForCausalLM.from_pretrained(str(tmp_path / "grown"))
+    assert np.array_equal(grown.model.layers[1].block_sparse_moe.gate.e_score_correction_bias.asnumpy(),
+                          bias[[0, 1, 2, 3, 0, 1]])
