@@ -457,6 +457,9 @@ def test_destination_rules(tmp_path):
     assert snapshot(dst) != before and leftovers(tmp_path) == []
     with pytest.raises(BadInput, match="is .or contains. the source"):
         hf2ms(str(tmp_path / "hf"), str(tmp_path / "hf"), overwrite=True)
+    with pytest.raises(BadInput, match="is inside the source"):
+        hf2ms(str(tmp_path / "hf"), str(tmp_path / "hf" / "inner"))
+    assert not os.path.exists(tmp_path / "hf" / "inner")
     os.makedirs(tmp_path / "notes")
     open(tmp_path / "notes" / "todo.txt", "w").write("keep me")
     with pytest.raises(CheckpointError, match="not a checkpoint this converter wrote .'todo.txt' is not a file"):
