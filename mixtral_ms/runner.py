@@ -75,10 +75,10 @@ def load_run(path: str, overrides: Optional[Dict[str, Any]] = None,
     """The YAML read once (read_run_yaml) and checked (top-level keys, registered types, arguments,
     model_config), as `MindFormerConfig(path)` reads it, with the dotted `settings` applied before the
     checks (see apply_settings) and the non-None top-level `overrides` set on top."""
+    raw = read_run_yaml(path)  # a missing file is refused before MindFormers' import (seconds)
     from mindformers import MindFormerConfig
     from mindformers.tools.register.template import ConfigTemplate
     from .training import check_config
-    raw = read_run_yaml(path)
     apply_settings(raw, settings or {})
     model_config = check_config(raw)
     device_unset = "device_target" not in (raw.get("context") or {})
