@@ -37,7 +37,7 @@ from .schema import hf_dims, read_hf_config
 from .name_map import (count_parameters, hf_sources, is_ms_layout, ms_tensors, parameter_specs,
                        source_dtype)
 from .cli import BadInput
-from .outputs import backup_path, refuse_overlap, stale, temp_path
+from .outputs import refuse_overlap, replace_folder, stale, temp_path
 from .safetensors_io import (CHUNK_BYTES, CheckpointError, TensorInfo, convert_bytes, count_nonfinite, has_nonfinite,
                              nbytes_of, open_checkpoint, read_index, write_safetensors)
 
@@ -203,23 +203,6 @@ def _prepare_dst(src: str, dst: str, overwrite: bool, needed_bytes: int,
     return target, tmp, created
 
 
-def _finish(tmp: str, target: str) -> None:
-    """Move the finished temp folder to `target`; an old `target` is kept as `<target>.old-<pid>` until the
-    new one is in place (a run killed in between leaves it for the next run's `_recover`)."""
-    old = None
-    if os.path.isdir(target):
-        old = backup_path(target)
-        os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        if old:
-            os.replace(old, target)
-        raise
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def write_sharded(folder: str, items: List[Item], limit: int, metadata: Dict[str, str],
                   progress: Progress = None) -> int:
     """Shards of at most `limit` bytes (a larger tensor gets one of its own) named as Hugging Face names
@@ -285,7 +268,7 @@ def write_checkpoint(src: str, dst: str, items: List[Item], write_config: Callab
         write_config(tmp)
         side = _copy_side_files(side_folder, tmp)
         files = sorted(os.listdir(tmp))
-        _finish(tmp, target)
+        replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in created_parents:  # innermost first; only while still empty

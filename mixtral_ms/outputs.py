@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from typing import Iterator, List, Sequence, Tuple
 
@@ -81,9 +82,7 @@ def file_target(path: str, what: str = "output") -> str:
     if not os.path.isdir(existing):
         raise BadInput(f"{what} {path}: {existing} is not a folder")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=existing)
-        os.close(fd)
-        os.remove(probe)
+        check_writable(existing)
     except OSError as err:
         raise BadInput(f"{what} {path} cannot be written ({err.strerror} in {existing})") from None
     return target
@@ -149,3 +148,28 @@ def replace_together(moves: Sequence[Tuple[str, str]]) -> None:
         raise
     for aside, _ in backups:
         os.remove(aside)
+
+
+def replace_folder(tmp: str, target: str) -> None:
+    """Move the finished temp folder to `target`; an old `target` is kept as `<target>.old-<pid>` until the
+    new one is in place (a run killed in between leaves it for the next run to recover: convert._recover)."""
+    old = None
+    if os.path.isdir(target):
+        old = backup_path(target)
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old:
+            os.replace(old, target)
+        raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable(folder: str) -> None:
+    """OSError unless a file can be made in `folder` (a probe file, removed again): permissions, a read-only
+    mount or a full inode table show here, before any work."""
+    fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+    os.close(fd)
+    os.remove(probe)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Any, Dict, Mapping, Optional
 
 from .cli import BadInput
+from .outputs import check_writable
 from .schema import model_dims
 
 
@@ -187,9 +187,7 @@ def prepare_output_dir(path: str) -> str:
     which would otherwise fail (or write its logs elsewhere) on its own."""
     try:
         os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
-        os.close(fd)
-        os.remove(probe)
+        check_writable(path)
     except OSError as err:
         raise RunError(f"output_dir {path} is not writable ({err.strerror})") from None
     return path

@@ -40,12 +40,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .convert import (DEFAULT_SHARD, HF_METADATA, MS_METADATA, _copy_side_files, _finish, _open_source,
+from .convert import (DEFAULT_SHARD, HF_METADATA, MS_METADATA, _copy_side_files, _open_source,
                       _prepare_dst, write_sharded)
 from .name_map import (hf_sources, is_expert_stack, is_ms_layout, ms_tensors, ms_to_hf, parameter_specs,
                        source_dtype)
 from .cli import BadInput
-from .outputs import refuse_overlap
+from .outputs import refuse_overlap, replace_folder
 from .rre import group_experts
 from .schema import hf_config, hf_dims, model_dims, read_hf_config
 from .safetensors_io import CHUNK_BYTES, ArrayTensor, CheckpointError, TensorInfo, convert_bytes, nbytes_of, to_numpy
@@ -483,7 +483,7 @@ def write(plan: Plan, dst: str, layout: str, overwrite: bool = False, shard_size
         with open(os.path.join(tmp, "surgery.json"), "w", encoding="utf-8") as f:  # one key per line
             f.write("{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in record.items()) + "\n}\n")
         files = sorted(os.listdir(tmp))
-        _finish(tmp, target)
+        replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in created_parents:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 from ..name_map import TRAINING_STATE_PREFIXES, hf_sources, is_ms_layout, ms_tensors
-from ..outputs import backup_path, temp_path
+from ..outputs import replace_folder, temp_path
 from ..safetensors_io import DTYPE_BYTES, ArrayTensor, CheckpointError, TensorInfo
 
 Box = Tuple[Tuple[int, int], ...]  # per dimension [start, stop)
@@ -501,17 +501,7 @@ def write_rank_checkpoints(dst: str, per_rank: Callable[[int], Dict[str, Tuple[s
             path = os.path.join(folder, f"{prefix}_rank_{rank}.ckpt")
             ms.save_checkpoint([{"name": n, "data": _ms_tensor(tag, a)} for n, (tag, a) in tensors.items()], path)
             written.append(os.path.join(target, f"rank_{rank}", os.path.basename(path)))
-        old = backup_path(target) if os.path.isdir(target) else None
-        if old:  # the old folder kept aside until the new one is in place
-            os.replace(target, old)
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            if old:
-                os.replace(old, target)
-            raise
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, target)  # the old folder kept aside until the new one is in place
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return written
