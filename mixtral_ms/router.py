@@ -19,7 +19,6 @@ from mindspore.common.initializer import Normal, initializer
 
 from .dtypes import emulated_dtype, matmul, native_dtype
 
-ROUTER_TYPES = ("mixtral", "switch", "gshard", "rre")
 _NO_ROUTE = -1e30  # router "logit" of an expert the random router never picks for a token
 
 
