@@ -16,8 +16,8 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, shi
     target = ops.cast(labels if shifted else labels[:, 1:], ms.int32).reshape(-1)
     counted = target != ignore_index
     valid = ops.cast(counted, ms.float32)
-    # LogSoftmax and a gather of the target column: forward + backward in a fifth of the time of
-    # ops.cross_entropy, whose composite max/exp/sum chain differentiates op by op (docs/performance.md).
+    # LogSoftmax and a gather of the target column, not ops.cross_entropy, whose composite max/exp/sum chain
+    # differentiates op by op (measured in docs/performance.md).
     log_probs = ops.log_softmax(logits.reshape(-1, logits.shape[-1]), axis=-1)
     picked = ops.gather_elements(log_probs, 1, (target * ops.cast(counted, ms.int32)).reshape(-1, 1)).reshape(-1)
     return -(picked * valid).sum() / ops.maximum(valid.sum(), 1.0)
