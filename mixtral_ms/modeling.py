@@ -48,7 +48,7 @@ def rope_tables(head_dim: int, theta: float, max_positions: int) -> tuple[np.nda
 
 
 def rotate_half(x: Tensor) -> Tensor:
-    """One Split, not two slices: the CPU StridedSlice kernel dominated a decode step (docs/performance.md)."""
+    """One Split, not two slices: two StridedSlice kernels cost a decode step more (docs/performance.md)."""
     first, second = ops.split(x, x.shape[-1] // 2, axis=-1)
     return ops.concat((-second, first), axis=-1)
 
