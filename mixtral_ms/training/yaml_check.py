@@ -9,8 +9,8 @@ Importing this module (`import mixtral_ms.training` does) registers:
 
 so a YAML `model: {model_config: {type: MixtralConfig, ...}, arch: {type: MixtralForCausalLM}}` builds
 through `mindformers.Trainer`. `check_config` turns the typos MindFormers reports late and obscurely
-(an unregistered `type`, a misspelt argument of a class that takes fixed arguments) into one ConfigError
-naming the YAML path, before any model, dataset or graph is built.
+(an unregistered `type`, a misspelt argument of a class that takes fixed arguments, a wrapper option or
+layout that cannot run) into one line naming the YAML path, before any model, dataset or graph is built.
 """
 from __future__ import annotations
 
@@ -149,7 +149,9 @@ def check_config(config: Any) -> MixtralConfig:
     """Validate a run YAML (a MindFormerConfig or dict) and return the MixtralConfig it describes.
 
     Raises ConfigError for an unknown top-level key, a `type` MindFormers has no class for, an argument
-    the named class does not take, or a model_config MixtralConfig rejects."""
+    the named class does not take, a model_config MixtralConfig rejects, or a wrapper section (freeze,
+    distill and its teacher's fit to the layout, scale_sense, accumulation / interleaving) that cannot
+    run; ParallelConfigError for a layout that cannot (parallel/config.py)."""
     unknown = sorted(set(config) - TOP_LEVEL_KEYS)
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {unknown}{_hint(unknown[0], TOP_LEVEL_KEYS)}")
