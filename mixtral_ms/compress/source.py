@@ -11,7 +11,7 @@ from typing import Dict, List
 import numpy as np
 
 from ..name_map import ParamSpec, hf_sources, is_ms_layout, ms_tensors, parameter_specs
-from ..schema import hf_dims, read_hf_config
+from ..schema import hf_dims, moe_layers, read_hf_config
 from ..safetensors_io import TensorInfo, open_checkpoint, to_numpy
 from . import CompressionError
 
@@ -29,6 +29,14 @@ class SourceModel:
         self.folder = folder
         self.hf = read_hf_config(folder)
         self.config = hf_dims(self.hf)
+        c = self.config
+        unsupported = [what for what, used in (
+            ("the aux-loss-free router bias (router_bias_update_rate)", c.router_bias_update_rate > 0),
+            ("shared experts (num_shared_experts)", c.num_shared_experts > 0),
+            ("dense layers (moe_layer_freq / first_k_dense / mlp_only_layers)",
+             len(moe_layers(c)) != c.num_hidden_layers)) if used]
+        if unsupported:  # their tensors would be copied unchanged beside changed experts: refused, not guessed
+            raise CompressionError(f"{folder}: compression does not handle {unsupported[0]} yet")
         self.specs: Dict[str, ParamSpec] = parameter_specs(self.config)
         tensors = open_checkpoint(folder)
         self.ms_layout = is_ms_layout(tensors)
