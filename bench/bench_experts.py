@@ -70,6 +70,7 @@ class Experiment:
     def __init__(self, run_dir: str, eval_samples: int, points: int) -> None:
         self.dir = os.path.abspath(run_dir)
         self.eval_samples, self.points = eval_samples, points
+        self.head_share = TUNE_SHARE  # data(): the share of each corpus' first chapters written to tune/
         self.logs = os.path.join(self.dir, "logs")
         for sub in ("logs", "yaml", "eval", "train", "heldout", "tune", "text"):
             os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
@@ -102,7 +103,7 @@ class Experiment:
             head = self._path("text", f"{name}_head.txt")
             if not os.path.isfile(head):
                 with open(head, "w", encoding="utf-8") as f:
-                    f.writelines(lines[:math.ceil(len(lines) * TUNE_SHARE)])
+                    f.writelines(lines[:math.ceil(len(lines) * self.head_share)])
             self.preprocess(f"{name}_head", head, domain, self._path("tune", name, f"{name}.mindrecord"),
                             self._path("text", f"{name}_head_heldout.mindrecord"))
 
