@@ -166,7 +166,7 @@ def prepare_resume(run: Run, model) -> int:
     if not path.endswith(".ckpt"):
         raise RunError(f"resume_training needs a MindSpore training checkpoint (.ckpt with optimizer state), "
                        f"got {path}")
-    if not sliced:  # a rank's slices are checked by SlicedLoad's rules, not against the whole model
+    if not sliced:  # (each rank's file holds its slices then: MindFormers loads it into the sliced network)
         load_weights(model, path)
     state = ms.load_checkpoint(path, choice_func=lambda name: name in ("step_num", "epoch_num", "loss_scale"))
     if "step_num" not in state:
