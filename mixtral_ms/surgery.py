@@ -47,7 +47,7 @@ from .name_map import (hf_sources, is_expert_stack, is_ms_layout, ms_tensors, ms
 from .cli import BadInput
 from .outputs import refuse_overlap, replace_folder
 from .rre import group_experts
-from .schema import hf_config, hf_dims, model_dims, read_hf_config
+from .schema import hf_config, hf_dims, model_dims, moe_layers, read_hf_config
 from .safetensors_io import CHUNK_BYTES, ArrayTensor, CheckpointError, TensorInfo, convert_bytes, nbytes_of, to_numpy
 
 INITS = ("copy", "copy-noise", "random")
@@ -59,6 +59,8 @@ _STACKED = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(w[123
 _GATE = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$")
 _BIAS = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.e_score_correction_bias$")
 _DENSE_FFN = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_MLP = re.compile(r"^(model\.layers\.\d+\.)mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+_FFN_OF = {proj: w for w, proj in _DENSE_FFN.items()}
 _KIND = {"w1": 1, "w3": 3, "w2": 2, "gate": 0}  # rng stream per kind of tensor
 Source = Union[TensorInfo, Callable[[], bytes]]  # copied byte range, or bytes computed when written
 
@@ -135,6 +137,9 @@ class Model:
         return self.shapes.num_hidden_layers
 
     def tensor(self, name: str) -> TensorInfo:
+        mlp = _MLP.match(name) if self.dense else None
+        if mlp:  # a dense layer of an upcycled pattern: the Mistral's own MLP (here its one expert)
+            name = f"{mlp.group(1)}block_sparse_moe.experts.{_FFN_OF[mlp.group(2)]}"
         return self._params[name][0]
 
     def expert(self, name: str, e: int) -> TensorInfo:
@@ -387,15 +392,21 @@ def plan_grow(model: Model, add: int, init: str, seed: int = 0, noise: float = 0
     return _build([model], hf, record, lambda i: origin, expert, rows, model.tensor)
 
 
-def plan_upcycle(model: Model, experts: int, top_k: int = 2, seed: int = 0) -> Plan:
+def plan_upcycle(model: Model, experts: int, top_k: int = 2, seed: int = 0, moe_layer_freq: int = 1,
+                 first_k_dense: int = 0) -> Plan:
+    """Every FFN copied into `experts` experts behind a new router; with `moe_layer_freq` k only every k-th
+    layer (GShard, Switch), and none of the first `first_k_dense`: the others stay dense (schema.moe_layers)."""
     if not model.dense:
         raise SurgeryError(f"{model.path} is already a Mixtral; upcycle needs a dense MistralForCausalLM")
     if experts < 1:
         raise SurgeryError(f"--experts must be at least 1, got {experts}")
     _check_top_k(top_k, experts, "upcycle")
     hf = mixtral_config(model.hf, experts, top_k)
+    if moe_layer_freq != 1 or first_k_dense:
+        hf.update(moe_layer_freq=moe_layer_freq, first_k_dense=first_k_dense)
+    sparse = moe_layers(hf_dims(hf))  # the pattern checked here: ConfigError (one line) if it leaves none
     record = {"operation": "upcycle", "sources": [model.path], "seed": seed,
-              "experts": [[[0, 0]] * experts for _ in range(model.num_layers)]}
+              "experts": [[[0, 0]] * experts if i in sparse else [] for i in range(model.num_layers)]}
     std = _init_std(hf)
     return _build([model], hf, record, lambda i: [(0, 0)] * experts,
                   lambda name, layer, j, b, e: model.expert(name, 0),

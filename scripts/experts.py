@@ -4,6 +4,7 @@
   python scripts/experts.py grow --src MIXTRAL --dst OUT --add 2 --init copy|copy-noise|random [--noise 0.01] [--seed 0]
   python scripts/experts.py extract --src MIXTRAL --dst OUT --experts 0,3,5      (or per layer: '0,3;1,2')
   python scripts/experts.py upcycle --src DENSE_MISTRAL --dst OUT --experts 8 [--top-k 2] [--seed 0]
+                                    [--moe-layer-freq 2] [--first-k-dense 1]
   python scripts/experts.py mix --branches A B ... --dst OUT [--weights 0.5,0.5] [--router new|average|concat]
 
 extract of a router_type rre model: exactly one domain group (e.g. 4,5,6,7 of 8 experts in 2 groups), which
@@ -69,6 +70,9 @@ def parse_args(argv):
     commands["grow"].add_argument("--noise", type=float, default=0.01, help="copy-noise: std relative to the rms")
     commands["extract"].add_argument("--experts", required=True, help="ids to keep: '0,3,5' or per layer '0,3;1,2'")
     commands["upcycle"].add_argument("--experts", type=int, required=True, help="copies of each FFN")
+    commands["upcycle"].add_argument("--moe-layer-freq", type=int, default=1,
+                                     help="only every k-th layer becomes MoE (GShard: 2); the others stay dense")
+    commands["upcycle"].add_argument("--first-k-dense", type=int, default=0, help="the first n layers stay dense")
     for name in ("upcycle", "mix"):
         commands[name].add_argument("--top-k", type=int, help="num_experts_per_tok (default 2; mix of Mixtrals: "
                                                                "the branches')")
@@ -92,7 +96,8 @@ def _main(argv=None) -> int:
         elif args.command == "extract":
             plan = plan_extract(model, parse_expert_lists(args.experts))
         else:  # an explicit --top-k 0 is refused (plan_upcycle), not taken for the default
-            plan = plan_upcycle(model, args.experts, 2 if args.top_k is None else args.top_k, args.seed)
+            plan = plan_upcycle(model, args.experts, 2 if args.top_k is None else args.top_k, args.seed,
+                                args.moe_layer_freq, args.first_k_dense)
     progress = None if args.quiet else (lambda line: print(f"{args.command}: {line}", file=sys.stderr, flush=True))
     result = write(plan, args.dst, args.layout or models[0].layout, args.overwrite, shard_size(args.shard_size),
                    progress)

@@ -218,6 +218,12 @@ def test_upcycle_logits_equal_the_dense_model(tmp_path):
                                           np.stack([src[f"model.layers.{layer}.mlp.{proj}.weight"]] * 4))
     config = json.load(open(tmp_path / "top2" / "config.json"))
     assert (config["model_type"], config["num_local_experts"], config["num_experts_per_tok"]) == ("mixtral", 4, 2)
+    # GShard's pattern: only every second layer upcycled, layer 0 keeps its MLP under Mistral's names
+    cli("upcycle", "--src", MISTRAL, "--dst", tmp_path / "every2", "--experts", 4, "--moe-layer-freq", 2)
+    half = arrays(tmp_path / "every2")
+    np.testing.assert_array_equal(half["model.layers.0.mlp.up_proj.weight"], src["model.layers.0.mlp.up_proj.weight"])
+    assert "model.layers.0.block_sparse_moe.gate.weight" not in half and W.format(1, "w1") in half
+    np.testing.assert_allclose(logits(tmp_path / "every2", ids), dense, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ mix
@@ -273,6 +279,8 @@ def _bad_cases():
         "fewer than top-k": (["extract", "--src", TINY8, "--experts", "3"], "fewer than num_experts_per_tok (2)"),
         "upcycle top-k": (["upcycle", "--src", MISTRAL, "--experts", 1], "fewer than num_experts_per_tok (2)"),
         "upcycle a mixtral": (["upcycle", "--src", TINY8, "--experts", 4], "already a Mixtral"),
+        "upcycle no layer": (["upcycle", "--src", MISTRAL, "--experts", 4, "--moe-layer-freq", 5],
+                             "no MoE layer: moe_layer_freq 5, first_k_dense 0"),
         "grow a dense model": (["grow", "--src", MISTRAL, "--add", 1], "dense Mistral"),
         "missing source": (["extract", "--src", os.path.join(FIXTURES, "nowhere"), "--experts", "0,1"],
                            "no such folder"),
