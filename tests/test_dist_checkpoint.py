@@ -198,21 +198,22 @@ def _cli():
     return module.main
 
 
-@pytest.mark.parametrize("case", ["stage missing", "rank missing", "another model"])
+@pytest.mark.parametrize("case", ["stage missing", "rank missing", "another model", "another layout"])
 def test_bad_input_is_one_line_and_writes_nothing(pp2_run, tmp_path, capsys, case):
     run, strategies = str(tmp_path / "run"), str(tmp_path / "strategy")
     shutil.copytree(pp2_run, run)
     shutil.copytree(os.path.join(STRATEGIES, PP2), strategies)
     expect = {"stage missing": "hold stage(s) [0] but not stage 1 (ranks 4-7)",
               "rank missing": "no checkpoint for rank 5 (rank_5/) of the 8 ranks",
-              "another model": "have no layout for 'model.layers.1."}[case]
+              "another model": "have no layout for 'model.layers.1.",
+              "another layout": "slice of [128, 64]: strategies of another model or layout"}[case]
     if case == "stage missing":
         os.remove(os.path.join(strategies, "ckpt_strategy_rank_4.ckpt"))
     elif case == "rank missing":
         shutil.rmtree(os.path.join(run, "rank_5"))
-    else:  # the same layout compiled for a one-layer model
+    else:  # the same layout compiled for a one-layer model, or another layout of as many ranks
         shutil.rmtree(strategies)
-        shutil.copytree(os.path.join(STRATEGIES, OTHER), strategies)
+        shutil.copytree(os.path.join(STRATEGIES, OTHER if case == "another model" else A), strategies)
     capsys.readouterr()
     main = _cli()
     code = main(["ms2hf", "--src", run, "--strategy", strategies, "--config", TINY8, "--dst", str(tmp_path / "hf"),
