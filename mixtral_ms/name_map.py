@@ -20,12 +20,14 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 from .safetensors_io import FLOAT_TAGS, ArrayTensor, CheckpointError, TensorInfo
 from .schema import hf_dims, moe_layers
 
+# The freeze masks' names (training/freeze.py): `freeze_mask.<parameter>`; never loaded from a checkpoint.
+FREEZE_MASK_PREFIX = "freeze_mask."
 # Optimizer and training-loop state that a MindSpore training checkpoint carries beside the weights
 # (and a distillation run's frozen teacher, training/distill.py).
 TRAINING_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "global_step", "learning_rate",
                            "scale_sense", "loss_scale", "epoch_num", "step_num", "current_iterator_step",
                            "last_overflow_iterator_step", "accu_grads.", "beta1_power", "beta2_power",
-                           "router_stats.", "global_batch_size", "teacher.", "freeze_mask.")
+                           "router_stats.", "global_batch_size", "teacher.", FREEZE_MASK_PREFIX)
 
 _HF_EXPERT = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(\d+)\.(w[123])\.weight$")
 _MS_EXPERT = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(w[123])$")

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import cli  # no MindSpore import here: bad input is refused before the seconds it costs
 from ..cli import ArgumentParser as _Parser
+from ..name_map import FREEZE_MASK_PREFIX
 from ..run_checks import RunError
 from ..runner import ROOT
 from .checkpoint import box_shape, layout_box, read_strategy
@@ -339,10 +340,10 @@ def _compare(result: RankResult, run) -> None:
             for moment in ("adam_m.", "adam_v."):  # fp32, as the optimizer creates them
                 if moment + name in layouts:
                     totals["moments"] += _elements(layouts[moment + name], shape, rank) * 4
-    from ..training.freeze import MASK_PREFIX
     for key, found in layouts.items():  # a freeze mask is sliced exactly as the parameter it masks
-        if key.startswith(MASK_PREFIX + ".") and found != layouts.get(key[len(MASK_PREFIX) + 1:]):
-            result.mismatches.append(f"{key}: {found}, its parameter {layouts.get(key[len(MASK_PREFIX) + 1:])}")
+        masked = layouts.get(key[len(FREEZE_MASK_PREFIX):]) if key.startswith(FREEZE_MASK_PREFIX) else found
+        if found != masked:
+            result.mismatches.append(f"{key}: {found}, its parameter {masked}")
     result.bytes_strategy = totals
     est = estimate(run.model_config, layout, mode).stages[stage]
     result.bytes_estimate = {"parameters": est.param_bytes, "gradients": est.grad_bytes,

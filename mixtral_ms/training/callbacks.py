@@ -30,8 +30,8 @@ from mindspore.train.callback import Callback
 from mindformers.core.callback import CheckpointMonitor
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+from ..name_map import FREEZE_MASK_PREFIX
 from ..run_checks import RunError
-from .freeze import MASK_PREFIX
 from .wrapper import MixtralTrainOneStepCell, training_stats
 
 
@@ -258,7 +258,7 @@ class MixtralCheckpointMonitor(CheckpointMonitor):
         self.max_weight_abs = float(max_weight_abs)
         self.offset = 0
         self._append_step_num = 0  # the global step comes from `offset`, not from MindFormers' append_info
-        self.filter_list.append(MASK_PREFIX)  # freeze masks come from the YAML, never from a checkpoint
+        self.filter_list.append(FREEZE_MASK_PREFIX)  # freeze masks come from the YAML, never from a checkpoint
 
     def on_train_begin(self, run_context):
         super().on_train_begin(run_context)

@@ -23,6 +23,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import ParameterTuple, Tensor, nn, ops
 
+from ..name_map import FREEZE_MASK_PREFIX
 from ..schema import ConfigError
 
 FREEZE_KEYS = ("experts", "router_rows", "non_moe")
@@ -100,9 +101,6 @@ def trainable_count(params, spec: dict) -> Tuple[int, int]:
     return total, trainable
 
 
-MASK_PREFIX = "freeze_mask"
-
-
 class FrozenParameters(nn.Cell):
     """Gradient masks and the masked update for the optimizer's `weights` (a ParameterTuple).
 
@@ -126,7 +124,7 @@ class FrozenParameters(nn.Cell):
                 self.frozen.append((i, -1))
                 continue
             clone = param.clone(init=Tensor(np.broadcast_to(mask, param.shape).astype(np.float32), param.dtype))
-            clone.name, clone.requires_grad = f"{MASK_PREFIX}.{param.name}", False
+            clone.name, clone.requires_grad = FREEZE_MASK_PREFIX + param.name, False
             clone.set_dtype(ms.bool_)
             self.frozen.append((i, len(masks)))
             masks.append(clone)
