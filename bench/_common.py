@@ -5,9 +5,8 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mixtral_ms.data import heldout_path  # noqa: E402
+from mixtral_ms.run.data import heldout_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELDOUT_FRACTION = 0.1  # every 10th chapter held out (scripts/preprocess_data.py --heldout_fraction)

@@ -34,8 +34,7 @@ from typing import Dict, List
 
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_experts import BASE_YAML, CONTINUAL_LR, DOC, GROW, ROOT, Experiment  # noqa: E402
+from bench_experts import BASE_YAML, CONTINUAL_LR, DOC, GROW, ROOT, Experiment
 
 RESULTS = os.path.join(ROOT, "bench", "results", "balance.json")
 PLOT = os.path.join(ROOT, "docs", "experts_balance.png")

@@ -33,10 +33,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import HELDOUT_FRACTION, run, split  # noqa: E402
+from _common import HELDOUT_FRACTION, run, split
 
 YAML = os.path.join(ROOT, "configs", "mixtral_tiny_cpu.yaml")
 DOMAINS = {"heldout_ppl": "corpus", "heldout_ppl_nt": "corpus_nt"}  # result key -> data/<corpus>
@@ -66,9 +64,9 @@ def export(ckpt: str, folder: str) -> None:
     scripts/compress.py read."""
     import yaml
     import mindspore as ms
-    from mixtral_ms.configuration import MixtralConfig
-    from mixtral_ms.convert import MS_METADATA, write_checkpoint
-    from mixtral_ms.name_map import parameter_specs
+    from mixtral_ms.model.configuration import MixtralConfig
+    from mixtral_ms.checkpoint.convert import MS_METADATA, write_checkpoint
+    from mixtral_ms.checkpoint.name_map import parameter_specs
     with open(YAML, encoding="utf-8") as f:
         fields = yaml.safe_load(f)["model"]["model_config"]
     config = MixtralConfig(**{k: v for k, v in fields.items() if k != "type"})
@@ -93,7 +91,7 @@ def measure_quality(folder: str, heldout: dict, samples: int) -> dict:
     import mindspore as ms
     from mindspore import Tensor
     from mixtral_ms import MixtralForCausalLM
-    from mixtral_ms.compress.algorithms import skipped_fraction
+    from mixtral_ms.tools.compress.algorithms import skipped_fraction
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
     model = MixtralForCausalLM.from_pretrained(folder)
     model.set_train(False)

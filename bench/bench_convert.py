@@ -21,11 +21,10 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from mixtral_ms.name_map import parameter_specs  # noqa: E402
-from mixtral_ms.convert import write_sharded  # noqa: E402
-from mixtral_ms.safetensors_io import open_checkpoint  # noqa: E402
+from mixtral_ms.checkpoint.name_map import parameter_specs
+from mixtral_ms.checkpoint.convert import write_sharded
+from mixtral_ms.checkpoint.safetensors_io import open_checkpoint
 
 HIDDEN, FFN, EXPERTS, VOCAB = 1024, 4096, 8, 32000
 
@@ -89,7 +88,7 @@ def run(args):
 
 def baseline_rss() -> int:
     """Peak RSS of a process that only imports what the converter imports (interpreter + numpy)."""
-    return measure([sys.executable, "-c", "import sys; sys.path.insert(0, %r); import mixtral_ms.convert" % ROOT])[1]
+    return measure([sys.executable, "-c", "import mixtral_ms.checkpoint.convert"])[1]
 
 
 def bare_rss() -> int:

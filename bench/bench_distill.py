@@ -30,11 +30,9 @@ import sys
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import HELDOUT_FRACTION, run, split  # noqa: E402
-from bench_compress import export  # noqa: E402
+from _common import HELDOUT_FRACTION, run, split
+from bench_compress import export
 
 TEACHER_YAML = os.path.join(ROOT, "configs", "mixtral_tiny_cpu.yaml")
 DENSE_YAML = os.path.join(ROOT, "configs", "compress", "dense_tiny_cpu.yaml")

@@ -42,7 +42,6 @@ from typing import Dict, List, Optional
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 PY = sys.executable
 BASE_YAML = os.path.join(ROOT, "configs", "mixtral_tiny_cpu.yaml")
 RESULTS = os.path.join(ROOT, "bench", "results", "experts.json")
@@ -108,7 +107,7 @@ class Experiment:
                             self._path("text", f"{name}_head_heldout.mindrecord"))
 
     def steps(self, dataset: str) -> int:
-        from mixtral_ms.data import mindrecord_info
+        from mixtral_ms.run.data import mindrecord_info
         return mindrecord_info(dataset)["num_samples"] // self.batch
 
     # ------------------------------------------------------------------------------------------ runs
@@ -265,9 +264,9 @@ def param_counts(config_path: str, freeze: dict) -> tuple:
     """(parameters, trainable parameters) of a run YAML's model under a runner_wrapper.freeze section;
     an RRE gate is never trained (router.RandomRouter)."""
     import numpy as np
-    from mixtral_ms.name_map import parameter_specs
-    from mixtral_ms.schema import model_dims
-    from mixtral_ms.training.freeze import check_freeze, frozen_mask
+    from mixtral_ms.checkpoint.name_map import parameter_specs
+    from mixtral_ms.model.schema import model_dims
+    from mixtral_ms.run.freeze import check_freeze, frozen_mask
     with open(config_path, encoding="utf-8") as f:
         dims = model_dims(yaml.safe_load(f)["model"]["model_config"])
     spec = check_freeze(freeze, dims)

@@ -36,7 +36,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 CONFIG = dict(vocab_size=8000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
               num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024,
@@ -192,8 +191,8 @@ class OurRows:
         """Built on first use (its moments are twice the weights; the decode and layer rows never train).
         The Trainer's optimizer work: decoupled weight decay (0.01, torch AdamW's default, HF's side too) on
         the matrices, grouped as MindFormers groups them (none on the 1-D norms); the shipped YAML's betas, eps."""
-        from mixtral_ms.optim import FusedAdamW
-        from mixtral_ms.training import MixtralTrainOneStepCell
+        from mixtral_ms.run.optim import FusedAdamW
+        from mixtral_ms.run.wrapper import MixtralTrainOneStepCell
         from mindformers.trainer.optimizer_grouped_parameters import get_optimizer_grouped_parameters
         groups = get_optimizer_grouped_parameters(self.model, weight_decay=0.01)
         return MixtralTrainOneStepCell(self.model, FusedAdamW(groups, learning_rate=1e-4, betas=(0.9, 0.95), eps=1e-8))
@@ -268,7 +267,7 @@ def bench_trainer(steps: int) -> dict:
     the dataset pipeline and callbacks. tokens/s is MixtralProgressMonitor's per-step rate, median over
     the steps after the first two (compile, warm-up)."""
     import yaml
-    from mixtral_ms.data import PRETRAIN_COLUMNS, write_mindrecord
+    from mixtral_ms.run.data import PRETRAIN_COLUMNS, write_mindrecord
     with open(os.path.join(ROOT, "configs", "mixtral_tiny_cpu.yaml"), encoding="utf-8") as f:
         config = yaml.safe_load(f)
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:

@@ -24,7 +24,6 @@ import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 KNOBS = ("none", "kernel_launch_capture", "kernel_launch_group", "dispatch_threads_num_1", "launch_blocking",
          "runtime_conf_pipeline_off", "runtime_conf_async_launch_off", "jit_level_O0", "jit_level_O1")

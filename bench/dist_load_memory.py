@@ -1,5 +1,5 @@
 """Host memory of loading a checkpoint on one rank: the whole model (what runner.build_model's load_weights
-reads today) against the rank's slices alone (mixtral_ms/parallel/checkpoint.py read_rank_slices, safetensors
+reads today) against the rank's slices alone (mixtral_ms/checkpoint/distributed.py read_rank_slices, safetensors
 byte ranges), rank by rank, for a layout's real strategy files.
 
     python bench/dist_load_memory.py --strategy tests/fixtures/strategies/mixtral_8x7b_finetune_16p
@@ -21,7 +21,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def hf_config(hidden: int, intermediate: int, layers: int) -> dict:
@@ -35,8 +34,8 @@ def hf_config(hidden: int, intermediate: int, layers: int) -> dict:
 def make_checkpoint(folder: str, cfg: dict) -> None:
     """A random bf16 checkpoint in the converted layout (finite values), tensor by tensor."""
     import numpy as np
-    from mixtral_ms.convert import MS_METADATA, write_checkpoint
-    from mixtral_ms.name_map import parameter_specs
+    from mixtral_ms.checkpoint.convert import MS_METADATA, write_checkpoint
+    from mixtral_ms.checkpoint.name_map import parameter_specs
     rng = np.random.default_rng(0)
 
     def values(shape):
@@ -60,8 +59,8 @@ def rss_kib() -> int:
 
 def measure(args) -> dict:
     """One load in this process: 'full' (every tensor read whole, as load_weights holds them) or a rank."""
-    from mixtral_ms.convert import _config_of
-    from mixtral_ms.parallel.checkpoint import open_complete, read_rank_slices, read_source_box, read_strategy
+    from mixtral_ms.checkpoint.convert import _config_of
+    from mixtral_ms.checkpoint.distributed import open_complete, read_rank_slices, read_source_box, read_strategy
     _, config = _config_of(args.checkpoint)
     strategy = read_strategy(args.strategy) if args.measure != "full" else None
     base = rss_kib()
@@ -93,7 +92,7 @@ def main() -> int:
     if args.measure:
         print(json.dumps(measure(args)))
         return 0
-    from mixtral_ms.parallel.checkpoint import read_strategy
+    from mixtral_ms.checkpoint.distributed import read_strategy
     folder = os.path.join(args.work, f"h{args.hidden}-i{args.intermediate}-l{args.layers}", "ms")
     if not os.path.isdir(folder):
         os.makedirs(os.path.dirname(folder), exist_ok=True)

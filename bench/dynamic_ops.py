@@ -12,13 +12,10 @@ this is the kernels' own extra cost.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_vs_hf import median_time  # noqa: E402
+from bench_vs_hf import median_time
 
 
 def main() -> None:

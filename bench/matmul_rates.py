@@ -22,8 +22,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_vs_hf import BATCH, CONFIG, SEQ, matmul_shapes, matmuls  # noqa: E402
+from bench_vs_hf import BATCH, CONFIG, SEQ, matmul_shapes, matmuls
 
 IN_GRAPH = 16
 TORCH = r'''

@@ -28,8 +28,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_vs_hf import DECODE_STEPS, HF_ROWS, ROOT, THREADS, machine, run_hf  # noqa: E402
+from bench_vs_hf import DECODE_STEPS, HF_ROWS, ROOT, THREADS, machine, run_hf
 
 UNITS = ("train", "prefill", "gen_b1_long", "gen_b1_short", "gen_b8_long", "gen_b8_short", "moe_train", "moe_eval",
          "dense_ffn")

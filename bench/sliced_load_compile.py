@@ -1,5 +1,5 @@
 """Sliced loading through MindSpore's own parallel compiler, on CPU: one rank of a layout YAML compiled by
-the dry run (mixtral_ms/parallel/dryrun.py: the real semi-auto compiler, device side mocked) with
+the dry run (mixtral_ms/tools/dryrun.py: the real semi-auto compiler, device side mocked) with
 runner.build_model given a complete checkpoint, then every weight checked: initialised by the compiler
 (its lazy initializer ran, parallel/checkpoint.py SlicedLoad) with exactly the box the strategy file of that
 compile gives the rank; the other stages' weights left unread, except those the compiler initialises whole
@@ -22,14 +22,14 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def child(spec: dict) -> dict:
     """In the dry-run environment: compile the rank with the checkpoint, report what was filled."""
-    from mixtral_ms import runner
-    from mixtral_ms.parallel import dryrun
-    from mixtral_ms.parallel.checkpoint import box_shape, read_strategy
+    from mixtral_ms.checkpoint.load import resolve_checkpoint
+    from mixtral_ms.run import runner
+    from mixtral_ms.tools import dryrun
+    from mixtral_ms.checkpoint.distributed import box_shape, read_strategy
     build, models = runner.build_model, []
 
     def with_checkpoint(run, _checkpoint):  # the dry run builds without weights; this one loads them
@@ -42,8 +42,8 @@ def child(spec: dict) -> dict:
         return {"compiled": False, "error": result.error}
     strategy = read_strategy(result.strategy_file)
     rank, filled, whole, unread, wrong = spec["rank"], [], [], [], []
-    sources = runner.resolve_checkpoint(spec["checkpoint"])
-    from mixtral_ms.parallel.checkpoint import open_complete
+    sources = resolve_checkpoint(spec["checkpoint"])
+    from mixtral_ms.checkpoint.distributed import open_complete
     weights = set(open_complete(sources, models[0].config))
     for param in models[0].get_parameters():
         if param.name not in weights:
@@ -67,7 +67,7 @@ def child(spec: dict) -> dict:
 
 
 def _full_shape(name, model):
-    from mixtral_ms.name_map import parameter_specs
+    from mixtral_ms.checkpoint.name_map import parameter_specs
     return parameter_specs(model.config)[name].shape
 
 
@@ -82,10 +82,10 @@ def main() -> int:
     if args.child:
         print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
         return 0
-    from mixtral_ms.parallel.cann_stub import ensure_stub, environment
-    from mixtral_ms.parallel.config import from_run_config
-    from mixtral_ms.parallel.dryrun import _parse_set
-    from mixtral_ms import runner
+    from mixtral_ms.tools.cann_stub import ensure_stub, environment
+    from mixtral_ms.parallel.layout import from_run_config
+    from mixtral_ms.tools.dryrun import _parse_set
+    from mixtral_ms.run import runner
     settings = _parse_set(args.set)
     devices = from_run_config(runner.load_run(args.config, None, settings).config).devices
     out = tempfile.mkdtemp(prefix="sliced-load-")

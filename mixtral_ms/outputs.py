@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from typing import Iterator, List, Sequence, Tuple
 
-from .cli import BadInput
+from mixtral_ms.cli import BadInput
 
 
 def temp_path(target: str, hidden: bool = False) -> str:

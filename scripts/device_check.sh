@@ -122,7 +122,7 @@ derive() {  # derive <source yaml> <target yaml> <python statements on cfg>
   LOCAL_DEFAULT_PATH="$OUT" python - "$1" "$2" "$3" <<'EOF'
 import sys
 import yaml
-from mixtral_ms.runner import read_run_yaml  # the project's one YAML reader: base_config: merged in
+from mixtral_ms.run.run_yaml import read_run_yaml  # the project's one YAML reader: base_config: merged in
 cfg = read_run_yaml(sys.argv[1])
 exec(sys.argv[3])
 yaml.safe_dump(cfg, open(sys.argv[2], "w"))

@@ -10,7 +10,11 @@ if [ ! -f "$MIXTRAL_MS_VENV/.complete" ]; then
   "$MIXTRAL_MS_VENV/bin/pip" install -q --disable-pip-version-check -r "$_root/requirements.txt"
   touch "$MIXTRAL_MS_VENV/.complete"
 fi
+if [ ! -x "$MIXTRAL_MS_VENV/bin/mixtral-ms-run" ]; then  # the package and its console scripts (pyproject.toml)
+  "$MIXTRAL_MS_VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$_root"
+fi
 export PATH="$MIXTRAL_MS_VENV/bin:$PATH"  # msrun starts plain `python`
+# The venv is shared by every checkout with these pins; this checkout's package comes first on the path.
 export PYTHONPATH="$_root${PYTHONPATH:+:$PYTHONPATH}"
 export GLOG_v="${GLOG_v:-3}"  # MindSpore's C++ warnings off unless asked for
 unset _root _hash

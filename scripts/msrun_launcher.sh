@@ -102,8 +102,8 @@ fi
 [ -x "$VENV/bin/python" ] || die "no python in $VENV/bin (give --venv or set MIXTRAL_MS_VENV)"
 [ -x "$VENV/bin/msrun" ] || command -v msrun >/dev/null || die "msrun not found in $VENV/bin or on PATH"
 # The YAML's layout must be the job's size (dp x mp x pp processes; one without use_parallel): checked here,
-# not after msrun has started every worker (mixtral_ms/run_checks.py check_worker_num).
-if ! layout_error=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$VENV/bin/python" -m mixtral_ms.run_checks \
+# not after msrun has started every worker (mixtral_ms/run/checks.py check_worker_num).
+if ! layout_error=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$VENV/bin/python" -m mixtral_ms.run.checks \
                     "$CONFIG" "$WORKER_NUM" 2>&1); then
   case "$layout_error" in
     error:*) die "${layout_error#error: }" ;;

@@ -1,14 +1,12 @@
-"""Shared test setup: CPU context, the repo on sys.path, and a fixture that runs a test in both modes."""
+"""Shared test setup: CPU context, a temp log folder, and a fixture that runs a test in both modes."""
 import atexit
 import os
 import shutil
-import sys
 import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 # MindFormers' logger writes under $LOCAL_DEFAULT_PATH (default ./output), read each time it makes a logger
 # (per log path, on first use): a temp folder for the whole session and its subprocesses, never the checkout.
@@ -18,7 +16,7 @@ atexit.register(shutil.rmtree, LOG_ROOT, ignore_errors=True)
 os.environ.setdefault("LOCAL_DEFAULT_PATH", LOG_ROOT)
 USER_ENV = {k: v for k, v in os.environ.items() if k != "LOCAL_DEFAULT_PATH"}
 
-import mindspore as ms  # noqa: E402
+import mindspore as ms
 
 ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
 

@@ -22,7 +22,6 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
 OUT = os.path.join(HERE, "fixtures", "strategies")
 CONFIG = os.path.join(ROOT, "configs", "parallel", "dryrun", "mixtral_tiny_8p.yaml")
 
@@ -53,7 +52,7 @@ SHIPPED = {"mixtral_8x7b_finetune_16p": (
 
 
 def main(names) -> int:
-    from mixtral_ms.parallel.dryrun import dry_run
+    from mixtral_ms.tools.dryrun import dry_run
     for name in names or [*LAYOUTS, *SHIPPED]:
         config, settings = SHIPPED[name] if name in SHIPPED else (CONFIG, {**TINY8, **LAYOUTS[name]})
         with tempfile.TemporaryDirectory(prefix="strategies-") as tmp:

@@ -241,8 +241,8 @@ def test_inherited_yaml_gives_experts_py_its_base_dimensions(tmp_path):
     """experts.py --config configs/compress/dense_tiny_cpu.yaml (base_config: ../mixtral_tiny_cpu.yaml) reads the
     inherited sizes (hidden 128, vocab 2000), not the 8x7B defaults; MindFormers' reader writes no ./output."""
     from safetensors.numpy import save_file
-    from mixtral_ms.schema import ModelDims
-    from mixtral_ms.name_map import parameter_specs
+    from mixtral_ms.model.schema import ModelDims
+    from mixtral_ms.checkpoint.name_map import parameter_specs
     dims = ModelDims(vocab_size=2000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=1, num_experts_per_tok=1)
     tensors = {}
@@ -290,7 +290,7 @@ def test_jsonl_nesting_and_lone_surrogates_name_the_line(tmp_path, capsys):
 
 
 def test_dataset_folder_of_mixed_files_is_refused_up_front(tmp_path):
-    from mixtral_ms.data import DataError, check_dataset, write_mindrecord
+    from mixtral_ms.run.data import DataError, check_dataset, write_mindrecord
     column = {"type": "int32", "shape": [-1]}
     for name, tokens, columns in (("a.mindrecord", 17, ("input_ids",)), ("b.mindrecord", 9, ("input_ids",)),
                                   ("c.mindrecord", 17, ("input_ids", "labels"))):
@@ -333,8 +333,8 @@ def test_calibration_write_error_is_one_error_and_keeps_the_old_file(tmp_path, m
     """A disk that fills up while the calibration file is written: one CompressionError (the CLI's one line),
     the old file byte for byte, no temp file, and no "Exception ignored" from the zip's finaliser."""
     import errno
-    from mixtral_ms.compress import CompressionError
-    from mixtral_ms.compress import calibration
+    from mixtral_ms.tools.compress import CompressionError
+    from mixtral_ms.tools.compress import calibration
     out = tmp_path / "m.calibration.npz"
     out.write_bytes(b"old calibration")
     real, writes = np.lib.format.write_array, []

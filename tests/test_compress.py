@@ -16,10 +16,10 @@ from mindspore import Tensor
 
 from conftest import FIXTURES, ROOT
 from mixtral_ms import MixtralForCausalLM
-from mixtral_ms.compress.calibration import calibrate
-from mixtral_ms.compress.int8 import dequantize_int8
-from mixtral_ms.data import write_mindrecord
-from mixtral_ms.safetensors_io import open_checkpoint, to_numpy, write_safetensors
+from mixtral_ms.tools.compress.calibration import calibrate
+from mixtral_ms.model.int8 import dequantize_int8
+from mixtral_ms.run.data import write_mindrecord
+from mixtral_ms.checkpoint.safetensors_io import open_checkpoint, to_numpy, write_safetensors
 from test_convert import snapshot
 from test_reliability import _leftovers, _paused
 
@@ -217,7 +217,7 @@ def test_sigterm_mid_write_keeps_the_old_output_and_leaves_no_temp(work, tmp_pat
     dst = work / "int8_None"
     dst.exists() or ok("quantize", "--model", TINY8, "--bits", 8, "--out", dst)
     before = snapshot(dst)
-    proc = _paused(tmp_path / "ready", "mixtral_ms.convert", "write_safetensors", CLI[1],
+    proc = _paused(tmp_path / "ready", "mixtral_ms.checkpoint.convert", "write_safetensors", CLI[1],
                    ["quantize", "--model", TINY8, "--bits", 8, "--group_size", 32, "--out", dst, "--overwrite",
                     "--shard-size", "20KB"])
     assert _leftovers(work) == [f"int8_None.tmp-{proc.pid}"]  # a shard is written, the run waits

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from mixtral_ms import ConfigError, MixtralConfig
-from mixtral_ms.schema import hf_dims
+from mixtral_ms.model.schema import hf_dims
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,11 +15,11 @@ import mindspore as ms
 from mindspore import Tensor
 
 from conftest import FIXTURES, ROOT
-from mixtral_ms import convert
+from mixtral_ms.checkpoint import convert
 from mixtral_ms.cli import BadInput
-from mixtral_ms.convert import hf2ms, ms2hf, plan
-from mixtral_ms.name_map import count_parameters, hf_to_ms, ms_to_hf, parameter_specs
-from mixtral_ms.safetensors_io import (CheckpointError, TensorInfo, bf16_to_f32, f32_to_bf16, open_checkpoint,
+from mixtral_ms.checkpoint.convert import hf2ms, ms2hf, plan
+from mixtral_ms.checkpoint.name_map import count_parameters, hf_to_ms, ms_to_hf, parameter_specs
+from mixtral_ms.checkpoint.safetensors_io import (CheckpointError, TensorInfo, bf16_to_f32, f32_to_bf16, open_checkpoint,
                                        read_header, to_numpy, write_safetensors)
 from test_config import HF_8X7B
 
@@ -525,7 +525,7 @@ def test_cli_exit_codes_and_one_line_errors(tmp_path):
                                   "tensor in two shards", "duplicate index key"])
 def test_loader_refuses_what_the_converter_refuses(tmp_path, case):
     from mixtral_ms import MixtralConfig, MixtralForCausalLM
-    from mixtral_ms.checkpoint import load_weights
+    from mixtral_ms.checkpoint.load import load_weights
     breaker, message = BAD_HF[case]
     src = tmp_path / "src"
     make_hf(str(src))
@@ -572,7 +572,7 @@ def test_ms2hf_of_a_training_ckpt_is_bit_exact(tmp_path):
     with pytest.raises(CheckpointError, match=f"tensor '{NORM}' has dtype I8"):
         ms2hf(str(tmp_path / "int8.ckpt"), str(tmp_path / "x"), config_path=str(tmp_path / "hf"))
     from mixtral_ms import MixtralConfig, MixtralForCausalLM
-    from mixtral_ms.checkpoint import load_weights
+    from mixtral_ms.checkpoint.load import load_weights
     with pytest.raises(CheckpointError, match=f"tensor '{NORM}' has dtype I8"):
         load_weights(MixtralForCausalLM(MixtralConfig.from_hf_dir(str(tmp_path / "hf"))), str(tmp_path / "int8.ckpt"))
     open(tmp_path / "junk.ckpt", "wb").write(b"\x00not a checkpoint" * 10)
@@ -583,7 +583,7 @@ def test_ms2hf_of_a_training_ckpt_is_bit_exact(tmp_path):
 
 
 def test_nonfinite_detection_over_every_16_bit_pattern():
-    from mixtral_ms.safetensors_io import count_nonfinite, has_nonfinite
+    from mixtral_ms.checkpoint.safetensors_io import count_nonfinite, has_nonfinite
     bits = np.arange(1 << 16, dtype=np.uint16)
     for tag, values in (("BF16", bf16_to_f32(bits)), ("F16", bits.view(np.float16).astype(np.float32))):
         bad = ~np.isfinite(values)

@@ -9,7 +9,7 @@ import pytest
 import sentencepiece as spm
 
 from conftest import ROOT
-from mixtral_ms import data as D
+from mixtral_ms.run import data as D
 
 TOKENIZER = os.path.join(ROOT, "data", "tokenizer", "tokenizer.model")
 

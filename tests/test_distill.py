@@ -1,4 +1,4 @@
-"""Output distillation (mixtral_ms/training/distill.py) through MindFormers' Trainer from the shipped YAML
+"""Output distillation (mixtral_ms/run/distill.py) through MindFormers' Trainer from the shipped YAML
 (configs/compress/distill_dense_tiny.yaml): a frozen MoE teacher with its own config (4 experts, top-1) in
 the same graph as a dense student (one expert), the loss alpha*CE + (1-alpha)*T^2*KL(teacher || student),
 ce and kd on the progress line and in router_stats.jsonl, the teacher untouched; the KL against numpy; bad
@@ -13,11 +13,11 @@ import mindspore as ms
 from mindspore import Tensor
 
 from mixtral_ms import MixtralConfig, MixtralForCausalLM
-from mixtral_ms.checkpoint import load_weights
-from mixtral_ms.data import write_mindrecord
-from mixtral_ms.losses import distillation_loss
-from mixtral_ms.training.distill import Distillation, build_teacher
-from mixtral_ms import runner
+from mixtral_ms.checkpoint.load import load_weights
+from mixtral_ms.run.data import write_mindrecord
+from mixtral_ms.model.losses import distillation_loss
+from mixtral_ms.run.distill import Distillation, build_teacher
+from mixtral_ms.run import runner
 from conftest import ROOT
 from test_training import BATCH, SEQ, error_line, run, stats, write_yaml
 

@@ -1,4 +1,4 @@
-"""The dry run (mixtral_ms/parallel/dryrun.py, scripts/dryrun.py): the tiny layout matrix compiled by
+"""The dry run (mixtral_ms/tools/dryrun.py, scripts/dryrun.py): the tiny layout matrix compiled by
 MindSpore's own parallel compiler on this CPU host (DryRun level 0, the stand-in CANN), its reports
 checked against the plan and the estimator; the report's parts on hand-made inputs; bad input.
 
@@ -13,10 +13,10 @@ import sys
 import pytest
 
 from conftest import ROOT
-from mixtral_ms.parallel import cann_stub
-from mixtral_ms.parallel.config import validate
-from mixtral_ms.parallel.checkpoint import ParamLayout, box_shape, layout_box
-from mixtral_ms.parallel.dryrun import TINY_MATRIX, IRNode, RankResult, comm_ops, expert_exchanges, parse_ir
+from mixtral_ms.tools import cann_stub
+from mixtral_ms.parallel.layout import validate
+from mixtral_ms.checkpoint.distributed import ParamLayout, box_shape, layout_box
+from mixtral_ms.tools.dryrun import TINY_MATRIX, IRNode, RankResult, comm_ops, expert_exchanges, parse_ir
 from mixtral_ms.parallel.plan import expert_axes
 
 DRYRUN = os.path.join(ROOT, "scripts", "dryrun.py")
@@ -127,7 +127,7 @@ def test_the_stand_in_defines_each_symbol_once_and_allocates_for_create():
 
 
 def test_training_moe_with_model_parallel_needs_sequence_parallel():
-    from mixtral_ms.parallel.config import ParallelConfigError
+    from mixtral_ms.parallel.layout import ParallelConfigError
     pc = {"data_parallel": 4, "model_parallel": 2, "expert_parallel": 2}
     with pytest.raises(ParallelConfigError, match="use_seq_parallel"):
         validate(pc, {"parallel_mode": 1}, TINY, training=True)

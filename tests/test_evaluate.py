@@ -12,8 +12,8 @@ from mindspore import Tensor
 
 from conftest import FIXTURES, ROOT
 from mixtral_ms import MixtralForCausalLM
-from mixtral_ms.data import write_mindrecord
-from mixtral_ms.evaluate import evaluate
+from mixtral_ms.run.data import write_mindrecord
+from mixtral_ms.tools.evaluate import evaluate
 from test_training import error_line, write_yaml
 
 TINY8 = os.path.join(FIXTURES, "tiny8")

@@ -1,4 +1,4 @@
-"""Continual-training freezes (mixtral_ms/training/freeze.py) through MindFormers' Trainer from a YAML:
+"""Continual-training freezes (mixtral_ms/run/freeze.py) through MindFormers' Trainer from a YAML:
 frozen experts, router rows and non-MoE weights are bit-identical after training with AdamW weight
 decay (which moves a weight whose gradient is zero), while the rest trains; bad freeze sections fail
 with one line."""
@@ -10,10 +10,10 @@ import pytest
 import mindspore as ms
 
 from mixtral_ms import MixtralForCausalLM
-from mixtral_ms.checkpoint import load_weights
-from mixtral_ms.data import write_mindrecord
-from mixtral_ms.training.freeze import check_freeze, trainable_count
-from mixtral_ms import runner
+from mixtral_ms.checkpoint.load import load_weights
+from mixtral_ms.run.data import write_mindrecord
+from mixtral_ms.run.freeze import check_freeze, trainable_count
+from mixtral_ms.run import runner
 from test_training import BATCH, SEQ, error_line, run, write_yaml
 
 FREEZE = {"experts": {0: [0, 1], 1: [5]}, "router_rows": [0, 1, 2], "non_moe": True}

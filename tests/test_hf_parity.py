@@ -9,7 +9,7 @@ from mindspore import Tensor
 
 from conftest import FIXTURES
 from mixtral_ms import MixtralForCausalLM
-from mixtral_ms.safetensors_io import CheckpointError
+from mixtral_ms.checkpoint.safetensors_io import CheckpointError
 
 NAMES = ["tiny8", "tiny4sw"]
 

@@ -8,9 +8,9 @@ import mindspore as ms
 from mindspore import Tensor
 
 from mixtral_ms import MixtralConfig, MixtralForCausalLM
-from mixtral_ms.capacity import dropless_capacities, expert_capacity
-from mixtral_ms.dispatch import dispatch
-from mixtral_ms.moe import MixtralSparseMoeBlock
+from mixtral_ms.model.capacity import dropless_capacities, expert_capacity
+from mixtral_ms.model.dispatch import dispatch
+from mixtral_ms.model.moe import MixtralSparseMoeBlock
 
 
 def served_assignments(assignment_slot, g, n, k, e, capacity):
@@ -252,7 +252,7 @@ def _eval_path_equals_tiers_and_reference(block, x, mask):
 def test_grouped_inference_equals_capacity_tiers_and_reference(mode, push):
     """Eval-mode dropless on enough tokens runs per-expert segments: same output and load as the
     static capacity path and the numpy reference, with left padding, under balanced and skewed routing."""
-    from mixtral_ms.moe import GROUPED_MIN_ROWS
+    from mixtral_ms.model.moe import GROUPED_MIN_ROWS
     block = _block(1, 1.1, experts=4)
     block.set_train(False)
     rng = np.random.default_rng(3)
@@ -286,7 +286,7 @@ def test_dropless_is_exact_even_when_every_tier_overflows(mode):
 def test_gathered_decode_equals_capacity_path_and_reference(mode):
     """Eval mode on a few tokens (decoding) gathers the routed experts' weights: same output and load
     as the static capacity path and the numpy reference; a padding token gets zero."""
-    from mixtral_ms.moe import GATHER_MAX_SHARE
+    from mixtral_ms.model.moe import GATHER_MAX_SHARE
     block = _block(1, 1.1, experts=16)
     block.set_train(False)
     x = np.random.default_rng(5).normal(size=(2, 1, 16)).astype(np.float32)

@@ -12,9 +12,10 @@ import mindspore as ms
 from mindspore import Tensor
 
 from mixtral_ms import ConfigError, MixtralConfig, MixtralForCausalLM
-from mixtral_ms.moe import MixtralSparseMoeBlock
-from mixtral_ms.name_map import parameter_specs
-from mixtral_ms.parallel import ParallelConfigError, apply_plan, plan_spec, validate
+from mixtral_ms.model.moe import MixtralSparseMoeBlock
+from mixtral_ms.checkpoint.name_map import parameter_specs
+from mixtral_ms.parallel.layout import ParallelConfigError, validate
+from mixtral_ms.parallel.plan import apply_plan, plan_spec
 
 BASE = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, num_local_experts=4, max_position_embeddings=64, initializer_range=0.5,
@@ -80,7 +81,7 @@ def test_bias_moves_once_per_step_by_the_whole_steps_load():
     """Graph mode, MixtralTrainOneStepCell with 2 accumulation micro-batches: after each step every layer's
     bias moved by rate * sign(mean - load), load the tokens per expert of both micro-batches (each one's
     eval-mode routing, computed before the step); a model without the option keeps no bias."""
-    from mixtral_ms.training import MixtralTrainOneStepCell
+    from mixtral_ms.run.wrapper import MixtralTrainOneStepCell
     rate = 0.05
     batches = np.random.default_rng(3).integers(0, 64, (2, 4, 9)).astype(np.int32)
     ms.set_seed(0)
@@ -110,7 +111,7 @@ def test_bias_moves_in_the_callbacks_under_another_wrapper():
     """MindSpore's TrainOneStepCell (no update of ours): the callbacks' once-per-step read of the side channel
     moves the bias by the load it read, once, however many callbacks ask."""
     from types import SimpleNamespace
-    from mixtral_ms.training.callbacks import step_stats
+    from mixtral_ms.run.callbacks import step_stats
 
     class Params(SimpleNamespace):
         def get(self, key, default=None):
@@ -192,8 +193,8 @@ def test_checkpoint_names_config_json_and_a_checkpoint_without_the_bias(tmp_path
     """Qwen2-MoE's shared-expert names under block_sparse_moe, the bias as DeepSeek-V3 names it; the options
     round-trip through config.json and the converter (ms2hf, from_pretrained); a checkpoint lacking the bias
     (any made before the option) loads it as zeros."""
-    from mixtral_ms.checkpoint import load_weights
-    from mixtral_ms.convert import ms2hf
+    from mixtral_ms.checkpoint.load import load_weights
+    from mixtral_ms.checkpoint.convert import ms2hf
     config = _config(router_bias_update_rate=0.01, router_aux_loss_scope="sequence", mlp_only_layers=[0], **SHARED)
     names = set(parameter_specs(config))
     p = "model.layers.1.block_sparse_moe."
@@ -229,7 +230,7 @@ def test_checkpoint_names_config_json_and_a_checkpoint_without_the_bias(tmp_path
 def test_layer_pattern_dense_layers_are_mistral_mlps():
     """Which layers are MoE (every k-th, the first n dense, an explicit list); a dense layer is x + SwiGLU
     named as Mistral's `mlp.*` (numpy), and the router outputs cover the MoE layers only."""
-    from mixtral_ms.schema import moe_layers
+    from mixtral_ms.model.schema import moe_layers
     assert moe_layers(_config(num_hidden_layers=6, moe_layer_freq=2)) == (1, 3, 5)  # GShard's every other layer
     assert moe_layers(_config(num_hidden_layers=5, first_k_dense=1, mlp_only_layers=[3])) == (1, 2, 4)
     config = _config(num_hidden_layers=3, moe_layer_freq=2, router_aux_loss_scope="sequence")
@@ -290,7 +291,7 @@ def test_expert_surgery_carries_the_router_bias_and_the_layer_pattern(tmp_path):
     import subprocess
     import sys
     from conftest import ROOT
-    from mixtral_ms.convert import ms2hf
+    from mixtral_ms.checkpoint.convert import ms2hf
     config = _config(router_bias_update_rate=0.01, mlp_only_layers=[0], **SHARED)
     ms.set_seed(1)
     model = MixtralForCausalLM(config)

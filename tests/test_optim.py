@@ -6,7 +6,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 from mindformers.core.optim import AdamW
 
-from mixtral_ms.optim import FusedAdamW
+from mixtral_ms.run.optim import FusedAdamW
 
 
 def _run(optimizer_cls, w0, b0, grads):

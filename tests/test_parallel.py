@@ -21,9 +21,10 @@ from mindspore import Tensor
 
 from conftest import ROOT
 from mixtral_ms import MixtralConfig, MixtralForCausalLM
-from mixtral_ms.parallel import (ParallelConfigError, apply_plan, check_table, context_kwargs, from_run_config,
-                                 load_yaml, plan_spec, validate)
-from mixtral_ms.parallel import config as pconfig
+from mixtral_ms.parallel.layout import ParallelConfigError, from_run_config, validate
+from mixtral_ms.parallel.plan import apply_plan, check_table, context_kwargs, plan_spec
+from mixtral_ms.run.run_yaml import read_run_yaml
+from mixtral_ms.parallel import layout as pconfig
 from mixtral_ms.parallel import memory
 from mixtral_ms.parallel.plan import _primitives
 
@@ -84,8 +85,8 @@ def dp_launch(tmp_path_factory):
 def _write_run_yaml(work):
     """The shipped 32-device pre-training YAML scaled to the 2 msrun workers: its pipeline (pp 2, micro-batches
     2), the tiny model, a 16-token MindRecord, one dataset worker (the machine's 2 cores)."""
-    from mixtral_ms.data import write_mindrecord
-    cfg = load_yaml(os.path.join(ROOT, "configs", "parallel", "mixtral_8x7b_pretrain_32p.yaml"))
+    from mixtral_ms.run.data import write_mindrecord
+    cfg = read_run_yaml(os.path.join(ROOT, "configs", "parallel", "mixtral_8x7b_pretrain_32p.yaml"))
     cfg["parallel_config"].update(data_parallel=1, expert_parallel=1, pipeline_stage=2, micro_batch_num=2)
     cfg["model"]["model_config"].update({k: TINY[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
                                                               "num_attention_heads", "num_key_value_heads",
@@ -125,7 +126,7 @@ def _train_graph(optimizer_cls, groups, init, batches):
 def references(dp_launch):
     """MindFormers AdamW and OffloadAdamW on the global batch with moe_token_groups = 2 (= dp)."""
     from mindformers.core.optim import AdamW
-    from mixtral_ms.optim import OffloadAdamW
+    from mixtral_ms.run.optim import OffloadAdamW
     work, _ = dp_launch
     init = dict(np.load(work / "init.npz"))
     batches = np.load(work / "batch.npy")
@@ -212,7 +213,7 @@ def test_four_configs_shipped():
     names = [os.path.basename(p) for p in CONFIGS]
     assert names == ["mixtral_8x7b_finetune_16p.yaml", "mixtral_8x7b_predict_mp8.yaml",
                      "mixtral_8x7b_pretrain_32p.yaml", "mixtral_8x7b_pretrain_8p.yaml"]
-    layouts = {n: from_run_config(load_yaml(p)) for n, p in zip(names, CONFIGS)}
+    layouts = {n: from_run_config(read_run_yaml(p)) for n, p in zip(names, CONFIGS)}
     assert layouts["mixtral_8x7b_pretrain_32p.yaml"].describe() == "dp8 mp1 ep8 pp4 (32 devices)"
     assert layouts["mixtral_8x7b_pretrain_8p.yaml"].describe() == "dp8 mp1 ep8 pp1 (8 devices)"
     assert layouts["mixtral_8x7b_finetune_16p.yaml"].describe() == "dp8 mp1 ep8 pp2 (16 devices)"
@@ -221,7 +222,7 @@ def test_four_configs_shipped():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_shipped_config_plan_is_consistent_with_the_real_shapes(path):
-    cfg = load_yaml(path)
+    cfg = read_run_yaml(path)
     layout = from_run_config(cfg)
     fields = {k: v for k, v in cfg["model"]["model_config"].items() if k != "type"}
     model_config = MixtralConfig(**fields)  # the YAML builds a valid model config
@@ -243,20 +244,20 @@ def test_shipped_config_plan_is_consistent_with_the_real_shapes(path):
     assert table["model.layers.0.self_attn.bmm_qk"].strategy[0] == (dp, mp, 1, 1)
     assert table["model.embed_tokens.gather"].strategy[1] == (dp, 1)
     # scripts/run_mixtral.py's check passes: top-level keys, registered types (OffloadAdamW once
-    # mixtral_ms.optim is imported), their arguments, the model config
-    import mixtral_ms.optim  # noqa: F401
-    from mixtral_ms.training import check_config
+    # mixtral_ms.run.optim is imported), their arguments, the model config
+    import mixtral_ms.run.optim  # noqa: F401
+    from mixtral_ms.run.yaml_check import check_config
     check_config(cfg)
     # the memory header in the YAML is what the estimator prints now
     rel = os.path.relpath(path, ROOT)
     text = open(path, encoding="utf-8").read()
-    assert memory.header_block(rel, memory.from_config_file(path)) in text, \
-        f"stale header: python -m mixtral_ms.parallel.memory --config {rel} --write_header"
+    assert memory.header_block(rel, memory.from_run_config_estimate(read_run_yaml(path))) in text, \
+        f"stale header: mixtral-ms-memory --config {rel} --write_header"
 
 
 def _scaled(path, **extra):
     """The shipped layout on a scaled-down model with the same divisibility (8 heads, 8 KV heads, 8 experts)."""
-    cfg = load_yaml(path)
+    cfg = read_run_yaml(path)
     pp = cfg["parallel_config"].get("pipeline_stage", 1)
     model = dict(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2 * pp,
                  num_attention_heads=8, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
@@ -324,11 +325,11 @@ def test_shipped_yaml_as_run_mixtral_loads_it(path, tmp_path):
     """scripts/run_mixtral.py's reading (MindFormers' reader and template: moe_config gets MindFormers' ~46
     default keys, parallel its defaults) then prepare_parallel on the YAML's device count: the layout
     validates and the semi-auto context is set (compiling it needs Ascend/GPU: test_msrun_* below)."""
-    from mixtral_ms.parallel import prepare_parallel
-    from mixtral_ms.runner import load_run
+    from mixtral_ms.parallel.plan import prepare_parallel
+    from mixtral_ms.run.runner import load_run
     run = load_run(path, {"output_dir": str(tmp_path)})
     assert len(run.config.moe_config) > 40  # the template's keys, not the YAML's 5
-    expected = from_run_config(load_yaml(path))
+    expected = from_run_config(read_run_yaml(path))
     try:
         layout = prepare_parallel(run.config, devices=expected.devices, rank=0)
         # the template adds parallel.search_mode (auto_parallel's; passed through, inert in semi-auto)
@@ -359,7 +360,7 @@ def test_pipeline_network_for_the_32_device_config():
     PipelineCell (what MindFormers wraps the model in) builds around the loss-only model, and every
     parameter and primitive sits on the stage the plan gives it (through the cell that owns it)."""
     from mindspore.nn import PipelineCell
-    cfg = load_yaml(os.path.join(ROOT, "configs", "parallel", "mixtral_8x7b_pretrain_32p.yaml"))
+    cfg = read_run_yaml(os.path.join(ROOT, "configs", "parallel", "mixtral_8x7b_pretrain_32p.yaml"))
     layout = from_run_config(cfg)
     fields = {k: v for k, v in cfg["model"]["model_config"].items() if k != "type"}
     fields.update(vocab_size=256, hidden_size=64, intermediate_size=64, seq_length=16, max_position_embeddings=64,
@@ -397,7 +398,7 @@ def test_pipeline_network_for_the_32_device_config():
 
 
 def test_context_kwargs_for_32_devices(tmp_path):
-    layout = from_run_config(load_yaml(os.path.join(ROOT, "configs", "parallel", "mixtral_8x7b_pretrain_32p.yaml")))
+    layout = from_run_config(read_run_yaml(os.path.join(ROOT, "configs", "parallel", "mixtral_8x7b_pretrain_32p.yaml")))
     strategy_file = str(tmp_path / "strategy" / "ckpt_strategy_rank_0.ckpt")  # MindSpore makes its folder
     kwargs = context_kwargs(layout, strategy_file)
     assert kwargs["parallel_mode"] == "semi_auto_parallel" and kwargs["device_num"] == 32
@@ -418,7 +419,7 @@ def test_context_kwargs_for_32_devices(tmp_path):
 
 
 def test_memory_estimate_32_devices_by_hand():
-    est = memory.from_config_file(os.path.join(ROOT, "configs", "parallel", "mixtral_8x7b_pretrain_32p.yaml"))
+    est = memory.from_run_config_estimate(read_run_yaml(os.path.join(ROOT, "configs", "parallel", "mixtral_8x7b_pretrain_32p.yaml")))
     stage0 = est.stages[0]
     h, f, e, v = 4096, 14336, 8, 32000
     experts = 8 * 3 * e * f * h // 8                      # 8 layers, w1/w3/w2, split over ep 8
@@ -436,12 +437,12 @@ def test_memory_estimate_32_devices_by_hand():
 
 def test_memory_cli(tmp_path):
     path = os.path.join(ROOT, "configs", "parallel", "mixtral_8x7b_pretrain_32p.yaml")
-    out = subprocess.run([sys.executable, "-m", "mixtral_ms.parallel.memory", "--config", path], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "mixtral_ms.commands.memory", "--config", path], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert "dp8 mp1 ep8 pp4 (32 devices)" in out and "| 0 | 1.876 |" in out
     copy = tmp_path / "x.yaml"  # the shipped run with one key changed, through MindFormers' base_config
     copy.write_text(f"base_config: {path}\nparallel_config:\n  expert_parallel: 3\n")
-    bad = subprocess.run([sys.executable, "-m", "mixtral_ms.parallel.memory", "--config", str(copy)], cwd=ROOT,
+    bad = subprocess.run([sys.executable, "-m", "mixtral_ms.commands.memory", "--config", str(copy)], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "expert_parallel (3)" in bad.stderr
 
@@ -475,8 +476,8 @@ def test_expert_parallel_exchange_matches_grouped_block():
     """Emulate dp = ep = 2: each rank routes and dispatches its own tokens (capacity per rank) into [E, C, H],
     an AllToAll gives rank j experts j*E/2.. of both ranks, rank j runs them with only its weight slice,
     the reverse AllToAll and a per-rank combine follow. Equals the block with moe_token_groups = 2."""
-    from mixtral_ms.capacity import expert_capacity
-    from mixtral_ms.dispatch import dispatch
+    from mixtral_ms.model.capacity import expert_capacity
+    from mixtral_ms.model.dispatch import dispatch
     model = _tiny_model(2)
     model.set_train(True)
     block = model.model.layers[0].block_sparse_moe
@@ -557,7 +558,7 @@ def test_launcher_prints_the_msrun_command():
 def test_offload_adamw_equals_mindformers_adamw(references):
     """OffloadAdamW == MindFormers AdamW, bitwise, over 3 graph-mode steps (same lr, betas, eps, weight decay)."""
     from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
-    from mixtral_ms.optim import OffloadAdamW
+    from mixtral_ms.run.optim import OffloadAdamW
     assert MindFormerRegister.get_cls(MindFormerModuleType.OPTIMIZER, "OffloadAdamW") is OffloadAdamW
     (pa, ma, _), (pb, mb, offload) = references["adamw"], references["offload"]
     assert set(pa) == set(pb) and set(ma) == set(mb)  # same state names: checkpoints interchange
@@ -565,7 +566,7 @@ def test_offload_adamw_equals_mindformers_adamw(references):
     assert max(np.abs(ma[k] - mb[k]).max() for k in ma) == 0.0
     assert max(np.abs(pa[k] - references["init"][k]).max() for k in pa) > 1e-4  # it trained
     assert all(p._get_user_data("parameter_device") == "CPU" for p in offload.exp_avg)  # host placement requested
-    from mixtral_ms import optim
+    from mixtral_ms.run import optim
     host = (optim._h_mul, optim._h_addcmul, optim._h_assign)
     assert all(prim.attrs.get("primitive_target") == "CPU" for prim in host)
 

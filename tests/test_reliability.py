@@ -140,7 +140,7 @@ def test_symlinked_destination_is_written_through(checkpoints):
 
 def test_sigterm_mid_conversion_removes_its_temp_folder_and_keeps_the_old_output(checkpoints):
     before = snapshot(checkpoints / "ms")
-    proc = _paused(checkpoints / "ready", "mixtral_ms.convert", "write_safetensors", CONVERT,
+    proc = _paused(checkpoints / "ready", "mixtral_ms.checkpoint.convert", "write_safetensors", CONVERT,
                    ["hf2ms", "--src", checkpoints / "hf", "--dst", checkpoints / "ms", "--overwrite",
                     "--dtype", "bf16", "--shard-size", "20KB", "--quiet"])
     assert os.path.isdir(checkpoints / f"ms.tmp-{proc.pid}")  # a shard is written, the run waits
@@ -151,7 +151,7 @@ def test_sigterm_mid_conversion_removes_its_temp_folder_and_keeps_the_old_output
 
 
 def test_sigkill_mid_conversion_then_a_clean_rerun(checkpoints):
-    proc = _paused(checkpoints / "ready", "mixtral_ms.convert", "write_safetensors", CONVERT,
+    proc = _paused(checkpoints / "ready", "mixtral_ms.checkpoint.convert", "write_safetensors", CONVERT,
                    ["hf2ms", "--src", checkpoints / "hf", "--dst", checkpoints / "new", "--dtype", "bf16",
                     "--shard-size", "20KB", "--quiet"])
     proc.kill()
@@ -165,7 +165,7 @@ def test_sigkill_mid_conversion_then_a_clean_rerun(checkpoints):
 
 
 def test_live_runs_temp_folder_and_foreign_names_are_left_alone(checkpoints):
-    proc = _paused(checkpoints / "ready", "mixtral_ms.convert", "write_safetensors", CONVERT,
+    proc = _paused(checkpoints / "ready", "mixtral_ms.checkpoint.convert", "write_safetensors", CONVERT,
                    ["hf2ms", "--src", checkpoints / "hf", "--dst", checkpoints / "out", "--shard-size", "20KB",
                     "--quiet"])
     try:
@@ -316,7 +316,7 @@ def test_preprocess_sigterm_and_sigkill_mid_write_then_rerun(tmp_path):
 # ------------------------------------------------------------------------------------------ estimator, launcher
 
 def _estimate(*args):
-    return _run(sys.executable, "-m", "mixtral_ms.parallel.memory", *args)
+    return _run(sys.executable, "-m", "mixtral_ms.commands.memory", *args)
 
 
 def test_memory_estimator_bad_input_is_one_line(tmp_path):

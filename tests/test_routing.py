@@ -1,4 +1,4 @@
-"""Router options (mixtral_ms/router.py): Switch top-1, GShard's sampled second expert and Pangu-Sigma's
+"""Router options (mixtral_ms/model/router.py): Switch top-1, GShard's sampled second expert and Pangu-Sigma's
 random routed experts, against numpy references; RRE's domain group extracted by expert surgery
 computes the full model's logits on that domain; the domain_ids column written at preprocessing."""
 import json
@@ -12,11 +12,11 @@ from mindspore import Tensor
 
 from conftest import ROOT
 from mixtral_ms import ConfigError, MixtralConfig, MixtralForCausalLM
-from mixtral_ms import data as D
-from mixtral_ms.moe import MixtralSparseMoeBlock
-from mixtral_ms.router import random_expert_map
-from mixtral_ms.rre import group_experts
-from mixtral_ms.surgery import Model, plan_extract, write
+from mixtral_ms.run import data as D
+from mixtral_ms.model.moe import MixtralSparseMoeBlock
+from mixtral_ms.model.router import random_expert_map
+from mixtral_ms.model.rre import group_experts
+from mixtral_ms.tools.surgery import Model, plan_extract, write
 
 
 def _config(**kw):

@@ -18,7 +18,7 @@ from mindspore import Tensor
 
 from conftest import ROOT, USER_ENV
 from mixtral_ms import MixtralConfig, MixtralForCausalLM
-from mixtral_ms.data import write_mindrecord
+from mixtral_ms.run.data import write_mindrecord
 from test_training import error_line, run, write_yaml
 
 SCRIPT = os.path.join(ROOT, "scripts", "run_mixtral.py")

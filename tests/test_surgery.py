@@ -13,9 +13,9 @@ from mindspore import Tensor
 
 from conftest import FIXTURES, ROOT, USER_ENV
 from mixtral_ms import MixtralForCausalLM
-from mixtral_ms.convert import hf2ms
-from mixtral_ms.name_map import TRAINING_STATE_PREFIXES, parameter_specs
-from mixtral_ms.safetensors_io import open_checkpoint, to_numpy, write_safetensors
+from mixtral_ms.checkpoint.convert import hf2ms
+from mixtral_ms.checkpoint.name_map import TRAINING_STATE_PREFIXES, parameter_specs
+from mixtral_ms.checkpoint.safetensors_io import open_checkpoint, to_numpy, write_safetensors
 from test_convert import leftovers, snapshot, tensors_bytes
 
 TINY8 = os.path.join(FIXTURES, "tiny8")
@@ -324,13 +324,13 @@ def test_destination_rules(tmp_path):
 
 def test_sigterm_while_writing_removes_the_temp_folder(tmp_path):
     """The real CLI, killed by SIGTERM between two shards: exit 143, one line, no output, no temp folder."""
-    code = ("import os, signal, sys; sys.argv[0] = %r; sys.path.insert(0, %r)\n"
-            "import mixtral_ms.convert as c\n"
+    code = ("import os, signal, sys; sys.argv[0] = %r\n"
+            "import mixtral_ms.checkpoint.convert as c\n"
             "real = c.write_safetensors\n"
             "def slow(*a, **k):\n"
             "    real(*a, **k); os.kill(os.getpid(), signal.SIGTERM)\n"
             "c.write_safetensors = slow\n"
-            "import runpy; runpy.run_path(%r, run_name='__main__')\n") % (SCRIPT, ROOT, SCRIPT)
+            "import runpy; runpy.run_path(%r, run_name='__main__')\n") % (SCRIPT, SCRIPT)
     run = subprocess.run([sys.executable, "-c", code, "grow", "--src", TINY8, "--dst", str(tmp_path / "out"),
                           "--add", "1", "--shard-size", "64KB", "--quiet"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 143, run.stderr
@@ -341,7 +341,7 @@ def test_sigterm_while_writing_removes_the_temp_folder(tmp_path):
 def test_training_checkpoint_file_with_the_run_yaml(tmp_path):
     """A MindSpore .ckpt as training writes it (weights + optimizer state), named with --config run.yaml."""
     import mindspore as ms
-    from mixtral_ms import runner
+    from mixtral_ms.run import runner
     from test_training import write_yaml
     cfg = write_yaml(str(tmp_path), tmp_path / "unused.mindrecord")
     model = runner.build_model(runner.load_run(cfg), None)

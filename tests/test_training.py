@@ -19,9 +19,10 @@ import mindspore as ms
 from mindspore import Tensor
 
 from conftest import FIXTURES, ROOT
-from mixtral_ms import MixtralConfig, MixtralForCausalLM, runner
-from mixtral_ms.data import write_mindrecord
-from mixtral_ms.parallel import load_yaml
+from mixtral_ms import MixtralConfig, MixtralForCausalLM
+from mixtral_ms.run import runner
+from mixtral_ms.run.data import write_mindrecord
+from mixtral_ms.run.run_yaml import read_run_yaml
 
 
 SEQ, BATCH, STEPS, SAVE_AT = 16, 4, 40, 20
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("trainer_context")  # PyNative and no paral
 
 
 def run(*argv):
-    """scripts/run_mixtral.py's main() (mixtral_ms.runner.main) in this process: (exit status, stdout, stderr)."""
+    """scripts/run_mixtral.py's main() (mixtral_ms.run.runner.main) in this process: (exit status, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = runner.main([str(a) for a in argv])
@@ -226,7 +227,7 @@ def test_fp16_dynamic_loss_scale_skips_the_overflowing_step():
     (nn.DynamicLossScaleUpdateCell semantics). PyNative here; the trained fixture runs the same skip in
     graph mode inside Trainer.train."""
     from mindformers.core.optim import AdamW
-    from mixtral_ms.training import MixtralTrainOneStepCell
+    from mixtral_ms.run.wrapper import MixtralTrainOneStepCell
     ms.set_context(mode=ms.PYNATIVE_MODE)
     try:
         model = _tiny_model(compute_dtype="float16")
@@ -253,7 +254,7 @@ def test_finetune_from_converted_hf_checkpoint(tmp_path):
     fine-tuning starts from: the first step's loss is the HF model's loss on that batch. Instruction
     samples (input_ids + labels, prompt masked) train through Trainer.finetune (PyNative, to spare a
     compile)."""
-    from mixtral_ms.convert import hf2ms
+    from mixtral_ms.checkpoint.convert import hf2ms
     converted = tmp_path / "tiny8-ms"
     with contextlib.redirect_stderr(io.StringIO()):
         hf2ms(os.path.join(FIXTURES, "tiny8"), str(converted))
@@ -298,15 +299,15 @@ def test_finetune_from_converted_hf_checkpoint(tmp_path):
 
 
 def test_yaml_builds_through_the_mindformers_registry():
-    """`import mixtral_ms.training` registers everything a YAML names; MindFormers' own builders make them."""
+    """`import mixtral_ms.run` registers everything a YAML names; MindFormers' own builders make them."""
     from mindformers import MindFormerConfig
     from mindformers.models import build_network
     from mindformers.tools.register import MindFormerRegister
-    from mixtral_ms.training import REGISTERED, check_config
+    from mixtral_ms.run.yaml_check import REGISTERED, check_config
     for module_type, names in REGISTERED.items():
         assert all(MindFormerRegister.is_exist(module_type, name) for name in names), module_type
     for path in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True):  # every bundled YAML
-        check_config(load_yaml(path))
+        check_config(read_run_yaml(path))
     config = MindFormerConfig(os.path.join(ROOT, "configs", "mixtral_tiny_cpu.yaml"))
     network = build_network(config.model)
     assert type(network).__name__ == "MixtralForCausalLM"
@@ -320,11 +321,11 @@ def test_every_shipped_yaml_loads_as_mindformers_reads_it(path):
     """The runner reads a YAML once, checks it and ends with what MindFormerConfig(path) gives
     (base_config inheritance, MindFormers' template), and its MixtralConfig is the YAML's model_config."""
     from mindformers import MindFormerConfig
-    import mixtral_ms.optim  # noqa: F401  (OffloadAdamW, named by the 8x7B YAMLs)
+    import mixtral_ms.run.optim  # noqa: F401  (OffloadAdamW, named by the 8x7B YAMLs)
     run_config = runner.load_run(path)
     reference = MindFormerConfig(path)
     assert run_config.config == reference
-    assert load_yaml(path) == MindFormerConfig._file2dict(path)  # the light reader merges base_config alike
+    assert read_run_yaml(path) == MindFormerConfig._file2dict(path)  # the light reader merges base_config alike
     for key, value in reference.model.model_config.items():
         if key != "type":
             assert getattr(run_config.model_config, key) == value, key
@@ -376,7 +377,7 @@ def _multi_run(groups, accumulation=1, interleave=1):
     """3 graph-mode steps of MixtralTrainOneStepCell (clipping active, AdamW) on MULTI_BATCHES from one
     initial state: (final parameters, per-step (loss, global norm, side channel), initial parameters)."""
     from mindformers.core.optim import AdamW
-    from mixtral_ms.training import MixtralTrainOneStepCell
+    from mixtral_ms.run.wrapper import MixtralTrainOneStepCell
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
         ms.set_seed(0)
@@ -439,7 +440,7 @@ def test_side_channel_survives_a_foreign_wrapper():
     ours): the channel gathers both copies' passes, and the callbacks' per-step read (step_stats ->
     read_and_reset) reports each step alone."""
     from types import SimpleNamespace
-    from mixtral_ms.training.callbacks import step_stats
+    from mixtral_ms.run.callbacks import step_stats
 
     class Params(SimpleNamespace):  # the fields of MindSpore's callback params that step_stats reads
         def get(self, key, default=None):

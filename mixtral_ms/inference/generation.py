@@ -16,7 +16,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from .prompts import check_batch
+from mixtral_ms.inference.prompts import check_batch
 
 
 class CachedStep(nn.Cell):

@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .generation import generate
-from .prompts import continuation, left_pad
+from mixtral_ms.inference.generation import generate
+from mixtral_ms.inference.prompts import continuation, left_pad
 
 # Keywords the pipeline or Trainer.predict forward that say nothing about decoding.
 _IGNORED = ("audio_processor", "image_processor", "is_full_config", "streamer", "use_past", "output_scores",

@@ -1,9 +1,9 @@
 """Per-device memory of a Mixtral run under a parallel layout: parameters, gradients, AdamW states,
 with and without host offload of the optimizer states, plus a rough activation estimate.
 
-    python -m mixtral_ms.parallel.memory --config configs/parallel/mixtral_8x7b_pretrain_32p.yaml
-    python -m mixtral_ms.parallel.memory --config X.yaml --header         # the YAML header block
-    python -m mixtral_ms.parallel.memory --config X.yaml --write_header   # refresh it in place
+    mixtral-ms-memory --config configs/parallel/mixtral_8x7b_pretrain_32p.yaml
+    mixtral-ms-memory --config X.yaml --header         # the YAML header block
+    mixtral-ms-memory --config X.yaml --write_header   # refresh it in place
 
 Rules (the sharding plan's, mixtral_ms/parallel/plan.py, parameter by parameter):
 - a parameter's slice is its shape divided by its strategy: experts by ep (and f, the expert FFN
@@ -22,19 +22,17 @@ GiB = 2^30 bytes.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
 import shutil
-import sys
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, List, Mapping, Optional
 
-from ..outputs import stale, temp_path
-from ..schema import ConfigError, ModelDims, model_dims
-from .config import ParallelConfigError, ParallelLayout, from_run_config, load_yaml
-from .plan import STATS_PREFIX, pass_capacity, plan_spec, replication
+from mixtral_ms.outputs import stale, temp_path
+from mixtral_ms.model.schema import ModelDims, model_dims
+from mixtral_ms.parallel.layout import ParallelConfigError, ParallelLayout, from_run_config
+from mixtral_ms.parallel.plan import STATS_PREFIX, pass_capacity, plan_spec, replication
 
 GIB = float(1 << 30)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -173,7 +171,7 @@ def _g(x: float) -> str:
 def header_lines(est: MemoryEstimate, config_path: str) -> List[str]:
     """The comment block the shipped YAMLs carry (see --write_header)."""
     lay, w = est.layout, est.worst
-    lines = [f"# Per-device memory ({lay.describe()}; python -m mixtral_ms.parallel.memory --config {config_path}):"]
+    lines = [f"# Per-device memory ({lay.describe()}; mixtral-ms-memory --config {config_path}):"]
     if not est.training:
         lines.append(f"#   parameters {_g(w.param_bytes)} GiB ({w.params / 1e9:.2f} B of "
                      f"{est.total_params / 1e9:.1f} B "
@@ -234,13 +232,13 @@ def report(est: MemoryEstimate, config_path: str = "") -> str:
     return "\n".join(out)
 
 
-HEADER_START = ("# --- memory estimate (generated: python -m mixtral_ms.parallel.memory --config <this file> "
-                "--write_header) ---")
+HEADER_START = "# --- memory estimate (generated: mixtral-ms-memory --config <this file> --write_header) ---"
 HEADER_END = "# --- end memory estimate ---"
 
 
-def from_config_file(path: str, devices: Optional[int] = None, master_weights: bool = False) -> MemoryEstimate:
-    cfg = load_yaml(path)
+def from_run_config_estimate(cfg: Mapping[str, Any], devices: Optional[int] = None,
+                             master_weights: bool = False) -> MemoryEstimate:
+    """The estimate of a whole run YAML (as run_yaml.read_run_yaml reads it)."""
     layout = from_run_config(cfg, devices)
     optimizer = (cfg.get("optimizer") or {})
     offload = optimizer.get("type") in OFFLOAD_OPTIMIZERS and optimizer.get("offload", True) or \
@@ -274,31 +272,3 @@ def write_header(path: str, est: MemoryEstimate) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="run YAML (parallel_config, parallel, model.model_config)")
-    parser.add_argument("--devices", type=int, help="device count to validate against (default dp*mp*pp)")
-    parser.add_argument("--master_weights", action="store_true",
-                        help="count an fp32 master copy for bf16/fp16 parameters (AdamW here keeps none)")
-    parser.add_argument("--header", action="store_true", help="print the YAML header comment block")
-    parser.add_argument("--write_header", action="store_true", help="write the header block into the YAML")
-    args = parser.parse_args(argv)
-    path = os.path.relpath(args.config) if os.path.isabs(args.config) else args.config
-    try:
-        est = from_config_file(args.config, args.devices, args.master_weights)
-        if args.write_header:
-            write_header(args.config, est)
-    except (ParallelConfigError, ConfigError, OSError) as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
-        return 2
-    if args.header or args.write_header:
-        print(header_block(path, est))
-    else:
-        print(report(est, path))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -45,9 +45,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..capacity import expert_capacity
-from ..schema import ModelDims, model_dims, moe_layers
-from .config import ParallelConfigError, ParallelLayout
+from mixtral_ms.model.capacity import expert_capacity
+from mixtral_ms.model.schema import ModelDims, model_dims, moe_layers
+from mixtral_ms.parallel.layout import ParallelConfigError, ParallelLayout
 
 Strategy = Tuple[Tuple[int, ...], ...]
 STATS_PREFIX = "router_stats."  # the training side channel, losses.TrainingStats (MixtralForCausalLM.router_stats)
@@ -426,10 +426,10 @@ def prepare_parallel(config, devices: Optional[int] = None, rank: Optional[int] 
     has initialised communication and before the model is built: validate the layout against the
     world size, set the auto-parallel context (strategy file `<output_dir>/strategy/
     ckpt_strategy_rank_<rank>.ckpt`, MindFormers' naming). Then build the model from a config with
-    `layout.model_fields()` and call `apply_plan(model, layout, config.run_mode)` (mixtral_ms/runner.py).
+    `layout.model_fields()` and call `apply_plan(model, layout, config.run_mode)` (mixtral_ms/run/runner.py).
     """
     import os
-    from .config import from_run_config
+    from mixtral_ms.parallel.layout import from_run_config
     if devices is None or rank is None:
         from mindspore.communication import get_group_size, get_rank
         devices = get_group_size() if devices is None else devices

@@ -21,16 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import traceback
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
 
-import mindspore as ms  # noqa: E402
-from mindspore import Tensor, nn  # noqa: E402
+import mindspore as ms
+from mindspore import Tensor, nn
 
 WRAPPER_STEPS, WRAPPER_BATCH, WRAPPER_TOKENS = 3, 4, 9
 
@@ -55,7 +53,7 @@ def wrapper_setup(accumulation: int = 1):
     exactly over ranks and micro-batches."""
     from mindformers.core.optim import AdamW
     from mixtral_ms import MixtralConfig, MixtralForCausalLM
-    from mixtral_ms.training import MixtralTrainOneStepCell
+    from mixtral_ms.run.wrapper import MixtralTrainOneStepCell
     ms.set_seed(0)
     config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
@@ -128,7 +126,7 @@ def main() -> None:
     print(f"rank {rank}/{world}: data-parallel checks done", flush=True)
 
     # 3. run_mixtral.py on a shipped parallel YAML, up to MindSpore's semi-auto compile
-    from mixtral_ms.runner import main as run_mixtral
+    from mixtral_ms.run.runner import main as run_mixtral
     ms.reset_auto_parallel_context()
     os.environ["DEVICE_TARGET"] = "CPU"  # what scripts/msrun_launcher.sh --device cpu exports
     result = {}

@@ -1,0 +1,3 @@
+"""Checkpoints on disk: safetensors I/O (safetensors_io.py), parameter names and the Hugging Face map
+(name_map.py), streaming conversion and the folder writer (convert.py), loading into a model (load.py) and
+a cluster run's per-rank checkpoints (distributed.py). Everything but load.py is numpy only."""

@@ -1,0 +1,1 @@
+"""The tools' command lines (console scripts `mixtral-ms-*`, pyproject.toml; thin shims in scripts/)."""
