@@ -1,9 +1,10 @@
 """Output distillation (mixtral_ms/run/distill.py) through MindFormers' Trainer from the shipped YAML
 (configs/compress/distill_dense_tiny.yaml): a frozen MoE teacher with its own config (4 experts, top-1) in
 the same graph as a dense student (one expert), the loss alpha*CE + (1-alpha)*T^2*KL(teacher || student),
-ce and kd on the progress line and in router_stats.jsonl, the teacher untouched; the KL against numpy; bad
-distill sections fail with one line."""
+ce and kd on the progress line and in router_stats.jsonl, the teacher untouched; the KL against numpy; the
+student's side channel built once, with the KD term, before the plan; bad distill sections fail with one line."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -16,7 +17,9 @@ from mixtral_ms import MixtralConfig, MixtralForCausalLM
 from mixtral_ms.checkpoint.load import load_weights
 from mixtral_ms.run.data import write_mindrecord
 from mixtral_ms.model.losses import distillation_loss
-from mixtral_ms.run.distill import Distillation, build_teacher
+from mixtral_ms.parallel.layout import validate
+from mixtral_ms.parallel.plan import STATS_PREFIX, apply_plan
+from mixtral_ms.run.distill import KD_TERM, Distillation, build_teacher, extra_terms
 from mixtral_ms.run import runner
 from conftest import ROOT
 from test_training import BATCH, SEQ, error_line, run, stats, write_yaml
@@ -135,7 +138,7 @@ def test_distillation_into_the_dense_student_through_the_trainer(setup):
     final = out / "checkpoint" / "rank_0" / f"d_rank_0-1_{STEPS}.ckpt"
     saved = ms.load_checkpoint(str(final))
     for p in teacher.get_parameters():  # the teacher travels in the checkpoint, untouched
-        if p.name.startswith("router_stats."):  # the teacher's side channel: training state, never written
+        if p.name.startswith(STATS_PREFIX):  # the teacher's side channel: training state, never written
             continue
         assert np.array_equal(saved["teacher." + p.name].asnumpy(), p.asnumpy()), p.name
     trained = MixtralForCausalLM(config)
@@ -150,13 +153,13 @@ def test_lifelong_form_with_a_moe_student_adds_aux_and_z(setup):
     tmp, data, teacher_yaml, teacher_config = setup
     with open(write_yaml(tmp, data, name="moe_student.yaml")) as f:
         fields = yaml.safe_load(f)["model"]["model_config"]
-    student = MixtralForCausalLM(MixtralConfig(**{k: v for k, v in fields.items() if k != "type"}))
+    student = MixtralForCausalLM(MixtralConfig(**{k: v for k, v in fields.items() if k != "type"}), (KD_TERM,))
     teacher = build_teacher({"config": teacher_config, "teacher": str(tmp / "teacher.ckpt")})
     cell = Distillation(student, teacher, kd_coef=0.5, ce_coef=1.0, temperature=2.0)
     cell.set_train(True)
     ids = Tensor(np.random.default_rng(3).integers(3, 2000, (BATCH, SEQ + 1)).astype(np.int32))
     loss = float(cell(ids))
-    terms = student.router_stats.read_and_reset()["terms"]
+    terms = student.training_stats.read_and_reset()["terms"]
     assert loss == pytest.approx(terms["ce_loss"] + 0.02 * terms["aux_loss"] + 0.001 * terms["z_loss"]
                                  + 0.5 * 4.0 * terms["kd_loss"], rel=1e-5)
     assert terms["aux_loss"] > 1.0 and terms["z_loss"] > 0  # an MoE's terms, in the loss
@@ -164,6 +167,32 @@ def test_lifelong_form_with_a_moe_student_adds_aux_and_z(setup):
     inputs, labels = ids[:, :-1], ids[:, 1:]
     kd = distillation_loss(student.forward_logits(inputs)[0], teacher(inputs)[0], labels, 2.0, shifted=True)
     assert terms["kd_loss"] == pytest.approx(float(kd), rel=1e-5)
+
+
+def test_the_student_side_channel_is_built_once_with_the_kd_term(setup, tmp_path):
+    """The run YAML says the KD term exists (extra_terms), the student is built with it and the plan shards
+    and stages it with the others; Distillation uses that channel as it is, and refuses a student built
+    without the term."""
+    tmp, data, teacher_yaml, teacher_config = setup
+    distilled = runner.load_run(shipped_distill_yaml(tmp_path, data, teacher=str(tmp / "teacher.ckpt"),
+                                                     teacher_config=teacher_yaml)).config
+    plain = runner.load_run(write_yaml(tmp_path, data, name="plain.yaml")).config
+    assert (extra_terms(distilled), extra_terms(plain)) == ((KD_TERM,), ())
+    small = dict(vocab_size=2000, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, num_local_experts=4, max_position_embeddings=32, seq_length=8)
+    layout = validate({"data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2},
+                      {"parallel_mode": 1, "enable_alltoall": True, "full_batch": True}, small, 4)
+    student = MixtralForCausalLM(MixtralConfig(**small, **layout.model_fields()), extra_terms(distilled))
+    table = apply_plan(student, layout)
+    channel = student.training_stats
+    assert channel.terms == ("ce_loss", "aux_loss", "z_loss", KD_TERM)
+    assert table[STATS_PREFIX + KD_TERM].stage == 1 == channel.pipeline_stage  # staged with the loss
+    assert STATS_PREFIX + KD_TERM in {p.name for p in student.get_parameters()}
+    teacher = MixtralForCausalLM(teacher_config)
+    Distillation(student, teacher, kd_coef=0.5, ce_coef=1.0, temperature=1.0)
+    assert student.training_stats is channel
+    with pytest.raises(ValueError, match=re.escape("build it with MixtralForCausalLM(config, extra_terms=(")):
+        Distillation(MixtralForCausalLM(teacher_config), teacher, kd_coef=0.5, ce_coef=1.0, temperature=1.0)
 
 
 def test_bad_distill_sections_fail_with_one_line(setup, tmp_path):

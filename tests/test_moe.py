@@ -202,7 +202,7 @@ def test_gradients_reach_router_and_every_used_expert():
     grad_fn = ms.value_and_grad(model, None, params)  # training mode: the loss alone
     (_, grads) = grad_fn(ids)
     grads = {p.name: g.asnumpy() for p, g in zip(params, grads)}
-    pass_stats = model.router_stats.read_and_reset()  # the side channel of the forward pass above
+    pass_stats = model.training_stats.read_and_reset()  # the side channel of the forward pass above
     load, dropped = pass_stats["expert_load"], pass_stats["dropped"]
     for layer in range(2):
         prefix = f"model.layers.{layer}.block_sparse_moe."

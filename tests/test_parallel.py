@@ -22,7 +22,7 @@ from mindspore import Tensor
 from conftest import ROOT
 from mixtral_ms import MixtralConfig, MixtralForCausalLM
 from mixtral_ms.parallel.layout import ParallelConfigError, from_run_config, validate
-from mixtral_ms.parallel.plan import apply_plan, check_table, context_kwargs, plan_spec
+from mixtral_ms.parallel.plan import STATS_PREFIX, apply_plan, check_table, context_kwargs, plan_spec
 from mixtral_ms.run.run_yaml import read_run_yaml
 from mixtral_ms.parallel import layout as pconfig
 from mixtral_ms.parallel import memory
@@ -229,9 +229,9 @@ def test_shipped_config_plan_is_consistent_with_the_real_shapes(path):
     table = plan_spec(model_config, layout, cfg["run_mode"])
     assert check_table(table, layout) == []
     params = {k: e for k, e in table.items() if e.kind == "param"}
-    weights = {k: e for k, e in params.items() if not k.startswith("router_stats.")}  # not the side channel
+    weights = {k: e for k, e in params.items() if not k.startswith(STATS_PREFIX)}  # not the side channel
     assert sum(math.prod(e.shapes[0]) for e in weights.values()) == 46_702_792_704  # Mixtral-8x7B
-    assert {e.stage for k, e in params.items() if k.startswith("router_stats.")} == {layout.pipeline_stage - 1}
+    assert {e.stage for k, e in params.items() if k.startswith(STATS_PREFIX)} == {layout.pipeline_stage - 1}
     # each pipeline stage gets L/pp layers; the embedding the first stage, norm and head the last
     stages = {e.stage for k, e in params.items() if k.startswith("model.layers.")}
     assert stages == set(range(layout.pipeline_stage))
@@ -296,6 +296,7 @@ def test_plan_applied_to_every_primitive_and_parameter(path):
             assert layer.pipeline_stage == i // (len(model.model.layers) // layout.pipeline_stage)
     if layout.pipeline_stage > 1:
         assert model.lm_head.pipeline_stage == layout.pipeline_stage - 1
+        assert model.training_stats.pipeline_stage == layout.pipeline_stage - 1  # the side channel, with the loss
         assert model.model.embed_tokens.pipeline_stage == 0
     assert model.config.moe_token_groups == layout.data_parallel
 
@@ -581,7 +582,7 @@ def test_msrun_data_parallel_equals_one_process_with_per_shard_capacity(dp_launc
         ms.load_param_into_net(model, {k: ms.Parameter(Tensor(v), name=k) for k, v in references["init"].items()})
         model.set_train(True)
     loss2, loss1 = float(grouped(first)), float(single(first))
-    assert grouped.router_stats.read_and_reset()["dropped"].sum() > 0, "the fixture must overflow some expert"
+    assert grouped.training_stats.read_and_reset()["dropped"].sum() > 0, "the fixture must overflow some expert"
     assert abs(loss2 - loss1) > 1e-6
     work = _launch_results(dp_launch)
     results = [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]

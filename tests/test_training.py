@@ -212,7 +212,7 @@ def test_aux_loss_is_part_of_the_training_loss():
         model = _tiny_model(coef)
         gate = [p for p in model.trainable_params() if p.name.endswith("layers.0.block_sparse_moe.gate.weight")]
         loss = float(model(ids))  # training mode: the loss alone, its terms in the side channel
-        values = model.router_stats.read_and_reset()
+        values = model.training_stats.read_and_reset()
         terms = values["terms"]
         assert values["passes"] == 1.0
         assert loss == pytest.approx(terms["ce_loss"] + coef * terms["aux_loss"] + model.z_coef * terms["z_loss"],
@@ -393,9 +393,8 @@ def _multi_run(groups, accumulation=1, interleave=1):
         for batch in MULTI_BATCHES:
             loss, overflow, _, _, norm = step(Tensor(batch))
             assert not bool(overflow)
-            stats = model.router_stats
-            steps.append((float(loss), float(norm), float(stats.passes.asnumpy()),
-                          stats.expert_load.asnumpy().copy(), stats.dropped.asnumpy().copy()))
+            stats = model.training_stats.read_and_reset()
+            steps.append((float(loss), float(norm), stats["passes"], stats["expert_load"], stats["dropped"]))
         return {p.name: p.asnumpy() for p in model.trainable_params()}, steps, initial
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)

@@ -427,7 +427,7 @@ def merge_ranks(folder: str, strategy: Strategy, config, training_state: bool = 
     for rank, path in files.items():
         tensors = _read_rank_file(path)
         for name, tensor in tensors.items():
-            if name.startswith("router_stats."):  # the training side channel: not a weight, not resumed
+            if name.startswith(("training_stats.", "router_stats.")):  # the side channel (either name): not resumed
                 continue
             if name not in shapes:
                 if name.startswith(MOMENT_PREFIXES) and training_state:

@@ -2,6 +2,8 @@
 out of a loss-only training forward (TrainingStats)."""
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import numpy as np
 
 import mindspore as ms
@@ -74,31 +76,39 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Te
     return (kl * valid).sum() / ops.maximum(valid.sum(), 1.0)
 
 
+LOSS_TERMS = ("ce_loss", "aux_loss", "z_loss")  # every training forward's terms, in the order the model passes them
+
+
 class TrainingStats(nn.Cell):
     """The side channel of the training forward: what a step measured besides the loss it returns.
 
     MindFormers' wrappers (PipelineCell, MicroBatchInterleaved, GradAccumulationCell and the train-one-step
     cells around them) take a network whose output is the loss alone and sum or slice it. The loss terms
     and router statistics therefore leave the forward another way: every forward pass (each micro-batch,
-    interleaved copy or pipeline micro-batch) adds them, in-graph with `ops.assign_add`, into Parameters of
-    this cell, which lives inside the model and so survives every wrapper:
+    interleaved copy or pipeline micro-batch) adds them, in-graph, into Parameters of this cell, which lives
+    inside the model and so survives every wrapper. The model holds it as `training_stats`:
 
-      router_stats.<term>       one scalar per loss term, summed over passes (`terms`: ce_loss, aux_loss,
-                                z_loss; mean = sum / passes)
-      router_stats.expert_load  [L, E] routed assignments per layer and expert, summed over passes
-      router_stats.dropped      [L, E] assignments dropped for lack of capacity, summed over passes
-      router_stats.passes       forward passes since the last reset
+      training_stats.<term>       one scalar per loss term, summed over passes (mean = sum / passes)
+      training_stats.expert_load  [L, E] routed assignments per layer and expert, summed over passes
+      training_stats.dropped      [L, E] assignments dropped for lack of capacity, summed over passes
+      training_stats.passes       forward passes since the last reset
 
-    Writers: MixtralForCausalLM.construct calls `self(terms, load, dropped)` once per training forward.
-    Resetting: MixtralTrainOneStepCell calls `reset` in-graph at the start of each step (and all-reduces
-    them in DATA_PARALLEL); readers under any other wrapper call `read_and_reset` once per step
-    (mixtral_ms.run.callbacks does). A new term (e.g. a distillation loss) is one more name in
-    `terms` and one more value in the tuple the model passes, in the same order: callbacks print and log
-    every term by name. The model holds the cell as `router_stats`, so the names start with `router_stats.`:
-    training state that checkpoint loading and the converter skip (mixtral_ms.checkpoint.name_map.TRAINING_STATE_PREFIXES).
+    `terms` is fixed at construction (LOSS_TERMS, plus e.g. distillation's kd_loss), so the parallel plan
+    shards and stages every Parameter the channel will ever have. Only these methods write the Parameters:
+
+      calling the cell (accumulate)  MixtralForCausalLM.training_output, once per training forward pass
+      reset                          MixtralTrainOneStepCell, in-graph before the step, so that what the
+                                     channel holds after the step is that step's alone
+      all_reduce                     MixtralTrainOneStepCell, in-graph after the step in DATA_PARALLEL, so
+                                     that it holds the global batch's counts, not one rank's
+      read_and_reset                 the callbacks (run/callbacks.py step_stats), on the host once per step;
+                                     it zeroes the channel because a foreign wrapper never calls reset
+
+    The names start with `training_stats.`: training state that checkpoint loading and the converter skip
+    (mixtral_ms.checkpoint.name_map.TRAINING_STATE_PREFIXES, which also lists the older `router_stats.`).
     """
 
-    def __init__(self, num_layers: int, num_experts: int, terms: tuple = ("ce_loss", "aux_loss", "z_loss")) -> None:
+    def __init__(self, num_layers: int, num_experts: int, terms: Sequence[str] = LOSS_TERMS) -> None:
         super().__init__()
         self.terms = tuple(terms)
         zeros = lambda *shape: Tensor(np.zeros(shape, np.float32))  # noqa: E731
@@ -112,12 +122,13 @@ class TrainingStats(nn.Cell):
         self.add_scalar, self.add_table = ops.AssignAdd(), ops.AssignAdd()
         self.zero_scalar, self.zero_table = ops.Assign(), ops.Assign()
 
-    def all(self) -> tuple:
+    def _parameters(self) -> tuple:
         """Every Parameter of the channel, in a fixed order (terms, expert_load, dropped, passes)."""
         return tuple(self.term_sums) + (self.expert_load, self.dropped, self.passes)
 
     def construct(self, terms: tuple, load: Tensor, dropped: Tensor) -> Tensor:
-        """Add one forward pass; returns a token to `ops.depend` the loss on, so the writes are kept."""
+        """Accumulate one forward pass (`terms` in the order of `self.terms`); returns a token to
+        `ops.depend` the loss on, so the writes are kept."""
         token = self.add_scalar(self.passes, ops.ones((), ms.float32))
         for param, value in zip(self.term_sums, terms):
             token = ops.depend(token, self.add_scalar(param, ops.stop_gradient(ops.cast(value, ms.float32))))
@@ -125,11 +136,20 @@ class TrainingStats(nn.Cell):
         return ops.depend(token, self.add_table(self.dropped, ops.stop_gradient(ops.cast(dropped, ms.float32))))
 
     def reset(self) -> Tensor:
-        """Zero everything in-graph (MixtralTrainOneStepCell, at the start of each step); returns a token."""
+        """Zero everything in-graph; returns a token."""
         token = self.zero_table(self.expert_load, ops.zeros_like(self.expert_load))
         token = ops.depend(token, self.zero_table(self.dropped, ops.zeros_like(self.dropped)))
         for param in tuple(self.term_sums) + (self.passes,):
             token = ops.depend(token, self.zero_scalar(param, ops.zeros_like(param)))
+        return token
+
+    def all_reduce(self, reduce: Callable[[Tensor], Tensor]) -> Tensor:
+        """Replace every Parameter by `reduce` of it in-graph (the caller's AllReduce: the primitive needs the
+        communication set up, which the model's construction does not); returns a token."""
+        params = self._parameters()
+        token = ops.assign(params[0], reduce(params[0]))
+        for param in params[1:]:
+            token = ops.depend(token, ops.assign(param, reduce(param)))
         return token
 
     def read_and_reset(self) -> dict:
@@ -139,6 +159,6 @@ class TrainingStats(nn.Cell):
         out = {"terms": {t: float(p.asnumpy()) / max(passes, 1.0) for t, p in zip(self.terms, self.term_sums)},
                "expert_load": self.expert_load.asnumpy().copy(), "dropped": self.dropped.asnumpy().copy(),
                "passes": passes}
-        for param in self.all():
+        for param in self._parameters():
             param.set_data(Tensor(np.zeros(param.shape, np.float32)))
         return out

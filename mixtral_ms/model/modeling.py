@@ -4,6 +4,8 @@ only the experts differ, stacked `[E, out, in]` per layer. No parallelism here: 
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 import mindspore as ms
@@ -16,8 +18,8 @@ from mixtral_ms.model.configuration import MixtralConfig
 from mixtral_ms.inference.prompts import check_batch
 from mixtral_ms.inference.text_generation import text_generate
 from mixtral_ms.model.dtypes import arange, embedding, emulated_dtype, matmul, native_dtype
-from mixtral_ms.model.losses import (TrainingStats, causal_lm_loss, global_balancing_loss, load_balancing_loss, router_z_loss,
-                     sequence_balancing_loss)
+from mixtral_ms.model.losses import (LOSS_TERMS, TrainingStats, causal_lm_loss, global_balancing_loss,
+                                    load_balancing_loss, router_z_loss, sequence_balancing_loss)
 from mixtral_ms.model.moe import Linear, MixtralSparseMoeBlock, SwiGLU
 from mixtral_ms.model.schema import moe_layers
 
@@ -240,13 +242,16 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
     on the first seq_length (inputs) and scores the last seq_length (labels: `labels[:, 1:]`, or
     `input_ids[:, 1:]` when none are given), and the output is the loss alone, what PipelineCell,
     MicroBatchInterleaved and gradient accumulation sum. The loss terms and router statistics of the
-    pass go to `self.router_stats` (losses.TrainingStats, the side channel callbacks read).
+    pass go to `self.training_stats` (losses.TrainingStats, the side channel callbacks read).
     `domain_ids` [B, S] (a dataset column) picks each token's expert group under router_type rre.
     """
 
-    def __init__(self, config: MixtralConfig, **_framework_args) -> None:
-        """`_framework_args`: what MindFormers' trainer passes every model (parallel_config, moe_config,
-        dataset_config, ...); parallelism here comes from mixtral_ms.parallel, not from the model."""
+    def __init__(self, config: MixtralConfig, extra_terms: Sequence[str] = (), **_framework_args) -> None:
+        """`extra_terms`: loss terms a forward built around this model adds to its own (LOSS_TERMS), e.g.
+        distillation's kd_loss (run/distill.py extra_terms): the side channel is built once, with every
+        term, before the parallel plan shards it. `_framework_args`: what MindFormers' trainer passes every
+        model (parallel_config, moe_config, dataset_config, ...); parallelism here comes from
+        mixtral_ms.parallel, not from the model."""
         super().__init__(config)
         param_dtype, compute_dtype = _DTYPES[config.param_init_type], _DTYPES[config.compute_dtype]
         self.config = config
@@ -263,7 +268,8 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         self.aux_scope = config.router_aux_loss_scope
         self.top_k = config.num_experts_per_tok
         self.bias_rate = float(config.router_bias_update_rate)
-        self.router_stats = TrainingStats(len(moe_layers(config)), config.num_local_experts)
+        self.training_stats = TrainingStats(len(moe_layers(config)), config.num_local_experts,
+                                            LOSS_TERMS + tuple(extra_terms))
         if self.aux_scope == "global_batch":  # primitives, so the plan reads the side channel replicated
             self.step_load_add, self.step_load_sum = ops.Add(), ops.ReduceSum()
 
@@ -308,7 +314,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
 
     def training_loss(self, logits, labels, load, dropped, prob_sum, z_sum, valid, ce_coef, shifted):
         """(loss, ce, aux, z, load, dropped) with loss = ce_coef * CE + aux_coef * aux + z_coef * z
-        (`ce_coef` below 1: distillation's alpha, training/distill.py); `shifted`: labels are already the
+        (`ce_coef` below 1: distillation's alpha, run/distill.py); `shifted`: labels are already the
         next tokens (the training forward's MindFormers convention), else Hugging Face's shift."""
         num_layers = load.shape[0]
         ce = causal_lm_loss(logits, labels, self.ignore_index, shifted=shifted)
@@ -318,7 +324,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
             load = load.sum(axis=1)
         elif self.aux_scope == "global_batch" and self.training:
             # the step's load so far: the side channel's earlier passes (this pass is added after the loss)
-            step_load = self.step_load_sum(self.step_load_add(self.router_stats.expert_load, load), 0)
+            step_load = self.step_load_sum(self.step_load_add(self.training_stats.expert_load, load), 0)
             step_load = ops.stop_gradient(step_load)
             aux = global_balancing_loss(step_load, prob_sum.sum(axis=0), pooled_tokens, self.top_k)
         else:
@@ -361,6 +367,12 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
             return logits, router_logits, load.sum(axis=1) if self.aux_scope == "sequence" else load, dropped
         loss, ce, aux, z, load, dropped = self.training_loss(logits, labels, load, dropped, prob_sum, z_sum, valid,
                                                              1.0, self.training)
-        if self.training:  # the loss alone; the terms and router statistics go through the side channel
-            return ops.depend(loss, self.router_stats((ce, aux, z), load, dropped))
+        if self.training:
+            return self.training_output(loss, (ce, aux, z), load, dropped)
         return loss, ce, aux, z, load, dropped
+
+    def training_output(self, loss: Tensor, terms: tuple, load: Tensor, dropped: Tensor) -> Tensor:
+        """What a training forward returns: the loss alone, once the pass's `terms` (in the order of
+        `training_stats.terms`), load and dropped are in the side channel (the model's construct and
+        run/distill.py's Distillation, which adds kd_loss)."""
+        return ops.depend(loss, self.training_stats(terms, load, dropped))

@@ -25,7 +25,7 @@ ParallelLayout.expert_token_split / expert_ffn_split; G = dp token groups, C = c
 | block_sparse_moe.from_experts | [E, G, C, H] | ((ep, t, a, 1),): AllToAll back to dp-sharded groups |
 | model.embed_tokens.gather (embedding) | W [V, H], ids [B, S] | ((1, 1), (dp, 1)); ((mp, 1), (dp, 1)) if vocab split |
 | lm_head.matmul, head_matmul | x [T, H], W [V, H] | ((dp, 1), (1, 1)); ((dp, 1), (mp, 1)) unless vocab_emb_dp |
-| router_stats.add_* / zero_* (side channel); step_load_add / _sum (global-batch aux) | [L, E], scalars | replicated |
+| training_stats.add_* / zero_* (side channel); step_load_add / _sum (global-batch aux) | [L, E], scalars | replicated |
 | gate.biased_scores / gate.bias_step (aux-loss-free bias) | scores [T, E] + bias [E] | ((dp, 1), (1,)) / replicated |
 | shared_expert.*, dense layers' mlp.*: gate/up_proj.matmul, act, gated | x [T, H], W [W, H] | ((dp, 1), (mp, 1)); ((dp, mp),) |
 | shared_expert.down_proj / mlp.down_proj.matmul | [T, W], W [H, W] | row parallel ((dp, mp), (1, mp)) |
@@ -34,7 +34,7 @@ ParallelLayout.expert_token_split / expert_ffn_split; G = dp token groups, C = c
 `a` is f with moe_config.group_wise_a2a (each model-parallel rank sends 1/f of the capacity through the
 AllToAll and the slices are all-gathered inside the model-parallel group afterwards, MindFormers'
 group-wise AllToAll), else 1. RMSNorm weights are replicated. Layers go to stage layer // (L/pp), the
-embedding to stage 0, the final norm, the LM head and the training side channel (`router_stats.*`,
+embedding to stage 0, the final norm, the LM head and the training side channel (`training_stats.*`,
 replicated) to the last stage. Shapes are those of the network's input: seq_length tokens per row
 (training samples hold seq_length + 1; the model runs on the first seq_length).
 """
@@ -50,8 +50,8 @@ from mixtral_ms.model.schema import ModelDims, model_dims, moe_layers
 from mixtral_ms.parallel.layout import ParallelConfigError, ParallelLayout
 
 Strategy = Tuple[Tuple[int, ...], ...]
-STATS_PREFIX = "router_stats."  # the training side channel, losses.TrainingStats (MixtralForCausalLM.router_stats)
-STATS_TERMS = ("ce_loss", "aux_loss", "z_loss")  # TrainingStats' default terms (apply_plan reads the model's)
+STATS_PREFIX = "training_stats."  # the training side channel, losses.TrainingStats (MixtralForCausalLM.training_stats)
+STATS_TERMS = ("ce_loss", "aux_loss", "z_loss")  # losses.LOSS_TERMS (no MindSpore here); apply_plan reads the model's
 
 
 @dataclass(frozen=True)
@@ -322,7 +322,7 @@ def shard(model, layout: ParallelLayout, run_mode: str = "train") -> Dict[str, E
     if wrong:
         raise ParallelConfigError(f"the model was built with {wrong}; build it from a config with "
                                   f"layout.model_fields() ({layout.model_fields()})")
-    table = plan_spec(config, layout, run_mode, stats_terms=model.router_stats.terms)
+    table = plan_spec(config, layout, run_mode, stats_terms=model.training_stats.terms)
     problems = check_table(table, layout)
     if problems:
         raise ParallelConfigError(f"sharding plan inconsistent with the model: {problems[0]} "
@@ -363,7 +363,7 @@ def assign_stages(model, layout: ParallelLayout) -> None:
     inner.norm.pipeline_stage = layout.pipeline_stage - 1
     if not model.config.tie_word_embeddings:
         model.lm_head.pipeline_stage = layout.pipeline_stage - 1
-    model.router_stats.pipeline_stage = layout.pipeline_stage - 1  # the side channel, where the loss is
+    model.training_stats.pipeline_stage = layout.pipeline_stage - 1  # the side channel, where the loss is
 
 
 def mark_recompute(model, layout: ParallelLayout) -> None:

@@ -4,9 +4,10 @@ checkpoints named by their step that are saved only with healthy weights.
 Both read what the train network leaves behind: its outputs (loss, overflow, loss scale, lr, global
 norm, the layout of MixtralTrainOneStepCell and of MindFormers' train-one-step and pipeline cells) and
 the model's side channel (mixtral_ms.model.losses.TrainingStats: every loss term, tokens per expert and
-dropped assignments per layer of the step), which survives every wrapper. The first callback to ask in
-a step reads and zeroes the channel (`step_stats`), so under any wrapper each step reports its own
-statistics; terms are means over the step's forward passes (micro-batches, interleaved copies).
+dropped assignments per layer of the step), which survives every wrapper. The channel is read once per
+step, by the first callback to ask (`step_stats`, TrainingStats.read_and_reset), and every callback gets
+that one read, so under any wrapper each step reports its own statistics; terms are means over the step's
+forward passes (micro-batches, interleaved copies).
 
 Steps are numbered from the start of training, also in a resumed run: MindFormers restarts the
 callbacks' step count at 1 after a resume, so the run's first step is offset by `initial_step`
@@ -31,11 +32,9 @@ from mindformers.core.callback import CheckpointMonitor
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mixtral_ms.checkpoint.name_map import FREEZE_MASK_PREFIX
+from mixtral_ms.model.losses import LOSS_TERMS
 from mixtral_ms.run import RunError
 from mixtral_ms.run.wrapper import MixtralTrainOneStepCell, training_stats
-
-
-_CORE_TERMS = ("ce_loss", "aux_loss", "z_loss")  # on every progress line; further terms are appended by name
 
 
 def step_stats(cb_params) -> Optional[dict]:
@@ -50,7 +49,7 @@ def step_stats(cb_params) -> Optional[dict]:
     values = stats.read_and_reset() if stats is not None else None
     if values is not None and not isinstance(network, MixtralTrainOneStepCell):
         # another wrapper: aux-loss-free balancing's once-per-step bias update is done here, on the load read
-        model = next(cell for _, cell in network.cells_and_names() if getattr(cell, "router_stats", None) is stats)
+        model = next(cell for _, cell in network.cells_and_names() if getattr(cell, "training_stats", None) is stats)
         if model.bias_rate > 0:
             keep = 0.0 if _outputs(cb_params)[1] else 1.0
             model.update_expert_bias(Tensor(values["expert_load"]), Tensor(keep, ms.float32))
@@ -134,7 +133,7 @@ class MixtralProgressMonitor(_StepCounter):
         step = self.step(cb)
         loss, overflow, scale, lr, norm = _outputs(cb)
         values = step_stats(cb)
-        terms = {t: float("nan") for t in _CORE_TERMS}
+        terms = {t: float("nan") for t in LOSS_TERMS}
         terms.update(values["terms"] if values else {})
         self.history.append({"step": step, "loss": loss, **terms, "overflow": bool(overflow), "loss_scale": scale})
         if not self.is_log_step(cb, self.log_interval):
@@ -151,7 +150,7 @@ class MixtralProgressMonitor(_StepCounter):
             per_step = (now - self.last) / steps
             speed = f"{tokens / max(per_step, 1e-9):,.0f} tokens/s | ETA {_duration((total - step) * per_step)}"
         flags = f" | overflow: step skipped, loss scale {scale:g}" if overflow else ""
-        extra = "".join(f" | {t.removesuffix('_loss')} {v:.4f}" for t, v in terms.items() if t not in _CORE_TERMS)
+        extra = "".join(f" | {t.removesuffix('_loss')} {v:.4f}" for t, v in terms.items() if t not in LOSS_TERMS)
         print(f"step {step}/{total} | loss {loss:.4f} | ce {terms['ce_loss']:.4f} | aux {terms['aux_loss']:.4f} | "
               f"z {terms['z_loss']:.3f}{extra} | lr {lr:.2e} | grad_norm {norm:.3f} | {speed}{flags}", flush=True)
         self.last, self.last_step = now, step

@@ -25,17 +25,25 @@ import copy
 import dataclasses
 import math
 import os
-from typing import Optional
+from typing import Mapping, Optional, Tuple
 
 from mindspore import nn, ops
 
 from mixtral_ms.model.configuration import MixtralConfig
 from mixtral_ms.run import RunError
 from mixtral_ms.model.schema import ConfigError
-from mixtral_ms.model.losses import TrainingStats, distillation_loss
+from mixtral_ms.model.losses import LOSS_TERMS, distillation_loss
 
 DISTILL_KEYS = ("teacher", "teacher_config", "kd_coef", "ce_coef", "temperature")
 TEACHER_PREFIX = "teacher."
+KD_TERM = "kd_loss"  # the distillation term's name in the side channel, the progress line and router_stats.jsonl
+
+
+def extra_terms(run_config: Mapping) -> Tuple[str, ...]:
+    """The loss terms a run's training forward adds to the model's own: the KD term when the YAML has
+    runner_wrapper.distill. The runner builds the model with them (MixtralForCausalLM's `extra_terms`), so
+    the side channel has every term before the parallel plan shards it."""
+    return (KD_TERM,) if (run_config.get("runner_wrapper") or {}).get("distill") else ()
 
 
 def teacher_config(spec: dict, where: str = "runner_wrapper.distill") -> MixtralConfig:
@@ -145,15 +153,17 @@ def build_teacher(spec: dict, layout=None):
 
 class Distillation(nn.Cell):
     """The student's training forward plus the distillation term. Takes the student's inputs and returns
-    the loss alone; CE, aux, z and the KD term go to the student's side channel (losses.TrainingStats,
-    given a `kd_loss` term here). Both models run on the first seq_length tokens of MindFormers' samples of
-    seq_length + 1, and both terms score the next tokens, as the student's own training forward does."""
+    the loss alone; CE, aux, z and the KD term go to the student's side channel (losses.TrainingStats),
+    which must have been built with the KD term (MixtralForCausalLM(config, extra_terms=(KD_TERM,))). Both
+    models run on the first seq_length tokens of MindFormers' samples of seq_length + 1, and both terms
+    score the next tokens, as the student's own training forward does."""
 
     def __init__(self, student, teacher, kd_coef: float, ce_coef: float, temperature: float) -> None:
         super().__init__(auto_prefix=False)
-        config = student.config
-        student.router_stats = TrainingStats(config.num_hidden_layers, config.num_local_experts,
-                                             terms=("ce_loss", "aux_loss", "z_loss", "kd_loss"))
+        terms = student.training_stats.terms
+        if terms != LOSS_TERMS + (KD_TERM,):  # a bug of the caller, not bad input
+            raise ValueError(f"the student's side channel has the terms {terms}; build it with "
+                             f"MixtralForCausalLM(config, extra_terms=({KD_TERM!r},))")
         self.student = student
         self.teacher = _EvalOnly(teacher)
         self.config = student.config
@@ -171,8 +181,7 @@ class Distillation(nn.Cell):
                                                                      valid, self.ce_coef, True)
         kd = distillation_loss(logits, self.teacher(input_ids, attention_mask, position_ids, domain_ids), labels,
                                self.temperature, self.ignore_index, shifted=True)
-        # the loss alone, as the student's own training forward; kd_loss joins the side channel's terms
-        return ops.depend(loss + self.kd_scale * kd, self.student.router_stats((ce, aux, z, kd), load, dropped))
+        return self.student.training_output(loss + self.kd_scale * kd, (ce, aux, z, kd), load, dropped)
 
 
 def install(network, model, spec: Optional[dict]):

@@ -6,8 +6,8 @@ One step: forward (loss scaled by the loss scale) and backward over each of the 
 average, overflow check, global-norm clipping, and the optimizer update unless a gradient overflowed.
 The network's training output is the loss alone (MixtralForCausalLM in training mode, possibly wrapped
 in MindFormers' MicroBatchInterleaved); the loss terms and router statistics arrive through the model's
-side channel (mixtral_ms.model.losses.TrainingStats), which this cell zeroes before the step and, in
-DATA_PARALLEL, all-reduces after it.
+side channel (mixtral_ms.model.losses.TrainingStats), which this cell has reset before the step and, in
+DATA_PARALLEL, all-reduced after it, by the channel's own methods.
 """
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ class MixtralTrainOneStepCell(nn.Cell):
     the model's side channel (`training_stats(network)`) for MixtralProgressMonitor and RouterStatsMonitor.
 
     `freeze`: experts, router rows and non-MoE weights that training must leave bit-identical
-    (training/freeze.py): their gradients are zeroed before the norm and their update is masked.
-    `distill`: a frozen teacher and the distillation term added to the loss (training/distill.py); the
-    step's KD term joins the side channel as `router_stats.kd_loss`.
+    (run/freeze.py): their gradients are zeroed before the norm and their update is masked.
+    `distill`: a frozen teacher and the distillation term added to the loss (run/distill.py); the
+    step's KD term is the side channel's `training_stats.kd_loss`, which the model was built with.
     With `router_bias_update_rate` > 0 the routers' biases move after the update (not after a skipped
     step) by the step's tokens per expert: every pass of the step, every data-parallel rank.
 
@@ -105,14 +105,14 @@ class MixtralTrainOneStepCell(nn.Cell):
         print_separate_loss, grouped_lr_scheduler, ...); YAML keys are checked by yaml_check.check_config."""
         super().__init__(auto_prefix=False)
         model = next((cell for _, cell in network.cells_and_names()
-                      if isinstance(getattr(cell, "router_stats", None), TrainingStats)), None)
+                      if isinstance(getattr(cell, "training_stats", None), TrainingStats)), None)
         if model is None:
             raise ConfigError("MixtralTrainOneStepCell needs a network holding MixtralForCausalLM (its side channel)")
         network = install(network, model, check_distill(distill, model.config))
         self.network = network
         self.optimizer = optimizer
         self.weights = optimizer.parameters
-        self.stats = model.router_stats  # the student's, with a kd_loss term, when distilling
+        self.stats = model.training_stats
         self.balancer = model if model.config.router_bias_update_rate > 0 else None  # aux-loss-free balancing
         self.scaled = _ScaledLoss(network, interleave_num(network))
         if isinstance(gradient_accumulation_steps, bool) or not isinstance(gradient_accumulation_steps, int) \
@@ -180,8 +180,7 @@ class MixtralTrainOneStepCell(nn.Cell):
         if not overflow:
             loss = ops.depend(loss, self.freeze.update(self.optimizer, grads))
         if self.reducer_flag:  # the global batch's statistics, not one rank's
-            for param in self.stats.all():
-                loss = ops.depend(loss, ops.assign(param, self.stats_sum(param)))
+            loss = ops.depend(loss, self.stats.all_reduce(self.stats_sum))
         if self.balancer is not None:  # once per step, on the step's global tokens per expert
             keep = ops.cast(ops.logical_not(overflow), ms.float32)
             loss = ops.depend(loss, self.balancer.update_expert_bias(self.stats.expert_load, keep))

@@ -72,14 +72,13 @@ def train_wrapper(step, model, batches, rows, rank):
     record = {"losses": [], "norms": [], "overflow": [], "load": [], "ce": [], "passes": []}
     for batch in batches:
         loss, overflow, _, _, norm = step(Tensor(batch[rank * rows:(rank + 1) * rows]))
-        stats = model.router_stats
+        stats = model.training_stats.read_and_reset()
         record["losses"].append(float(loss))
         record["norms"].append(float(norm))
         record["overflow"].append(bool(overflow))
-        record["load"].append(stats.expert_load.asnumpy().tolist())
-        passes = float(stats.passes.asnumpy())
-        record["passes"].append(passes)
-        record["ce"].append(float(stats.term_sums[0].asnumpy()) / passes)
+        record["load"].append(stats["expert_load"].tolist())
+        record["passes"].append(stats["passes"])
+        record["ce"].append(stats["terms"]["ce_loss"])
     return record
 
 
