@@ -62,22 +62,16 @@ def prepare(work: str, retrain: bool) -> tuple:
 def export(ckpt: str, folder: str) -> None:
     """A training .ckpt -> a model folder (mixtral-ms layout, config.json, tokenizer) that from_pretrained and
     scripts/compress.py read."""
-    import yaml
-    import mindspore as ms
     from mixtral_ms.model.configuration import MixtralConfig
-    from mixtral_ms.checkpoint.convert import MS_METADATA, write_checkpoint
-    from mixtral_ms.checkpoint.name_map import parameter_specs
-    with open(YAML, encoding="utf-8") as f:
-        fields = yaml.safe_load(f)["model"]["model_config"]
+    from mixtral_ms.checkpoint.convert import MS_METADATA, json_files, open_tensors, write_checkpoint
+    from mixtral_ms.checkpoint.view import CheckpointView
+    from mixtral_ms.run.run_yaml import read_run_yaml
+    fields = read_run_yaml(YAML)["model"]["model_config"]
     config = MixtralConfig(**{k: v for k, v in fields.items() if k != "type"})
-    state = ms.load_checkpoint(ckpt)
-    items = [(name, "F32", spec.shape, state[name].asnumpy().astype(np.float32))
-             for name, spec in parameter_specs(config).items()]
-
-    def write_config(tmp: str) -> None:
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config.to_hf_config(), f, indent=2)
-    write_checkpoint(ckpt, folder, items, write_config, os.path.join(ROOT, "data", "tokenizer"), metadata=MS_METADATA)
+    view = CheckpointView(open_tensors(ckpt), config, implied_by=YAML)
+    items = [(name, "F32", spec.shape, view.array(name)) for name, spec in view.specs.items()]
+    write_checkpoint(ckpt, folder, items, json_files({"config.json": config.to_hf_config()}),
+                     os.path.join(ROOT, "data", "tokenizer"), metadata=MS_METADATA)
 
 
 def held_out_rows(path: str, samples: int) -> list:

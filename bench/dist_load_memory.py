@@ -59,9 +59,9 @@ def rss_kib() -> int:
 
 def measure(args) -> dict:
     """One load in this process: 'full' (every tensor read whole, as load_weights holds them) or a rank."""
-    from mixtral_ms.checkpoint.convert import _config_of
+    from mixtral_ms.checkpoint.convert import config_of
     from mixtral_ms.checkpoint.distributed import open_complete, read_rank_slices, read_source_box, read_strategy
-    _, config = _config_of(args.checkpoint)
+    _, config = config_of(args.checkpoint)
     strategy = read_strategy(args.strategy) if args.measure != "full" else None
     base = rss_kib()
     start = time.time()

@@ -31,15 +31,16 @@ import json
 import os
 import re
 import shutil
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from mixtral_ms.model.schema import hf_dims, read_hf_config
-from mixtral_ms.checkpoint.name_map import (count_parameters, hf_sources, is_ms_layout, ms_tensors, parameter_specs,
-                       source_dtype)
+from mixtral_ms.checkpoint.name_map import (count_parameters, hf_sources, hf_to_ms, is_ms_layout, ms_tensors,
+                                           parameter_specs, source_dtype)
+from mixtral_ms.checkpoint.view import CheckpointView
 from mixtral_ms.cli import BadInput
 from mixtral_ms.outputs import refuse_overlap, replace_folder, stale, temp_path
-from mixtral_ms.checkpoint.safetensors_io import (CHUNK_BYTES, CheckpointError, TensorInfo, convert_bytes, count_nonfinite, has_nonfinite,
-                             nbytes_of, open_checkpoint, read_index, write_safetensors)
+from mixtral_ms.checkpoint.safetensors_io import (CHUNK_BYTES, ArrayTensor, CheckpointError, TensorInfo, convert_bytes,
+                             count_nonfinite, has_nonfinite, nbytes_of, open_checkpoint, read_index, write_safetensors)
 
 DTYPE_TAGS = {"fp32": "F32", "float32": "F32", "bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16"}
 TORCH_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -230,19 +231,27 @@ def write_sharded(folder: str, items: List[Item], limit: int, metadata: Dict[str
     return total
 
 
+def json_files(records: Dict[str, object]) -> Callable[[str], None]:
+    """A `write_files` for write_checkpoint: each {file name: value} written as indented JSON (config.json
+    and a tool's record of what it did)."""
+    def write(folder: str) -> None:
+        for name, value in records.items():
+            with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+                json.dump(value, f, indent=2)
+    return write
+
+
 def _write_config(config_path: str, tmp: str, tag: Optional[str]) -> None:
     """config.json verbatim; with a dtype change, its dtype field (torch_dtype and/or dtype) updated."""
-    out = os.path.join(tmp, "config.json")
     if tag is None:
-        shutil.copyfile(config_path, out)
+        shutil.copyfile(config_path, os.path.join(tmp, "config.json"))
         return
     with open(config_path, encoding="utf-8") as f:
         hf = json.load(f)
     keys = [k for k in ("torch_dtype", "dtype") if k in hf] or ["torch_dtype"]
     for k in keys:
         hf[k] = TORCH_NAMES[tag]
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(hf, f, indent=2)
+    json_files({"config.json": hf})(tmp)
 
 
 def _copy_side_files(folder: str, tmp: str) -> List[str]:
@@ -254,19 +263,21 @@ def _copy_side_files(folder: str, tmp: str) -> List[str]:
     return copied
 
 
-def write_checkpoint(src: str, dst: str, items: List[Item], write_config: Callable[[str], None], side_folder: str,
+def write_checkpoint(src: str, dst: str, items: List[Item], write_files: Callable[[str], None], side_folder: str,
                      overwrite: bool = False, shard_size: int = DEFAULT_SHARD,
                      metadata: Optional[Dict[str, str]] = None, progress: Progress = None) -> Dict[str, object]:
-    """Write a checkpoint folder `dst` all at once: `items` as shards + index, `write_config(folder)` for
-    config.json, the side files of `side_folder`; built in a temp folder beside `dst` and renamed into place,
-    removed on any error or interrupt (an existing `dst` is left as it was). Returns {tensors, bytes, files,
-    side_files}."""
+    """The one writer of checkpoint folders (converter, expert surgery, compression): `dst` written all at
+    once, `items` as shards + index, the side files of `side_folder`, then `write_files(folder)` for
+    config.json and any record (written last, so a record wins over the source's copy of it). Built in a
+    temp folder beside `dst` and renamed into place (outputs.replace_folder), removed on any error or
+    interrupt: an existing `dst` is left as it was. `dst` must be apart from `src` (outputs.refuse_overlap)
+    and, unless `overwrite`, empty. Returns {tensors, bytes, files, side_files}."""
     needed = sum(nbytes_of(d, s) for _, d, s, _ in items) + (1 << 20)
     target, tmp, created_parents = _prepare_dst(src, dst, overwrite, needed, progress)
     try:
         total = write_sharded(tmp, items, shard_size, metadata or HF_METADATA, progress)
-        write_config(tmp)
         side = _copy_side_files(side_folder, tmp)
+        write_files(tmp)
         files = sorted(os.listdir(tmp))
         replace_folder(tmp, target)
     except BaseException:
@@ -286,15 +297,22 @@ def _convert(src: str, dst: str, items: List[Item], config_path: str, side_folde
                             overwrite, shard_size, metadata, progress)
 
 
-def _open_source(src: str) -> Dict[str, TensorInfo]:
-    """The tensors of a safetensors checkpoint (headers only) or of a MindSpore .ckpt (read whole)."""
+def open_tensors(src: str) -> Dict[str, Union[TensorInfo, ArrayTensor]]:
+    """The tensors of a safetensors checkpoint, folder or file (headers only), or of a MindSpore .ckpt (read
+    whole, through MindSpore: imported only then)."""
     if src.endswith(".ckpt"):
         from mixtral_ms.checkpoint.load import read_ckpt  # MindSpore's format needs MindSpore
         return read_ckpt(src)
     return open_checkpoint(src)
 
 
-def _config_of(path: str) -> Tuple[str, object]:
+def folder_of(path: str) -> str:
+    """The folder of a checkpoint path: a folder itself, or a checkpoint file's folder (its config.json and
+    tokenizer files)."""
+    return path if os.path.isdir(path) else os.path.dirname(path) or "."
+
+
+def config_of(path: str) -> Tuple[str, object]:
     """(config.json path, shape config) for a folder, a checkpoint file (its folder's config.json) or a .json file."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file or folder {path}")
@@ -305,7 +323,7 @@ def _config_of(path: str) -> Tuple[str, object]:
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{path}: malformed JSON ({err})") from None
         return path, hf_dims(hf)
-    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    folder = folder_of(path)
     return os.path.join(folder, "config.json"), hf_dims(read_hf_config(folder))
 
 
@@ -333,7 +351,7 @@ def hf2ms(src: str, dst: str, dtype: Optional[str] = None, overwrite: bool = Fal
         raise FileNotFoundError(f"no such folder {src}")
     if not os.path.isdir(src):
         raise CheckpointError(f"source {src} is not a folder (expected config.json and safetensors)")
-    config_path, config = _config_of(src)
+    config_path, config = config_of(src)
     _check_convertible(src, config)
     tensors = open_checkpoint(src)
     if is_ms_layout(tensors):
@@ -351,7 +369,7 @@ def _run_source(src: str, strategy: Optional[str], config, progress: Progress) -
     """The tensors of `src`: a complete checkpoint, or with `strategy` (a run's strategy folder or file) the
     per-rank checkpoints of a run (`src/rank_<i>/`) merged by it (mixtral_ms/checkpoint/distributed.py)."""
     if strategy is None:
-        return _open_source(src)
+        return open_tensors(src)
     from mixtral_ms.checkpoint.distributed import merge_ranks, read_strategy
     return merge_ranks(src, read_strategy(strategy), config, progress=progress)
 
@@ -365,10 +383,10 @@ def ms2hf(src: str, dst: str, dtype: Optional[str] = None, overwrite: bool = Fal
     folder (default: the source folder). A .ckpt is read whole by MindSpore (not streamed). With
     `strategy` (a run's strategy folder), `src` is the run's checkpoint folder of per-rank files, merged."""
     tag = _dtype_tag(dtype)
-    cfg_path, config = _config_of(config_path or src)
+    cfg_path, config = config_of(config_path or src)
     _check_convertible(src, config)
     tensors = _run_source(src, strategy, config, progress)
-    if not is_ms_layout(tensors) and any(".experts.0." in n for n in tensors):
+    if not is_ms_layout(tensors) and any(hf_to_ms(n)[1] is not None for n in tensors):
         raise CheckpointError(f"{src} holds per-expert tensors (a Hugging Face checkpoint); use hf2ms")
     specs = parameter_specs(config)
     items: List[Item] = []
@@ -382,15 +400,14 @@ def ms2hf(src: str, dst: str, dtype: Optional[str] = None, overwrite: bool = Fal
         for j, hf_name in enumerate(sources):
             piece = info.part(j, len(sources), hf_name)
             items.append((hf_name, out_tag, piece.shape, _source([piece], src_tag, out_tag, allow_nonfinite)))
-    side_folder = src if os.path.isdir(src) else os.path.dirname(src) or "."
-    return _convert(src, dst, items, cfg_path, side_folder, tag, overwrite, shard_size, HF_METADATA, progress)
+    return _convert(src, dst, items, cfg_path, folder_of(src), tag, overwrite, shard_size, HF_METADATA, progress)
 
 
 def merge(src: str, strategy: str, dst: str, config_path: str, overwrite: bool = False,
           shard_size: int = DEFAULT_SHARD, progress: Progress = None) -> Dict[str, object]:
     """A run's per-rank checkpoints (`src/rank_<i>/`) and its strategy folder -> one mixtral-ms checkpoint
     folder (the weights, bit for bit; what hf2ms writes), with the config.json of `config_path`."""
-    cfg_path, config = _config_of(config_path)
+    cfg_path, config = config_of(config_path)
     tensors = ms_tensors(_run_source(src, strategy, config, progress), config)
     items: List[Item] = [(name, info.dtype, info.shape, info.read) for name, info in tensors.items()]
     return _convert(src, dst, items, cfg_path, os.path.dirname(cfg_path) or ".", None, overwrite, shard_size,
@@ -412,15 +429,10 @@ def plan(src: str, dtype: Optional[str] = None) -> str:
     map with every shape, parameter counts, checkpoint bytes and the memory a conversion needs.
     `src` may be a Hugging Face folder (plans hf2ms) or a mixtral-ms checkpoint (plans ms2hf)."""
     tag = _dtype_tag(dtype)
-    _, config = _config_of(src)
-    tensors = open_checkpoint(src)
-    specs = parameter_specs(config)
-    if is_ms_layout(tensors):
-        direction = "ms2hf (mixtral-ms -> Hugging Face)"
-        groups = {name: [info] for name, info in ms_tensors(tensors, config).items()}
-    else:
-        direction = "hf2ms (Hugging Face -> mixtral-ms)"
-        groups = hf_sources(tensors, config)
+    _, config = config_of(src)
+    view = CheckpointView(open_checkpoint(src), config)
+    specs, groups = view.specs, view.stored
+    direction = "ms2hf (mixtral-ms -> Hugging Face)" if view.layout == "ms" else "hf2ms (Hugging Face -> mixtral-ms)"
     width = max(len(n) for n in specs) + 1
     lines = [f"source: {src}", f"direction: {direction}",
              f"{'mixtral-ms parameter':{width}} {'shape':>20} {'dtype':>5}  <-> Hugging Face"]

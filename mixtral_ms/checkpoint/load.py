@@ -1,8 +1,8 @@
 """Loading weights into a model from any checkpoint layout users arrive with, strictly checked.
 
-Every layout is checked by the checkpoint schema (name_map.hf_sources, name_map.ms_tensors: names, shapes,
-dtypes), the same checks the converter runs, so a checkpoint the converter accepts is exactly one the
-model loads; NaN/inf weights are refused here as the converter refuses them.
+Every layout is seen through view.CheckpointView (the checkpoint schema's names, shapes and dtypes), the
+same checks the converter runs, so a checkpoint the converter accepts is exactly one the model loads;
+NaN/inf weights are refused here as the converter refuses them.
 """
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor
 
-from mixtral_ms.checkpoint.name_map import TRAINING_STATE_PREFIXES, hf_sources, is_ms_layout, ms_tensors
-from mixtral_ms.checkpoint.safetensors_io import ArrayTensor, CheckpointError, f32_to_bf16, numpy_tag, open_checkpoint, to_numpy
+from mixtral_ms.checkpoint.name_map import TRAINING_STATE_PREFIXES
+from mixtral_ms.checkpoint.safetensors_io import (ArrayTensor, CheckpointError, f32_to_bf16, numpy_tag, open_checkpoint,
+                                                  to_numpy)
+from mixtral_ms.checkpoint.view import CheckpointView
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -76,31 +78,26 @@ def load_weights(model, path: str, allow_nonfinite: bool = False) -> None:
     (stacked experts; hf2ms output or a training .safetensors) or a MindSpore .ckpt. Every parameter
     must be present with the model's shape and a float dtype (F32, BF16, F16) and, unless
     `allow_nonfinite`, finite; anything but weights and training state is an error. The model's own
-    training state (the router_stats side channel) is not loaded."""
+    training state (the training_stats side channel) is not loaded."""
     if path.endswith(".ckpt"):
         _load_ckpt(model, path, allow_nonfinite)
         return
     params = {p.name: p for p in model.get_parameters()}
-    tensors = open_checkpoint(path)
-    if is_ms_layout(tensors):
-        for name, info in ms_tensors(tensors, model.config).items():
-            _set(params[name], _checked(info, allow_nonfinite))
-        return
-    for name, infos in hf_sources(tensors, model.config).items():
+    for name, infos in CheckpointView(open_checkpoint(path), model.config).stored.items():
         param = params[name]
+        values = [_checked(info, allow_nonfinite) for info in infos]
         # no source: a dense (Mistral) model's router, whose one expert takes every token whatever the logit
-        value = np.stack([_checked(info, allow_nonfinite) for info in infos]) if infos else \
-            np.zeros(param.shape, np.float32)
+        value = values[0] if len(values) == 1 else np.stack(values) if values else np.zeros(param.shape, np.float32)
         _set(param, value.reshape(param.shape))
 
 
 def _load_ckpt(model, path: str, allow_nonfinite: bool) -> None:
     """A MindSpore training checkpoint: the weights (read_ckpt), checked by the schema, cast to the model's
     dtypes and loaded strictly."""
-    tensors = ms_tensors(read_ckpt(path), model.config, implied_by="the model config")
+    view = CheckpointView(read_ckpt(path), model.config, implied_by="the model config")
     params = {p.name: p for p in model.get_parameters()}
-    state = {name: Parameter(Tensor(_checked(info, allow_nonfinite).astype(np.float32), dtype=params[name].dtype),
-                             name=name) for name, info in tensors.items()}
+    state = {name: Parameter(Tensor(_checked(view.tensor(name), allow_nonfinite).astype(np.float32),
+                                    dtype=params[name].dtype), name=name) for name in view.stored}
     not_loaded, _ = ms.load_param_into_net(model, state, strict_load=True)
     not_loaded = [name for name in not_loaded if not name.startswith(TRAINING_STATE_PREFIXES)]
     if not_loaded:  # a parameter the schema does not know (the model grew one): never leave it at its init

@@ -1,5 +1,5 @@
 """The checkpoint schema: which tensors each layout holds, their shapes, and the Hugging Face <->
-mixtral-ms name map (the table in docs/design.md). Loading (checkpoint.py) and converting (convert.py)
+mixtral-ms name map (the table in docs/design.md). Loading (load.py) and converting (convert.py)
 both check a checkpoint here, so a checkpoint the converter accepts is exactly one the model loads.
 
 Names are identical except the experts: the checkpoint has one w1/w3/w2 per expert
@@ -11,30 +11,132 @@ The MoE options add tensors of the same name on both sides: the router bias of a
 (`gate.e_score_correction_bias [E]`, DeepSeek-V3's name; zeros when a checkpoint lacks it, so a model
 starts balancing from any checkpoint) and the shared experts (`shared_expert.{gate,up,down}_proj.weight`,
 `shared_expert_gate.weight [1, H]`: Qwen2-MoE's names under the block's `block_sparse_moe`).
+
+`parse(name)` takes any parameter name of either layout apart (a ParamName: kind, layer, projection,
+expert) and `ParamName.name` writes one back: `_PATTERNS` is the naming scheme, written down once, and
+parameter_specs, the checkpoint view, the tools and freeze read and build names through it.
 """
 from __future__ import annotations
 
+import enum
 import re
+import string
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 from mixtral_ms.checkpoint.safetensors_io import FLOAT_TAGS, ArrayTensor, CheckpointError, TensorInfo
 from mixtral_ms.model.schema import hf_dims, moe_layers
 
-# The freeze masks' names (training/freeze.py): `freeze_mask.<parameter>`; never loaded from a checkpoint.
+# The freeze masks' names (run/freeze.py): `freeze_mask.<parameter>`; never loaded from a checkpoint.
 FREEZE_MASK_PREFIX = "freeze_mask."
 # Optimizer and training-loop state that a MindSpore training checkpoint carries beside the weights
-# (and a distillation run's frozen teacher, training/distill.py).
+# (and a distillation run's frozen teacher, run/distill.py).
 TRAINING_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "global_step", "learning_rate",
                            "scale_sense", "loss_scale", "epoch_num", "step_num", "current_iterator_step",
                            "last_overflow_iterator_step", "accu_grads.", "beta1_power", "beta2_power",
-                           "router_stats.", "global_batch_size", "teacher.", FREEZE_MASK_PREFIX)
-
-_HF_EXPERT = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(\d+)\.(w[123])\.weight$")
-_MS_EXPERT = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(w[123])$")
-
+                           "training_stats.", "router_stats.", "global_batch_size", "teacher.", FREEZE_MASK_PREFIX)
 
 # Mistral's dense MLP names for the expert weights (w1 gate, w3 up, w2 down).
 MISTRAL_MLP = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_EXPERT_OF_MLP = {proj: w for w, proj in MISTRAL_MLP.items()}
+
+
+class Kind(enum.Enum):
+    """What a parameter is, whichever layout names it."""
+    EMBEDDING = "embedding"
+    ATTENTION = "attention"  # proj: q_proj, k_proj, v_proj, o_proj
+    NORM = "norm"  # a layer's; proj: input_layernorm, post_attention_layernorm
+    MLP = "mlp"  # a dense (Mistral) layer's FFN; proj: gate_proj, up_proj, down_proj
+    ROUTER = "router"  # the gate's weight [E, H]
+    ROUTER_BIAS = "router_bias"  # aux-loss-free balancing's bias [E]
+    EXPERTS = "experts"  # mixtral-ms: a layer's experts stacked on axis 0; proj: w1, w2, w3
+    EXPERT = "expert"  # Hugging Face: one expert's weight; expert: its index
+    EXPERT_SCALE = "expert_scale"  # int8 experts' scales; proj: the weight they scale
+    SHARED_EXPERT = "shared_expert"  # proj: gate_proj, up_proj, down_proj
+    SHARED_EXPERT_GATE = "shared_expert_gate"
+    FINAL_NORM = "final_norm"
+    LM_HEAD = "lm_head"
+
+
+_MOE = "model.layers.{layer}.block_sparse_moe."
+# Every parameter name, both layouts: the one place the naming scheme is written down.
+_PATTERNS = {
+    Kind.EMBEDDING: "model.embed_tokens.weight",
+    Kind.ATTENTION: "model.layers.{layer}.self_attn.{proj}.weight",
+    Kind.NORM: "model.layers.{layer}.{proj}.weight",
+    Kind.MLP: "model.layers.{layer}.mlp.{proj}.weight",
+    Kind.ROUTER: _MOE + "gate.weight",
+    Kind.ROUTER_BIAS: _MOE + "gate.e_score_correction_bias",
+    Kind.EXPERTS: _MOE + "experts.{proj}",
+    Kind.EXPERT: _MOE + "experts.{expert}.{proj}.weight",
+    Kind.EXPERT_SCALE: _MOE + "experts.{proj}_scale",
+    Kind.SHARED_EXPERT: _MOE + "shared_expert.{proj}.weight",
+    Kind.SHARED_EXPERT_GATE: _MOE + "shared_expert_gate.weight",
+    Kind.FINAL_NORM: "model.norm.weight",
+    Kind.LM_HEAD: "lm_head.weight",
+}
+_EXPERT_WEIGHTS = ("w1", "w2", "w3")
+_FFN = ("gate_proj", "up_proj", "down_proj")
+_PROJECTIONS = {Kind.ATTENTION: ("q_proj", "k_proj", "v_proj", "o_proj"),
+                Kind.NORM: ("input_layernorm", "post_attention_layernorm"), Kind.MLP: _FFN,
+                Kind.EXPERTS: _EXPERT_WEIGHTS, Kind.EXPERT: _EXPERT_WEIGHTS, Kind.EXPERT_SCALE: _EXPERT_WEIGHTS,
+                Kind.SHARED_EXPERT: _FFN}
+_MOE_KINDS = (Kind.ROUTER, Kind.ROUTER_BIAS, Kind.EXPERTS, Kind.EXPERT, Kind.EXPERT_SCALE, Kind.SHARED_EXPERT,
+              Kind.SHARED_EXPERT_GATE)
+
+
+def _regex(kind: Kind) -> "re.Pattern[str]":
+    """A pattern of _PATTERNS as a regex whose groups are its fields."""
+    fields = {"layer": r"(?P<layer>\d+)", "expert": r"(?P<expert>\d+)",
+              "proj": "(?P<proj>" + "|".join(_PROJECTIONS.get(kind, ())) + ")"}
+    return re.compile("".join(re.escape(text) + (fields[field] if field else "")
+                              for text, field, _, _ in string.Formatter().parse(_PATTERNS[kind])))
+
+
+_REGEXES = {kind: _regex(kind) for kind in _PATTERNS}
+
+
+class ParamName(NamedTuple):
+    """A parameter name taken apart: what it is, its layer and projection, and (Hugging Face experts) its
+    expert. `name` puts it back together, so names are built and read by the same table."""
+    kind: Kind
+    layer: Optional[int] = None
+    proj: Optional[str] = None
+    expert: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        return _PATTERNS[self.kind].format(layer=self.layer, proj=self.proj, expert=self.expert)
+
+    @property
+    def moe(self) -> bool:
+        """Part of a layer's MoE block (router, experts, shared experts)."""
+        return self.kind in _MOE_KINDS
+
+    def stack(self) -> Optional["ParamName"]:
+        """The mixtral-ms expert stack this tensor belongs to: a Hugging Face expert's, an int8 scale's
+        weights, or a dense MLP's (Mistral's FFN read as one expert); None for any other parameter."""
+        if self.kind in (Kind.EXPERTS, Kind.EXPERT, Kind.EXPERT_SCALE):
+            return ParamName(Kind.EXPERTS, self.layer, self.proj)
+        if self.kind is Kind.MLP:
+            return ParamName(Kind.EXPERTS, self.layer, _EXPERT_OF_MLP[self.proj])
+        return None
+
+    def of_expert(self, expert: int) -> "ParamName":
+        """Expert `expert` of this expert stack under its Hugging Face name."""
+        return ParamName(Kind.EXPERT, self.layer, self.proj, expert)
+
+
+def parse(name: str) -> Optional[ParamName]:
+    """What a mixtral-ms or Hugging Face parameter name says; None for a name that is no Mixtral parameter
+    (training state, a typo, another model's)."""
+    for kind, regex in _REGEXES.items():
+        m = regex.fullmatch(name)
+        if m:
+            fields = m.groupdict()
+            layer, expert = fields.get("layer"), fields.get("expert")
+            return ParamName(kind, None if layer is None else int(layer), fields.get("proj"),
+                             None if expert is None else int(expert))
+    return None
 
 
 class ParamSpec(NamedTuple):
@@ -46,22 +148,23 @@ class ParamSpec(NamedTuple):
 
 def hf_to_ms(hf_name: str) -> Tuple[str, Optional[int]]:
     """(mixtral-ms name, expert index or None): `...experts.3.w1.weight` -> (`...experts.w1`, 3)."""
-    m = _HF_EXPERT.match(hf_name)
-    if m:
-        return f"{m.group(1)}.{m.group(3)}", int(m.group(2))
+    parsed = parse(hf_name)
+    if parsed is not None and parsed.kind is Kind.EXPERT:
+        return parsed.stack().name, parsed.expert
     return hf_name, None
 
 
 def is_expert_stack(ms_name: str) -> bool:
     """Whether a mixtral-ms parameter stacks the experts on axis 0 (true even for a single expert)."""
-    return _MS_EXPERT.match(ms_name) is not None
+    parsed = parse(ms_name)
+    return parsed is not None and parsed.kind is Kind.EXPERTS
 
 
 def ms_to_hf(ms_name: str, num_experts: int) -> List[str]:
     """The Hugging Face names a mixtral-ms parameter is made of (E names for stacked experts, in order)."""
-    m = _MS_EXPERT.match(ms_name)
-    if m:
-        return [f"{m.group(1)}.{e}.{m.group(2)}.weight" for e in range(num_experts)]
+    parsed = parse(ms_name)
+    if parsed is not None and parsed.kind is Kind.EXPERTS:
+        return [parsed.of_expert(e).name for e in range(num_experts)]
     return [ms_name]
 
 
@@ -79,44 +182,43 @@ def parameter_specs(config) -> Dict[str, ParamSpec]:
     h, f, v, e = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_local_experts
     dense, quant = config.hf_model_type == "mistral", config.expert_quantization
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    specs: Dict[str, ParamSpec] = {"model.embed_tokens.weight": ParamSpec((v, h), ["model.embed_tokens.weight"])}
+    specs: Dict[str, ParamSpec] = {}
+
+    def add(param: ParamName, shape: Tuple[int, ...], sources: Optional[List[str]] = None, **flags: bool) -> str:
+        specs[param.name] = ParamSpec(shape, [param.name] if sources is None else sources, **flags)
+        return param.name
+
+    add(ParamName(Kind.EMBEDDING), (v, h))
     sparse = moe_layers(config)
     for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        same = {
-            "input_layernorm.weight": (h,),
-            "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-            "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
-            "post_attention_layernorm.weight": (h,),
-        }
+        add(ParamName(Kind.NORM, i, "input_layernorm"), (h,))
+        for proj, shape in (("q_proj", (q, h)), ("k_proj", (kv, h)), ("v_proj", (kv, h)), ("o_proj", (h, q))):
+            add(ParamName(Kind.ATTENTION, i, proj), shape)
+        add(ParamName(Kind.NORM, i, "post_attention_layernorm"), (h,))
         if i not in sparse:  # a dense layer of the layer pattern: Mistral's MLP
-            same.update({"mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)})
-        for name, shape in same.items():
-            specs[p + name] = ParamSpec(shape, [p + name])
-        if i not in sparse:
+            for proj, shape in (("gate_proj", (f, h)), ("up_proj", (f, h)), ("down_proj", (h, f))):
+                add(ParamName(Kind.MLP, i, proj), shape)
             continue
-        gate = p + "block_sparse_moe.gate.weight"
-        specs[gate] = ParamSpec((e, h), [] if dense else [gate])  # a dense model has no router: zeros
+        add(ParamName(Kind.ROUTER, i), (e, h), [] if dense else None)  # a dense model has no router: zeros
         if config.router_bias_update_rate > 0:
-            bias = p + "block_sparse_moe.gate.e_score_correction_bias"
-            specs[bias] = ParamSpec((e,), [bias], zero_if_absent=True)
+            add(ParamName(Kind.ROUTER_BIAS, i), (e,), zero_if_absent=True)
         for w, shape in (("w1", (e, f, h)), ("w3", (e, f, h)), ("w2", (e, h, f))):
-            name = f"{p}block_sparse_moe.experts.{w}"
-            sources = [f"{p}mlp.{MISTRAL_MLP[w]}.weight"] if dense else ms_to_hf(name, e)
-            specs[name] = ParamSpec(shape, sources, stacked=True)
+            stack = ParamName(Kind.EXPERTS, i, w)
+            sources = [ParamName(Kind.MLP, i, MISTRAL_MLP[w]).name] if dense else \
+                [stack.of_expert(j).name for j in range(e)]
+            add(stack, shape, sources, stacked=True)
             if quant is not None:
-                scale = f"{name}_scale"
-                specs[scale] = ParamSpec(shape[:2] + (shape[2] // (quant.get("group_size") or shape[2]),), [scale])
+                groups = shape[2] // (quant.get("group_size") or shape[2])
+                add(ParamName(Kind.EXPERT_SCALE, i, w), shape[:2] + (groups,))
         if config.num_shared_experts:
             width = config.num_shared_experts * config.shared_expert_intermediate_size
-            shared = {f"{p}block_sparse_moe.shared_expert.{n}.weight": shape
-                      for n, shape in (("gate_proj", (width, h)), ("up_proj", (width, h)), ("down_proj", (h, width)))}
+            for proj, shape in (("gate_proj", (width, h)), ("up_proj", (width, h)), ("down_proj", (h, width))):
+                add(ParamName(Kind.SHARED_EXPERT, i, proj), shape)
             if config.shared_expert_gate:
-                shared[f"{p}block_sparse_moe.shared_expert_gate.weight"] = (1, h)
-            specs.update({name: ParamSpec(shape, [name]) for name, shape in shared.items()})
-    specs["model.norm.weight"] = ParamSpec((h,), ["model.norm.weight"])
+                add(ParamName(Kind.SHARED_EXPERT_GATE, i), (1, h))
+    add(ParamName(Kind.FINAL_NORM), (h,))
     if not config.tie_word_embeddings:
-        specs["lm_head.weight"] = ParamSpec((v, h), ["lm_head.weight"])
+        add(ParamName(Kind.LM_HEAD), (v, h))
     return specs
 
 
@@ -215,4 +317,4 @@ def ms_tensors(tensors: Mapping[str, TensorInfo], config, implied_by: str = "con
 
 def is_ms_layout(tensors: Mapping[str, TensorInfo]) -> bool:
     """Stacked experts (mixtral-ms) rather than one tensor per expert (Hugging Face)."""
-    return any(n.endswith((".experts.w1", ".experts.w2", ".experts.w3")) for n in tensors)
+    return any(is_expert_stack(n) for n in tensors)

@@ -151,7 +151,7 @@ def read_header(path: str) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
         try:
             dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
             if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(start, int) \
-                    or not isinstance(end, int):
+                    or not isinstance(end, int) or not isinstance(dtype, str):
                 raise TypeError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None

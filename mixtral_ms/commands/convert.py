@@ -92,9 +92,9 @@ def _main(args) -> int:
 
 def _distributed(args) -> int:
     """split / reshard: per-rank checkpoints written (mixtral_ms/checkpoint/distributed.py)."""
-    from mixtral_ms.checkpoint.convert import _config_of
+    from mixtral_ms.checkpoint.convert import config_of
     from mixtral_ms.checkpoint.distributed import read_strategy, reshard, split_checkpoint
-    _, config = _config_of(args.config or args.src)
+    _, config = config_of(args.config or args.src)
     start = time.time()
     if args.command == "split":
         files = split_checkpoint(args.src, config, read_strategy(args.strategy), args.dst, args.overwrite, args.devices)
@@ -105,6 +105,3 @@ def _distributed(args) -> int:
     print(f"{args.command}: {len(files)} rank checkpoint(s) -> {args.dst} in {time.time() - start:.1f} s")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

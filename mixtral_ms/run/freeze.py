@@ -15,7 +15,6 @@ optimizer step the frozen elements get their values from before the step back: t
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -23,12 +22,11 @@ import numpy as np
 import mindspore as ms
 from mindspore import ParameterTuple, Tensor, nn, ops
 
-from mixtral_ms.checkpoint.name_map import FREEZE_MASK_PREFIX
+from mixtral_ms.checkpoint.name_map import FREEZE_MASK_PREFIX, Kind, parse
 from mixtral_ms.model.schema import ConfigError
 
 FREEZE_KEYS = ("experts", "router_rows", "non_moe")
-_EXPERTS = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.w[123]$")
-_ROUTER = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$")
+_ROWS = {Kind.EXPERTS: "experts", Kind.ROUTER: "router_rows"}  # parameters frozen by rows: the spec's key
 
 
 def _per_layer(where: str, value: Any, layers: int, experts: int) -> Dict[int, List[int]]:
@@ -76,16 +74,15 @@ def check_freeze(spec: Optional[dict], config, where: str = "runner_wrapper.free
 
 def frozen_mask(name: str, shape: Sequence[int], spec: dict) -> Optional[np.ndarray]:
     """bool mask broadcastable to `shape`, True on the frozen elements of parameter `name`, or None."""
-    for pattern, key in ((_EXPERTS, "experts"), (_ROUTER, "router_rows")):
-        m = pattern.match(name)
-        if m:
-            rows = spec[key].get(int(m.group(1)), [])
-            if not rows:
-                return None
-            mask = np.zeros((shape[0],) + (1,) * (len(shape) - 1), bool)
-            mask[rows] = True
-            return mask
-    if spec["non_moe"] and ".block_sparse_moe." not in name:
+    parsed = parse(name)
+    if parsed is not None and parsed.kind in _ROWS:
+        rows = spec[_ROWS[parsed.kind]].get(parsed.layer, [])
+        if not rows:
+            return None
+        mask = np.zeros((shape[0],) + (1,) * (len(shape) - 1), bool)
+        mask[rows] = True
+        return mask
+    if spec["non_moe"] and not (parsed is not None and parsed.moe):
         return np.ones((1,) * len(shape), bool)
     return None
 

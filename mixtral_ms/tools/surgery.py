@@ -27,40 +27,34 @@ computed is ever in memory and unchanged weights are copied byte for byte.
 
 New rows are drawn from `numpy.random.default_rng([seed, layer, kind, index])`: the same seed gives the
 same tensors whatever the order they are written in (mix of N identical dense branches == upcycle).
-Outputs (either layout) go through convert's temp folder + rename: shards, index, config.json, the source's
-tokenizer files and `surgery.json` (the operation and, per layer, where each output expert came from).
+Sources are read through checkpoint/view.CheckpointView; outputs (either layout) are written by
+convert.write_checkpoint (temp folder + rename): shards, index, config.json, the source's tokenizer files
+and `surgery.json` (the operation and, per layer, where each output expert came from).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from mixtral_ms.checkpoint.convert import (DEFAULT_SHARD, HF_METADATA, MS_METADATA, _copy_side_files, _open_source,
-                      _prepare_dst, write_sharded)
-from mixtral_ms.checkpoint.name_map import (hf_sources, is_expert_stack, is_ms_layout, ms_tensors, ms_to_hf, parameter_specs,
-                       source_dtype)
+from mixtral_ms.checkpoint.convert import (DEFAULT_SHARD, HF_METADATA, MS_METADATA, folder_of, json_files, open_tensors,
+                                           write_checkpoint)
+from mixtral_ms.checkpoint.name_map import (Kind, ParamName, is_expert_stack, ms_to_hf, parameter_specs, parse,
+                                            source_dtype)
+from mixtral_ms.checkpoint.view import CheckpointView
 from mixtral_ms.cli import BadInput
-from mixtral_ms.outputs import refuse_overlap, replace_folder
+from mixtral_ms.outputs import refuse_overlap
 from mixtral_ms.model.rre import group_experts
 from mixtral_ms.model.schema import hf_config, hf_dims, model_dims, moe_layers, read_hf_config
-from mixtral_ms.checkpoint.safetensors_io import CHUNK_BYTES, ArrayTensor, CheckpointError, TensorInfo, convert_bytes, nbytes_of, to_numpy
+from mixtral_ms.checkpoint.safetensors_io import CHUNK_BYTES, ArrayTensor, TensorInfo, convert_bytes, to_numpy
 
 INITS = ("copy", "copy-noise", "random")
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "num_local_experts", "tie_word_embeddings")
 ROUTERS = ("new", "average", "concat")
 LAYOUTS = ("ms", "hf")
-_STACKED = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(w[123])$")
-_GATE = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$")
-_BIAS = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.e_score_correction_bias$")
-_DENSE_FFN = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-_MLP = re.compile(r"^(model\.layers\.\d+\.)mlp\.(gate_proj|up_proj|down_proj)\.weight$")
-_FFN_OF = {proj: w for w, proj in _DENSE_FFN.items()}
 _KIND = {"w1": 1, "w3": 3, "w2": 2, "gate": 0}  # rng stream per kind of tensor
 Source = Union[TensorInfo, Callable[[], bytes]]  # copied byte range, or bytes computed when written
 
@@ -95,15 +89,16 @@ def read_config(path: str) -> Dict:
     return hf
 
 
-class Model:
-    """A checkpoint seen as a Mixtral: its config, every tensor's byte range, experts per layer.
+class Model(CheckpointView):
+    """A checkpoint seen as a Mixtral (CheckpointView), with its config.json and where it came from.
 
     `path`: a folder with config.json (Hugging Face or mixtral-ms layout, or a dense Mistral), or one
     training checkpoint file (MindSpore .ckpt or .safetensors; optimizer state dropped) with `config`
-    (config.json, its folder or the run YAML). A .ckpt is read whole through MindSpore (checkpoint.read_ckpt);
+    (config.json, its folder or the run YAML). A .ckpt is read whole through MindSpore (load.read_ckpt);
     everything else is read lazily.
-    `num_experts` is 1 and `gate()` is None for a dense Mistral; `expert(name, e)` is expert e of a stacked
-    parameter name (`model.layers.{i}.block_sparse_moe.experts.w1`), `tensor(name)` any other parameter."""
+    A dense Mistral reads as one expert per layer and no router (`gate()` is None); its MLP names
+    (`mlp.gate_proj.weight`, ...) name that expert in `tensor()`, as the dense layers of an upcycled
+    layer pattern ask for them."""
 
     def __init__(self, path: str, config: Optional[str] = None) -> None:
         if not os.path.exists(path):
@@ -115,43 +110,23 @@ class Model:
         self.dense = self.hf.get("model_type") == "mistral"
         if not self.dense and self.hf.get("model_type") != "mixtral":
             raise SurgeryError(f"{path}: model_type {self.hf.get('model_type')!r}; expected mixtral or mistral")
-        self.shapes = hf_dims(mixtral_config(self.hf, 1, 1) if self.dense else self.hf)
-        tensors = _open_source(path)
-        self.layout = "ms" if is_ms_layout(tensors) else "hf"
-        if self.dense:
-            self._params = _dense_sources(tensors, self.shapes, path)
-        elif self.layout == "ms":
-            self._params = {n: [i] for n, i in ms_tensors(tensors, self.shapes).items()}
-        else:
-            self._params = hf_sources(tensors, self.shapes)
-
-    @property
-    def num_experts(self) -> int:
-        return self.shapes.num_local_experts
-
-    @property
-    def num_layers(self) -> int:
-        return self.shapes.num_hidden_layers
+        super().__init__(open_tensors(path), self.hf)
 
     def tensor(self, name: str) -> TensorInfo:
-        mlp = _MLP.match(name) if self.dense else None
-        if mlp:  # a dense layer of an upcycled pattern: the Mistral's own MLP (here its one expert)
-            name = f"{mlp.group(1)}block_sparse_moe.experts.{_FFN_OF[mlp.group(2)]}"
-        return self._params[name][0]
-
-    def expert(self, name: str, e: int) -> TensorInfo:
-        infos = self._params[name]
-        return infos[0].part(e, self.num_experts) if self.layout == "ms" and not self.dense else infos[e]
+        parsed = parse(name)
+        if self.dense and parsed is not None and parsed.kind is Kind.MLP:
+            return self.expert(parsed.stack().name, 0)
+        return super().tensor(name)
 
     def gate(self, layer: int) -> Optional[TensorInfo]:
-        return None if self.dense else self.tensor(f"model.layers.{layer}.block_sparse_moe.gate.weight")
+        return None if self.dense else self.tensor(ParamName(Kind.ROUTER, layer).name)
 
     def row(self, layer: int, e: int) -> TensorInfo:
         return self.gate(layer).part(e, self.num_experts)
 
     def router_bias(self, layer: int) -> np.ndarray:
         """float32 [E]: the aux-loss-free balancing bias of a layer's router (zeros if the model has none)."""
-        infos = self._params.get(f"model.layers.{layer}.block_sparse_moe.gate.e_score_correction_bias")
+        infos = self.stored.get(ParamName(Kind.ROUTER_BIAS, layer).name)
         return to_numpy(infos[0]).astype(np.float32) if infos else np.zeros(self.num_experts, np.float32)
 
 
@@ -161,29 +136,6 @@ def mixtral_config(mistral: Dict, experts: int, top_k: int) -> Dict:
     out.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=experts,
                num_experts_per_tok=top_k, router_aux_loss_coef=0.02, router_jitter_noise=0.0,
                output_router_logits=False)
-    return out
-
-
-def _dense_sources(tensors: Dict[str, TensorInfo], shapes, folder: str) -> Dict[str, List[TensorInfo]]:
-    """A Mistral's tensors under Mixtral names (one expert), every name and shape checked."""
-    out, used = {}, set()
-    for name, spec in parameter_specs(shapes).items():
-        if _GATE.match(name):
-            continue
-        m = _STACKED.match(name)
-        src = f"model.layers.{m.group(1)}.mlp.{_DENSE_FFN[m.group(2)]}.weight" if m else name
-        shape = spec.shape[1:] if m else spec.shape
-        if src not in tensors:
-            raise CheckpointError(f"{folder}: dense checkpoint is missing tensor {src!r}")
-        if tensors[src].shape != shape:
-            raise CheckpointError(f"{folder}: tensor {src!r} has shape {list(tensors[src].shape)}, "
-                                  f"config.json implies {list(shape)}")
-        out[name] = [tensors[src]]
-        used.add(src)
-    extra = sorted(set(tensors) - used)
-    if extra:
-        raise CheckpointError(f"{folder}: unexpected tensor {extra[0]!r} ({len(extra)} in all; not a "
-                              "MistralForCausalLM of this config.json?)")
     return out
 
 
@@ -263,19 +215,16 @@ def _build(models: Sequence[Model], hf: Dict, record: Dict, origin: Callable[[in
     and every other parameter `dense_source(name)`."""
     plan = Plan(hf, record)
     for name, spec in parameter_specs(hf_dims(hf)).items():
-        stacked, gate, bias = _STACKED.match(name), _GATE.match(name), _BIAS.match(name)
-        if stacked:
-            layer = int(stacked.group(1))
+        kind, layer = parse(name)[:2]
+        if kind is Kind.EXPERTS:
             pairs = origin(layer)
             dtype = source_dtype([models[b].expert(name, e) for b, e in pairs])
             plan.add(name, dtype, spec.shape, [expert_source(name, layer, j, b, e) for j, (b, e) in enumerate(pairs)])
-        elif gate:
-            layer = int(gate.group(1))
-            like = [m.tensor(f"model.layers.{layer}.input_layernorm.weight") if m.dense else m.gate(layer)
+        elif kind is Kind.ROUTER:
+            like = [m.tensor(ParamName(Kind.NORM, layer, "input_layernorm").name) if m.dense else m.gate(layer)
                     for m in models]
             plan.add(name, source_dtype(like), spec.shape, gate_rows(layer, source_dtype(like)))
-        elif bias:  # each expert keeps its source's bias; an expert drawn at random (record: None) starts at 0
-            layer = int(bias.group(1))
+        elif kind is Kind.ROUTER_BIAS:  # each expert keeps its source's bias; a random one (record: None) starts at 0
             fresh = [p is None for p in (record.get("experts") or [[]] * (layer + 1))[layer]]
             values = np.array([0.0 if j < len(fresh) and fresh[j] else models[b].router_bias(layer)[e]
                                for j, (b, e) in enumerate(origin(layer))], np.float32)
@@ -286,7 +235,7 @@ def _build(models: Sequence[Model], hf: Dict, record: Dict, origin: Callable[[in
 
 
 def _new_row(model: Model, layer: int, index: int, dtype: str, seed: int, std: float) -> Callable[[], bytes]:
-    like = TensorInfo("gate_row", dtype, (model.shapes.hidden_size,), "", 0, 0)
+    like = TensorInfo("gate_row", dtype, (model.dims.hidden_size,), "", 0, 0)
     return _random(like, std, (seed, layer, "gate", index))
 
 
@@ -314,10 +263,10 @@ def plan_extract(model: Model, keep: Sequence[Sequence[int]]) -> Plan:
         raise SurgeryError(f"every layer must keep the same number of experts (stacked weights); got "
                            f"{[len(ids) for ids in lists]}")
     count = len(lists[0])
-    _check_top_k(model.shapes.num_experts_per_tok, count, "extract")
+    _check_top_k(model.dims.num_experts_per_tok, count, "extract")
     hf = {**model.hf, "num_local_experts": count}
     record = {"operation": "extract", "sources": [model.path], "experts": [[[0, e] for e in ids] for ids in lists]}
-    if model.shapes.router_type == "rre":
+    if model.dims.router_type == "rre":
         group = _rre_group(model, lists)
         hf["rre_groups"], record["rre_group"] = 1, group
     return _build([model], hf, record, lambda i: [(0, e) for e in lists[i]],
@@ -329,7 +278,7 @@ def plan_extract(model: Model, keep: Sequence[Sequence[int]]) -> Plan:
 def _rre_group(model: Model, lists: Sequence[Sequence[int]]) -> int:
     """The domain group that `lists` keeps in every layer, in order: with rre_groups 1 and the same
     rre_seed the extract then routes that domain's tokens to the same experts (rre.py); else refused."""
-    dims = model.shapes
+    dims = model.dims
     groups = [group_experts(dims, g) for g in range(dims.rre_groups)]
     for g, ids in enumerate(groups):
         if all(list(kept) == ids for kept in lists):
@@ -343,9 +292,9 @@ def _rre_group(model: Model, lists: Sequence[Sequence[int]]) -> int:
 def _refuse_rre(model: Model, operation: str) -> None:
     """grow and mix change the expert count, so rre's equal domain groups (rre.group_experts) would change
     size and mix the old experts across groups: refused rather than silently re-routing every domain."""
-    if model.shapes.router_type == "rre":
+    if model.dims.router_type == "rre":
         raise SurgeryError(f"{operation} of a router_type rre model would change its domain groups "
-                           f"({model.shapes.rre_groups} groups of {model.num_experts // model.shapes.rre_groups} "
+                           f"({model.dims.rre_groups} groups of {model.num_experts // model.dims.rre_groups} "
                            f"experts) and re-route every domain; {operation} is for the other routers")
 
 
@@ -371,7 +320,7 @@ def plan_grow(model: Model, add: int, init: str, seed: int = 0, noise: float = 0
         info = model.expert(name, e)
         if j < old or init == "copy":
             return info
-        kind = _STACKED.match(name).group(2)
+        kind = parse(name).proj
         if init == "copy-noise":
             return _noisy(info, noise, (seed, layer, kind, j))
         return _random(info, std, (seed, layer, kind, j))
@@ -421,15 +370,15 @@ def plan_mix(models: Sequence[Model], weights: Optional[Sequence[float]] = None,
             raise SurgeryError(f"branches of different kinds: {first.path} is "
                                f"{'dense' if first.dense else 'a Mixtral'}, {m.path} is "
                                f"{'dense' if m.dense else 'a Mixtral'}")
-        diff = [k for k in SHAPE_FIELDS if getattr(m.shapes, k) != getattr(first.shapes, k)]
+        diff = [k for k in SHAPE_FIELDS if getattr(m.dims, k) != getattr(first.dims, k)]
         if diff:
-            raise SurgeryError(f"branches of different shapes: {diff[0]} is {getattr(first.shapes, diff[0])} in "
-                               f"{first.path} but {getattr(m.shapes, diff[0])} in {m.path}")
+            raise SurgeryError(f"branches of different shapes: {diff[0]} is {getattr(first.dims, diff[0])} in "
+                               f"{first.path} but {getattr(m.dims, diff[0])} in {m.path}")
         routing = [k for k in ("router_type",) + (() if top_k is not None else ("num_experts_per_tok",))
-                   if getattr(m.shapes, k) != getattr(first.shapes, k)]
+                   if getattr(m.dims, k) != getattr(first.dims, k)]
         if routing:
-            raise SurgeryError(f"branches route differently: {routing[0]} is {getattr(first.shapes, routing[0])!r} "
-                               f"in {first.path} but {getattr(m.shapes, routing[0])!r} in {m.path}"
+            raise SurgeryError(f"branches route differently: {routing[0]} is {getattr(first.dims, routing[0])!r} "
+                               f"in {first.path} but {getattr(m.dims, routing[0])!r} in {m.path}"
                                + ("; pass --top-k" if routing[0] == "num_experts_per_tok" else ""))
     _refuse_rre(first, "mix")
     weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
@@ -444,7 +393,7 @@ def plan_mix(models: Sequence[Model], weights: Optional[Sequence[float]] = None,
     per = first.num_experts
     total = per * len(models)
     if top_k is None:  # an explicit 0 is refused below, not taken for the default
-        top_k = 2 if first.dense else first.shapes.num_experts_per_tok
+        top_k = 2 if first.dense else first.dims.num_experts_per_tok
     _check_top_k(top_k, total, "mix")
     hf = mixtral_config(first.hf, total, top_k) if first.dense else \
         {**first.hf, "num_local_experts": total, "num_experts_per_tok": top_k}
@@ -476,31 +425,19 @@ def write(plan: Plan, dst: str, layout: str, overwrite: bool = False, shard_size
         raise SurgeryError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     sources = plan.record["sources"]
     refuse_overlap(sources, dst)
-    items = plan.items(layout)
-    needed = sum(nbytes_of(d, s) for _, d, s, _ in items) + (1 << 20)
-    target, tmp, created_parents = _prepare_dst(sources[0], dst, overwrite, needed, progress)
-    try:
-        total = write_sharded(tmp, items, shard_size, MS_METADATA if layout == "ms" else HF_METADATA, progress)
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(plan.hf, f, indent=2)
-        _copy_side_files(sources[0] if os.path.isdir(sources[0]) else os.path.dirname(sources[0]) or ".", tmp)
-        record = {**plan.record, "sources": [os.path.abspath(s) for s in sources], "layout": layout}
-        previous = _previous_records(sources)
-        if previous:
-            record["previous"] = previous
-        with open(os.path.join(tmp, "surgery.json"), "w", encoding="utf-8") as f:  # one key per line
+    record = {**plan.record, "sources": [os.path.abspath(s) for s in sources], "layout": layout}
+    previous = _previous_records(sources)
+    if previous:
+        record["previous"] = previous
+
+    def write_files(folder: str) -> None:
+        json_files({"config.json": plan.hf})(folder)
+        with open(os.path.join(folder, "surgery.json"), "w", encoding="utf-8") as f:  # one key per line
             f.write("{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in record.items()) + "\n}\n")
-        files = sorted(os.listdir(tmp))
-        replace_folder(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created_parents:
-            try:
-                os.rmdir(folder)
-            except OSError:
-                break
-        raise
-    return {"tensors": len(items), "bytes": total, "files": files,
+    items = plan.items(layout)
+    result = write_checkpoint(sources[0], dst, items, write_files, folder_of(sources[0]), overwrite, shard_size,
+                              MS_METADATA if layout == "ms" else HF_METADATA, progress)
+    return {"tensors": result["tensors"], "bytes": result["bytes"], "files": result["files"],
             "experts": plan.hf["num_local_experts"], "top_k": plan.hf["num_experts_per_tok"]}
 
 
@@ -509,7 +446,7 @@ def _previous_records(sources: Sequence[str]) -> Dict[str, Dict]:
     (written after the side files, so never the source's copy) keeps their history."""
     out = {}
     for src in sources:
-        path = os.path.join(src if os.path.isdir(src) else os.path.dirname(src) or ".", "surgery.json")
+        path = os.path.join(folder_of(src), "surgery.json")
         if os.path.isfile(path):
             try:
                 with open(path, encoding="utf-8") as f:
