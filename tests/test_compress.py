@@ -1,6 +1,8 @@
-"""scripts/compress.py: exact identities of each method, int8 error bound, dynamic skipping, bad input.
+"""scripts/compress.py: exact identities of each method, int8 error bound, dynamic skipping, bad input; each
+method on a model with the MoE options (router bias, shared experts, every other layer dense).
 
-Calibration runs in-process (one per model, a few hundred tokens); every method runs as the CLI users run.
+Calibration runs in-process (one per model, a few hundred tokens); the tiny8 methods run as the CLI users
+run, those on the options model in-process (the CLI is the same call) but for its refusal.
 """
 import json
 import os
@@ -16,7 +18,12 @@ from mindspore import Tensor
 
 from conftest import FIXTURES, ROOT
 from mixtral_ms import MixtralForCausalLM
+from mixtral_ms.checkpoint.name_map import Kind, hf_shapes, parse
+from mixtral_ms.model.schema import ModelDims, hf_config
+from mixtral_ms.tools.compress import methods
+from mixtral_ms.tools.compress.algorithms import route
 from mixtral_ms.tools.compress.calibration import calibrate
+from mixtral_ms.tools.compress.source import SourceModel
 from mixtral_ms.model.int8 import dequantize_int8
 from mixtral_ms.run.data import write_mindrecord
 from mixtral_ms.checkpoint.safetensors_io import open_checkpoint, to_numpy, write_safetensors
@@ -45,14 +52,19 @@ def logits(folder, **overrides):
     return out[0].asnumpy(), out[1].asnumpy()
 
 
+def calibration_data(path):
+    """12 samples of 33 token ids in [3, 128): the calibration text of every model here."""
+    rng = np.random.default_rng(0)
+    write_mindrecord(str(path), {"input_ids": {"type": "int32", "shape": [-1]}},
+                     ({"input_ids": rng.integers(3, 128, 33).astype(np.int32)} for _ in range(12)))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """Calibration data, tiny8's calibration, and a copy of tiny8 whose experts are all expert 0's."""
     root = tmp_path_factory.mktemp("compress")
-    rng = np.random.default_rng(0)
-    data = str(root / "calib.mindrecord")
-    write_mindrecord(data, {"input_ids": {"type": "int32", "shape": [-1]}},
-                     ({"input_ids": rng.integers(3, 128, 33).astype(np.int32)} for _ in range(12)))
+    data = calibration_data(root / "calib.mindrecord")
     calibrate(TINY8, data, str(root / "tiny8.npz"), max_tokens=396, sample_tokens=128)
 
     same = root / "same"
@@ -225,3 +237,217 @@ def test_sigterm_mid_write_keeps_the_old_output_and_leaves_no_temp(work, tmp_pat
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and err.strip().splitlines() == ["error: interrupted (SIGTERM); nothing written"]
     assert snapshot(dst) == before and _leftovers(work) == []
+
+
+# ------------------------------------------------------------------------ the MoE options (issue 24)
+
+# 4 layers, MoE at 1 and 3 (moe_layer_freq 2: 0 and 2 are dense SwiGLU), 4 experts top-2, a router bias,
+# one ungated shared expert of width 8.
+OPTIONS = dict(vocab_size=128, hidden_size=16, intermediate_size=24, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, num_local_experts=4, max_position_embeddings=64, router_bias_update_rate=0.01,
+               num_shared_experts=1, shared_expert_intermediate_size=8, moe_layer_freq=2)
+MOE, DENSE = (1, 3), (0, 2)
+
+
+def options_model(folder, **changes):
+    """A Hugging Face layout folder of OPTIONS (+ `changes`): random weights of std 0.3 (routing far from
+    uniform), norms near 1, bias entries of std 0.1 (they change some tokens' experts)."""
+    dims = ModelDims(**{**OPTIONS, **changes})
+    folder.mkdir()
+    with open(folder / "config.json", "w") as f:
+        json.dump(hf_config(dims), f)
+    rng = np.random.default_rng(0)
+    items = []
+    for name, shape in hf_shapes(dims).items():
+        kind = parse(name).kind
+        value = (1 + 0.1 * rng.normal(size=shape) if kind in (Kind.NORM, Kind.FINAL_NORM) else
+                 0.1 * rng.normal(size=shape) if kind is Kind.ROUTER_BIAS else 0.3 * rng.normal(size=shape))
+        items.append((name, "F32", shape, value.astype(np.float32)))
+    write_safetensors(str(folder / "model.safetensors"), items, {"format": "pt"})
+    return folder
+
+
+def tensor_bytes(folder):
+    return {name: info.read() for name, info in open_checkpoint(str(folder)).items()}
+
+
+def moe_block(layer):
+    return f"model.layers.{layer}.block_sparse_moe."
+
+
+@pytest.fixture(scope="module")
+def opt(tmp_path_factory):
+    """The options model, its calibration, its SourceModel and outputs (logits, router logits, load)."""
+    root = tmp_path_factory.mktemp("options")
+    model = options_model(root / "model")
+    data = calibration_data(root / "calib.mindrecord")
+    calibrate(str(model), data, str(root / "calib.npz"), max_tokens=396, sample_tokens=128)
+    net = MixtralForCausalLM.from_pretrained(str(model))
+    net.set_train(False)
+    out = [t.asnumpy() for t in net(Tensor(IDS))[:3]]
+    return {"root": root, "model": model, "data": data, "calib": str(root / "calib.npz"),
+            "source": SourceModel(str(model)), "out": out, "bytes": tensor_bytes(model)}
+
+
+def test_calibration_rows_are_the_moe_layers_and_the_search_routes_as_the_model(opt):
+    """Row l of the calibration is MoE layer meta["moe_layers"][l]: its sample logits are that layer's router
+    logits on the first calibration tokens. route() with the layer's bias reproduces the model's load."""
+    with np.load(opt["calib"]) as f:
+        meta, sample_logits, counts = json.loads(str(f["meta"])), f["sample_logits"], f["counts"]
+    assert meta["moe_layers"] == list(MOE) and sample_logits.shape == (2, 128, 4)
+    assert counts.sum(axis=1).tolist() == [396 * 2] * 2
+    net = MixtralForCausalLM.from_pretrained(str(opt["model"]))
+    net.set_train(False)
+    import mindspore.dataset as ds
+    batch = np.stack([r for (r,) in ds.MindDataset(opt["data"], columns_list=["input_ids"], shuffle=False)
+                      .create_tuple_iterator(num_epochs=1, output_numpy=True)][:4])
+    router_logits = net(Tensor(batch))[1].asnumpy()  # [MoE layers, tokens, E]
+    np.testing.assert_array_equal(sample_logits, router_logits[:, :128])
+    _, router_logits, load = opt["out"]
+    for row, layer in enumerate(MOE):
+        scoring = opt["source"].scoring(layer)
+        index, _ = route(router_logits[row], 2, scoring=scoring)
+        assert np.bincount(index.ravel(), minlength=4).tolist() == load[row].tolist()
+        assert (index != route(router_logits[row], 2)[0]).any()  # the bias changes some tokens' experts
+
+
+def test_the_search_routes_sigmoid_scores_with_the_bias_as_the_model(tmp_path):
+    """DeepSeek-V3's sigmoid scores (top k of score + bias, the scores renormalised): route() gives the
+    model's load."""
+    model = options_model(tmp_path / "sigmoid", router_score_function="sigmoid")
+    net = MixtralForCausalLM.from_pretrained(str(model))
+    net.set_train(False)
+    _, router_logits, load, _ = (t.asnumpy() for t in net(Tensor(IDS)))
+    source = SourceModel(str(model))
+    for row, layer in enumerate(MOE):
+        index, _ = route(router_logits[row], 2, scoring=source.scoring(layer))
+        assert np.bincount(index.ravel(), minlength=4).tolist() == load[row].tolist()
+
+
+def _copied_unchanged(opt, out, kinds=(Kind.MLP, Kind.SHARED_EXPERT, Kind.ATTENTION, Kind.EMBEDDING)):
+    """Every tensor of `kinds` in `out` is the source's, byte for byte (the dense layers' MLPs among them)."""
+    got = tensor_bytes(out)
+    names = [n for n in opt["bytes"] if parse(n).kind in kinds]
+    assert any(parse(n).kind is Kind.MLP for n in names) and all(got[n] == opt["bytes"][n] for n in names)
+    return got
+
+
+def test_prune_with_the_options(opt):
+    """Keeping every expert is the identity (logits and bytes); keeping 2 keeps their bias entries and copies
+    shared experts and dense layers, and the pruned model routes as the search evaluated it."""
+    source, (base, base_router, _) = opt["source"], opt["out"]
+    all4 = opt["root"] / "prune4"
+    methods.prune(source, opt["calib"], 4, str(all4))
+    assert tensor_bytes(all4) == opt["bytes"]
+    np.testing.assert_array_equal(logits(all4)[0], base)
+
+    out = opt["root"] / "prune2"
+    kept = methods.prune(source, opt["calib"], 2, str(out))["record"]["kept_experts"]
+    assert kept[0] is None and kept[2] is None and all(len(kept[layer]) == 2 for layer in MOE)
+    config = json.load(open(out / "config.json"))
+    assert config["num_local_experts"] == 2 and config["moe_layer_freq"] == 2 and config["num_shared_experts"] == 1
+    got = _copied_unchanged(opt, out)
+    for layer in MOE:
+        bias = moe_block(layer) + "gate.e_score_correction_bias"
+        np.testing.assert_array_equal(np.frombuffer(got[bias], np.float32),
+                                      np.frombuffer(opt["bytes"][bias], np.float32)[kept[layer]])
+    net = MixtralForCausalLM.from_pretrained(str(out))
+    net.set_train(False)
+    pruned, router, load = (t.asnumpy() for t in net(Tensor(IDS))[:3])
+    assert np.isfinite(pruned).all()
+    # layer 1, the first MoE layer, sees the source's input (layer 0 is copied): its router's logits are the
+    # kept columns, and its load is what the search's routing (bias, softmax over the kept) gives
+    np.testing.assert_array_equal(router[0], base_router[0][:, kept[1]])
+    allowed = np.isin(np.arange(4), kept[1])
+    index, _ = route(base_router[0], 2, allowed, source.scoring(1))
+    assert np.bincount(index.ravel(), minlength=4)[kept[1]].tolist() == load[0].tolist()
+
+
+def test_merge_with_the_options(opt):
+    """Merging into 4 clusters is the identity; into 2, a merged expert's bias entry is its members'
+    usage-weighted mean (a singleton's, byte for byte); shared experts and dense layers are copied."""
+    source, base = opt["source"], opt["out"][0]
+    out4 = opt["root"] / "merge4"
+    methods.merge(source, opt["calib"], 4, str(out4))
+    np.testing.assert_array_equal(logits(out4)[0], base)
+
+    out = opt["root"] / "merge2"
+    record = methods.merge(source, opt["calib"], 2, str(out))["record"]
+    clusters, usage = record["clusters"], record["usage"]
+    assert clusters[0] is None and usage[2] is None and json.load(open(out / "config.json"))["num_local_experts"] == 2
+    got = _copied_unchanged(opt, out)
+    for layer in MOE:
+        name = moe_block(layer) + "gate.e_score_correction_bias"
+        bias, merged = np.frombuffer(opt["bytes"][name], np.float32), np.frombuffer(got[name], np.float32)
+        for j, members in enumerate(clusters[layer]):
+            weights = np.array(usage[layer])[members] / np.sum(np.array(usage[layer])[members])
+            if len(members) == 1:
+                assert merged[j] == bias[members[0]]
+            else:
+                assert merged[j] == pytest.approx(float(weights @ bias[members]), rel=1e-6)
+    assert any(len(c) > 1 for layer in MOE for c in clusters[layer])
+    assert np.isfinite(logits(out)[0]).all()
+
+
+def test_densify_folds_the_shared_experts_exactly(opt):
+    """The dense MLP of a MoE layer is its experts' usage-weighted average with the shared expert's units
+    beside them: the densified model computes exactly the source whose experts were all that average. The
+    dense layers keep their MLP, with zero units up to the new width."""
+    out = opt["root"] / "dense"
+    methods.densify(opt["source"], opt["calib"], str(out))
+    config = json.load(open(out / "config.json"))
+    assert config["model_type"] == "mistral" and config["intermediate_size"] == 24 + 8
+    assert not {"num_local_experts", "router_bias_update_rate", "num_shared_experts", "moe_layer_freq"} & set(config)
+    got, source = open_checkpoint(str(out)), opt["source"]
+    for layer in DENSE:
+        for proj, axis in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+            name = f"model.layers.{layer}.mlp.{proj}.weight"
+            head, tail = np.split(to_numpy(got[name]), [24], axis=axis)
+            np.testing.assert_array_equal(head, source.array(name))
+            assert not tail.any()
+    net = MixtralForCausalLM.from_pretrained(str(opt["model"]))
+    net.set_train(False)
+    with np.load(opt["calib"]) as f:
+        counts = f["counts"]
+    for row, layer in enumerate(MOE):
+        experts = net.model.layers[layer].block_sparse_moe.experts
+        for w in ("w1", "w2", "w3"):
+            stack = source.array(moe_block(layer) + f"experts.{w}").astype(np.float64)
+            average = np.tensordot(counts[row] / counts[row].sum(), stack, axes=1).astype(np.float32)
+            getattr(experts, w).set_data(Tensor(np.stack([average] * 4)))
+    np.testing.assert_allclose(logits(out)[0], net(Tensor(IDS))[0].asnumpy(), rtol=0, atol=1e-5)
+
+
+def test_quantize_with_the_options_keeps_shared_experts_dense_layers_and_bias(opt):
+    out = opt["root"] / "int8"
+    methods.quantize(opt["source"], str(out))
+    got = _copied_unchanged(opt, out, (Kind.MLP, Kind.SHARED_EXPERT, Kind.ROUTER_BIAS, Kind.ROUTER, Kind.ATTENTION))
+    assert sorted(n for n in got if n.endswith("_scale")) == sorted(
+        moe_block(layer) + f"experts.{w}_scale" for layer in MOE for w in ("w1", "w2", "w3"))
+    quantised = logits(out)[0]
+    assert np.isfinite(quantised).all() and np.abs(quantised - opt["out"][0]).max() < 0.05
+
+
+def test_skip_with_the_options_sets_a_beta_per_moe_layer(opt):
+    out = opt["root"] / "skip"
+    record = methods.skip(opt["source"], opt["calib"], str(out))["record"]
+    with np.load(opt["calib"]) as f:
+        medians = f["skip_ratio_median"]
+    betas = json.load(open(out / "config.json"))["dynamic_skip_betas"]
+    assert betas[0] == betas[2] == 0.0 and [betas[layer] for layer in MOE] == medians.tolist()
+    saved = record["expert_flops_saved_on_sample"]
+    assert saved[0] is None and saved[2] is None and all(0 < saved[layer] < 0.5 for layer in MOE)
+    assert tensor_bytes(out) == opt["bytes"]
+    skipped = logits(out)[0]
+    assert np.isfinite(skipped).all() and not np.array_equal(skipped, opt["out"][0])
+
+
+def test_densify_refuses_gated_shared_experts_in_one_line(tmp_path):
+    """sigmoid(x W_g) * shared(x) is no SwiGLU: the CLI exits 2 with one line and writes nothing (the
+    refusal comes before the calibration file is read)."""
+    model = options_model(tmp_path / "gated", shared_expert_gate=True)
+    result = compress("densify", "--model", model, "--calibration", tmp_path / "none.npz", "--out", tmp_path / "out")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {model} gates its shared experts (shared_expert_gate: sigmoid(x W_g) * shared(x)), which no dense "
+        "Mistral MLP computes: densify cannot fold them; prune, merge or quantize instead"]
+    assert sorted(os.listdir(tmp_path)) == ["gated"]

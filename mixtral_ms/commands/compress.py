@@ -9,8 +9,10 @@
 
 --calibration defaults to calibrate's --out default, DIR.calibration.npz beside the model folder. Every
 method writes a complete checkpoint folder (config.json, shards, compression.json) that
-MixtralForCausalLM.from_pretrained loads. Bad input exits with status 2 and one line `error: ...` on
-stderr; nothing is written (temp folder + rename; Ctrl-C and SIGTERM clean up).
+MixtralForCausalLM.from_pretrained loads. The MoE options (router bias, shared experts, dense layers of a
+layer pattern) are carried: the methods act on the MoE layers, the rest is copied (docs/compression.md).
+Bad input exits with status 2 and one line `error: ...` on stderr; nothing is written (temp folder +
+rename; Ctrl-C and SIGTERM clean up).
 """
 import argparse
 import os
@@ -35,16 +37,17 @@ def parse_args(argv):
     p.add_argument("--sample_tokens", type=int, default=1024, help="tokens whose every expert output is kept (prune)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--overwrite", action="store_true")
-    for name, text in (("prune", "keep the R experts per layer whose removal changes the output least"),
+    for name, text in (("prune", "keep the R experts per MoE layer whose removal changes the output least"),
                        ("merge", "cluster experts by mean output and merge each cluster into one"),
-                       ("densify", "collapse the experts into one dense MLP (a MistralForCausalLM folder)"),
-                       ("quantize", "int8 experts (weight only, per output channel or group)"),
-                       ("skip", "dynamic skipping of the second expert (beta per layer from calibration)")):
+                       ("densify", "collapse the experts (and ungated shared experts) into one dense MLP "
+                                   "(a MistralForCausalLM folder)"),
+                       ("quantize", "int8 routed experts (weight only, per output channel or group)"),
+                       ("skip", "dynamic skipping of the second expert (beta per MoE layer from calibration)")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--model", required=True)
         p.add_argument("--out", required=True, help="output checkpoint folder")
         if name in ("prune", "merge"):
-            p.add_argument("--keep", type=int, required=True, help="experts per layer to keep (top-k..E)")
+            p.add_argument("--keep", type=int, required=True, help="experts per MoE layer to keep (top-k..E)")
         if name == "quantize":
             p.add_argument("--bits", type=int, required=True)
             p.add_argument("--group_size", type=int, help="inputs per scale (default: one scale per output channel)")
@@ -84,8 +87,8 @@ def run(args) -> str:
             result = getattr(methods, args.command)(source, path, args.out, **common)
     line = (f"{args.command}: {result['parameters']:,} parameters ({result['active_parameters']:,} active), "
             f"{result['bytes'] / 2**20:.2f} MiB -> {args.out}")
-    if args.command == "skip":
-        saved = result["record"]["expert_flops_saved_on_sample"]
+    if args.command == "skip":  # the mean over the MoE layers (a dense layer's entry is None)
+        saved = [s for s in result["record"]["expert_flops_saved_on_sample"] if s is not None]
         line += f"; expert FLOPs saved on the calibration sample: {100 * sum(saved) / len(saved):.1f}%"
     return line
 
@@ -94,6 +97,3 @@ def main(argv=None) -> int:
     """Exit status: 0, 2 for bad input (one line `error: ...`), 130 / 143 after SIGINT / SIGTERM."""
     return cli.run(lambda argv: print(run(parse_args(argv))), argv, interrupted="interrupted ({signal}); nothing written")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

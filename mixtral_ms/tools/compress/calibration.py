@@ -1,16 +1,18 @@
-"""Calibration: run the model (eval mode, dropless, PyNative) over calibration text and keep, per MoE
-layer, what the compression methods need. One .npz file; its JSON metadata holds the model's
-fingerprint, so a file from another model is refused.
+"""Calibration: run the model as it is (eval mode, dropless, PyNative; its router bias, sigmoid scores and
+shared experts included) over calibration text and keep, per MoE layer, what the compression methods need.
+One .npz file; its JSON metadata holds the model's fingerprint, so a file from another model is refused.
 
-Per layer l (T calibration tokens, E experts, N sample tokens, H hidden):
-  counts [L, E]            assignments (top-k choices) per expert: usage frequency for merge/densify
+Row l of every array is the l-th MoE layer, model layer `meta["moe_layers"][l]` (the layer pattern's dense
+layers have no router and no row). Per row (T calibration tokens, E experts, N sample tokens, H hidden):
+  counts [L, E]            assignments (top-k choices, bias included) per expert: usage for merge/densify
   weight_sum [L, E]        sum of the renormalised routing weights per expert (mean weight = / counts)
-  prob_sum [L, E]          sum of the full softmax probabilities per expert
+  prob_sum [L, E]          sum of the router's probabilities per expert (softmax, or sigmoid scores / their sum)
   mean_output [L, E, H]    each expert's mean output over all T tokens, routed or not (HC-SMoE's features)
   skip_ratio_median [L]    median of w_2 / w_1 (second over first routing weight): dynamic skipping's beta
   sample_logits [L, N, E]  router logits of the first N tokens (fp32)
-  sample_outputs [L, E, N, H]  every expert's output on those tokens: prune's search evaluates each subset
-                           of experts from these (size L*E*N*H*4 bytes: 4.3 GB for 8x7B at N = 1024)
+  sample_outputs [L, E, N, H]  every routed expert's output on those tokens: prune's search evaluates each
+                           subset of experts from these (size L*E*N*H*4 bytes: 4.3 GB for 8x7B at N = 1024);
+                           the shared experts add the same to every subset's output, so they are not kept
 The MoE inputs come from a forward pre-hook on each `block_sparse_moe`: the model's forward is untouched.
 """
 from __future__ import annotations
@@ -142,11 +144,11 @@ def calibrate(model_dir: str, data: str, out: str, max_tokens: int = 32768, samp
     model = MixtralForCausalLM.from_pretrained(model_dir, inference_capacity_factor=0.0, dynamic_skip_betas=None)
     model.set_train(False)
     config = model.config
-    blocks = [layer.block_sparse_moe for layer in model.model.layers]
+    blocks = [model.model.layers[layer].block_sparse_moe for layer in source.moe_layers]
     stats = [_LayerStats(config.num_local_experts, config.hidden_size, sample_tokens) for _ in blocks]
     inputs = {}
-    handles = [block.register_forward_pre_hook(lambda cell, args, i=i: inputs.__setitem__(i, args[0]))
-               for i, block in enumerate(blocks)]
+    handles = [block.register_forward_pre_hook(lambda cell, args, row=row: inputs.__setitem__(row, args[0]))
+               for row, block in enumerate(blocks)]
     try:
         batch = first
         while batch is not None:
@@ -155,8 +157,8 @@ def calibrate(model_dir: str, data: str, out: str, max_tokens: int = 32768, samp
                 raise CompressionError(f"{data} holds token id {bad}, outside the model's vocabulary "
                                        f"[0, {config.vocab_size}); calibrate on data of its tokenizer")
             model(Tensor(batch))
-            for i, block in enumerate(blocks):
-                stats[i].add(block, inputs.pop(i))
+            for row, block in enumerate(blocks):
+                stats[row].add(block, inputs.pop(row))
             if progress:
                 progress(f"calibrated on {stats[0].tokens} tokens")
             batch = next(batches, None)
@@ -168,7 +170,8 @@ def calibrate(model_dir: str, data: str, out: str, max_tokens: int = 32768, samp
     arrays = {name: np.stack([layer[name] for layer in per_layer]) for name in _ARRAYS}
     meta = {"format": FORMAT, "version": VERSION, "fingerprint": source.fingerprint(), "model": model_dir,
             "data": data, "tokens": stats[0].tokens, "sample_tokens": int(arrays["sample_logits"].shape[1]),
-            "num_hidden_layers": config.num_hidden_layers, "num_local_experts": config.num_local_experts,
+            "num_hidden_layers": config.num_hidden_layers, "moe_layers": list(source.moe_layers),
+            "num_local_experts": config.num_local_experts,
             "num_experts_per_tok": config.num_experts_per_tok, "hidden_size": config.hidden_size}
     _save(out, {"meta": np.array(json.dumps(meta)), **arrays})
     return meta

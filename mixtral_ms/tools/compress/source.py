@@ -1,81 +1,59 @@
-"""A checkpoint folder to compress, read lazily and checked with the converter's own name and shape
-checks (either layout), plus the fingerprint that ties a calibration file to it."""
+"""A checkpoint folder to compress, seen as a Mixtral through checkpoint/view.CheckpointView (either
+layout, read lazily, the converter's own name and shape checks), plus the fingerprint that ties a
+calibration file to it."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
 import os
-from typing import Dict, List
 
 import numpy as np
 
-from mixtral_ms.checkpoint.name_map import ParamSpec, hf_sources, is_ms_layout, ms_tensors, parameter_specs
-from mixtral_ms.model.schema import hf_dims, moe_layers, read_hf_config
+from mixtral_ms.checkpoint.name_map import Kind, ParamName, parse
+from mixtral_ms.checkpoint.view import CheckpointView
+from mixtral_ms.model.schema import read_hf_config
 from mixtral_ms.checkpoint.safetensors_io import TensorInfo, open_checkpoint, to_numpy
 from mixtral_ms.tools.compress import CompressionError
+from mixtral_ms.tools.compress.algorithms import Scoring
 
 _FINGERPRINT_VALUES = 256
+_READ_WHOLE = (Kind.ROUTER, Kind.ROUTER_BIAS, Kind.NORM, Kind.FINAL_NORM)  # small tensors the fingerprint hashes whole
 
 
-class SourceModel:
-    """config.json (`hf`: the dict, `config`: its shape fields) and, for every mixtral-ms parameter, its
-    tensors: one per expert for stacked experts (whatever the layout on disk), else one (none for a
-    dense model's router)."""
+class SourceModel(CheckpointView):
+    """A model folder: config.json (`hf`: the dict, `dims`: its shape fields) and its tensors as a
+    CheckpointView."""
 
     def __init__(self, folder: str) -> None:
         if not os.path.isdir(folder):
             raise CompressionError(f"no model folder {folder}")
         self.folder = folder
         self.hf = read_hf_config(folder)
-        self.config = hf_dims(self.hf)
-        c = self.config
-        unsupported = [what for what, used in (
-            ("the aux-loss-free router bias (router_bias_update_rate)", c.router_bias_update_rate > 0),
-            ("shared experts (num_shared_experts)", c.num_shared_experts > 0),
-            ("dense layers (moe_layer_freq / first_k_dense / mlp_only_layers)",
-             len(moe_layers(c)) != c.num_hidden_layers)) if used]
-        if unsupported:  # their tensors would be copied unchanged beside changed experts: refused, not guessed
-            raise CompressionError(f"{folder}: compression does not handle {unsupported[0]} yet")
-        self.specs: Dict[str, ParamSpec] = parameter_specs(self.config)
-        tensors = open_checkpoint(folder)
-        self.ms_layout = is_ms_layout(tensors)
-        if self.ms_layout:
-            found = ms_tensors(tensors, self.config)
-            self.params: Dict[str, List[TensorInfo]] = {
-                name: [found[name].part(e, spec.shape[0]) for e in range(spec.shape[0])] if spec.stacked
-                else [found[name]] for name, spec in self.specs.items()}
-        else:
-            self.params = hf_sources(tensors, self.config)
+        super().__init__(open_checkpoint(folder), self.hf)
 
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_hidden_layers
+    def scoring(self, layer: int) -> Scoring:
+        """How MoE layer `layer`'s router chooses experts beyond softmax top-k: sigmoid scores, the bias."""
+        bias = None
+        if self.dims.router_bias_update_rate > 0:
+            bias = self.array(ParamName(Kind.ROUTER_BIAS, layer).name)
+        return Scoring(self.dims.router_score_function == "sigmoid", bias)
 
     def check_learned_router(self, what: str) -> None:
         """Calibration and every method built on it read the learned router (its logits, weights, usage);
         Pangu-Sigma's RRE routes by token id inside the domain's group and never reads it."""
-        if self.config.router_type == "rre":
+        if self.dims.router_type == "rre":
             raise CompressionError(f"{self.folder} routes with router_type rre (a fixed token-id -> expert map per "
                                    f"domain group; the router weight is unread): {what} needs a learned router")
 
-    def array(self, name: str) -> np.ndarray:
-        """A parameter as float32 (stacked experts stacked again)."""
-        parts = [to_numpy(info).astype(np.float32) for info in self.params[name]]
-        return np.stack(parts) if self.specs[name].stacked else parts[0]
-
-    def expert(self, name: str, index: int) -> np.ndarray:
-        """Expert `index` of a stacked parameter, as float32."""
-        return to_numpy(self.params[name][index]).astype(np.float32)
-
     def fingerprint(self) -> str:
         """sha256 of the shape fields, every router and norm, and the first and last values of every other
-        tensor, all as float32 (so either layout and any dtype of one model agree): reads kilobytes per
-        tensor where hashing every expert would read the whole model again."""
-        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
-        for name, infos in self.params.items():
-            whole = name.endswith(("gate.weight", "norm.weight", "layernorm.weight"))
-            for info in infos:
+        tensor (each expert's own), all as float32 (so either layout and any dtype of one model agree): reads
+        kilobytes per tensor where hashing every expert would read the whole model again."""
+        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self.dims), sort_keys=True).encode())
+        for name in self.stored:
+            whole = parse(name).kind in _READ_WHOLE
+            for info in self.parts(name):
                 digest.update(np.ascontiguousarray(to_numpy(info) if whole else _ends(info), np.float32).tobytes())
         return digest.hexdigest()[:20]
 
