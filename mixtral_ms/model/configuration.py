@@ -33,7 +33,7 @@ class MixtralConfig(PretrainedConfig):
         fields = {k: kwargs.pop(k) for k in FIELDS if k in kwargs}
         unknown = sorted(k for k in kwargs if k not in _FRAMEWORK_KEYS)
         if unknown:
-            raise ConfigError(f"MixtralConfig: unknown key(s) {unknown}; the fields are mixtral_ms.model.schema.ModelDims'")
+            raise ConfigError(f"MixtralConfig: unknown key(s) {unknown}; the fields are those of mixtral_ms.model.schema.ModelDims")
         rope = kwargs.get("rope_parameters") or kwargs.get("rope_scaling")
         if isinstance(rope, dict) and "rope_theta" in rope:
             fields["rope_theta"] = rope["rope_theta"]

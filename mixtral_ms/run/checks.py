@@ -30,9 +30,18 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _exponent_without_dot(text: str) -> bool:
+    """A number such as 1e-3 that YAML 1.1 reads as text (it wants a dot in the mantissa)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return "e" in text.lower()
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
-        return f"the string {value!r}" + ("; write it with a dot, e.g. 1.0e-3" if "e" in value.lower() else "")
+        return f"the string {value!r}" + ("; write it with a dot, e.g. 1.0e-3" if _exponent_without_dot(value) else "")
     return repr(value)
 
 

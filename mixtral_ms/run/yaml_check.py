@@ -152,7 +152,7 @@ def check_config(config: Any) -> MixtralConfig:
     Raises ConfigError for an unknown top-level key, a `type` MindFormers has no class for, an argument
     the named class does not take, a model_config MixtralConfig rejects, or a wrapper section (freeze,
     distill and its teacher's fit to the layout, scale_sense, accumulation / interleaving) that cannot
-    run; ParallelConfigError for a layout that cannot (parallel/config.py)."""
+    run; ParallelConfigError for a layout that cannot (parallel/layout.py)."""
     unknown = sorted(set(config) - TOP_LEVEL_KEYS)
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {unknown}{_hint(unknown[0], TOP_LEVEL_KEYS)}")
@@ -171,7 +171,10 @@ def check_config(config: Any) -> MixtralConfig:
     extra = sorted(set(model["arch"]) - {"type"})
     if extra:
         raise ConfigError(f"unknown key(s) {extra} in model.arch (only type)")
-    mixtral = MixtralConfig(**{k: v for k, v in model["model_config"].items() if k != "type"})
+    try:
+        mixtral = MixtralConfig(**{k: v for k, v in model["model_config"].items() if k != "type"})
+    except ConfigError as err:  # name the YAML section, as checks.check_values does
+        raise ConfigError(f"model.model_config: {err}") from None
 
     wrapper = config.get("runner_wrapper") or {}
     if "gradient_accumulation_steps" in wrapper:
