@@ -29,10 +29,10 @@ import sys
 
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 from _common import HELDOUT_FRACTION, run, split
 from bench_compress import export
+from mixtral_ms import ROOT
+from mixtral_ms.run.run_yaml import read_run_yaml
 
 TEACHER_YAML = os.path.join(ROOT, "configs", "mixtral_tiny_cpu.yaml")
 DENSE_YAML = os.path.join(ROOT, "configs", "compress", "dense_tiny_cpu.yaml")
@@ -180,8 +180,7 @@ def main(argv=None) -> int:
                "distilled_seed1": evaluate(work, "distilled_seed1", DENSE_YAML, distilled_seed1, args.eval_samples),
                "distilled_from_densified": evaluate(work, "distilled_from_densified", DENSE_YAML, from_densified,
                                                     args.eval_samples)}
-    with open(DISTILL_YAML, encoding="utf-8") as f:
-        settings = yaml.safe_load(f)["runner_wrapper"]["distill"]
+    settings = read_run_yaml(DISTILL_YAML)["runner_wrapper"]["distill"]
     record = {"steps": kd_log(work, "distilled")["steps"], "epochs": args.epochs,
               "distill": {k: settings[k] for k in ("ce_coef", "kd_coef", "temperature")},
               "heldout_fraction": HELDOUT_FRACTION, "eval_samples": args.eval_samples, "results": results,

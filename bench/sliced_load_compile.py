@@ -1,7 +1,7 @@
 """Sliced loading through MindSpore's own parallel compiler, on CPU: one rank of a layout YAML compiled by
 the dry run (mixtral_ms/tools/dryrun.py: the real semi-auto compiler, device side mocked) with
 runner.build_model given a complete checkpoint, then every weight checked: initialised by the compiler
-(its lazy initializer ran, parallel/checkpoint.py SlicedLoad) with exactly the box the strategy file of that
+(its lazy initializer ran, checkpoint/distributed.py SlicedLoad) with exactly the box the strategy file of that
 compile gives the rank; the other stages' weights left unread, except those the compiler initialises whole
 on every rank (a pipeline's embedding), read whole.
 

@@ -9,7 +9,7 @@ would, with MindSpore's own parallel compiler (DryRun, a stand-in CANN built on 
 Per rank it prints whether the graph compiled (or the first error), the strategy file written, the
 communication operators the compiler inserted by kind, whether the expert exchange is the AllToAll the plan
 declares, and the rank's bytes of parameters, gradients and optimizer moments from the strategy file's
-slices beside the estimator's (python -m mixtral_ms.parallel.memory). Nothing runs after the compile.
+slices beside the estimator's (mixtral-ms-memory). Nothing runs after the compile.
 Exit status 0 when every rank compiled and agrees, 1 when one did not, 2 on bad input. docs/parallel.md,
 "Dry run"; the logic lives in mixtral_ms/tools/dryrun.py.
 """

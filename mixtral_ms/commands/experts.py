@@ -107,6 +107,3 @@ def main(argv=None) -> int:
     """Exit status: 0, 2 for bad input (one line `error: ...`), 130 / 143 after SIGINT / SIGTERM."""
     return cli.run(_main, argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

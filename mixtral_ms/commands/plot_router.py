@@ -11,7 +11,6 @@ import argparse
 import json
 import math
 import os
-import sys
 
 
 from mixtral_ms import cli  # first: signals are handled before anything heavy is imported
@@ -147,6 +146,3 @@ def main(argv=None) -> int:
     """Exit status: 0, 2 for bad input (one line `error: ...`), 130 / 143 after SIGINT / SIGTERM."""
     return cli.run(_main, argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,7 +19,6 @@ temp folder is removed by the next run; --overwrite replaces only a MindRecord f
 """
 import argparse
 import os
-import sys
 
 from mixtral_ms import ROOT
 
@@ -59,6 +58,3 @@ def main(argv=None) -> int:
     """Exit status: 0, 2 for bad input (one line `error: ...`), 130 / 143 after SIGINT / SIGTERM."""
     return cli.run(_main, argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,6 @@ Mixtral-Instruct template costs two tokens, not fifteen. Single-threaded, unshuf
 """
 import argparse
 import os
-import sys
 import tempfile
 
 from mixtral_ms import ROOT
@@ -89,6 +88,3 @@ def main(argv=None) -> int:
     """Exit status: 0, 2 for bad input (one line `error: ...`), 130 / 143 after SIGINT / SIGTERM."""
     return cli.run(_main, argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,9 +9,10 @@ the SentencePiece model, left-pads the prompts and decodes with the KV cache (mi
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Union
 
 from mixtral_ms import ROOT, cli, outputs
 from mixtral_ms.parallel.layout import ParallelLayout, from_run_config
@@ -33,12 +34,14 @@ class Run:
     layout: Optional[ParallelLayout] = None
 
 
-def load_run(path: str, overrides: Optional[Dict[str, Any]] = None,
+def load_run(source: Union[str, Dict[str, Any]], overrides: Optional[Dict[str, Any]] = None,
              settings: Optional[Mapping[str, Any]] = None) -> Run:
-    """The YAML read once (run_yaml.read_run_yaml) and checked (top-level keys, registered types, arguments,
-    model_config), as `MindFormerConfig(path)` reads it, with the dotted `settings` applied before the
-    checks (see apply_settings) and the non-None top-level `overrides` set on top."""
-    raw = read_run_yaml(path)  # bad input is refused before MindFormers' import (seconds)
+    """A run YAML (its path, or what run_yaml.read_run_yaml read from it) checked once (top-level keys,
+    registered types, arguments, model_config) and turned into the MindFormerConfig `MindFormerConfig(path)`
+    would give, with the dotted `settings` applied before the checks (run_yaml.apply_settings) and the
+    non-None top-level `overrides` (the command line) set on top, as MindFormers' run_mindformer.py sets
+    its flags after the template."""
+    raw = read_run_yaml(source) if isinstance(source, str) else copy.deepcopy(source)
     from mindformers import MindFormerConfig
     from mindformers.tools.register.template import ConfigTemplate
     from mixtral_ms.run.yaml_check import check_config
@@ -68,12 +71,13 @@ def set_layout(run: Run, layout: ParallelLayout) -> None:
 def build_model(run: Run, checkpoint: Optional[str]):
     """The run's model, filled from `checkpoint` with a strict name and shape check; with a layout,
     sharded by the plan (mixtral_ms/parallel). Under semi-auto parallel each rank reads only its slices,
-    when the compiler initialises the parameters (parallel/checkpoint.py SlicedLoad); the checkpoint's
+    when the compiler initialises the parameters (checkpoint/distributed.py SlicedLoad); the checkpoint's
     names, shapes and dtypes are checked here, before the compile."""
     from mixtral_ms.checkpoint.distributed import SlicedLoad
     from mixtral_ms.checkpoint.load import load_weights, resolve_checkpoint
     from mixtral_ms.model.modeling import MixtralForCausalLM
-    model = MixtralForCausalLM(run.model_config)
+    from mixtral_ms.run.distill import extra_terms
+    model = MixtralForCausalLM(run.model_config, extra_terms(run.config))  # every side-channel term, before the plan
     if checkpoint and run.layout is not None and run.layout.parallel_mode == "semi_auto_parallel":
         SlicedLoad(resolve_checkpoint(checkpoint), run.model_config).attach(model)
     elif checkpoint:
@@ -284,19 +288,16 @@ def execute(args: argparse.Namespace) -> None:
     Flags override the YAML (`--run_mode` over `run_mode`, as in MindFormers' run_mindformer.py). The
     YAML's values, the arguments and the output folder are checked before MindFormers is imported;
     MindFormers' log folder (LOCAL_DEFAULT_PATH, read at import) is put under the run's output_dir."""
-    raw = read_run_yaml(args.config)
-    inherits = "base_config" in raw  # values may come from another file: checked once MindFormers merged them
-    settings = None if inherits else _check_before_import(args, raw)
+    raw = read_run_yaml(args.config)  # the only read: base_config: files merged
+    settings = _check_before_import(args, raw)
     output_dir = run_checks.output_dir(args.output_dir, raw)
     if (args.run_mode or raw.get("run_mode")) == "eval":  # where the result goes: known before any forward pass
         outputs.file_target(args.eval_output or os.path.join(output_dir, "eval.json"), "eval output")
     run_checks.prepare_output_dir(output_dir)
     os.environ.setdefault("LOCAL_DEFAULT_PATH", os.path.abspath(output_dir))
-    run = load_run(args.config, {"run_mode": args.run_mode, "load_checkpoint": args.load_checkpoint,
-                                 "resume_training": args.resume_training, "output_dir": args.output_dir})
+    run = load_run(raw, {"run_mode": args.run_mode, "load_checkpoint": args.load_checkpoint,
+                         "resume_training": args.resume_training, "output_dir": args.output_dir})
     config = run.config
-    if inherits:
-        settings = _check_before_import(args, config)
     run_checks.check_distributed_launch(config)  # after the YAML check: a bad layout is named first
     if args.train_dataset:
         config.train_dataset.data_loader.dataset_dir = args.train_dataset
