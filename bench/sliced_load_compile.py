@@ -83,11 +83,10 @@ def main() -> int:
         print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
         return 0
     from mixtral_ms.tools.cann_stub import ensure_stub, environment
-    from mixtral_ms.parallel.layout import from_run_config
     from mixtral_ms.tools.dryrun import _parse_set
     from mixtral_ms.run import runner
     settings = _parse_set(args.set)
-    devices = from_run_config(runner.load_run(args.config, None, settings).config).devices
+    devices = runner.load_run(args.config, None, settings).layout.devices
     out = tempfile.mkdtemp(prefix="sliced-load-")
     env = environment(ensure_stub())
     env.update(DEVICE_TARGET="Ascend", MS_SIMULATION_LEVEL="0", RANK_SIZE=str(devices), RANK_ID=str(args.rank),

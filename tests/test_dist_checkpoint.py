@@ -167,7 +167,6 @@ def test_a_cluster_run_resumes_from_its_per_rank_checkpoints_on_as_many_ranks(tm
     MindFormers gets the folder (rank i loads rank_<i>/) and the step is rank 0's; on 4 devices, or with
     one complete file under semi-auto parallel, one line that names the way (reshard, split)."""
     from mixtral_ms.run import runner
-    from mixtral_ms.parallel.layout import from_run_config
     from mixtral_ms.run import RunError
     a = strategy(A)
     full = {**training_state(), "step_num": ArrayTensor("step_num", "I32", (1,), np.array([30], np.int32).tobytes())}
@@ -176,10 +175,8 @@ def test_a_cluster_run_resumes_from_its_per_rank_checkpoints_on_as_many_ranks(tm
     yaml = os.path.join(ROOT, "configs", "parallel", "dryrun", "mixtral_tiny_8p.yaml")
 
     def run_on(devices_settings, checkpoint):
-        run = runner.load_run(yaml, {"load_checkpoint": checkpoint, "output_dir": str(tmp_path / "out")},
-                              devices_settings)
-        runner.set_layout(run, from_run_config(run.config))
-        return run
+        return runner.load_run(yaml, {"load_checkpoint": checkpoint, "output_dir": str(tmp_path / "out")},
+                               devices_settings)
 
     run = run_on({}, folder)
     assert runner.prepare_resume(run, None) == 30

@@ -14,7 +14,7 @@ from conftest import ROOT
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from mixtral_ms.cli import BadInput
 from mixtral_ms.model.schema import ConfigError
-from mixtral_ms.parallel.layout import ParallelConfigError
+from mixtral_ms.parallel.layout import ParallelConfigError, from_run_config
 from mixtral_ms.run import yaml_check
 from mixtral_ms.run.run_yaml import apply_settings, read_run_yaml
 from mixtral_ms.run.yaml_check import REGISTERED, TOP_LEVEL_KEYS, MixtralConfig, check_config
@@ -60,11 +60,12 @@ def test_registered_names_are_the_mixtral_classes_in_mindformers_registry():
 
 
 @pytest.mark.parametrize("path", RUN_YAMLS, ids=lambda p: os.path.relpath(p, CONFIGS))
-def test_every_shipped_run_yaml_passes_and_gives_its_model(path):
+def test_every_shipped_run_yaml_passes_and_gives_its_model_and_layout(path):
     config = read_run_yaml(path)
     assert set(config) <= TOP_LEVEL_KEYS
-    model = check_config(config)
+    model, layout = check_config(config)
     assert type(model) is MixtralConfig
+    assert layout == (from_run_config(config) if config.get("use_parallel") else None)
     fields = {k: v for k, v in config["model"]["model_config"].items() if k != "type"}
     assert {k: getattr(model, k) for k in fields} == fields
 
@@ -155,7 +156,7 @@ def test_sections_that_can_run():
                                                      "scale_factor": 2, "scale_window": 1000}},
                      {"callbacks": [{"type": "MixtralCheckpointMonitor", "save_checkpoint_steps": 5,
                                      "max_weight_abs": 1.0}]}):
-        assert type(check_config(_changed(TINY, settings))) is MixtralConfig, settings
+        assert type(check_config(_changed(TINY, settings)).model_config) is MixtralConfig, settings
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -168,7 +169,7 @@ def test_a_layout_that_cannot_run_is_the_layouts_one_line(settings, message):
 
 
 def test_the_layout_is_checked_only_with_use_parallel():
-    assert type(check_config(_changed(TINY, {"parallel_config.data_paralel": 2}))) is MixtralConfig
+    assert type(check_config(_changed(TINY, {"parallel_config.data_paralel": 2})).model_config) is MixtralConfig
 
 
 def test_a_model_config_typo_names_its_yaml_path():

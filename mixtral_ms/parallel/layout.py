@@ -149,6 +149,10 @@ class ParallelLayout:
         """Token groups with their own expert capacity: one per data-parallel shard."""
         return self.data_parallel
 
+    def check_devices(self, devices: int) -> None:
+        """The launch's world size must be the layout's dp * mp * pp (validated once, from the YAML)."""
+        _check_device_count(self.data_parallel, self.model_parallel, self.pipeline_stage, devices)
+
     def model_fields(self) -> Dict[str, Any]:
         """The model fields this layout fixes, set before the model is built: capacity per data-parallel
         shard, and only the static [E, C, H] dispatch (the dynamic per-expert segments do not shard)."""
@@ -271,9 +275,7 @@ def validate(parallel_config: Optional[Mapping] = None, parallel: Optional[Mappi
     if devices is None:
         devices = dp * mp * pp
     devices = _int("devices", "count", devices)
-    if dp * mp * pp != devices:
-        raise ParallelConfigError(f"data_parallel ({dp}) * model_parallel ({mp}) * pipeline_stage ({pp}) = "
-                                  f"{dp * mp * pp}, but there are {devices} devices")
+    _check_device_count(dp, mp, pp, devices)
     if (dp * mp) % ep:
         raise ParallelConfigError(f"expert_parallel ({ep}) must divide data_parallel * model_parallel ({dp * mp})")
     if dims.num_local_experts % ep:
@@ -363,6 +365,12 @@ def validate(parallel_config: Optional[Mapping] = None, parallel: Optional[Mappi
         micro_batch_interleave_num=interleave, group_wise_a2a=bool(moe.get("group_wise_a2a", False)),
         recompute=recompute, batch_size=batch_size, num_layers=dims.num_hidden_layers,
         gradient_accumulation_steps=accumulation, context=passthrough)
+
+
+def _check_device_count(dp: int, mp: int, pp: int, devices: int) -> None:
+    if dp * mp * pp != devices:
+        raise ParallelConfigError(f"data_parallel ({dp}) * model_parallel ({mp}) * pipeline_stage ({pp}) = "
+                                  f"{dp * mp * pp}, but there are {devices} devices")
 
 
 def from_run_config(config: Mapping, devices: Optional[int] = None) -> ParallelLayout:

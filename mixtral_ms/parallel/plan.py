@@ -421,23 +421,22 @@ def setup_context(layout: ParallelLayout, strategy_file: Optional[str] = None) -
     return kwargs
 
 
-def prepare_parallel(config, devices: Optional[int] = None, rank: Optional[int] = None) -> ParallelLayout:
+def prepare_parallel(config, layout: ParallelLayout, devices: Optional[int] = None,
+                     rank: Optional[int] = None) -> None:
     """For scripts/run_mixtral.py with `use_parallel: True`, after MindFormers' build_context(config)
-    has initialised communication and before the model is built: validate the layout against the
-    world size, set the auto-parallel context (strategy file `<output_dir>/strategy/
-    ckpt_strategy_rank_<rank>.ckpt`, MindFormers' naming). Then build the model from a config with
-    `layout.model_fields()` and call `apply_plan(model, layout, config.run_mode)` (mixtral_ms/run/runner.py).
+    has initialised communication and before the model is built: check the run's layout (validated once,
+    from the YAML as written) against the world size and set the auto-parallel context (strategy file
+    `<output_dir>/strategy/ckpt_strategy_rank_<rank>.ckpt`, MindFormers' naming). The runner then builds the
+    model and calls `apply_plan(model, layout, config.run_mode)` (mixtral_ms/run/runner.py).
     """
     import os
-    from mixtral_ms.parallel.layout import from_run_config
     if devices is None or rank is None:
         from mindspore.communication import get_group_size, get_rank
         devices = get_group_size() if devices is None else devices
         rank = get_rank() if rank is None else rank
-    layout = from_run_config(config, devices)
+    layout.check_devices(devices)
     name = os.path.basename(str((config.get("parallel") or {}).get("strategy_ckpt_save_file") or "ckpt_strategy.ckpt"))
     strategy_file = os.path.join(str(config.get("output_dir") or "./output"), "strategy",
                                  name.replace(".ckpt", f"_rank_{rank}.ckpt"))
     os.makedirs(os.path.dirname(strategy_file), exist_ok=True)
     setup_context(layout, strategy_file)
-    return layout

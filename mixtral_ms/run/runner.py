@@ -15,7 +15,7 @@ import os
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Union
 
 from mixtral_ms import ROOT, cli, outputs
-from mixtral_ms.parallel.layout import ParallelLayout, from_run_config
+from mixtral_ms.parallel.layout import ParallelLayout
 from mixtral_ms.run import RunError
 from mixtral_ms.run import checks as run_checks
 from mixtral_ms.run.run_yaml import apply_settings, read_run_yaml
@@ -28,25 +28,31 @@ GENERATION_KEYS = {"max_new_tokens": int, "do_sample": bool, "temperature": floa
 @dataclasses.dataclass
 class Run:
     """One run: the MindFormers config (YAML, MindFormers' template, command-line overrides), the
-    MixtralConfig it describes and, with `use_parallel`, the validated layout."""
+    MixtralConfig it describes and, with `use_parallel`, its layout: both validated once, from the YAML and
+    the flags as written (later rewrites for MindFormers' Trainer, such as prepare_wrapper's, come after),
+    the model config already holding the fields the layout fixes."""
     config: Any
     model_config: "MixtralConfig"
-    layout: Optional[ParallelLayout] = None
+    layout: Optional[ParallelLayout]
 
 
 def load_run(source: Union[str, Dict[str, Any]], overrides: Optional[Dict[str, Any]] = None,
              settings: Optional[Mapping[str, Any]] = None) -> Run:
-    """A run YAML (its path, or what run_yaml.read_run_yaml read from it) checked once (top-level keys,
-    registered types, arguments, model_config) and turned into the MindFormerConfig `MindFormerConfig(path)`
-    would give, with the dotted `settings` applied before the checks (run_yaml.apply_settings) and the
-    non-None top-level `overrides` (the command line) set on top, as MindFormers' run_mindformer.py sets
-    its flags after the template."""
+    """A run YAML (its path, or what run_yaml.read_run_yaml read from it) with the dotted `settings` applied
+    (run_yaml.apply_settings) and the non-None top-level `overrides` (the command line), checked once (top-level
+    keys, registered types, arguments, model_config, layout) and turned into the MindFormerConfig that
+    MindFormers' run_mindformer.py builds: the template of the YAML's own run_mode, then the flags."""
     raw = read_run_yaml(source) if isinstance(source, str) else copy.deepcopy(source)
     from mindformers import MindFormerConfig
     from mindformers.tools.register.template import ConfigTemplate
     from mixtral_ms.run.yaml_check import check_config
     apply_settings(raw, settings or {})
-    model_config = check_config(raw)
+    flags = {key: value for key, value in (overrides or {}).items() if value is not None}
+    spec = check_config({**raw, **flags})
+    if spec.layout is not None:  # the model config, before any model exists, holds what the layout fixes
+        for key, value in spec.layout.model_fields().items():
+            setattr(spec.model_config, key, value)
+        spec.model_config.validate()
     device_unset = "device_target" not in (raw.get("context") or {})
     ConfigTemplate.apply_template(raw)  # what MindFormerConfig(path) does after reading
     config = MindFormerConfig(**raw)
@@ -54,18 +60,9 @@ def load_run(source: Union[str, Dict[str, Any]], overrides: Optional[Dict[str, A
         # The template fills a missing context.device_target with "Ascend", which would hide the
         # DEVICE_TARGET that scripts/msrun_launcher.sh exports (MindFormers reads it only when unset).
         config.context.device_target = os.environ["DEVICE_TARGET"]
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            config[key] = value
-    return Run(config, model_config)
-
-
-def set_layout(run: Run, layout: ParallelLayout) -> None:
-    """Give the run its layout, and the model config the fields the layout fixes (before any model exists)."""
-    for key, value in layout.model_fields().items():
-        setattr(run.model_config, key, value)
-    run.model_config.validate()
-    run.layout = layout
+    for key, value in flags.items():
+        config[key] = value
+    return Run(config, spec.model_config, spec.layout)
 
 
 def build_model(run: Run, checkpoint: Optional[str]):
@@ -168,7 +165,7 @@ def training_data(run: Run) -> int:
     batch = int(config.runner_config.batch_size)
     world = int(os.environ.get("MS_WORKER_NUM") or os.environ.get("RANK_SIZE") or 1) if config.use_parallel else 1
     readers = "ranks"
-    layout = run.layout or (from_run_config(config) if config.use_parallel else None)
+    layout = run.layout
     if layout is not None and layout.parallel_mode == "semi_auto_parallel":
         # full batch: every rank reads the global batch, batch_size rows per data-parallel shard
         world = layout.data_parallel * layout.micro_batch_interleave_num * \
@@ -315,9 +312,9 @@ def execute(args: argparse.Namespace) -> None:
     if (config.get("context") or {}).get("mode") is not None:  # MindFormers' context is built once per
         ms.set_context(mode=int(config.context.mode))           # process; a later run keeps its own mode
     ms.set_seed(int(config.seed or 0))  # before the model is built: initial weights follow the YAML's seed
-    if config.use_parallel:  # validate the layout against the world size, set the auto-parallel context
+    if run.layout is not None:  # the layout against the world size; the auto-parallel context
         from mixtral_ms.parallel.plan import prepare_parallel
-        set_layout(run, prepare_parallel(config))
+        prepare_parallel(config, run.layout)
     if config.run_mode in ("train", "finetune"):
         train(run, config.run_mode == "finetune", steps_per_epoch)
     elif config.run_mode == "eval":

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Iterator, NamedTuple, Optional, Tuple
 
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mixtral_ms.model import modeling  # noqa: F401  (registers MixtralConfig, MixtralModel, MixtralForCausalLM)
 from mixtral_ms.run import optim  # noqa: F401  (registers FusedAdamW and OffloadAdamW as optimizer types)
 from mixtral_ms.model.configuration import MixtralConfig
-from mixtral_ms.parallel.layout import from_run_config
+from mixtral_ms.parallel.layout import ParallelLayout, from_run_config
 from mixtral_ms.model.schema import ConfigError
 from mixtral_ms.run.callbacks import MixtralCheckpointMonitor, MixtralProgressMonitor, RouterStatsMonitor
 from mixtral_ms.run.distill import check_distill, teacher_layout
@@ -146,8 +146,14 @@ def _check_multi_batch(config: Any, wrapper: dict) -> None:
                           "loss_scale_value: ..., scale_factor: ..., scale_window: ...}")
 
 
-def check_config(config: Any) -> MixtralConfig:
-    """Validate a run YAML (a MindFormerConfig or dict) and return the MixtralConfig it describes.
+class RunSpec(NamedTuple):
+    """What a run YAML describes, validated once: the model config and, with `use_parallel`, the layout."""
+    model_config: MixtralConfig
+    layout: Optional[ParallelLayout]
+
+
+def check_config(config: Any) -> RunSpec:
+    """Validate a run YAML (a MindFormerConfig or dict) and return the model config and layout it describes.
 
     Raises ConfigError for an unknown top-level key, a `type` MindFormers has no class for, an argument
     the named class does not take, a model_config MixtralConfig rejects, or a wrapper section (freeze,
@@ -210,8 +216,8 @@ def check_config(config: Any) -> MixtralConfig:
         bad = sorted(k for k in node if k not in keys | {"type", "auto_register"})
         if bad:
             raise ConfigError(f"{path}: {name} takes no argument {bad[0]!r}{_hint(bad[0], keys - _FRAMEWORK_ARGS)}")
-    return mixtral
+    return RunSpec(mixtral, layout)
 
 
-__all__ = ["REGISTERED", "TOP_LEVEL_KEYS", "check_config", "MixtralConfig", "MixtralCheckpointMonitor",
+__all__ = ["REGISTERED", "TOP_LEVEL_KEYS", "RunSpec", "check_config", "MixtralConfig", "MixtralCheckpointMonitor",
            "MixtralProgressMonitor", "MixtralTrainOneStepCell", "RouterStatsMonitor"]

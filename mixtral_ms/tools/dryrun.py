@@ -34,7 +34,6 @@ from mixtral_ms.checkpoint.name_map import FREEZE_MASK_PREFIX
 from mixtral_ms.run import RunError
 from mixtral_ms import ROOT
 from mixtral_ms.checkpoint.distributed import box_shape, layout_box, read_strategy
-from mixtral_ms.parallel.layout import from_run_config
 
 COMM_KINDS = ("AllToAll", "AllGather", "AllReduce", "ReduceScatter", "Send", "Receive", "Broadcast")
 _COMM_OPS = {"AlltoAll": "AllToAll", "AllToAll": "AllToAll", "AlltoAllV": "AllToAll", "AllGather": "AllGather",
@@ -250,7 +249,7 @@ def worker(spec: Dict[str, Any]) -> RankResult:
         mode = config.run_mode
         if mode in ("train", "finetune"):
             columns = list(config.train_dataset.get("input_columns") or ["input_ids"])
-            layout = from_run_config(config)
+            layout = run.layout
             rows = 2 * layout.micro_batch_rows() * layout.passes_per_step  # two steps' global batches
             data = os.path.join(spec["output_dir"], "synthetic.mindrecord")
             synthetic_dataset(data, columns, run.model_config.seq_length, run.model_config.vocab_size, rows)
@@ -266,7 +265,7 @@ def worker(spec: Dict[str, Any]) -> RankResult:
         build_context(config)
         ms.set_context(mode=0)
         from mixtral_ms.parallel.plan import prepare_parallel
-        runner.set_layout(run, prepare_parallel(config, rank=rank))
+        prepare_parallel(config, run.layout, rank=rank)
         layout = run.layout
         result.layout, result.layers = layout.describe(), run.model_config.num_hidden_layers
         result.stage = rank // layout.stage_devices
@@ -465,9 +464,9 @@ def dry_run(config: str, settings: Dict[str, Any], layers: Optional[int], all_st
     if layers is not None:
         settings = {**settings, "model.model_config.num_hidden_layers": layers}
     run = runner.load_run(config, None, settings)  # the YAML read as a run reads it; bad input stops here
-    if not run.config.get("use_parallel"):
+    if run.layout is None:
         raise RunError(f"{config}: use_parallel is not set; a dry run compiles a parallel layout")
-    layout = from_run_config(run.config)
+    layout = run.layout
     if rank is not None and not 0 <= rank < layout.devices:
         raise RunError(f"--rank {rank} is outside the layout's {layout.devices} devices ({layout.describe()})")
     results = []
