@@ -96,3 +96,28 @@ def test_a_resumed_run_keeps_the_records_up_to_its_step(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
     RouterStatsMonitor(str(tmp_path), initial_step=0).on_train_begin(RunContext(_params(_model(), 1)))
     assert path.read_text() == ""  # a fresh run starts the file anew
+
+
+def test_router_stats_name_the_model_layer_of_each_row_under_a_layer_pattern(tmp_path):
+    """moe_layer_freq 2 on 4 layers: the channel's rows are layers 1 and 3, and the record (and the verbose
+    lines, and plot_router's labels) say so; the default every-layer model writes no `layers` key."""
+    from mixtral_ms.commands.plot_router import read_stats
+    model = MixtralForCausalLM(MixtralConfig(**dict(CONFIG, num_hidden_layers=4, moe_layer_freq=2)))
+    model.set_train(True)
+    model.training_stats(tuple(Tensor(np.float32(t)) for t in PASSES[0][:3]), Tensor(LOAD), Tensor(DROPPED))
+    router = RouterStatsMonitor(str(tmp_path), log_interval=10, verbose=True, initial_step=0)
+    context = RunContext(_params(model, 1))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        router.on_train_begin(context)
+        router.on_train_step_end(context)
+    record = read_stats(str(tmp_path / "router_stats.jsonl"))[0]
+    assert record["layers"] == [1, 3] and record["tokens_per_expert"] == LOAD.astype(int).tolist()
+    assert "    layer 1: tokens/expert [3 1 0 4]" in out.getvalue() and "    layer 3: tokens/expert" in out.getvalue()
+    default = RouterStatsMonitor(str(tmp_path / "default"), log_interval=10, verbose=False, initial_step=0)
+    plain = _model()
+    plain.training_stats(tuple(Tensor(np.float32(t)) for t in PASSES[0][:3]), Tensor(LOAD), Tensor(DROPPED))
+    context = RunContext(_params(plain, 1))
+    default.on_train_begin(context)
+    default.on_train_step_end(context)
+    assert "layers" not in read_stats(str(tmp_path / "default" / "router_stats.jsonl"))[0]

@@ -4,7 +4,6 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 
@@ -102,35 +101,7 @@ def test_name_map_both_ways():
     assert "lm_head.weight" not in tied and tied["model.layers.0.self_attn.q_proj.weight"].shape == (32, 16)
 
 
-# ------------------------------------------------------------------------------------------ bf16
-
-def test_bf16_round_trip_of_every_pattern_and_round_to_nearest_even():
-    bits = np.arange(1 << 16, dtype=np.uint16)
-    wide = bf16_to_f32(bits)
-    keep = ~np.isnan(wide)
-    np.testing.assert_array_equal(f32_to_bf16(wide)[keep], bits[keep])  # widening is exact, narrowing inverts it
-    assert np.all(f32_to_bf16(wide[~keep]) == 0x7FC0)
-    one = np.float32(1.0)
-    cases = {one + np.float32(2 ** -8): 0x3F80,            # tie between 0x3F80 (even) and 0x3F81: down
-             one + np.float32(3 * 2 ** -8): 0x3F82,        # tie between 0x3F81 and 0x3F82 (even): up
-             one + np.float32(2 ** -8 + 2 ** -20): 0x3F81,  # just above the tie: up
-             np.float32(np.inf): 0x7F80, np.float32(-np.inf): 0xFF80,
-             np.float32(3.4028235e38): 0x7F80,             # overflows to inf, as torch does
-             np.float32(-0.0): 0x8000, np.float32(1e-40): 0x0001}  # subnormal 1e-40 = 0x000116C2 -> 0x0001
-    for value, expected in cases.items():
-        assert int(f32_to_bf16(np.array([value]))[0]) == expected, (value, hex(expected))
-    # against an independent reference: nearest of the two neighbours in float64, ties to even
-    rng = np.random.default_rng(1)
-    x = (rng.standard_normal(20000) * 10.0 ** rng.integers(-30, 30, 20000)).astype(np.float32)
-    lo = (x.view(np.uint32) >> 16).astype(np.uint16)
-    hi = lo + np.uint16(1)
-    d_lo = np.abs(bf16_to_f32(lo).astype(np.float64) - x)
-    d_hi = np.abs(bf16_to_f32(hi).astype(np.float64) - x)
-    ref = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where(lo % 2 == 0, lo, hi)))
-    np.testing.assert_array_equal(f32_to_bf16(x), ref)
-
-
-# ------------------------------------------------------------------------------------------ safetensors io
+# --------------------------------------------- safetensors I/O (its own rules: tests/test_safetensors_io.py)
 
 def test_reader_and_writer_interoperate_with_the_safetensors_library(tmp_path):
     from safetensors.numpy import load_file, save_file
@@ -150,45 +121,6 @@ def test_reader_and_writer_interoperate_with_the_safetensors_library(tmp_path):
     np.testing.assert_array_equal(theirs["y"], arrays["b"])
     assert read_header(str(tmp_path / "ours.safetensors"))[0]["e"].read() == bf.tobytes()
 
-
-def _raw_file(path, header, data_len, header_len=None):
-    blob = (header if isinstance(header, str) else json.dumps(header)).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob) if header_len is None else header_len) + blob + b"\0" * data_len)
-
-
-@pytest.mark.parametrize("header,data_len,header_len,message", [
-    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 8, 10 ** 9, "corrupt or truncated header"),
-    ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8, None, "'w' offsets [0, 8] do not hold F32[3]"),
-    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 4, None, "truncated: tensor 'w'"),
-    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12, None, "4 bytes beyond the last tensor"),
-    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-      "v": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, None, "'v' overlaps the previous tensor"),
-    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, None, "'w' leaves a gap"),
-    ({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 2]}}, 2, None, "'w' has unsupported dtype 'Q4'"),
-    ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8, None, "corrupt header entry for tensor 'w'"),
-    ([1, 2], 0, None, "not a JSON object"),
-    ('{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
-     '"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', 4, None, "corrupt header ('w' appears twice)"),
-])
-def test_reader_rejects_inconsistent_files(tmp_path, header, data_len, header_len, message):
-    path = str(tmp_path / "bad.safetensors")
-    _raw_file(path, header, data_len, header_len)
-    with pytest.raises(CheckpointError) as err:
-        read_header(path)
-    assert message in str(err.value) and path in str(err.value) and "\n" not in str(err.value)
-
-
-def test_tensor_reads_touch_only_their_bytes(tmp_path):
-    path = str(tmp_path / "t.safetensors")
-    write_safetensors(path, [("a", "F32", (4,), np.arange(4, dtype=np.float32).tobytes()),
-                             ("b", "F32", (2,), np.array([7, 8], np.float32).tobytes())])
-    info = open_checkpoint(path)["b"]
-    assert (info.start, info.end) == (os.path.getsize(path) - 8, os.path.getsize(path))
-    assert b"".join(info.iter_chunks(4)) == info.read() == np.array([7, 8], np.float32).tobytes()
-
-
-# ------------------------------------------------------------------------------------------ round trips
 
 @pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])
 def test_round_trip_is_bit_exact(tmp_path, dtype):
@@ -580,15 +512,3 @@ def test_ms2hf_of_a_training_ckpt_is_bit_exact(tmp_path):
     assert junk.returncode == 2 and len(junk.stderr.strip().splitlines()) == 1
     assert junk.stderr.startswith(f"error: {tmp_path / 'junk.ckpt'}: not a readable MindSpore checkpoint")
     assert not (tmp_path / "x").exists() and leftovers(tmp_path) == []
-
-
-def test_nonfinite_detection_over_every_16_bit_pattern():
-    from mixtral_ms.checkpoint.safetensors_io import count_nonfinite, has_nonfinite
-    bits = np.arange(1 << 16, dtype=np.uint16)
-    for tag, values in (("BF16", bf16_to_f32(bits)), ("F16", bits.view(np.float16).astype(np.float32))):
-        bad = ~np.isfinite(values)
-        assert count_nonfinite(bits.tobytes(), tag) == bad.sum() == (2048 if tag == "F16" else 256)
-        assert [has_nonfinite(bits[i:i + 1].tobytes(), tag) for i in range(0, 1 << 16, 61)] == list(bad[::61])
-    f32 = np.array([0, -0.0, 1e-45, 3.4028235e38, -np.inf, np.nan], np.float32)
-    assert [has_nonfinite(f32[i:i + 1].tobytes(), "F32") for i in range(6)] == [False] * 4 + [True] * 2
-    assert count_nonfinite(f32.tobytes(), "F32") == 2 and not has_nonfinite(b"", "BF16")

@@ -4,6 +4,7 @@ import json
 import os
 import site
 import subprocess
+import sys
 import venv
 
 import pytest
@@ -18,15 +19,15 @@ def fresh_venv(tmp_path_factory):
     """A new venv that sees this one's dependencies (mindspore, numpy, ...) through a .pth file, so only the
     package itself comes from `pip install -e .`."""
     home = tmp_path_factory.mktemp("venv")
-    venv.EnvBuilder(with_pip=True).create(home)
+    venv.EnvBuilder(with_pip=False).create(home)  # this venv's pip installs into it (pip --python): no ensurepip
     py = home / "bin" / "python"
     purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
     with open(os.path.join(purelib, "dependencies.pth"), "w") as f:
         f.write("\n".join(site.getsitepackages()) + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    install = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-                              "--no-build-isolation", "-e", ROOT], capture_output=True, text=True, env=env,
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", py, "install", "-q", "--disable-pip-version-check",
+                              "--no-deps", "--no-build-isolation", "-e", ROOT], capture_output=True, text=True, env=env,
                              cwd=home, timeout=300)
     assert install.returncode == 0, install.stderr[-2000:]
     return home, env

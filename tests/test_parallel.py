@@ -433,6 +433,22 @@ def test_memory_estimate_32_devices_by_hand():
     assert stage0.device_total(True, False) == stage0.param_bytes + stage0.grad_bytes
 
 
+
+def test_memory_estimate_counts_dispatch_buffers_on_moe_layers_only():
+    """moe_layer_freq 2 on the 8p layout without recompute: each dense layer keeps a dense MLP's activations
+    (3 * T * F / mp) instead of the MoE layer's dispatch slots (k * cf * T * f / mp of 2 H + 3 F / f)."""
+    cfg = read_run_yaml(os.path.join(ROOT, "configs", "parallel", "mixtral_8x7b_pretrain_8p.yaml"))
+    cfg.setdefault("recompute_config", {})["recompute"] = False
+    every = memory.from_run_config_estimate(cfg).stages[0].activation_bytes
+    cfg["model"]["model_config"]["moe_layer_freq"] = 2
+    est = memory.from_run_config_estimate(cfg)
+    d, layout = est.dims, est.layout
+    t, mp, f = layout.batch_size * d.seq_length, layout.model_parallel, layout.expert_ffn_split
+    slots = d.num_experts_per_tok * d.capacity_factor * t * f / mp
+    c = memory.DTYPE_BYTES[d.compute_dtype]
+    difference = c * (slots * (2 * d.hidden_size + 3 * d.intermediate_size / f) - 3 * t * d.intermediate_size / mp)
+    assert d.num_hidden_layers == 32 and every - est.stages[0].activation_bytes == pytest.approx(16 * difference)
+
 def test_memory_cli(tmp_path):
     path = os.path.join(ROOT, "configs", "parallel", "mixtral_8x7b_pretrain_32p.yaml")
     out = subprocess.run([sys.executable, "-m", "mixtral_ms.commands.memory", "--config", path], cwd=ROOT,

@@ -42,6 +42,10 @@ def _check(record, shape):
         raise ValueError("tokens_per_expert must be a [layers][experts] table of numbers")
     if not (isinstance(dropped, list) and len(dropped) == len(load) and all(_number(v, False) for v in dropped)):
         raise ValueError(f"dropped_fraction must hold one number per layer ({len(load)})")
+    names = record.get("layers")  # written with a layer pattern: the model's layer of each row
+    if names is not None and not (isinstance(names, list) and len(names) == len(load) and
+                                  all(isinstance(v, int) and not isinstance(v, bool) for v in names)):
+        raise ValueError(f"layers must hold one layer index per row ({len(load)})")
     found = (len(load), len(load[0]))
     if shape is not None and found != shape:
         raise ValueError(f"{found[0]} layers x {found[1]} experts, but earlier records have {shape[0]} x {shape[1]}")
@@ -84,6 +88,7 @@ def plot(records, output):
     share = load / np.maximum(load.sum(-1, keepdims=True), 1)
     dropped = np.array([r["dropped_fraction"] for r in records], float)  # [T, L]
     layers, experts = share.shape[1], share.shape[2]
+    names = records[-1].get("layers") or list(range(layers))  # the model's layer index of each row
     x = edges(steps)
     ratios = [3, 1] * layers + [1.3]
     fig, axes = plt.subplots(len(ratios), 1, figsize=(11, 2.3 * layers + 2.2), sharex=True,
@@ -96,7 +101,7 @@ def plot(records, output):
                              vmax=vmax, shading="flat")
         ax.set_ylim(experts - 0.5, -0.5)
         ax.set_yticks(range(experts))
-        ax.set_ylabel(f"layer {layer}\nexpert")
+        ax.set_ylabel(f"layer {names[layer]}\nexpert")
         ax_drop.fill_between(steps, 100 * dropped[:, layer], color="crimson", alpha=0.3, step="mid")
         ax_drop.plot(steps, 100 * dropped[:, layer], color="crimson", drawstyle="steps-mid")
         ax_drop.set_ylim(0, max(5.0, 110 * float(dropped.max())))
@@ -136,7 +141,8 @@ def _main(argv=None) -> int:
     plot(records, args.output)
     last = records[-1]
     print(f"router at step {last['step']}: aux loss {last['aux_loss']:.4f}, z-loss {last['z_loss']:.3f}")
-    for layer, (row, frac) in enumerate(zip(last["tokens_per_expert"], last["dropped_fraction"])):
+    for layer, row, frac in zip(last.get("layers") or range(len(last["tokens_per_expert"])),
+                                last["tokens_per_expert"], last["dropped_fraction"]):
         print(f"  layer {layer}: tokens/expert {row} | dropped {100 * frac:.1f}%")
     print(f"wrote {args.output}")
     return 0

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional
 
 from mixtral_ms.outputs import stale, temp_path
-from mixtral_ms.model.schema import ModelDims, model_dims
+from mixtral_ms.model.schema import ModelDims, model_dims, moe_layers
 from mixtral_ms.parallel.layout import ParallelConfigError, ParallelLayout, from_run_config
 from mixtral_ms.parallel.plan import STATS_PREFIX, pass_capacity, plan_spec, replication
 
@@ -100,8 +100,8 @@ def _activations(d: ModelDims, layout: ParallelLayout, run_mode: str, stage: int
     Per layer and micro-batch, with T tokens per data-parallel rank, S tokens per row, b rows:
     hidden-sized tensors ~ 10 * T * H (norms, residuals, attention in/out, MoE in/out), q/k/v/context
     4 * T * nH * D / mp, scores and fp32 probabilities 3 * b * nH/mp * S^2 (x2 bytes for fp32), MoE
-    dispatch k*cf*T*f/mp slots of (2 H + 3 F/f) per device (every layer, dense ones too: an upper bound),
-    shared experts 3 * T * N*F_s / mp. 1F1B keeps pp - stage micro-batches in flight; recompute keeps only each layer's input plus one layer's full set (being recomputed). Predict: the KV cache
+    dispatch k*cf*T*f/mp slots of (2 H + 3 F/f) per device on MoE layers, a dense layer's MLP 3 * T * F / mp
+    instead, shared experts 3 * T * N*F_s / mp. 1F1B keeps pp - stage micro-batches in flight; recompute keeps only each layer's input plus one layer's full set (being recomputed). Predict: the KV cache
     for max_position_embeddings is counted instead (2 * L * b * nKV/mp * P * D).
     """
     c = DTYPE_BYTES[d.compute_dtype] if d.compute_dtype in DTYPE_BYTES else 2
@@ -111,18 +111,20 @@ def _activations(d: ModelDims, layout: ParallelLayout, run_mode: str, stage: int
     t = b * s
     if run_mode not in ("train", "finetune"):
         return 0.0
-    per_layer = c * (10 * t * d.hidden_size + 4 * t * d.num_attention_heads * d.head_dim / mp)
-    per_layer += (c + 4 + 4) * b * (d.num_attention_heads / mp) * s * s
+    common = c * (10 * t * d.hidden_size + 4 * t * d.num_attention_heads * d.head_dim / mp)
+    common += (c + 4 + 4) * b * (d.num_attention_heads / mp) * s * s
     # after the AllToAll a device holds E/ep experts x G/t groups x C slots = k*cf*t * f/mp slots
     slots = d.num_experts_per_tok * max(d.capacity_factor, 1.0) * t * f / mp
-    per_layer += c * slots * (2 * d.hidden_size + 3 * d.intermediate_size / f)
-    per_layer += c * 3 * t * d.num_shared_experts * d.shared_expert_intermediate_size / mp  # gate, up, product
+    moe = common + c * slots * (2 * d.hidden_size + 3 * d.intermediate_size / f)
+    moe += c * 3 * t * d.num_shared_experts * d.shared_expert_intermediate_size / mp  # gate, up, product
+    dense = common + c * 3 * t * d.intermediate_size / mp
     layers = layout.layers_per_stage
+    sparse = sum(1 for i in moe_layers(d) if layout.stage_of_layer(i) == stage)
     in_flight = layout.pipeline_stage - stage if layout.pipeline_stage > 1 else 1
     copies = in_flight * layout.micro_batch_interleave_num
     if recompute:  # layer inputs of every micro-batch in flight, one layer's full set while it is recomputed
-        return copies * layers * c * t * d.hidden_size + per_layer
-    return copies * layers * per_layer
+        return copies * layers * c * t * d.hidden_size + (moe if sparse else dense)
+    return copies * (sparse * moe + (layers - sparse) * dense)
 
 
 def kv_cache_bytes(d: ModelDims, layout: ParallelLayout, rows: int, positions: int) -> float:

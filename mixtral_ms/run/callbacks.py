@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import time
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mixtral_ms.checkpoint.name_map import FREEZE_MASK_PREFIX
 from mixtral_ms.model.losses import LOSS_TERMS
+from mixtral_ms.model.schema import moe_layers
 from mixtral_ms.run import RunError
 from mixtral_ms.run.wrapper import MixtralTrainOneStepCell, training_stats
 
@@ -169,7 +170,8 @@ class RouterStatsMonitor(_StepCounter):
     Appends one JSON object per logged step to `<output_dir>/router_stats.jsonl`:
       {"step", "tokens_per_expert": [L][E], "dropped_per_expert": [L][E], "dropped_fraction": [L],
        "aux_loss", "z_loss", "loss", "ce_loss", "overflow", "loss_scale"} (plus any further loss term
-    of the side channel, by name)
+    of the side channel, by name; L rows, one per MoE layer, and with a layer pattern `"layers"`: the
+    model's index of each row's layer)
     (a fresh run starts the file anew; a resumed run drops the records after its starting step), and
     prints a line per layer when `verbose`. `scripts/plot_router.py` turns the file into a heatmap.
     """
@@ -181,6 +183,7 @@ class RouterStatsMonitor(_StepCounter):
         self.log_interval = max(1, int(log_interval))
         self.verbose = bool(verbose)
         self.active = True
+        self.layers: Optional[List[int]] = None  # the model's layer of each row, when not every layer is MoE
 
     def on_train_begin(self, run_context):
         super().on_train_begin(run_context)
@@ -190,6 +193,10 @@ class RouterStatsMonitor(_StepCounter):
             print("RouterStatsMonitor: the train network holds no MixtralForCausalLM; no router statistics",
                   file=sys.stderr, flush=True)
             return
+        stats = training_stats(network)
+        model = next(cell for _, cell in network.cells_and_names() if getattr(cell, "training_stats", None) is stats)
+        sparse = list(moe_layers(model.config))
+        self.layers = sparse if sparse != list(range(model.config.num_hidden_layers)) else None
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         kept = []
         if self.offset and os.path.isfile(self.path):
@@ -218,12 +225,14 @@ class RouterStatsMonitor(_StepCounter):
             "aux_loss": terms.pop("aux_loss"), "z_loss": terms.pop("z_loss"),
             "loss": loss, "ce_loss": terms.pop("ce_loss"), "overflow": overflow, "loss_scale": scale, **terms,
         }
+        if self.layers is not None:
+            record["layers"] = self.layers
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.verbose:
             width = len(str(int(load.max()))) if load.size else 1
             lines = [f"  router step {step} | aux {record['aux_loss']:.4f} | z {record['z_loss']:.3f}"]
-            for layer, (row, frac) in enumerate(zip(load.astype(int), fraction)):
+            for layer, row, frac in zip(self.layers or range(len(load)), load.astype(int), fraction):
                 counts = " ".join(f"{int(c):>{width}d}" for c in row)
                 lines.append(f"    layer {layer}: tokens/expert [{counts}] | dropped {100 * frac:.1f}%")
             print("\n".join(lines), file=sys.stdout, flush=True)
