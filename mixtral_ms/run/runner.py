@@ -286,20 +286,18 @@ def execute(args: argparse.Namespace) -> None:
     YAML's values, the arguments and the output folder are checked before MindFormers is imported;
     MindFormers' log folder (LOCAL_DEFAULT_PATH, read at import) is put under the run's output_dir."""
     raw = read_run_yaml(args.config)  # the only read: base_config: files merged
-    settings = _check_before_import(args, raw)
+    decoding = _check_before_import(args, raw)
     output_dir = run_checks.output_dir(args.output_dir, raw)
     if (args.run_mode or raw.get("run_mode")) == "eval":  # where the result goes: known before any forward pass
         outputs.file_target(args.eval_output or os.path.join(output_dir, "eval.json"), "eval output")
     run_checks.prepare_output_dir(output_dir)
     os.environ.setdefault("LOCAL_DEFAULT_PATH", os.path.abspath(output_dir))
+    nested = {"train_dataset.data_loader.dataset_dir": args.train_dataset, "runner_config.epochs": args.epochs}
     run = load_run(raw, {"run_mode": args.run_mode, "load_checkpoint": args.load_checkpoint,
-                         "resume_training": args.resume_training, "output_dir": args.output_dir})
+                         "resume_training": args.resume_training, "output_dir": args.output_dir},
+                   {key: value for key, value in nested.items() if value})  # the command line, in one place
     config = run.config
     run_checks.check_distributed_launch(config)  # after the YAML check: a bad layout is named first
-    if args.train_dataset:
-        config.train_dataset.data_loader.dataset_dir = args.train_dataset
-    if args.epochs:
-        config.runner_config.epochs = args.epochs
     for callback in config.callbacks or []:
         if callback.get("type") == "RouterStatsMonitor" and (args.output_dir or "output_dir" not in callback):
             callback["output_dir"] = config.output_dir
@@ -322,7 +320,7 @@ def execute(args: argparse.Namespace) -> None:
         run_eval(config, lambda checkpoint: build_model(run, checkpoint), args.eval_dataset, args.eval_output,
                  args.eval_samples)
     else:
-        predict(run, args.predict_data, settings, args.instruct)
+        predict(run, args.predict_data, decoding, args.instruct)
 
 
 def _positive(text: str) -> int:
