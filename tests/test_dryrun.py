@@ -144,13 +144,6 @@ def test_training_moe_with_model_parallel_needs_sequence_parallel():
     (["--config", "nope.yaml"], "no config file nope.yaml"),
     (["--matrix", "--rows", "dp3"], "no matrix row 'dp3'"),
     (["--matrix", "--set", "parallel_config"], "--set takes section.key=value"),
-    (["--config", "configs/parallel/mixtral_8x7b_pretrain_8p.yaml", "--rank", "8"], "--rank 8 is outside"),
-    (["--config", "configs/parallel/mixtral_8x7b_pretrain_32p.yaml", "--layers", "6"],
-     "num_hidden_layers (6) is not divisible by pipeline_stage (4)"),
-    (["--matrix", "--rows", "dp4-mp2-ep2", "--set",
-      "runner_wrapper.distill={teacher: t, teacher_config: configs/compress/dense_tiny_cpu.yaml}"],
-     "runner_wrapper.distill: the teacher does not fit the student's layout: model.layers.0.block_sparse_moe."
-     "to_experts: dimension 1 of (4, 1, 128, 128) not divisible by 2"),
     (["--config", "configs/parallel/mixtral_8x7b_pretrain_8p.yaml", "--rank", "1", "--all-stages"],
      "not allowed with argument"),
 ])
@@ -159,6 +152,26 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
                          capture_output=True, text=True)
     lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr[-2000:]
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "configs/parallel/mixtral_8x7b_pretrain_8p.yaml", "--rank", "8"], "--rank 8 is outside"),
+    (["--config", "configs/parallel/mixtral_8x7b_pretrain_32p.yaml", "--layers", "6"],
+     "num_hidden_layers (6) is not divisible by pipeline_stage (4)"),
+    (["--matrix", "--rows", "dp4-mp2-ep2", "--set",
+      "runner_wrapper.distill={teacher: t, teacher_config: configs/compress/dense_tiny_cpu.yaml}"],
+     "runner_wrapper.distill: the teacher does not fit the student's layout: model.layers.0.block_sparse_moe."
+     "to_experts: dimension 1 of (4, 1, 128, 128) not divisible by 2"),
+])
+def test_bad_layouts_are_one_line_and_exit_2(args, message, tmp_path, capsys, monkeypatch):
+    """The refusals that need the YAML read as a run reads it (MindFormers imported): the same command line
+    (mixtral-ms-dryrun's main, under cli.run) in this process, where MindFormers is already imported."""
+    from mixtral_ms.commands.dryrun import main
+    monkeypatch.chdir(ROOT)
+    assert main([*args, "--output", str(tmp_path / "out")]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 
 
