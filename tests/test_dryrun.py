@@ -24,12 +24,18 @@ TINY = dict(vocab_size=2000, hidden_size=128, intermediate_size=256, num_hidden_
             num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, seq_length=64)
 
 
+# The suite's rows: every row but the plain dp4-mp2-ep2, whose mp, ep and dp splits each recur in a row that
+# adds more (the suite's 10-minute budget); `python bench/bench_dryrun.py --matrix` compiles all of them.
+SUITE_ROWS = [row for row in TINY_MATRIX if row != "dp4-mp2-ep2"]
+
+
 @pytest.fixture(scope="session")
 def matrix(tmp_path_factory):
-    """Starts `scripts/dryrun.py --matrix --json` in the background; yields (process, json path, output folder)."""
+    """Starts `scripts/dryrun.py --matrix --rows SUITE_ROWS --json` in the background; yields (process, json
+    path, output folder)."""
     out = tmp_path_factory.mktemp("dryrun")
-    proc = subprocess.Popen([sys.executable, DRYRUN, "--matrix", "--output", str(out / "graphs"), "--json",
-                             str(out / "matrix.json")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([sys.executable, DRYRUN, "--matrix", "--rows", ",".join(SUITE_ROWS), "--output",
+                             str(out / "graphs"), "--json", str(out / "matrix.json")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     yield proc, out / "matrix.json", out
     if proc.poll() is None:
@@ -182,7 +188,7 @@ def test_bad_layouts_are_one_line_and_exit_2(args, message, tmp_path, capsys, mo
 def test_matrix_every_row_and_stage_compiles_and_agrees(matrix_results):
     results, output = matrix_results
     rows = {row for row, _ in results}
-    assert rows == set(TINY_MATRIX), output[-2000:]
+    assert rows == set(SUITE_ROWS), output[-2000:]
     for (row, rank), r in results.items():
         assert r["compiled"], (row, rank, r["error"])
         assert not r["mismatches"], (row, r["mismatches"])
@@ -193,8 +199,8 @@ def test_matrix_every_row_and_stage_compiles_and_agrees(matrix_results):
 
 def test_matrix_pipeline_rows_compile_every_stage_with_send_and_receive(matrix_results):
     results, _ = matrix_results
-    for row, settings in TINY_MATRIX.items():
-        stages = settings.get("parallel_config.pipeline_stage", 1)
+    for row in SUITE_ROWS:
+        stages = TINY_MATRIX[row].get("parallel_config.pipeline_stage", 1)
         ranks = sorted(rank for r, rank in results if r == row)
         assert len(ranks) == stages, (row, ranks)
         for rank in ranks:

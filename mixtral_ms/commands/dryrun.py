@@ -4,7 +4,7 @@ would, with MindSpore's own parallel compiler (DryRun, a stand-in CANN built on 
   python scripts/dryrun.py --config configs/parallel/mixtral_8x7b_pretrain_32p.yaml --all-stages --layers 4
   python scripts/dryrun.py --config configs/parallel/mixtral_8x7b_pretrain_8p.yaml --rank 3
   python scripts/dryrun.py --config configs/parallel/dryrun/mixtral_tiny_8p.yaml --set parallel_config.expert_parallel=4
-  python scripts/dryrun.py --matrix              # the tiny layout matrix the test suite compiles
+  python scripts/dryrun.py --matrix              # the tiny layout matrix (the suite compiles all but its plain row)
 
 Per rank it prints whether the graph compiled (or the first error), the strategy file written, the
 communication operators the compiler inserted by kind, whether the expert exchange is the AllToAll the plan

@@ -73,8 +73,8 @@ _MOE_MODEL_KEYS = {"expert_num": "num_local_experts", "num_experts_chosen": "num
 _MOE_IGNORED_KEYS = {"aux_loss_factor", "routing_policy", "norm_topk_prob", "enable_sdrop", "router_dense_type"}
 
 # What `MindFormerConfig(path)` writes into `moe_config` for every key the YAML leaves out (MindFormers 1.9
-# tools/register/template.py MoEConfig; a test keeps them equal). A key at this value asks for nothing, so
-# the check skips it: run_mixtral.py hands the check a MindFormerConfig, never the bare YAML.
+# tools/register/template.py MoEConfig; a test keeps them equal). A key at this value asks for nothing and
+# the check skips it, so a MindFormerConfig (template applied) and the bare YAML validate alike.
 MOE_TEMPLATE_DEFAULTS: Dict[str, Any] = {
     "expert_num": 1, "capacity_factor": 1.1, "aux_loss_factor": 0.05, "num_experts_chosen": 1,
     "expert_group_size": None, "group_wise_a2a": False, "comp_comm_parallel": False, "comp_comm_parallel_degree": 2,

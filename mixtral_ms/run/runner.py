@@ -1,8 +1,9 @@
 """Building and executing a run from a MindFormers YAML: what scripts/run_mixtral.py calls.
 
-A run reads its YAML once (MindFormers' reader, so `base_config:` inheritance resolves), checks it
-(mixtral_ms/run/yaml_check.py), builds its MixtralConfig once, and with `use_parallel` validates the
-layout before the model is built from the config and the layout together. Training goes through
+A run reads its YAML once (run/run_yaml.py: `base_config:` merged as MindFormers' reader merges it), applies
+the command line in one place, checks the values before MindFormers is imported (run/checks.py) and the
+structure, model config and layout once after (run/yaml_check.py), and builds the model from the config and
+the layout together. Training goes through
 `mindformers.Trainer` with the YAML's wrapper, optimizer, schedule and callbacks; predict tokenizes with
 the SentencePiece model, left-pads the prompts and decodes with the KV cache (mixtral_ms/inference).
 """
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # importing MixtralConfig imports MindFormers (seconds): not 
     from mixtral_ms.model.configuration import MixtralConfig
 
 GENERATION_KEYS = {"max_new_tokens": int, "do_sample": bool, "temperature": float, "top_k": int, "top_p": float}
+
 
 @dataclasses.dataclass
 class Run:
