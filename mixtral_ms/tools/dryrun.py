@@ -408,8 +408,9 @@ def compile_rank(config: str, rank: int, devices: int, output_dir: str, settings
 TINY_CONFIG = "configs/parallel/dryrun/mixtral_tiny_8p.yaml"
 # The tiny matrix: overrides of TINY_CONFIG (dp4 mp2 ep2, sequence parallel, AllToAll, optimizer shard,
 # recompute, bf16 parameters and compute), each row a layout plus features the cluster path must compile
-# (combined, as each compile costs ~30 s). Rows with pipeline stages compile every stage.
-_ONE_LAYER = {"model.model_config.num_hidden_layers": 1}  # every row but the pipeline's: compile time halves
+# (combined, since every row is a compile of its own: times in docs/parallel.md, "Dry run"). Rows with
+# pipeline stages compile every stage.
+_ONE_LAYER = {"model.model_config.num_hidden_layers": 1}  # every row but the pipeline's: a shorter compile
 TINY_MATRIX: Dict[str, Dict[str, Any]] = {
     "dp4-mp2-ep2": {**_ONE_LAYER},
     "dp8-ep8-offload-fp32-norecompute-freeze-distill": {
