@@ -12,7 +12,7 @@ from mindformers import MindFormerConfig
 
 from mixtral_ms import ConfigError, MixtralConfig, MixtralForCausalLM
 from mixtral_ms.model.losses import LOSS_TERMS, TrainingStats
-from mixtral_ms.run.wrapper import MixtralTrainOneStepCell, interleave_num, prepare_wrapper, training_stats
+from mixtral_ms.run.wrapper import MixtralTrainOneStepCell, interleave_num, prepare_wrapper, side_channel_model
 
 # capacity 1.1: the training forward drops assignments, so `dropped` is not all zeros
 CONFIG = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
@@ -101,8 +101,8 @@ def test_channel_reset_and_all_reduce_write_every_parameter():
 def test_the_channel_is_found_through_wrappers():
     model = MixtralForCausalLM(MixtralConfig(**CONFIG))
     interleaved = nn.MicroBatchInterleaved(model, 2)
-    assert training_stats(interleaved) is model.training_stats and interleave_num(interleaved) == 2
-    assert training_stats(nn.Dense(2, 2)) is None and interleave_num(model) == 1
+    assert side_channel_model(interleaved) is model and interleave_num(interleaved) == 2
+    assert side_channel_model(nn.Dense(2, 2)) is None and interleave_num(model) == 1
     assert [p.name for p in model.training_stats.get_parameters()][:3] == [f"training_stats.{t}" for t in LOSS_TERMS]
     dense = nn.Dense(2, 2)
     with pytest.raises(ConfigError, match="needs a network holding MixtralForCausalLM"):

@@ -35,7 +35,7 @@ from mixtral_ms.checkpoint.name_map import FREEZE_MASK_PREFIX
 from mixtral_ms.model.losses import LOSS_TERMS
 from mixtral_ms.model.schema import moe_layers
 from mixtral_ms.run import RunError
-from mixtral_ms.run.wrapper import MixtralTrainOneStepCell, training_stats
+from mixtral_ms.run.wrapper import MixtralTrainOneStepCell, side_channel_model
 
 
 def step_stats(cb_params) -> Optional[dict]:
@@ -46,11 +46,10 @@ def step_stats(cb_params) -> Optional[dict]:
     if cached is not None and cached[0] == step:
         return cached[1]
     network = cb_params.get("train_network", None)
-    stats = training_stats(network) if network is not None else None
-    values = stats.read_and_reset() if stats is not None else None
+    model = side_channel_model(network) if network is not None else None
+    values = model.training_stats.read_and_reset() if model is not None else None
     if values is not None and not isinstance(network, MixtralTrainOneStepCell):
         # another wrapper: aux-loss-free balancing's once-per-step bias update is done here, on the load read
-        model = next(cell for _, cell in network.cells_and_names() if getattr(cell, "training_stats", None) is stats)
         if model.bias_rate > 0:
             keep = 0.0 if _outputs(cb_params)[1] else 1.0
             model.update_expert_bias(Tensor(values["expert_load"]), Tensor(keep, ms.float32))
@@ -188,13 +187,12 @@ class RouterStatsMonitor(_StepCounter):
     def on_train_begin(self, run_context):
         super().on_train_begin(run_context)
         network = run_context.original_args().get("train_network", None)
-        self.active = network is not None and training_stats(network) is not None
+        model = side_channel_model(network) if network is not None else None
+        self.active = model is not None
         if not self.active:
             print("RouterStatsMonitor: the train network holds no MixtralForCausalLM; no router statistics",
                   file=sys.stderr, flush=True)
             return
-        stats = training_stats(network)
-        model = next(cell for _, cell in network.cells_and_names() if getattr(cell, "training_stats", None) is stats)
         sparse = list(moe_layers(model.config))
         self.layers = sparse if sparse != list(range(model.config.num_hidden_layers)) else None
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)

@@ -29,10 +29,11 @@ from mixtral_ms.run.freeze import FrozenParameters
 _DYNAMIC_SCALE_DEFAULTS = {"loss_scale_value": 2.0 ** 16, "scale_factor": 2, "scale_window": 1000}
 
 
-def training_stats(network: nn.Cell) -> Optional[TrainingStats]:
-    """The side channel inside `network`, whatever wraps the model (None if it holds none)."""
+def side_channel_model(network: nn.Cell) -> Optional[nn.Cell]:
+    """The model inside `network` that holds the side channel (`training_stats`), whatever wraps it; None
+    if there is none."""
     for _, cell in network.cells_and_names():
-        if isinstance(cell, TrainingStats):
+        if isinstance(getattr(cell, "training_stats", None), TrainingStats):
             return cell
     return None
 
@@ -69,7 +70,7 @@ class MixtralTrainOneStepCell(nn.Cell):
     micro-batches and interleaved copies), overflow True when the update was skipped, loss_scale the
     scale the next step uses (saved in checkpoints for a resume), global_norm the gradient norm before
     clipping. The step's CE, aux and z loss, tokens per expert and dropped assignments per layer are in
-    the model's side channel (`training_stats(network)`) for MixtralProgressMonitor and RouterStatsMonitor.
+    the model's side channel (`side_channel_model(network).training_stats`) for MixtralProgressMonitor and RouterStatsMonitor.
 
     `freeze`: experts, router rows and non-MoE weights that training must leave bit-identical
     (run/freeze.py): their gradients are zeroed before the norm and their update is masked.
@@ -104,8 +105,7 @@ class MixtralTrainOneStepCell(nn.Cell):
         """`_framework_args`: what MindFormers' trainer passes every wrapper (calculate_per_token_loss,
         print_separate_loss, grouped_lr_scheduler, ...); YAML keys are checked by yaml_check.check_config."""
         super().__init__(auto_prefix=False)
-        model = next((cell for _, cell in network.cells_and_names()
-                      if isinstance(getattr(cell, "training_stats", None), TrainingStats)), None)
+        model = side_channel_model(network)
         if model is None:
             raise ConfigError("MixtralTrainOneStepCell needs a network holding MixtralForCausalLM (its side channel)")
         network = install(network, model, check_distill(distill, model.config))
