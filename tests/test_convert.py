@@ -17,7 +17,7 @@ from conftest import FIXTURES, ROOT
 from mixtral_ms.checkpoint import convert
 from mixtral_ms.cli import BadInput
 from mixtral_ms.checkpoint.convert import hf2ms, ms2hf, plan
-from mixtral_ms.checkpoint.name_map import TRAINING_STATE_PREFIXES, count_parameters, hf_to_ms, ms_to_hf, parameter_specs
+from mixtral_ms.checkpoint.name_map import count_parameters, hf_to_ms, is_training_state, ms_to_hf, parameter_specs
 from mixtral_ms.checkpoint.safetensors_io import (CheckpointError, TensorInfo, bf16_to_f32, f32_to_bf16, open_checkpoint,
                                        read_header, to_numpy, write_safetensors)
 from test_config import HF_8X7B
@@ -205,11 +205,11 @@ def test_converted_fixture_matches_hf_logits_through_mindspore_and_mindformers_l
     model = MixtralForCausalLM(MixtralConfig.from_hf_dir(dst))
     model.set_train(False)
     loaded = ms_load_folder(dst)  # 1) mindspore.load_checkpoint per shard + load_param_into_net
-    weights = {p.name for p in model.get_parameters() if not p.name.startswith(TRAINING_STATE_PREFIXES)}
+    weights = {p.name for p in model.get_parameters() if not is_training_state(p.name)}
     assert set(loaded) == weights  # the training side channel is not a weight
     assert tuple(loaded["model.layers.1.block_sparse_moe.experts.w2"].shape) == (8, 64, 96)
     not_loaded, _ = ms.load_param_into_net(model, loaded, strict_load=True)
-    assert all(name.startswith(TRAINING_STATE_PREFIXES) for name in not_loaded)
+    assert all(is_training_state(name) for name in not_loaded)
     np.testing.assert_allclose(model(ids)[0].asnumpy(), golden["logits"], atol=1e-4, rtol=0)
     # 2) MindFormers: `load_checkpoint: <folder>` with `load_ckpt_format: safetensors`
     fresh = MixtralForCausalLM(MixtralConfig.from_hf_dir(dst))

@@ -13,9 +13,10 @@ from mindspore import Tensor
 
 from mixtral_ms import ConfigError, MixtralConfig, MixtralForCausalLM
 from mixtral_ms.model.moe import MixtralSparseMoeBlock
-from mixtral_ms.checkpoint.name_map import parameter_specs
-from mixtral_ms.parallel.layout import ParallelConfigError, validate
-from mixtral_ms.parallel.plan import STATS_PREFIX, apply_plan, plan_spec
+from mixtral_ms.checkpoint.name_map import is_training_state, parameter_specs
+from mixtral_ms.checkpoint.safetensors_io import open_checkpoint
+from mixtral_ms.parallel.layout import validate
+from mixtral_ms.parallel.plan import STATS_PREFIX, apply_plan
 
 BASE = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, num_local_experts=4, max_position_embeddings=64, initializer_range=0.5,
@@ -108,8 +109,9 @@ def test_bias_moves_once_per_step_by_the_whole_steps_load():
 
 
 def test_bias_moves_in_the_callbacks_under_another_wrapper():
-    """MindSpore's TrainOneStepCell (no update of ours): the callbacks' once-per-step read of the side channel
-    moves the bias by the load it read, once, however many callbacks ask."""
+    """MindSpore's TrainOneStepCell (no update of ours; MindFormers' pipeline wrapper is such a wrapper): the
+    callbacks' once-per-step read moves each router's bias, once, however many callbacks ask, by the tokens it
+    counted, which are the side channel's load."""
     from types import SimpleNamespace
     from mixtral_ms.run.callbacks import step_stats
 
@@ -127,8 +129,9 @@ def test_bias_moves_in_the_callbacks_under_another_wrapper():
     step_stats(cb)
     expected = 0.5 * np.sign(load.mean(-1, keepdims=True) - load)
     assert np.abs(expected).max() > 0
-    np.testing.assert_array_equal(model.model.layers[0].block_sparse_moe.gate.e_score_correction_bias.asnumpy(),
-                                  expected[0])
+    gate = model.model.layers[0].block_sparse_moe.gate
+    np.testing.assert_array_equal(gate.e_score_correction_bias.asnumpy(), expected[0])
+    assert not gate.tokens_per_expert.asnumpy().any()  # the router's count restarts
 
 
 def _aux_reference(logits, bias, mask, k, sigmoid, scope, step_load=None):
@@ -203,21 +206,26 @@ def test_checkpoint_names_config_json_and_a_checkpoint_without_the_bias(tmp_path
             "model.layers.0.mlp.up_proj.weight"} <= names
     ms.set_seed(0)
     model = MixtralForCausalLM(config)
-    assert names == {q.name for q in model.get_parameters() if not q.name.startswith(STATS_PREFIX)}
+    assert names == {q.name for q in model.get_parameters() if not is_training_state(q.name)}
     hf = config.to_hf_config()
     again = MixtralConfig.from_hf_config(json.loads(json.dumps(hf)))
     options = {"router_bias_update_rate": 0.01, "router_aux_loss_scope": "sequence", "num_shared_experts": 2,
                "shared_expert_intermediate_size": 8, "shared_expert_gate": True, "mlp_only_layers": [0]}
     assert {k: getattr(again, k) for k in options} == options
     assert "router_bias_update_rate" not in _config().to_hf_config()
-    model.model.layers[1].block_sparse_moe.gate.e_score_correction_bias.set_data(Tensor(np.arange(4, dtype=np.float32)))
-    with open(tmp_path / "config.json", "w") as f:  # the converter's round trip keeps every tensor, bias included
+    gate = model.model.layers[1].block_sparse_moe.gate
+    gate.e_score_correction_bias.set_data(Tensor(np.arange(4, dtype=np.float32)))
+    gate.tokens_per_expert.set_data(Tensor(np.array([5, 0, 3, 0], np.float32)))  # a step's count: training state
+    with open(tmp_path / "config.json", "w") as f:  # the converter's round trip keeps every weight, bias included
         json.dump(hf, f)
     ms.save_checkpoint([{"name": q.name, "data": q.value()} for q in model.get_parameters()], str(tmp_path / "o.ckpt"))
     ms2hf(str(tmp_path / "o.ckpt"), str(tmp_path / "hf"), config_path=str(tmp_path / "config.json"))
+    assert not any("tokens_per_expert" in name for name in open_checkpoint(str(tmp_path / "hf")))
     back = MixtralForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    assert not back.model.layers[1].block_sparse_moe.gate.tokens_per_expert.asnumpy().any()
     for q, r in zip(model.get_parameters(), back.get_parameters()):
-        assert q.name == r.name and np.array_equal(q.asnumpy(), r.asnumpy()), q.name
+        assert q.name == r.name
+        assert is_training_state(q.name) or np.array_equal(q.asnumpy(), r.asnumpy()), q.name
     plain = MixtralForCausalLM(_config(mlp_only_layers=[0], **SHARED))
     path = str(tmp_path / "plain.ckpt")
     ms.save_checkpoint([{"name": q.name, "data": q.value()} for q in plain.get_parameters()], path)
@@ -250,7 +258,7 @@ def test_layer_pattern_dense_layers_are_mistral_mlps():
     assert router_logits.shape == (1, 16, 4) and load.shape == (1, 4) and load.asnumpy().sum() == 32
 
 
-def test_plan_covers_the_options_and_refuses_the_bias_under_a_pipeline():
+def test_plan_covers_the_options_and_stages_each_routers_bias_with_it():
     options = dict(router_bias_update_rate=0.01, router_score_function="sigmoid", router_aux_loss_scope="global_batch",
                    moe_layer_freq=2, **SHARED)
     semi = {"parallel_mode": 1, "enable_alltoall": True, "full_batch": True}
@@ -259,11 +267,17 @@ def test_plan_covers_the_options_and_refuses_the_bias_under_a_pipeline():
     table = apply_plan(model, layout)  # every primitive and parameter planned, strategies checked
     assert table["model.layers.1.block_sparse_moe.gate.bias_step"].strategy == ((1,), (1,))
     assert table["model.layers.1.block_sparse_moe.shared_expert.down_proj.matmul"].strategy == ((2, 2), (1, 2))
-    assert table["step_load_sum"].strategy == ((1, 1),) and table["step_load_sum"].shapes == ((1, 4),)
+    stats = STATS_PREFIX + "step_load_sum"
+    assert table[stats].strategy == ((1, 1),) and table[stats].shapes == ((1, 4),)
     assert table["model.layers.0.mlp.down_proj.matmul"].strategy == ((2, 2), (1, 2))  # layer 0 dense
-    piped = validate({"data_parallel": 1, "pipeline_stage": 2, "micro_batch_num": 2}, semi, {**BASE, **options}, 2)
-    with pytest.raises(ParallelConfigError, match="router_bias_update_rate needs pipeline_stage 1"):
-        plan_spec(_config(**options), piped)
+    every_layer = {k: v for k, v in options.items() if k != "moe_layer_freq"}
+    piped = validate({"data_parallel": 1, "pipeline_stage": 2, "micro_batch_num": 2}, semi, {**BASE, **every_layer}, 2)
+    table = apply_plan(MixtralForCausalLM(_config(**every_layer, **piped.model_fields())), piped)
+    for layer in (0, 1):  # each router's bias, count and their updates on the router's own stage
+        gate = f"model.layers.{layer}.block_sparse_moe.gate."
+        assert {table[gate + n].stage for n in ("e_score_correction_bias", "tokens_per_expert", "count",
+                                                "zero_count", "bias_step")} == {layer}
+    assert table[STATS_PREFIX + "expert_load"].stage == table[STATS_PREFIX + "step_load_add"].stage == 1
 
 
 @pytest.mark.parametrize("change,message", [

@@ -629,12 +629,16 @@ def test_msrun_wrapper_data_parallel_equals_one_process(dp_launch):
     without accumulation takes the same all-reduce path, once): gradients all-reduced (mean) before the
     overflow check and clipping, so both ranks see the single-process global norm, skip nothing, and end with
     the parameters one process gets on the whole batch; the side channel holds the global batch's statistics
-    on every rank."""
+    on every rank. The aux loss over the global batch reads every rank's tokens so far in each pass, and the
+    router bias moves by every rank's count: one process whose micro-batch i holds both ranks' micro-batch i
+    gives the same aux loss, biases and parameters."""
     accumulation = 2
     from dist.dp_train_check import WRAPPER_BATCH, train_wrapper, wrapper_setup
     ms.set_context(mode=ms.PYNATIVE_MODE)
     model, step, batches = wrapper_setup(accumulation)
-    ref = train_wrapper(step, model, batches, WRAPPER_BATCH, 0)
+    steps, rows, tokens = batches.shape  # rank r's micro-batch i is row r * rows / 2 + i
+    passes = batches.reshape(steps, 2, accumulation, rows // (2 * accumulation), tokens).swapaxes(1, 2)
+    ref = train_wrapper(step, model, passes.reshape(steps, rows, tokens), WRAPPER_BATCH, 0)
     reference = {p.name: p.asnumpy() for p in model.trainable_params()}
     work = _launch_results(dp_launch)
     name = "wrapper_accum_"
@@ -647,6 +651,9 @@ def test_msrun_wrapper_data_parallel_equals_one_process(dp_launch):
         assert r["load"] == ref["load"]  # global counts
         assert r["passes"] == [2.0 * accumulation] * len(batches)  # both ranks' passes
         np.testing.assert_allclose(r["ce"], ref["ce"], rtol=1e-5)
+        np.testing.assert_allclose(r["aux"], ref["aux"], rtol=1e-5)
+        assert r["bias"] == ref["bias"]  # moves of whole multiples of the rate, by the global counts
+    assert np.abs(ref["bias"][-1]).max() > 0
     np.testing.assert_allclose(np.mean([r["losses"] for r in ranks], axis=0), ref["losses"], rtol=1e-5)
     for key, value in reference.items():
         np.testing.assert_array_equal(params[0][key], params[1][key])

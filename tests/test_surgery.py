@@ -14,7 +14,7 @@ from mindspore import Tensor
 from conftest import FIXTURES, ROOT, USER_ENV
 from mixtral_ms import MixtralForCausalLM
 from mixtral_ms.checkpoint.convert import hf2ms
-from mixtral_ms.checkpoint.name_map import TRAINING_STATE_PREFIXES, parameter_specs
+from mixtral_ms.checkpoint.name_map import is_training_state, parameter_specs
 from mixtral_ms.checkpoint.safetensors_io import open_checkpoint, to_numpy, write_safetensors
 from test_convert import leftovers, snapshot, tensors_bytes
 
@@ -345,7 +345,7 @@ def test_training_checkpoint_file_with_the_run_yaml(tmp_path):
     from test_training import write_yaml
     cfg = write_yaml(str(tmp_path), tmp_path / "unused.mindrecord")
     model = runner.build_model(runner.load_run(cfg), None)
-    params = {p.name: p.asnumpy() for p in model.get_parameters() if not p.name.startswith(TRAINING_STATE_PREFIXES)}
+    params = {p.name: p.asnumpy() for p in model.get_parameters() if not is_training_state(p.name)}
     state = [{"name": n, "data": ms.Tensor(v)} for n, v in params.items()]
     state += [{"name": p.name, "data": p.value()} for p in model.get_parameters() if p.name not in params]
     state += [{"name": "adam_m." + n, "data": ms.Tensor(np.ones_like(v))} for n, v in params.items()]

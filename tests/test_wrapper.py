@@ -79,13 +79,18 @@ def test_the_step_leaves_its_own_micro_batches_in_the_channel():
 
 def test_channel_reset_and_all_reduce_write_every_parameter():
     """The two in-graph calls the wrapper makes per step, on known values: all_reduce replaces each
-    Parameter by the given reduction of it (a stand-in for AllReduce's sum over 3 ranks), reset zeroes them."""
+    Parameter by its sum over ranks (a stand-in for AllReduce over 3 ranks; stand-alone there is none), reset
+    zeroes them; step_load, inside the forward, is the step's load so far over every rank, pooled over layers."""
     stats = TrainingStats(2, 3, LOSS_TERMS + ("kd_loss",))
+    assert stats.rank_sum is None  # one process: its counts are the step's
     load = np.array([[3, 0, 1], [2, 2, 0]], np.float32)
     dropped = np.array([[1, 0, 0], [0, 1, 0]], np.float32)
     for terms in ((2.0, 1.0, 0.5, 0.25), (4.0, 3.0, 1.5, 0.75)):
         stats(tuple(Tensor(t, ms.float32) for t in terms), Tensor(load), Tensor(dropped))
-    stats.all_reduce(lambda x: 3 * x)
+    np.testing.assert_array_equal(stats.step_load(Tensor(load)).asnumpy(), 3 * load.sum(0))
+    stats.rank_sum = lambda x: 3 * x
+    np.testing.assert_array_equal(stats.step_load(Tensor(load)).asnumpy(), 9 * load.sum(0))
+    stats.all_reduce()
     values = stats.read_and_reset()
     assert values["passes"] == 6.0
     assert values["terms"] == {"ce_loss": 3.0, "aux_loss": 2.0, "z_loss": 1.0, "kd_loss": 0.5}  # means stay means

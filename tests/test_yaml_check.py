@@ -145,6 +145,13 @@ def test_typos_are_one_line_naming_the_yaml_path(settings, message):
      "scale_window: ...}"),
     ({"runner_wrapper.freeze": {"bogus": 1}},
      "runner_wrapper.freeze: unknown key(s) ['bogus'] (known: ['experts', 'router_rows', 'non_moe'])"),
+    ({"parallel_config.pipeline_stage": 2, "model.model_config.router_bias_update_rate": 0.001,
+      "callbacks": [{"type": "CheckpointMonitor"}]},
+     "model.model_config.router_bias_update_rate: under pipeline_stage > 1 the routers' biases move in the callbacks' "
+     "once-per-step read; add MixtralProgressMonitor or RouterStatsMonitor to callbacks"),
+    ({"runner_wrapper.type": "TrainOneStepCell", "model.model_config.router_bias_update_rate": 0.001, "callbacks": []},
+     "model.model_config.router_bias_update_rate: under runner_wrapper 'TrainOneStepCell' the routers' biases move "
+     "in the callbacks' once-per-step read; add MixtralProgressMonitor or RouterStatsMonitor to callbacks"),
 ], ids=lambda v: str(v)[:50] if isinstance(v, dict) else None)
 def test_sections_that_cannot_run_are_one_line(settings, message):
     assert _refusal(_changed(TINY, settings)) == message
@@ -155,7 +162,10 @@ def test_sections_that_can_run():
                      {"runner_wrapper.scale_sense": {"type": "DynamicLossScaleUpdateCell", "loss_scale_value": 1024,
                                                      "scale_factor": 2, "scale_window": 1000}},
                      {"callbacks": [{"type": "MixtralCheckpointMonitor", "save_checkpoint_steps": 5,
-                                     "max_weight_abs": 1.0}]}):
+                                     "max_weight_abs": 1.0}]},
+                     {"model.model_config.router_bias_update_rate": 0.001, "callbacks": []},  # moved in-graph
+                     {"model.model_config.router_bias_update_rate": 0.001, "parallel_config.pipeline_stage": 2,
+                      "callbacks": [{"type": "RouterStatsMonitor"}]}):
         assert type(check_config(_changed(TINY, settings)).model_config) is MixtralConfig, settings
 
 

@@ -37,7 +37,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
-from mixtral_ms.checkpoint.name_map import TRAINING_STATE_PREFIXES, hf_sources, is_ms_layout, ms_tensors
+from mixtral_ms.checkpoint.name_map import (TRAINING_STATE_SUFFIXES, hf_sources, is_ms_layout, is_training_state,
+                                             ms_tensors)
 from mixtral_ms.outputs import replace_folder, temp_path
 from mixtral_ms.checkpoint.safetensors_io import DTYPE_BYTES, ArrayTensor, CheckpointError, TensorInfo
 
@@ -117,7 +118,7 @@ class Strategy:
     def check_model(self, weights: Mapping[str, Sequence[int]]) -> None:
         """The strategy covers every weight of the model (name -> full shape), names nothing else, and
         divides every shape."""
-        names = {n for n in self.layouts if not n.startswith(TRAINING_STATE_PREFIXES)}
+        names = {n for n in self.layouts if not is_training_state(n)}
         unknown = sorted(names - set(weights))
         if unknown:
             raise CheckpointError(f"the strategy files {self.source} name {unknown[0]!r}, which the model does "
@@ -427,13 +428,13 @@ def merge_ranks(folder: str, strategy: Strategy, config, training_state: bool = 
     for rank, path in files.items():
         tensors = _read_rank_file(path)
         for name, tensor in tensors.items():
-            if name.startswith(("training_stats.", "router_stats.")):  # the side channel (either name): not resumed
-                continue
+            if name.startswith(("training_stats.", "router_stats.")) or name.endswith(TRAINING_STATE_SUFFIXES):
+                continue  # the side channel (either name) and the routers' counts: per step, not resumed
             if name not in shapes:
                 if name.startswith(MOMENT_PREFIXES) and training_state:
                     raise CheckpointError(f"{path} holds {name!r}, which the strategy files {strategy.source} have "
                                           "no layout for: strategies of another model or optimizer")
-                if name.startswith(TRAINING_STATE_PREFIXES):
+                if is_training_state(name):
                     if training_state and name not in extra:
                         extra[name] = tensor
                     continue

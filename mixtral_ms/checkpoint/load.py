@@ -15,7 +15,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor
 
-from mixtral_ms.checkpoint.name_map import TRAINING_STATE_PREFIXES
+from mixtral_ms.checkpoint.name_map import is_training_state
 from mixtral_ms.checkpoint.safetensors_io import (ArrayTensor, CheckpointError, f32_to_bf16, numpy_tag, open_checkpoint,
                                                   to_numpy)
 from mixtral_ms.checkpoint.view import CheckpointView
@@ -44,7 +44,7 @@ def read_ckpt(path: str, training_state: bool = False) -> Dict[str, ArrayTensor]
         raise CheckpointError(f"no checkpoint file {path}")
     try:
         state = ms.load_checkpoint(path, choice_func=None if training_state else
-                                   lambda name: not name.startswith(TRAINING_STATE_PREFIXES))
+                                   lambda name: not is_training_state(name))
     except (ValueError, RuntimeError, TypeError, OSError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"{path}: not a readable MindSpore checkpoint ({first})") from None
@@ -99,6 +99,6 @@ def _load_ckpt(model, path: str, allow_nonfinite: bool) -> None:
     state = {name: Parameter(Tensor(_checked(view.tensor(name), allow_nonfinite).astype(np.float32),
                                     dtype=params[name].dtype), name=name) for name in view.stored}
     not_loaded, _ = ms.load_param_into_net(model, state, strict_load=True)
-    not_loaded = [name for name in not_loaded if not name.startswith(TRAINING_STATE_PREFIXES)]
+    not_loaded = [name for name in not_loaded if not is_training_state(name)]
     if not_loaded:  # a parameter the schema does not know (the model grew one): never leave it at its init
         raise CheckpointError(f"the checkpoint schema has no entry for model parameter {not_loaded[0]!r}")

@@ -34,6 +34,14 @@ TRAINING_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "global
                            "scale_sense", "loss_scale", "epoch_num", "step_num", "current_iterator_step",
                            "last_overflow_iterator_step", "accu_grads.", "beta1_power", "beta2_power",
                            "training_stats.", "router_stats.", "global_batch_size", "teacher.", FREEZE_MASK_PREFIX)
+# Training state a layer holds: each router's count of the step's tokens for the bias (router.TopKRouter).
+TRAINING_STATE_SUFFIXES = (".gate.tokens_per_expert",)
+
+
+def is_training_state(name: str) -> bool:
+    """A name a training checkpoint carries that is no model weight: never converted, never required when
+    loading weights."""
+    return name.startswith(TRAINING_STATE_PREFIXES) or name.endswith(TRAINING_STATE_SUFFIXES)
 
 # Mistral's dense MLP names for the expert weights (w1 gate, w3 up, w2 down).
 MISTRAL_MLP = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -295,7 +303,7 @@ def hf_sources(tensors: Dict[str, TensorInfo], config) -> Dict[str, List[TensorI
 def ms_tensors(tensors: Mapping[str, TensorInfo], config, implied_by: str = "config.json") -> Dict[str, TensorInfo]:
     """The mixtral-ms parameters of a MindSpore checkpoint (training state dropped), names, shapes and
     dtypes checked. `tensors`: safetensors TensorInfo, or checkpoint.read_ckpt's ArrayTensor for a .ckpt."""
-    tensors = {k: v for k, v in tensors.items() if not k.startswith(TRAINING_STATE_PREFIXES)}
+    tensors = {k: v for k, v in tensors.items() if not is_training_state(k)}
     config = _shapes(config)
     specs = parameter_specs(config)
     _refuse_unexpected(tensors, specs, "a mixtral-ms checkpoint of this config")

@@ -2,12 +2,14 @@
 out of a loss-only training forward (TrainingStats)."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.context import ParallelMode
+from mindspore.parallel._utils import _get_parallel_mode
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, shifted: bool = False) -> Tensor:
@@ -76,6 +78,16 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Te
     return (kl * valid).sum() / ops.maximum(valid.sum(), 1.0)
 
 
+def rank_sum() -> Optional[nn.Cell]:
+    """The sum over data-parallel ranks of a count each rank made on its own rows, for the counts that must
+    be the global batch's: an AllReduce where every rank compiles its own forward (DATA_PARALLEL,
+    HYBRID_PARALLEL), None where one compiled step already spans the global batch (one process, or semi-auto
+    parallel, whose compiler inserts the reduction)."""
+    if _get_parallel_mode() in (ParallelMode.DATA_PARALLEL, ParallelMode.HYBRID_PARALLEL):
+        return ops.AllReduce()
+    return None
+
+
 LOSS_TERMS = ("ce_loss", "aux_loss", "z_loss")  # every training forward's terms, in the order the model passes them
 
 
@@ -99,13 +111,16 @@ class TrainingStats(nn.Cell):
       calling the cell (accumulate)  MixtralForCausalLM.training_output, once per training forward pass
       reset                          MixtralTrainOneStepCell, in-graph before the step, so that what the
                                      channel holds after the step is that step's alone
-      all_reduce                     MixtralTrainOneStepCell, in-graph after the step in DATA_PARALLEL, so
-                                     that it holds the global batch's counts, not one rank's
+      all_reduce                     MixtralTrainOneStepCell, in-graph after the step when the counts are
+                                     one rank's (`rank_sum` is set: DATA_PARALLEL), so that it holds the
+                                     global batch's
       read_and_reset                 the callbacks (run/callbacks.py step_stats), on the host once per step;
                                      it zeroes the channel because a foreign wrapper never calls reset
 
+    `step_load` reads it inside the forward: the global-batch aux loss's tokens per expert so far.
+
     The names start with `training_stats.`: training state that checkpoint loading and the converter skip
-    (mixtral_ms.checkpoint.name_map.TRAINING_STATE_PREFIXES, which also lists the older `router_stats.`).
+    (mixtral_ms.checkpoint.name_map.is_training_state, which also knows the older `router_stats.`).
     """
 
     def __init__(self, num_layers: int, num_experts: int, terms: Sequence[str] = LOSS_TERMS) -> None:
@@ -121,6 +136,8 @@ class TrainingStats(nn.Cell):
         # [L, E] tables over devices like a batch (mixtral_ms/parallel/plan.py).
         self.add_scalar, self.add_table = ops.AssignAdd(), ops.AssignAdd()
         self.zero_scalar, self.zero_table = ops.Assign(), ops.Assign()
+        self.step_load_add, self.step_load_sum = ops.Add(), ops.ReduceSum()
+        self.rank_sum = rank_sum()
 
     def _parameters(self) -> tuple:
         """Every Parameter of the channel, in a fixed order (terms, expert_load, dropped, passes)."""
@@ -143,13 +160,21 @@ class TrainingStats(nn.Cell):
             token = ops.depend(token, self.zero_scalar(param, ops.zeros_like(param)))
         return token
 
-    def all_reduce(self, reduce: Callable[[Tensor], Tensor]) -> Tensor:
-        """Replace every Parameter by `reduce` of it in-graph (the caller's AllReduce: the primitive needs the
-        communication set up, which the model's construction does not); returns a token."""
+    def step_load(self, load: Tensor) -> Tensor:
+        """The step's tokens per expert so far, pooled over layers [E]: the earlier passes' plus this pass's
+        `load` [L, E], over every data-parallel rank (each rank runs the same passes in step); a constant."""
+        total = self.step_load_add(self.expert_load, ops.stop_gradient(load))
+        if self.rank_sum is not None:
+            total = self.rank_sum(total)
+        return self.step_load_sum(total, 0)
+
+    def all_reduce(self) -> Tensor:
+        """Replace every Parameter by its sum over data-parallel ranks in-graph (only when `rank_sum` is
+        set); returns a token."""
         params = self._parameters()
-        token = ops.assign(params[0], reduce(params[0]))
+        token = ops.assign(params[0], self.rank_sum(params[0]))
         for param in params[1:]:
-            token = ops.depend(token, ops.assign(param, reduce(param)))
+            token = ops.depend(token, ops.assign(param, self.rank_sum(param)))
         return token
 
     def read_and_reset(self) -> dict:

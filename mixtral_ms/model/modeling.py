@@ -19,7 +19,7 @@ from mixtral_ms.inference.prompts import check_batch
 from mixtral_ms.inference.text_generation import text_generate
 from mixtral_ms.model.dtypes import arange, embedding, emulated_dtype, matmul, native_dtype
 from mixtral_ms.model.losses import (LOSS_TERMS, TrainingStats, causal_lm_loss, global_balancing_loss,
-                                    load_balancing_loss, router_z_loss, sequence_balancing_loss)
+                                    load_balancing_loss, rank_sum, router_z_loss, sequence_balancing_loss)
 from mixtral_ms.model.moe import Linear, MixtralSparseMoeBlock, SwiGLU
 from mixtral_ms.model.schema import moe_layers
 
@@ -270,8 +270,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         self.bias_rate = float(config.router_bias_update_rate)
         self.training_stats = TrainingStats(len(moe_layers(config)), config.num_local_experts,
                                             LOSS_TERMS + tuple(extra_terms))
-        if self.aux_scope == "global_batch":  # primitives, so the plan reads the side channel replicated
-            self.step_load_add, self.step_load_sum = ops.Add(), ops.ReduceSum()
+        self.rank_sum = rank_sum() if self.bias_rate > 0 else None  # the routers' counts are one rank's
 
     def lm_logits(self, hidden: Tensor) -> Tensor:
         if self.tie_word_embeddings:
@@ -323,9 +322,8 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
             aux = sequence_balancing_loss(load.sum(axis=0), prob_sum.sum(axis=0))
             load = load.sum(axis=1)
         elif self.aux_scope == "global_batch" and self.training:
-            # the step's load so far: the side channel's earlier passes (this pass is added after the loss)
-            step_load = self.step_load_sum(self.step_load_add(self.training_stats.expert_load, load), 0)
-            step_load = ops.stop_gradient(step_load)
+            # the side channel's earlier passes and this one (added to the channel after the loss), every rank's
+            step_load = self.training_stats.step_load(load)
             aux = global_balancing_loss(step_load, prob_sum.sum(axis=0), pooled_tokens, self.top_k)
         else:
             aux = load_balancing_loss(load.sum(axis=0), prob_sum.sum(axis=0), pooled_tokens)
@@ -333,15 +331,16 @@ class MixtralForCausalLM(MixtralPreTrainedModel):
         loss = ce_coef * ce + self.aux_coef * aux + self.z_coef * z
         return loss, ce, aux, z, load, dropped
 
-    def update_expert_bias(self, load: Tensor, keep: Tensor) -> Tensor:
+    def update_expert_bias(self, keep: Tensor) -> Tensor:
         """Aux-loss-free balancing, once per optimizer step (MixtralTrainOneStepCell after the update; the
-        callbacks under any other wrapper): each layer's router bias moves by rate * sign(mean - load) of
-        the step's tokens per expert `load` [L, E]; `keep` 0.0 for a skipped step. Returns a token."""
+        callbacks under any other wrapper, MindFormers' pipeline wrapper included): each router's bias moves
+        by rate * sign(mean - load) of the tokens per expert it counted over the step's passes, on every
+        data-parallel rank; `keep` 0.0 for a skipped step. Returns a token."""
         rate = keep * self.bias_rate
         token = rate
         for layer in self.model.layers:
             if layer.moe_row >= 0:
-                token = ops.depend(token, layer.block_sparse_moe.gate.update_bias(load[layer.moe_row], rate))
+                token = ops.depend(token, layer.block_sparse_moe.gate.update_bias(rate, self.rank_sum))
         return token
 
     @staticmethod

@@ -219,6 +219,7 @@ class MixtralSparseMoeBlock(nn.Cell):
                 self.shared_expert_gate = Linear(config.hidden_size, 1, config.initializer_range, param_dtype,
                                                  compute_dtype)
         self.sequence_stats = config.router_aux_loss_scope == "sequence"
+        self.counts_tokens = config.router_bias_update_rate > 0  # the router counts its tokens for the bias
         # Eval-mode dropless, exact paths: with at least GROUPED_MIN_ROWS rows per expert, per-expert
         # segments of exactly the routed tokens (as Hugging Face's loop over experts), whatever the skew;
         # with at most GATHER_MAX_SHARE rows per expert (decoding), the routed experts' weights gathered.
@@ -329,6 +330,8 @@ class MixtralSparseMoeBlock(nn.Cell):
         else:
             y, load, dropped = self._dropless(flat, weights, index, valid)
 
+        if self.training and self.counts_tokens:
+            y = ops.depend(y, self.gate.count_tokens(load))
         if self.shared_expert is not None:
             shared = self.shared_expert(flat)
             if self.shared_expert_gate is not None:

@@ -38,7 +38,11 @@ class TopKRouter(nn.Cell):
     renormalised as above, and `probs` (for the load-balancing loss) are the scores normalised to sum 1.
     `expert_bias` (aux-loss-free balancing, DeepSeek-V3): `e_score_correction_bias` [E], a non-trained
     Parameter added to the scores to choose the top k; the weights are the unbiased scores of the chosen.
-    `update_bias` moves it once per optimizer step.
+    The router counts its own tokens: `tokens_per_expert` [E] adds every training pass's load
+    (`count_tokens`, called by the MoE block), and `update_bias` moves the bias by it once per optimizer
+    step and zeroes it. Router-local, as Megatron-Core's `local_tokens_per_expert`: under pipeline parallel
+    the count and the bias sit on the router's stage, where no step-wide table (the side channel, on the
+    last stage) can reach without an exchange between stages.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, init_std: float = 0.02,
@@ -50,10 +54,13 @@ class TopKRouter(nn.Cell):
         self.skip_beta = skip_beta
         self.sigmoid = score_function == "sigmoid"
         self.e_score_correction_bias = None
-        if expert_bias:  # primitives, so the parallel plan keeps the bias replicated
+        if expert_bias:  # primitives, so the parallel plan keeps the bias and the count replicated
             self.e_score_correction_bias = Parameter(initializer("zeros", (num_experts,), ms.float32),
                                                      name="e_score_correction_bias", requires_grad=False)
+            self.tokens_per_expert = Parameter(initializer("zeros", (num_experts,), ms.float32),
+                                               name="tokens_per_expert", requires_grad=False)
             self.biased_scores, self.bias_step = ops.Add(), ops.AssignAdd()
+            self.count, self.zero_count = ops.AssignAdd(), ops.Assign()
         self.renormalize = router_type != "switch"
         self.sample_second = router_type == "gshard"
         self.compute_dtype = native_dtype(compute_dtype)
@@ -87,10 +94,22 @@ class TopKRouter(nn.Cell):
             kept = ops.concat((kept[:, :1], kept[:, 1:] * second), axis=1)
         return logits, probs, ops.cast(weights, self.compute_dtype), ops.cast(index, ms.int32), kept
 
-    def update_bias(self, load: Tensor, rate: Tensor) -> Tensor:
+    def count_tokens(self, load: Tensor) -> Tensor:
+        """Add one training pass's routed assignments per expert `load` [E] to `tokens_per_expert`;
+        returns a token."""
+        return self.count(self.tokens_per_expert, ops.stop_gradient(load))
+
+    def update_bias(self, rate: Tensor, reduce: Optional[nn.Cell] = None) -> Tensor:
         """Aux-loss-free balancing's step: the bias moves by rate * sign(mean load - load), towards the
-        experts that got fewer than the mean of the step's tokens `load` [E]. Returns a token."""
-        return self.bias_step(self.e_score_correction_bias, rate * ops.sign(load.mean(keep_dims=True) - load))
+        experts that got fewer than the mean of the step's tokens (`tokens_per_expert`, summed over
+        data-parallel ranks by `reduce` when each rank counted its own rows), then the count restarts.
+        Returns a token."""
+        load = self.tokens_per_expert
+        if reduce is not None:
+            load = reduce(load)
+        token = self.bias_step(self.e_score_correction_bias, rate * ops.sign(load.mean(keep_dims=True) - load))
+        zeros = ops.depend(ops.zeros_like(load), token)
+        return self.zero_count(self.tokens_per_expert, zeros)
 
 
 def random_expert_map(vocab_size: int, group_size: int, top_k: int, seed: int, layer: int) -> np.ndarray:

@@ -25,8 +25,8 @@ ParallelLayout.expert_token_split / expert_ffn_split; G = dp token groups, C = c
 | block_sparse_moe.from_experts | [E, G, C, H] | ((ep, t, a, 1),): AllToAll back to dp-sharded groups |
 | model.embed_tokens.gather (embedding) | W [V, H], ids [B, S] | ((1, 1), (dp, 1)); ((mp, 1), (dp, 1)) if vocab split |
 | lm_head.matmul, head_matmul | x [T, H], W [V, H] | ((dp, 1), (1, 1)); ((dp, 1), (mp, 1)) unless vocab_emb_dp |
-| training_stats.add_* / zero_* (side channel); step_load_add / _sum (global-batch aux) | [L, E], scalars | replicated |
-| gate.biased_scores / gate.bias_step (aux-loss-free bias) | scores [T, E] + bias [E] | ((dp, 1), (1,)) / replicated |
+| training_stats.add_* / zero_* / step_load_* (side channel, global-batch aux) | [L, E], scalars | replicated |
+| gate.biased_scores; gate.bias_step / count / zero_count (aux-loss-free bias) | scores [T, E] + bias [E] | ((dp, 1), (1,)); replicated |
 | shared_expert.*, dense layers' mlp.*: gate/up_proj.matmul, act, gated | x [T, H], W [W, H] | ((dp, 1), (mp, 1)); ((dp, mp),) |
 | shared_expert.down_proj / mlp.down_proj.matmul | [T, W], W [H, W] | row parallel ((dp, mp), (1, mp)) |
 | shared_expert_gate.matmul | x [T, H], W [1, H] | ((dp, 1), (1, 1)) |
@@ -140,9 +140,6 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capac
     if capacity_factor is None:
         capacity_factor = d.capacity_factor if run_mode in ("train", "finetune") else 0.0
     k = d.num_experts_per_tok
-    if d.router_bias_update_rate > 0 and pp > 1:
-        raise ParallelConfigError("router_bias_update_rate needs pipeline_stage 1: under a pipeline the step's "
-                                  "tokens per expert are on the last stage, the routers' biases on every stage")
     n, c = pass_capacity(d, layout, capacity_factor)  # n = tok // g
     if capacity_factor <= 0:  # a sharded model's dropless path: capacity N, no tiers (moe.py _dropless)
         c = n
@@ -195,8 +192,11 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capac
         param(m + "gate.weight", (e, h), (1, 1), st, "replicated")
         if d.router_bias_update_rate > 0:
             param(m + "gate.e_score_correction_bias", (e,), (1,), st, "router bias, replicated")
+            param(m + "gate.tokens_per_expert", (e,), (1,), st, "the router's count for the bias, replicated")
             op(m + "gate.biased_scores", [(tok, e), (e,)], [(dp, 1), (1,)], st, note="scores + bias, to choose")
-            op(m + "gate.bias_step", [(e,), (e,)], [(1,), (1,)], st, note="bias update, replicated")
+            for name, what in (("bias_step", "bias update"), ("count", "count of a pass"),
+                               ("zero_count", "count restarts")):
+                op(m + "gate." + name, [(e,), (e,)], [(1,), (1,)], st, note=what + ", replicated")
         if d.num_shared_experts:
             _swiglu(op, param, m + "shared_expert.", tok, h, d.num_shared_experts * d.shared_expert_intermediate_size,
                     dp, mp, st, "shared experts")
@@ -237,9 +237,10 @@ def plan_spec(model: Any, layout: ParallelLayout, run_mode: str = "train", capac
         op(STATS_PREFIX + name, [stats_table, stats_table], [(1, 1), (1, 1)], last, note="side channel, replicated")
     for name in ("add_scalar", "zero_scalar"):
         op(STATS_PREFIX + name, [(), ()], [(), ()], last, note="side channel, replicated")
-    if d.router_aux_loss_scope == "global_batch":  # the step's load so far, read from the side channel
-        op("step_load_add", [stats_table, stats_table], [(1, 1), (1, 1)], last, note="side channel, replicated")
-        op("step_load_sum", [stats_table], [(1, 1)], last, note="side channel, replicated")
+    # the step's load so far (TrainingStats.step_load: the global-batch aux loss)
+    op(STATS_PREFIX + "step_load_add", [stats_table, stats_table], [(1, 1), (1, 1)], last,
+       note="side channel, replicated")
+    op(STATS_PREFIX + "step_load_sum", [stats_table], [(1, 1)], last, note="side channel, replicated")
     return table
 
 

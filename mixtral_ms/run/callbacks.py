@@ -31,7 +31,7 @@ from mindspore.train.callback import Callback
 from mindformers.core.callback import CheckpointMonitor
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from mixtral_ms.checkpoint.name_map import FREEZE_MASK_PREFIX
+from mixtral_ms.checkpoint.name_map import FREEZE_MASK_PREFIX, TRAINING_STATE_SUFFIXES
 from mixtral_ms.model.losses import LOSS_TERMS
 from mixtral_ms.model.schema import moe_layers
 from mixtral_ms.run import RunError
@@ -49,10 +49,11 @@ def step_stats(cb_params) -> Optional[dict]:
     model = side_channel_model(network) if network is not None else None
     values = model.training_stats.read_and_reset() if model is not None else None
     if values is not None and not isinstance(network, MixtralTrainOneStepCell):
-        # another wrapper: aux-loss-free balancing's once-per-step bias update is done here, on the load read
+        # another wrapper (MindFormers' pipeline wrapper among them): aux-loss-free balancing's once-per-step
+        # bias update is done here, each router on the tokens it counted (on its own pipeline stage)
         if model.bias_rate > 0:
             keep = 0.0 if _outputs(cb_params)[1] else 1.0
-            model.update_expert_bias(Tensor(values["expert_load"]), Tensor(keep, ms.float32))
+            model.update_expert_bias(Tensor(keep, ms.float32))
     cb_params.mixtral_step_stats = (step, values)
     return values
 
@@ -265,6 +266,7 @@ class MixtralCheckpointMonitor(CheckpointMonitor):
         self.offset = 0
         self._append_step_num = 0  # the global step comes from `offset`, not from MindFormers' append_info
         self.filter_list.append(FREEZE_MASK_PREFIX)  # freeze masks come from the YAML, never from a checkpoint
+        self.filter_list.extend(TRAINING_STATE_SUFFIXES)  # a router's count of the step's tokens: zero between steps
 
     def on_train_begin(self, run_context):
         super().on_train_begin(run_context)

@@ -6,8 +6,8 @@ One step: forward (loss scaled by the loss scale) and backward over each of the 
 average, overflow check, global-norm clipping, and the optimizer update unless a gradient overflowed.
 The network's training output is the loss alone (MixtralForCausalLM in training mode, possibly wrapped
 in MindFormers' MicroBatchInterleaved); the loss terms and router statistics arrive through the model's
-side channel (mixtral_ms.model.losses.TrainingStats), which this cell has reset before the step and, in
-DATA_PARALLEL, all-reduced after it, by the channel's own methods.
+side channel (mixtral_ms.model.losses.TrainingStats), which this cell has reset before the step and, when
+its counts are one rank's (DATA_PARALLEL), all-reduced after it, by the channel's own methods.
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ class MixtralTrainOneStepCell(nn.Cell):
     `distill`: a frozen teacher and the distillation term added to the loss (run/distill.py); the
     step's KD term is the side channel's `training_stats.kd_loss`, which the model was built with.
     With `router_bias_update_rate` > 0 the routers' biases move after the update (not after a skipped
-    step) by the step's tokens per expert: every pass of the step, every data-parallel rank.
+    step) by the tokens per expert each router counted: every pass of the step, every data-parallel rank.
 
     `scale_sense`: a fixed loss scale (1.0 for fp32/bf16), or a dict / `nn.DynamicLossScaleUpdateCell`
     for fp16 dynamic loss scaling (`loss_scale_value`, `scale_factor`, `scale_window`): on overflow the
@@ -143,7 +143,6 @@ class MixtralTrainOneStepCell(nn.Cell):
         self.grad_reducer = ops.identity
         if self.reducer_flag:
             self.grad_reducer = nn.DistributedGradReducer(self.weights, _get_gradients_mean(), _get_device_num())
-            self.stats_sum = ops.AllReduce()
         self.freeze = FrozenParameters(self.weights, model.config, freeze)
 
     def __call__(self, *inputs):
@@ -179,11 +178,11 @@ class MixtralTrainOneStepCell(nn.Cell):
         lr = self._learning_rate()
         if not overflow:
             loss = ops.depend(loss, self.freeze.update(self.optimizer, grads))
-        if self.reducer_flag:  # the global batch's statistics, not one rank's
-            loss = ops.depend(loss, self.stats.all_reduce(self.stats_sum))
+        if self.stats.rank_sum is not None:  # the global batch's statistics, not one rank's
+            loss = ops.depend(loss, self.stats.all_reduce())
         if self.balancer is not None:  # once per step, on the step's global tokens per expert
             keep = ops.cast(ops.logical_not(overflow), ms.float32)
-            loss = ops.depend(loss, self.balancer.update_expert_bias(self.stats.expert_load, keep))
+            loss = ops.depend(loss, self.balancer.update_expert_bias(keep))
         # The scale the next step will use: what CheckpointMonitor saves as loss_scale for a resume.
         next_scale = ops.depend(ops.identity(self.scale_sense), overflow)
         return loss, overflow, next_scale, lr, global_norm

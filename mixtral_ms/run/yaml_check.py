@@ -146,6 +146,23 @@ def _check_multi_batch(config: Any, wrapper: dict) -> None:
                           "loss_scale_value: ..., scale_factor: ..., scale_window: ...}")
 
 
+def _check_bias_update(config: Any, wrapper: dict, mixtral: MixtralConfig) -> None:
+    """The router bias moves in-graph under MixtralTrainOneStepCell; under any other wrapper (MindFormers'
+    pipeline wrapper when pipeline_stage > 1) in the callbacks' once-per-step read (callbacks.step_stats),
+    so a training YAML needs a callback that reads it."""
+    if mixtral.router_bias_update_rate <= 0 or config.get("run_mode", "train") not in ("train", "finetune"):
+        return
+    stages = (config.get("parallel_config") or {}).get("pipeline_stage") or 1
+    if stages == 1 and wrapper.get("type") == "MixtralTrainOneStepCell":
+        return
+    types = {c.get("type") for c in config.get("callbacks") or [] if isinstance(c, dict)}
+    if not types & {"MixtralProgressMonitor", "RouterStatsMonitor"}:
+        under = "pipeline_stage > 1" if stages > 1 else f"runner_wrapper {wrapper.get('type')!r}"
+        raise ConfigError(f"model.model_config.router_bias_update_rate: under {under} the routers' biases move "
+                          "in the callbacks' once-per-step read; add MixtralProgressMonitor or RouterStatsMonitor "
+                          "to callbacks")
+
+
 class RunSpec(NamedTuple):
     """What a run YAML describes, validated once: the model config and, with `use_parallel`, the layout."""
     model_config: MixtralConfig
@@ -193,6 +210,7 @@ def check_config(config: Any) -> RunSpec:
         distill = check_distill(wrapper.get("distill"), mixtral)
         if distill and layout is not None and layout.parallel_mode == "semi_auto_parallel":
             teacher_layout(layout, distill["config"])
+    _check_bias_update(config, wrapper, mixtral)
     scale = wrapper.get("scale_sense")
     if wrapper.get("type") == "MixtralTrainOneStepCell" and isinstance(scale, dict) and "type" not in scale:
         unknown = sorted(set(scale) - {"loss_scale_value", "scale_factor", "scale_window"})

@@ -9,9 +9,10 @@ takes rows r*B/2 .. (r+1)*B/2-1). In order:
 1. `plain`: the tiny model of W/setup.json from W/init.npz, value_and_grad + DistributedGradReducer +
    MindFormers' AdamW on W/batch.npy ([steps, B, S+1] token ids, one MoE token group per rank):
    `rank<r>.npz` (final parameters) and `rank<r>.json` (losses, world size).
-2. `wrapper_accum`: MixtralTrainOneStepCell on `wrapper_setup(2)` (clipping active) with
-   gradient_accumulation_steps 2: `wrapper_accum_rank<r>.npz` and `wrapper_accum_rank<r>.json` (local losses,
-   global norms, overflow flags, and the side channel the wrapper all-reduced: tokens per expert, CE).
+2. `wrapper_accum`: MixtralTrainOneStepCell on `wrapper_setup(2)` (clipping active, global-batch aux loss,
+   router bias) with gradient_accumulation_steps 2: `wrapper_accum_rank<r>.npz` and `wrapper_accum_rank<r>.json`
+   (local losses, global norms, overflow flags, the side channel the wrapper all-reduced: tokens per expert,
+   CE and aux; the routers' biases).
 3. `run_mixtral`: scripts/run_mixtral.py's main on W/run.yaml (a shipped parallel YAML scaled to 2
    devices), in this process: `run_mixtral_rank<r>.json` holds its exit status or the exception it
    raised (MindSpore's CPU backend refuses the semi-auto-parallel compile at the end).
@@ -49,16 +50,16 @@ class TrainStep(nn.Cell):
 
 def wrapper_setup(accumulation: int = 1):
     """(model, train-one-step cell, global batches [steps, B, S+1]) for the current context. Dropless
-    (capacity_factor 0), aux and z loss off: they are products of per-shard means, so only CE averages
-    exactly over ranks and micro-batches."""
+    (capacity_factor 0), z loss off; the aux loss over the global batch and the router bias on: both read
+    every rank's tokens per expert, so ranks and one process on the same passes agree exactly."""
     from mindformers.core.optim import AdamW
     from mixtral_ms import MixtralConfig, MixtralForCausalLM
     from mixtral_ms.run.wrapper import MixtralTrainOneStepCell
     ms.set_seed(0)
     config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                           max_position_embeddings=64, capacity_factor=0.0, router_aux_loss_coef=0.0,
-                           router_z_loss_coef=0.0)
+                           max_position_embeddings=64, capacity_factor=0.0, router_aux_loss_coef=0.1,
+                           router_z_loss_coef=0.0, router_aux_loss_scope="global_batch", router_bias_update_rate=0.05)
     model = MixtralForCausalLM(config)
     model.set_train(True)
     optimizer = AdamW(model.trainable_params(), learning_rate=1e-2)
@@ -68,8 +69,9 @@ def wrapper_setup(accumulation: int = 1):
 
 
 def train_wrapper(step, model, batches, rows, rank):
-    """Run `step` on this rank's rows of each batch: losses, norms, overflow flags, tokens per expert, CE."""
-    record = {"losses": [], "norms": [], "overflow": [], "load": [], "ce": [], "passes": []}
+    """Run `step` on this rank's rows of each batch: losses, norms, overflow flags, tokens per expert, CE and
+    aux terms, routers' biases."""
+    record = {"losses": [], "norms": [], "overflow": [], "load": [], "ce": [], "aux": [], "passes": [], "bias": []}
     for batch in batches:
         loss, overflow, _, _, norm = step(Tensor(batch[rank * rows:(rank + 1) * rows]))
         stats = model.training_stats.read_and_reset()
@@ -79,6 +81,9 @@ def train_wrapper(step, model, batches, rows, rank):
         record["load"].append(stats["expert_load"].tolist())
         record["passes"].append(stats["passes"])
         record["ce"].append(stats["terms"]["ce_loss"])
+        record["aux"].append(stats["terms"]["aux_loss"])
+        record["bias"].append([layer.block_sparse_moe.gate.e_score_correction_bias.asnumpy().tolist()
+                               for layer in model.model.layers])
     return record
 
 
