@@ -6,6 +6,7 @@ The matrix (one `scripts/dryrun.py --matrix` subprocess, several minutes) starts
 beside the rest of the suite; the tests that read its results run last (conftest)."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from conftest import ROOT
 from mixtral_ms.tools import cann_stub
 from mixtral_ms.parallel.layout import validate
 from mixtral_ms.checkpoint.distributed import ParamLayout, box_shape, layout_box
-from mixtral_ms.tools.dryrun import TINY_MATRIX, IRNode, RankResult, comm_ops, expert_exchanges, parse_ir
+from mixtral_ms.tools.dryrun import TINY_MATRIX, IRNode, RankResult, last_ir, comm_ops, expert_exchanges, parse_ir
 from mixtral_ms.parallel.plan import expert_axes
 
 DRYRUN = os.path.join(ROOT, "scripts", "dryrun.py")
@@ -206,6 +207,25 @@ def test_matrix_pipeline_rows_compile_every_stage_with_send_and_receive(matrix_r
         for rank in ranks:
             comm = results[(row, rank)]["comm"]
             assert (comm.get("Send", 0) > 0 and comm.get("Receive", 0) > 0) == (stages > 1), (row, comm)
+
+
+def test_matrix_pipeline_row_keeps_each_routers_bias_and_count_on_its_stage(matrix, matrix_results):
+    """The router bias under pipeline parallel: each stage's compiled graph reads and writes the bias and the
+    token count of its own layer's router only (one layer per stage), so the update needs no exchange between
+    stages."""
+    _, _, out = matrix
+    results, _ = matrix_results
+    row = "dp2-mp2-ep2-pp2-bias-globalaux-shared"
+    stages = []
+    for (name, rank), result in results.items():
+        if name != row:
+            continue
+        text = last_ir(str(out / "graphs" / row / f"rank_{rank}"))
+        counts = {int(i) for i in re.findall(r"layers\.(\d+)\.block_sparse_moe\.gate\.tokens_per_expert", text)}
+        biases = {int(i) for i in re.findall(r"layers\.(\d+)\.block_sparse_moe\.gate\.e_score_correction_bias", text)}
+        assert counts == biases == {result["stage"]}, (rank, counts, biases)
+        stages.append(result["stage"])
+    assert sorted(stages) == [0, 1]
 
 
 def test_matrix_expert_alltoall_where_the_plan_puts_it(matrix_results):

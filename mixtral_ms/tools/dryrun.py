@@ -219,7 +219,7 @@ def synthetic_dataset(path: str, columns: Sequence[str], seq_length: int, vocab_
     write_mindrecord(path, dict(schema), samples, overwrite=True)
 
 
-def _last_ir(folder: str) -> str:
+def last_ir(folder: str) -> str:
     """The text of the last IR file the compiler saved (the graph as it runs, communication inserted)."""
     files = []
     for root, _, names in os.walk(folder):
@@ -284,7 +284,7 @@ def worker(spec: Dict[str, Any]) -> RankResult:
         result.error = f"{type(err).__name__}: {_first_line(err)}"
         return result
     result.strategy_file = ms.get_auto_parallel_context("strategy_ckpt_save_file")  # what the compiler wrote
-    nodes = parse_ir(_last_ir(spec["graphs_dir"]))
+    nodes = parse_ir(last_ir(spec["graphs_dir"]))
     result.comm, result.exchanges = comm_ops(nodes), expert_exchanges(nodes)
     result.expect_alltoall = bool(layout.enable_alltoall and layout.expert_parallel > 1)
     _compare(result, run)
@@ -422,14 +422,19 @@ TINY_MATRIX: Dict[str, Dict[str, Any]] = {
         # the teacher: the tiny model of two layers; a dry run reads its config, never its weights
         "runner_wrapper.distill": {"teacher": "teacher-not-read", "teacher_config": os.path.join(ROOT, TINY_CONFIG),
                                    "kd_coef": 0.5}},
-    "dp4-mp2-ep4-groupwise-interleave2-accumulate2": {
+    "dp4-mp2-ep4-groupwise-interleave2-accumulate2-seqaux-sigmoid": {
         **_ONE_LAYER, "parallel_config.expert_parallel": 4, "moe_config.group_wise_a2a": True,
-        "micro_batch_interleave_num": 2, "runner_config.gradient_accumulation_steps": 2},
+        "micro_batch_interleave_num": 2, "runner_config.gradient_accumulation_steps": 2,
+        "model.model_config.router_aux_loss_scope": "sequence", "model.model_config.router_score_function": "sigmoid"},
     "dp2-mp4-ep4-vocab-split-allgather": {
         **_ONE_LAYER, "parallel_config.data_parallel": 2, "parallel_config.model_parallel": 4,
         "parallel_config.expert_parallel": 4, "parallel_config.vocab_emb_dp": False, "parallel.enable_alltoall": False},
-    "dp2-mp2-ep2-pp2": {"parallel_config.data_parallel": 2, "parallel_config.pipeline_stage": 2,
-                        "parallel_config.micro_batch_num": 2},
+    # the router bias counts and moves on each router's own stage; the global-batch aux loss reads the side
+    # channel on the last; a gated shared expert beside the routed ones
+    "dp2-mp2-ep2-pp2-bias-globalaux-shared": {
+        "parallel_config.data_parallel": 2, "parallel_config.pipeline_stage": 2, "parallel_config.micro_batch_num": 2,
+        "model.model_config.router_bias_update_rate": 0.001, "model.model_config.router_aux_loss_scope": "global_batch",
+        "model.model_config.num_shared_experts": 1, "model.model_config.shared_expert_gate": True},
     "predict-mp8": {**_ONE_LAYER, "run_mode": "predict", "parallel_config.data_parallel": 1,
                     "parallel_config.model_parallel": 8, "parallel_config.expert_parallel": 1,
                     "parallel_config.use_seq_parallel": False, "parallel.enable_alltoall": False,
