@@ -215,7 +215,7 @@ def test_matrix_pipeline_row_keeps_each_routers_bias_and_count_on_its_stage(matr
     stages."""
     _, _, out = matrix
     results, _ = matrix_results
-    row = "dp2-mp2-ep2-pp2-bias-globalaux-shared"
+    row = "dp2-mp2-ep2-pp2-bias-globalaux"
     stages = []
     for (name, rank), result in results.items():
         if name != row:
@@ -236,8 +236,8 @@ def test_matrix_expert_alltoall_where_the_plan_puts_it(matrix_results):
         if r["expect_alltoall"]:
             for name, (found, total) in r["exchanges"].items():
                 assert total > 0 and found == total, (row, name, found, total)
-    assert results[("dp2-mp4-ep4-vocab-split-allgather", 0)]["comm"].get("AllToAll", 0) == 0
-    assert results[("dp2-mp4-ep4-vocab-split-allgather", 0)]["comm"]["AllGather"] > 0
+    assert results[("dp2-mp4-ep4-vocab-split-allgather-shared", 0)]["comm"].get("AllToAll", 0) == 0
+    assert results[("dp2-mp4-ep4-vocab-split-allgather-shared", 0)]["comm"]["AllGather"] > 0
     predict = results[("predict-mp8", 0)]
     assert not predict["expect_alltoall"] and "gradients" not in predict["bytes_strategy"]
 

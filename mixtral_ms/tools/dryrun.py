@@ -426,15 +426,15 @@ TINY_MATRIX: Dict[str, Dict[str, Any]] = {
         **_ONE_LAYER, "parallel_config.expert_parallel": 4, "moe_config.group_wise_a2a": True,
         "micro_batch_interleave_num": 2, "runner_config.gradient_accumulation_steps": 2,
         "model.model_config.router_aux_loss_scope": "sequence", "model.model_config.router_score_function": "sigmoid"},
-    "dp2-mp4-ep4-vocab-split-allgather": {
+    "dp2-mp4-ep4-vocab-split-allgather-shared": {  # a gated shared expert: column / row parallel over mp 4
         **_ONE_LAYER, "parallel_config.data_parallel": 2, "parallel_config.model_parallel": 4,
-        "parallel_config.expert_parallel": 4, "parallel_config.vocab_emb_dp": False, "parallel.enable_alltoall": False},
-    # the router bias counts and moves on each router's own stage; the global-batch aux loss reads the side
-    # channel on the last; a gated shared expert beside the routed ones
-    "dp2-mp2-ep2-pp2-bias-globalaux-shared": {
-        "parallel_config.data_parallel": 2, "parallel_config.pipeline_stage": 2, "parallel_config.micro_batch_num": 2,
-        "model.model_config.router_bias_update_rate": 0.001, "model.model_config.router_aux_loss_scope": "global_batch",
+        "parallel_config.expert_parallel": 4, "parallel_config.vocab_emb_dp": False, "parallel.enable_alltoall": False,
         "model.model_config.num_shared_experts": 1, "model.model_config.shared_expert_gate": True},
+    # the router bias counts and moves on each router's own stage; the global-batch aux loss reads the side
+    # channel on the last
+    "dp2-mp2-ep2-pp2-bias-globalaux": {
+        "parallel_config.data_parallel": 2, "parallel_config.pipeline_stage": 2, "parallel_config.micro_batch_num": 2,
+        "model.model_config.router_bias_update_rate": 0.001, "model.model_config.router_aux_loss_scope": "global_batch"},
     "predict-mp8": {**_ONE_LAYER, "run_mode": "predict", "parallel_config.data_parallel": 1,
                     "parallel_config.model_parallel": 8, "parallel_config.expert_parallel": 1,
                     "parallel_config.use_seq_parallel": False, "parallel.enable_alltoall": False,
