@@ -34,20 +34,14 @@ SEMI = {"parallel_mode": 1, "enable_alltoall": True, "full_batch": True}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The 2-process launch starts with the module (autouse fixture) so that its 15-25 s overlap the other
-# tests; the tests that read its results (test_msrun_*) run last in the session (conftest.py moves them),
-# so the launch and its references live for the session.
+# The 2-process launch starts with the module (autouse fixture) so that it overlaps the other tests; the
+# tests that read its results (test_msrun_*) run last in the session (conftest.py moves them).
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, capacity_factor=1.1,
             router_aux_loss_coef=0.0, router_z_loss_coef=0.001, max_position_embeddings=64, seq_length=16,
             initializer_range=0.3)
-# eps 1e-5: AdamW turns a gradient element below eps into an update of lr * g / eps, so rounding-level
-# gradient differences (the ranks sum in another order) in an element whose contributions nearly cancel
-# (seen: one embedding element of a token met in both halves of a batch, |g| ~ 1e-9) move it by
-# lr * noise / eps: 5.7e-6 at eps 1e-8, 1.1e-6 at 1e-6; the gradients themselves agree to 1e-7 relative
 OPTIM = {"learning_rate": 1e-3, "betas": [0.9, 0.95], "eps": 1e-5, "weight_decay": 0.1}
-STEPS, ROWS = 3, 4
 
 
 def _free_port():
@@ -58,15 +52,8 @@ def _free_port():
 
 @pytest.fixture(scope="session", autouse=True)
 def dp_launch(tmp_path_factory):
-    """Writes the initial parameters and the global batches, starts msrun; yields (workdir, process)."""
+    """Writes the run YAML, starts msrun; yields (workdir, process)."""
     work = tmp_path_factory.mktemp("dp")
-    ms.set_seed(11)
-    model = MixtralForCausalLM(MixtralConfig(**TINY))
-    np.savez(work / "init.npz", **{p.name: p.asnumpy() for p in model.get_parameters()})
-    rng = np.random.default_rng(7)
-    np.save(work / "batch.npy", rng.integers(0, TINY["vocab_size"], (STEPS, ROWS, TINY["seq_length"] + 1),
-                                             dtype=np.int32))
-    (work / "setup.json").write_text(json.dumps({"model": TINY, "optimizer": OPTIM}))
     _write_run_yaml(work)
     env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""), GLOG_v="3",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -102,35 +89,36 @@ def _write_run_yaml(work):
     (work / "run.yaml").write_text(yaml.safe_dump(cfg))
 
 
-def _train_graph(optimizer_cls, groups, init, batches):
-    """One process, graph mode, the whole global batch, `groups` MoE token groups; final parameters."""
-    from dist.dp_train_check import TrainStep
+class TrainStep(ms.nn.Cell):
+    """loss, grads = value_and_grad(model); optimizer(grads)."""
+
+    def __init__(self, model, optimizer):
+        super().__init__(auto_prefix=False)
+        self.net, self.optimizer = model, optimizer
+        self.grad_fn = ms.value_and_grad(self.net, None, optimizer.parameters)
+
+    def construct(self, ids):
+        loss, grads = self.grad_fn(ids)
+        self.optimizer(grads)
+        return loss
+
+
+def _train_graph(optimizer_cls, init, batches):
+    """Graph mode, the tiny model from `init` on `batches`: final parameters, moments, optimizer."""
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
-        model = MixtralForCausalLM(MixtralConfig(**TINY, moe_token_groups=groups))
+        model = MixtralForCausalLM(MixtralConfig(**TINY))
         ms.load_param_into_net(model, {k: ms.Parameter(Tensor(v), name=k) for k, v in init.items()},
                                strict_load=True)
         model.set_train(True)
         opt = optimizer_cls(model.trainable_params(), **OPTIM)
-        step = TrainStep(model, opt, ms.nn.Identity())
+        step = TrainStep(model, opt)
         for batch in batches:
             step(Tensor(batch))
         return ({p.name: p.asnumpy() for p in model.trainable_params()},
                 {p.name: p.asnumpy() for p in list(opt.exp_avg) + list(opt.exp_avg_sq)}, opt)
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
-
-
-@pytest.fixture(scope="session")
-def references(dp_launch):
-    """MindFormers AdamW and OffloadAdamW on the global batch with moe_token_groups = 2 (= dp)."""
-    from mindformers.core.optim import AdamW
-    from mixtral_ms.run.optim import OffloadAdamW
-    work, _ = dp_launch
-    init = dict(np.load(work / "init.npz"))
-    batches = np.load(work / "batch.npy")
-    return {"init": init, "batches": batches, "adamw": _train_graph(AdamW, 2, init, batches),
-            "offload": _train_graph(OffloadAdamW, 2, init, batches)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -565,49 +553,28 @@ def test_launcher_prints_the_msrun_command():
         assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Results of the references (graph mode, this process) and of the msrun launch: last, to overlap with the above.
-
-
-def test_offload_adamw_equals_mindformers_adamw(references):
+def test_offload_adamw_equals_mindformers_adamw():
     """OffloadAdamW == MindFormers AdamW, bitwise, over 3 graph-mode steps (same lr, betas, eps, weight decay)."""
+    from mindformers.core.optim import AdamW
     from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+    from mixtral_ms.run import optim
     from mixtral_ms.run.optim import OffloadAdamW
     assert MindFormerRegister.get_cls(MindFormerModuleType.OPTIMIZER, "OffloadAdamW") is OffloadAdamW
-    (pa, ma, _), (pb, mb, offload) = references["adamw"], references["offload"]
+    ms.set_seed(11)
+    init = {p.name: p.asnumpy() for p in MixtralForCausalLM(MixtralConfig(**TINY)).get_parameters()}
+    batches = np.random.default_rng(7).integers(0, TINY["vocab_size"], (3, 4, TINY["seq_length"] + 1), np.int32)
+    (pa, ma, _), (pb, mb, offload) = (_train_graph(cls, init, batches) for cls in (AdamW, OffloadAdamW))
     assert set(pa) == set(pb) and set(ma) == set(mb)  # same state names: checkpoints interchange
     assert max(np.abs(pa[k] - pb[k]).max() for k in pa) == 0.0
     assert max(np.abs(ma[k] - mb[k]).max() for k in ma) == 0.0
-    assert max(np.abs(pa[k] - references["init"][k]).max() for k in pa) > 1e-4  # it trained
+    assert max(np.abs(pa[k] - init[k]).max() for k in pa) > 1e-4  # it trained
     assert all(p._get_user_data("parameter_device") == "CPU" for p in offload.exp_avg)  # host placement requested
-    from mixtral_ms.run import optim
     host = (optim._h_mul, optim._h_addcmul, optim._h_assign)
     assert all(prim.attrs.get("primitive_target") == "CPU" for prim in host)
 
 
-def test_msrun_data_parallel_equals_one_process_with_per_shard_capacity(dp_launch, references):
-    """2 ranks x half batch (DATA_PARALLEL, gradient mean) == 1 process x global batch with 2 token groups."""
-    ref = references["adamw"][0]
-    # the batches overflow some expert, so the token grouping matters (one group: another result)
-    first = Tensor(references["batches"][0])
-    grouped, single = (MixtralForCausalLM(MixtralConfig(**TINY, moe_token_groups=g)) for g in (2, 1))
-    for model in (grouped, single):
-        ms.load_param_into_net(model, {k: ms.Parameter(Tensor(v), name=k) for k, v in references["init"].items()})
-        model.set_train(True)
-    loss2, loss1 = float(grouped(first)), float(single(first))
-    assert grouped.training_stats.read_and_reset()["dropped"].sum() > 0, "the fixture must overflow some expert"
-    assert abs(loss2 - loss1) > 1e-6
-    work = _launch_results(dp_launch)
-    results = [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [r["world"] for r in results] == [2, 2]
-    ranks = [dict(np.load(work / f"rank{r}.npz")) for r in range(2)]
-    assert set(ranks[0]) == set(ref)
-    assert max(np.abs(ranks[0][k] - ranks[1][k]).max() for k in ref) == 0.0  # replicas stay identical
-    diff = max(np.abs(ranks[0][k] - ref[k]).max() for k in ref)
-    moved = max(np.abs(ref[k] - references["init"][k]).max() for k in ref)
-    print(f"\nDP parity (2 ranks vs 1 process, {STEPS} AdamW steps): max |diff| {diff:.3g}; "
-          f"parameters moved {moved:.3g}")
-    assert diff <= 1e-6, diff
+# ----------------------------------------------------------------------------------------------------------------
+# Results of the msrun launch: last, to overlap with the above.
 
 
 def _launch_results(dp_launch):
@@ -625,20 +592,33 @@ def _launch_results(dp_launch):
 
 
 def test_msrun_wrapper_data_parallel_equals_one_process(dp_launch):
-    """MixtralTrainOneStepCell DATA_PARALLEL on 2 processes with gradient_accumulation_steps 2 (the step
-    without accumulation takes the same all-reduce path, once): gradients all-reduced (mean) before the
-    overflow check and clipping, so both ranks see the single-process global norm, skip nothing, and end with
-    the parameters one process gets on the whole batch; the side channel holds the global batch's statistics
-    on every rank. The aux loss over the global batch reads every rank's tokens so far in each pass, and the
-    router bias moves by every rank's count: one process whose micro-batch i holds both ranks' micro-batch i
-    gives the same aux loss, biases and parameters."""
+    """MixtralTrainOneStepCell DATA_PARALLEL on 2 processes (graph mode) with MindFormers' AdamW and
+    gradient_accumulation_steps 2 (the step without accumulation takes the same all-reduce path, once) ==
+    one process (PyNative) whose micro-batch i holds both ranks' micro-batch i, with one MoE token group per
+    rank's rows:
+    - gradients all-reduced (mean) before the overflow check and clipping: both ranks see the one process's
+      global norm, skip nothing, and end with its parameters;
+    - expert capacity per rank's shard: the same assignments dropped (some are; one token group for the
+      whole pass would drop others);
+    - the side channel holds the global batch's statistics on every rank;
+    - the aux loss over the global batch reads every rank's tokens so far in each pass, and the router bias
+      moves by every rank's count: the same aux loss and biases."""
     accumulation = 2
     from dist.dp_train_check import WRAPPER_BATCH, train_wrapper, wrapper_setup
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    model, step, batches = wrapper_setup(accumulation)
+    model, step, batches = wrapper_setup(accumulation, groups=2)
     steps, rows, tokens = batches.shape  # rank r's micro-batch i is row r * rows / 2 + i
     passes = batches.reshape(steps, 2, accumulation, rows // (2 * accumulation), tokens).swapaxes(1, 2)
-    ref = train_wrapper(step, model, passes.reshape(steps, rows, tokens), WRAPPER_BATCH, 0)
+    passes = passes.reshape(steps, rows, tokens)
+    first = Tensor(passes[0, :rows // accumulation])  # the first pass: both ranks' first micro-batch
+    dropped = {}
+    for groups in (1, 2):  # the same initial weights
+        probe = wrapper_setup(accumulation, groups)[0]
+        probe(first)
+        dropped[groups] = probe.training_stats.read_and_reset()["dropped"]
+    assert dropped[2].sum() > 0, "the batches must overflow some expert"
+    assert (dropped[1] != dropped[2]).any()  # so per-shard capacity is what the ranks must match
+    ref = train_wrapper(step, model, passes, WRAPPER_BATCH, 0)
     reference = {p.name: p.asnumpy() for p in model.trainable_params()}
     work = _launch_results(dp_launch)
     name = "wrapper_accum_"
@@ -648,7 +628,7 @@ def test_msrun_wrapper_data_parallel_equals_one_process(dp_launch):
     assert min(ref["norms"]) > 0.5  # clipping was active
     for r in ranks:
         np.testing.assert_allclose(r["norms"], ref["norms"], rtol=1e-5)
-        assert r["load"] == ref["load"]  # global counts
+        assert r["load"] == ref["load"] and r["dropped"] == ref["dropped"]  # global counts
         assert r["passes"] == [2.0 * accumulation] * len(batches)  # both ranks' passes
         np.testing.assert_allclose(r["ce"], ref["ce"], rtol=1e-5)
         np.testing.assert_allclose(r["aux"], ref["aux"], rtol=1e-5)

@@ -6,14 +6,12 @@
 Graph mode, DATA_PARALLEL with gradient mean; each rank takes its half of every global batch (rank r
 takes rows r*B/2 .. (r+1)*B/2-1). In order:
 
-1. `plain`: the tiny model of W/setup.json from W/init.npz, value_and_grad + DistributedGradReducer +
-   MindFormers' AdamW on W/batch.npy ([steps, B, S+1] token ids, one MoE token group per rank):
-   `rank<r>.npz` (final parameters) and `rank<r>.json` (losses, world size).
-2. `wrapper_accum`: MixtralTrainOneStepCell on `wrapper_setup(2)` (clipping active, global-batch aux loss,
-   router bias) with gradient_accumulation_steps 2: `wrapper_accum_rank<r>.npz` and `wrapper_accum_rank<r>.json`
-   (local losses, global norms, overflow flags, the side channel the wrapper all-reduced: tokens per expert,
-   CE and aux; the routers' biases).
-3. `run_mixtral`: scripts/run_mixtral.py's main on W/run.yaml (a shipped parallel YAML scaled to 2
+1. `wrapper_accum`: MixtralTrainOneStepCell on `wrapper_setup(2)` (MindFormers' AdamW, clipping active,
+   capacity 1.0 with one MoE token group per rank, global-batch aux loss, router bias) with
+   gradient_accumulation_steps 2: `wrapper_accum_rank<r>.npz` and `wrapper_accum_rank<r>.json` (local losses,
+   global norms, overflow flags, the side channel the wrapper all-reduced: tokens per expert, dropped
+   assignments, CE and aux; the routers' biases).
+2. `run_mixtral`: scripts/run_mixtral.py's main on W/run.yaml (a shipped parallel YAML scaled to 2
    devices), in this process: `run_mixtral_rank<r>.json` holds its exit status or the exception it
    raised (MindSpore's CPU backend refuses the semi-auto-parallel compile at the end).
 """
@@ -26,40 +24,26 @@ import traceback
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Tensor
 
 WRAPPER_STEPS, WRAPPER_BATCH, WRAPPER_TOKENS = 3, 4, 9
 
 
-class TrainStep(nn.Cell):
-    """loss, grads = value_and_grad(model); grads = reducer(grads); optimizer(grads)."""
-
-    def __init__(self, model, optimizer, reducer):
-        super().__init__(auto_prefix=False)
-        self.net, self.optimizer, self.reducer = model, optimizer, reducer
-        self.grad_fn = ms.value_and_grad(self.net, None, optimizer.parameters)
-
-    def construct(self, ids):
-        loss, grads = self.grad_fn(ids)
-        self.optimizer(self.reducer(grads))
-        return loss
-
-
-def wrapper_setup(accumulation: int = 1):
-    """(model, train-one-step cell, global batches [steps, B, S+1]) for the current context. Dropless
-    (capacity_factor 0), z loss off; the aux loss over the global batch and the router bias on: both read
-    every rank's tokens per expert, so ranks and one process on the same passes agree exactly."""
+def wrapper_setup(accumulation: int = 1, groups: int = 1):
+    """(model, train-one-step cell, global batches [steps, B, S+1]) for the current context. Capacity factor
+    1.0 (some expert overflows) over `groups` MoE token groups per pass, z loss off; the aux loss over the
+    global batch and the router bias on: both read every rank's tokens per expert, so ranks and one process
+    on the same passes (one token group per rank) agree exactly."""
     from mindformers.core.optim import AdamW
     from mixtral_ms import MixtralConfig, MixtralForCausalLM
     from mixtral_ms.run.wrapper import MixtralTrainOneStepCell
     ms.set_seed(0)
     config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                           max_position_embeddings=64, capacity_factor=0.0, router_aux_loss_coef=0.1,
-                           router_z_loss_coef=0.0, router_aux_loss_scope="global_batch", router_bias_update_rate=0.05)
+                           max_position_embeddings=64, capacity_factor=1.0, moe_token_groups=groups,
+                           router_aux_loss_coef=0.1, router_z_loss_coef=0.0, router_aux_loss_scope="global_batch",
+                           router_bias_update_rate=0.05)
     model = MixtralForCausalLM(config)
     model.set_train(True)
     optimizer = AdamW(model.trainable_params(), learning_rate=1e-2)
@@ -69,9 +53,10 @@ def wrapper_setup(accumulation: int = 1):
 
 
 def train_wrapper(step, model, batches, rows, rank):
-    """Run `step` on this rank's rows of each batch: losses, norms, overflow flags, tokens per expert, CE and
-    aux terms, routers' biases."""
-    record = {"losses": [], "norms": [], "overflow": [], "load": [], "ce": [], "aux": [], "passes": [], "bias": []}
+    """Run `step` on this rank's rows of each batch: losses, norms, overflow flags, tokens per expert, dropped
+    assignments, CE and aux terms, routers' biases."""
+    record = {"losses": [], "norms": [], "overflow": [], "load": [], "dropped": [], "ce": [], "aux": [],
+              "passes": [], "bias": []}
     for batch in batches:
         loss, overflow, _, _, norm = step(Tensor(batch[rank * rows:(rank + 1) * rows]))
         stats = model.training_stats.read_and_reset()
@@ -79,6 +64,7 @@ def train_wrapper(step, model, batches, rows, rank):
         record["norms"].append(float(norm))
         record["overflow"].append(bool(overflow))
         record["load"].append(stats["expert_load"].tolist())
+        record["dropped"].append(stats["dropped"].tolist())
         record["passes"].append(stats["passes"])
         record["ce"].append(stats["terms"]["ce_loss"])
         record["aux"].append(stats["terms"]["aux_loss"])
@@ -102,33 +88,15 @@ def main() -> None:
     init()
     rank, world = get_rank(), get_group_size()
     ms.set_auto_parallel_context(parallel_mode="data_parallel", gradients_mean=True, device_num=world)
-    from mindformers.core.optim import AdamW
-    from mixtral_ms import MixtralConfig, MixtralForCausalLM
 
-    # 1. plain value_and_grad step
-    with open(os.path.join(args.workdir, "setup.json"), encoding="utf-8") as f:
-        setup = json.load(f)
-    model = MixtralForCausalLM(MixtralConfig(**setup["model"], moe_token_groups=1))
-    init_params = np.load(os.path.join(args.workdir, "init.npz"))
-    ms.load_param_into_net(model, {k: ms.Parameter(Tensor(init_params[k]), name=k) for k in init_params.files},
-                           strict_load=True)
-    model.set_train(True)
-    optimizer = AdamW(model.trainable_params(), **setup["optimizer"])
-    step = TrainStep(model, optimizer, nn.DistributedGradReducer(optimizer.parameters, mean=True, degree=world))
-    losses = []
-    for batch in np.load(os.path.join(args.workdir, "batch.npy")):
-        rows = batch.shape[0] // world
-        losses.append(float(step(Tensor(batch[rank * rows:(rank + 1) * rows])).asnumpy()))
-    save(args.workdir, "", rank, world, model, {"losses": losses})
-
-    # 2. the wrapper with gradient accumulation
+    # 1. the wrapper with gradient accumulation
     model, step, batches = wrapper_setup(2)
     assert step.reducer_flag
     record = train_wrapper(step, model, batches, WRAPPER_BATCH // world, rank)
     save(args.workdir, "wrapper_accum_", rank, world, model, record)
     print(f"rank {rank}/{world}: data-parallel checks done", flush=True)
 
-    # 3. run_mixtral.py on a shipped parallel YAML, up to MindSpore's semi-auto compile
+    # 2. run_mixtral.py on a shipped parallel YAML, up to MindSpore's semi-auto compile
     from mixtral_ms.run.runner import main as run_mixtral
     ms.reset_auto_parallel_context()
     os.environ["DEVICE_TARGET"] = "CPU"  # what scripts/msrun_launcher.sh --device cpu exports
