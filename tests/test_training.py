@@ -358,9 +358,7 @@ def test_bad_runs_fail_with_one_line(trained, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Gradient accumulation, multi-copy interleaving and the side channel under other wrappers (PyNative; in
-# graph mode: the msrun launch's accumulation against one process in tests/test_parallel.py, and the
-# Trainer run with accumulation and interleaving below)
+# Gradient accumulation, multi-copy interleaving and the side channel under other wrappers (graph mode)
 
 MULTI = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
              num_key_value_heads=2, num_local_experts=4, max_position_embeddings=64, capacity_factor=1.1,
@@ -369,26 +367,30 @@ MULTI_BATCHES = np.random.default_rng(5).integers(0, 64, (3, 4, 9)).astype(np.in
 
 
 def _multi_run(groups, accumulation=1, interleave=1):
-    """3 steps of MixtralTrainOneStepCell (clipping active, AdamW) on MULTI_BATCHES from one initial state:
-    (final parameters, per-step (loss, global norm, side channel), initial parameters)."""
+    """3 graph-mode steps of MixtralTrainOneStepCell (clipping active, AdamW) on MULTI_BATCHES from one
+    initial state: (final parameters, per-step (loss, global norm, side channel), initial parameters)."""
     from mindformers.core.optim import AdamW
     from mixtral_ms.run.wrapper import MixtralTrainOneStepCell
-    ms.set_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(**MULTI, moe_token_groups=groups))
-    model.set_train(True)
-    network = ms.nn.MicroBatchInterleaved(model, interleave) if interleave > 1 else model
-    # eps 1e-6: AdamW turns gradient rounding differences below eps into parameter differences of
-    # lr * noise / eps; at 1e-8 the summation order alone would move parameters by ~1e-5
-    initial = {p.name: p.asnumpy().copy() for p in model.trainable_params()}
-    optimizer = AdamW(model.trainable_params(), learning_rate=1e-3, eps=1e-6)
-    step = MixtralTrainOneStepCell(network, optimizer, max_grad_norm=0.5, gradient_accumulation_steps=accumulation)
-    steps = []
-    for batch in MULTI_BATCHES:
-        loss, overflow, _, _, norm = step(Tensor(batch))
-        assert not bool(overflow)
-        stats = model.training_stats.read_and_reset()
-        steps.append((float(loss), float(norm), stats["passes"], stats["expert_load"], stats["dropped"]))
-    return {p.name: p.asnumpy() for p in model.trainable_params()}, steps, initial
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        ms.set_seed(0)
+        model = MixtralForCausalLM(MixtralConfig(**MULTI, moe_token_groups=groups))
+        model.set_train(True)
+        network = ms.nn.MicroBatchInterleaved(model, interleave) if interleave > 1 else model
+        # eps 1e-6: AdamW turns gradient rounding differences below eps into parameter differences of
+        # lr * noise / eps; at 1e-8 the summation order alone would move parameters by ~1e-5
+        initial = {p.name: p.asnumpy().copy() for p in model.trainable_params()}
+        optimizer = AdamW(model.trainable_params(), learning_rate=1e-3, eps=1e-6)
+        step = MixtralTrainOneStepCell(network, optimizer, max_grad_norm=0.5, gradient_accumulation_steps=accumulation)
+        steps = []
+        for batch in MULTI_BATCHES:
+            loss, overflow, _, _, norm = step(Tensor(batch))
+            assert not bool(overflow)
+            stats = model.training_stats.read_and_reset()
+            steps.append((float(loss), float(norm), stats["passes"], stats["expert_load"], stats["dropped"]))
+        return {p.name: p.asnumpy() for p in model.trainable_params()}, steps, initial
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
 @pytest.fixture(scope="module")
