@@ -25,9 +25,10 @@ TINY = dict(vocab_size=2000, hidden_size=128, intermediate_size=256, num_hidden_
             num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, seq_length=64)
 
 
-# The suite's rows: every row but the plain dp4-mp2-ep2, whose mp, ep and dp splits each recur in a row that
-# adds more (the suite's 10-minute budget); `python bench/bench_dryrun.py --matrix` compiles all of them.
-SUITE_ROWS = [row for row in TINY_MATRIX if row != "dp4-mp2-ep2"]
+# The suite's rows (its 10-minute budget): the training rows but the plain dp4-mp2-ep2, whose mp, ep and dp
+# splits each recur in a row that adds more; not predict-mp8 (forward only: its plan is checked against the
+# model in tests/test_parallel.py). `python bench/bench_dryrun.py --matrix` compiles every row.
+SUITE_ROWS = [row for row in TINY_MATRIX if row not in ("dp4-mp2-ep2", "predict-mp8")]
 
 
 @pytest.fixture(scope="session")
@@ -230,7 +231,7 @@ def test_matrix_pipeline_row_keeps_each_routers_bias_and_count_on_its_stage(matr
 
 def test_matrix_expert_alltoall_where_the_plan_puts_it(matrix_results):
     """With enable_alltoall and ep > 1, every to_experts / from_experts transpose has its AllToAll; without
-    AllToAll (the allgather row) the compiler inserts none; predict at mp8 (ep 1) exchanges no tokens."""
+    AllToAll (the allgather row) the compiler inserts none."""
     results, _ = matrix_results
     for (row, rank), r in results.items():
         if r["expect_alltoall"]:
@@ -238,8 +239,6 @@ def test_matrix_expert_alltoall_where_the_plan_puts_it(matrix_results):
                 assert total > 0 and found == total, (row, name, found, total)
     assert results[("dp2-mp4-ep4-vocab-split-allgather-shared", 0)]["comm"].get("AllToAll", 0) == 0
     assert results[("dp2-mp4-ep4-vocab-split-allgather-shared", 0)]["comm"]["AllGather"] > 0
-    predict = results[("predict-mp8", 0)]
-    assert not predict["expect_alltoall"] and "gradients" not in predict["bytes_strategy"]
 
 
 def test_matrix_strategy_files_are_written_where_runs_write_them(matrix_results):

@@ -39,7 +39,7 @@ def wrapper_setup(accumulation: int = 1, groups: int = 1):
     from mixtral_ms import MixtralConfig, MixtralForCausalLM
     from mixtral_ms.run.wrapper import MixtralTrainOneStepCell
     ms.set_seed(0)
-    config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+    config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                            max_position_embeddings=64, capacity_factor=1.0, moe_token_groups=groups,
                            router_aux_loss_coef=0.1, router_z_loss_coef=0.0, router_aux_loss_scope="global_batch",
