@@ -78,14 +78,17 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Te
     return (kl * valid).sum() / ops.maximum(valid.sum(), 1.0)
 
 
+def ranks_run_their_own_rows() -> bool:
+    """True where every rank compiles its own step on its own rows (DATA_PARALLEL, HYBRID_PARALLEL), so its
+    gradients and counts are one rank's until summed; False where one compiled step already spans the global
+    batch (one process, or semi-auto parallel, whose compiler inserts the reductions)."""
+    return _get_parallel_mode() in (ParallelMode.DATA_PARALLEL, ParallelMode.HYBRID_PARALLEL)
+
+
 def rank_sum() -> Optional[nn.Cell]:
     """The sum over data-parallel ranks of a count each rank made on its own rows, for the counts that must
-    be the global batch's: an AllReduce where every rank compiles its own forward (DATA_PARALLEL,
-    HYBRID_PARALLEL), None where one compiled step already spans the global batch (one process, or semi-auto
-    parallel, whose compiler inserts the reduction)."""
-    if _get_parallel_mode() in (ParallelMode.DATA_PARALLEL, ParallelMode.HYBRID_PARALLEL):
-        return ops.AllReduce()
-    return None
+    be the global batch's: an AllReduce where ranks run their own rows, else None."""
+    return ops.AllReduce() if ranks_run_their_own_rows() else None
 
 
 LOSS_TERMS = ("ce_loss", "aux_loss", "z_loss")  # every training forward's terms, in the order the model passes them

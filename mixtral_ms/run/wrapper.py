@@ -15,12 +15,11 @@ from typing import Optional, Union
 
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
-from mindspore.context import ParallelMode
 from mindspore.nn.wrap.cell_wrapper import _MicroBatch
-from mindspore.parallel._utils import _get_device_num, _get_gradients_mean, _get_parallel_mode
+from mindspore.parallel._utils import _get_device_num, _get_gradients_mean
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from mixtral_ms.model.losses import TrainingStats
+from mixtral_ms.model.losses import TrainingStats, ranks_run_their_own_rows
 from mixtral_ms.run import RunError
 from mixtral_ms.model.schema import ConfigError
 from mixtral_ms.run.distill import check_distill, install
@@ -139,7 +138,7 @@ class MixtralTrainOneStepCell(nn.Cell):
         self.lr_scheduler = lr_scheduler
         self.max_skipped_steps = int(max_skipped_steps)
         self.skipped_in_row = 0
-        self.reducer_flag = _get_parallel_mode() in (ParallelMode.DATA_PARALLEL, ParallelMode.HYBRID_PARALLEL)
+        self.reducer_flag = ranks_run_their_own_rows()
         self.grad_reducer = ops.identity
         if self.reducer_flag:
             self.grad_reducer = nn.DistributedGradReducer(self.weights, _get_gradients_mean(), _get_device_num())
