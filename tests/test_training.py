@@ -343,6 +343,10 @@ def test_bad_runs_fail_with_one_line(trained, tmp_path):
           "parallel_config.micro_batch_num": 2, "runner_config.gradient_accumulation_steps": 2},
          "gradient_accumulation_steps 2 with pipeline_stage 2: MindFormers ignores accumulation"),
         ({"runner_wrapper.gradient_accumulation_steps": 2}, "set runner_config.gradient_accumulation_steps"),
+        ({"runner_wrapper.type": "MFTrainOneStepCell", "model.model_config.router_bias_update_rate": 0.001,
+          "callbacks": [{"type": "CheckpointMonitor"}]},
+         "under runner_wrapper 'MFTrainOneStepCell' the routers' biases move in the callbacks' once-per-step read; "
+         "add MixtralProgressMonitor or RouterStatsMonitor to callbacks"),
     ]
     for i, (changes, message) in enumerate(cases):
         cfg = write_yaml(tmp_path, data, name=f"bad{i}.yaml", **changes)
