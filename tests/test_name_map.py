@@ -2,8 +2,8 @@
 consistent with hf_to_ms / ms_to_hf and parameter_specs."""
 import pytest
 
-from mixtral_ms.checkpoint.name_map import (Kind, ParamName, hf_to_ms, is_expert_stack, is_ms_layout, ms_to_hf,
-                                            parameter_specs, parse)
+from mixtral_ms.checkpoint.name_map import (Kind, ParamName, hf_to_ms, is_expert_stack, is_ms_layout, is_step_state,
+                                            is_training_state, ms_to_hf, parameter_specs, parse)
 
 L = "model.layers.3."
 MOE = L + "block_sparse_moe."
@@ -104,3 +104,18 @@ def test_every_parameter_and_source_name_parses_back(changes):
             assert spec.sources == ms_to_hf(name, spec.shape[0])
     hf = {src: None for spec in specs.values() for src in spec.sources}
     assert is_ms_layout(specs) and not is_ms_layout(hf)
+
+
+@pytest.mark.parametrize("name, training, step", [
+    ("adam_m.model.norm.weight", True, False),
+    ("global_step", True, False),
+    ("training_stats.expert_load", True, True),
+    ("router_stats.expert_load", True, True),  # the side channel's older name
+    ("model.layers.3.block_sparse_moe.gate.tokens_per_expert", True, True),  # a router's count for the bias
+    ("model.layers.3.block_sparse_moe.gate.e_score_correction_bias", False, False),  # the bias is a weight
+    ("model.layers.3.block_sparse_moe.gate.weight", False, False),
+])
+def test_training_state_and_the_state_of_one_step(name, training, step):
+    """Training state is never converted nor required when loading weights; the state of one step (the side
+    channel, the routers' token counts) is not resumed either."""
+    assert (is_training_state(name), is_step_state(name)) == (training, step)

@@ -37,8 +37,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
-from mixtral_ms.checkpoint.name_map import (TRAINING_STATE_SUFFIXES, hf_sources, is_ms_layout, is_training_state,
-                                             ms_tensors)
+from mixtral_ms.checkpoint.name_map import hf_sources, is_ms_layout, is_step_state, is_training_state, ms_tensors
 from mixtral_ms.outputs import replace_folder, temp_path
 from mixtral_ms.checkpoint.safetensors_io import DTYPE_BYTES, ArrayTensor, CheckpointError, TensorInfo
 
@@ -428,8 +427,8 @@ def merge_ranks(folder: str, strategy: Strategy, config, training_state: bool = 
     for rank, path in files.items():
         tensors = _read_rank_file(path)
         for name, tensor in tensors.items():
-            if name.startswith(("training_stats.", "router_stats.")) or name.endswith(TRAINING_STATE_SUFFIXES):
-                continue  # the side channel (either name) and the routers' counts: per step, not resumed
+            if is_step_state(name):
+                continue
             if name not in shapes:
                 if name.startswith(MOMENT_PREFIXES) and training_state:
                     raise CheckpointError(f"{path} holds {name!r}, which the strategy files {strategy.source} have "

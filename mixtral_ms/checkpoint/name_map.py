@@ -28,12 +28,14 @@ from mixtral_ms.model.schema import hf_dims, moe_layers
 
 # The freeze masks' names (run/freeze.py): `freeze_mask.<parameter>`; never loaded from a checkpoint.
 FREEZE_MASK_PREFIX = "freeze_mask."
+# The training side channel (losses.TrainingStats; `router_stats.` its older name): one step's statistics.
+SIDE_CHANNEL_PREFIXES = ("training_stats.", "router_stats.")
 # Optimizer and training-loop state that a MindSpore training checkpoint carries beside the weights
 # (and a distillation run's frozen teacher, run/distill.py).
 TRAINING_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "global_step", "learning_rate",
                            "scale_sense", "loss_scale", "epoch_num", "step_num", "current_iterator_step",
                            "last_overflow_iterator_step", "accu_grads.", "beta1_power", "beta2_power",
-                           "training_stats.", "router_stats.", "global_batch_size", "teacher.", FREEZE_MASK_PREFIX)
+                           *SIDE_CHANNEL_PREFIXES, "global_batch_size", "teacher.", FREEZE_MASK_PREFIX)
 # Training state a layer holds: each router's count of the step's tokens for the bias (router.TopKRouter).
 TRAINING_STATE_SUFFIXES = (".gate.tokens_per_expert",)
 
@@ -42,6 +44,12 @@ def is_training_state(name: str) -> bool:
     """A name a training checkpoint carries that is no model weight: never converted, never required when
     loading weights."""
     return name.startswith(TRAINING_STATE_PREFIXES) or name.endswith(TRAINING_STATE_SUFFIXES)
+
+
+def is_step_state(name: str) -> bool:
+    """Training state that holds one step's counts (the side channel, the routers' token counts): never
+    resumed."""
+    return name.startswith(SIDE_CHANNEL_PREFIXES) or name.endswith(TRAINING_STATE_SUFFIXES)
 
 # Mistral's dense MLP names for the expert weights (w1 gate, w3 up, w2 down).
 MISTRAL_MLP = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
